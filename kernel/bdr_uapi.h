@@ -1,0 +1,168 @@
+/* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
+/*
+ * bdr_uapi.h - the ABI between the "bdr" device-mapper target and userspace.
+ *
+ * This header is the single source of truth for the ring layout, the record
+ * format and the ioctl numbers.  src/bdr/abi.py mirrors it; a test compiles a
+ * probe against this file and compares every size, offset and number.
+ *
+ * Shared ring, mapped from /dev/<chardev_name> with one mmap() of
+ * bdr_info.mmap_size bytes at offset 0:
+ *
+ *   offset 0              struct bdr_ring_ctl         (one page)
+ *   desc_offset           struct bdr_record[nr_slots] (page aligned)
+ *   data_offset           nr_slots * BDR_SLOT_DATA    (page aligned)
+ *
+ * Slot i (i = position % nr_slots) holds one record: its descriptor at
+ * desc_offset + i * sizeof(struct bdr_record) and up to BDR_SLOT_DATA bytes
+ * of data at data_offset + i * BDR_SLOT_DATA.  A bio larger than one slot
+ * becomes consecutive records with consecutive sequence numbers.
+ *
+ * Ordering rules:
+ *  - The kernel is the only producer.  It fills slots [head, new_head) and
+ *    then publishes with smp_store_release(&ctl->head, new_head).
+ *  - The client is the only consumer.  It loads head with acquire semantics,
+ *    reads the slots in [tail, head), and only after it no longer needs their
+ *    contents stores the new tail (release).  The kernel never overwrites a
+ *    slot in [tail, head).  A tail outside [old tail, head] is ignored.
+ *  - head and tail are free-running 64-bit positions; head - tail <= nr_slots.
+ *  - A record is published only after its write completed successfully; a
+ *    failed write is never published, its region is marked dirty instead.
+ *    Writes that overlap an in-flight write are held back until it completes,
+ *    so ring order equals the order in which overlapping data reached the disk.
+ *  - When the ring is full the I/O path does not wait: the target enters the
+ *    overflow state, marks the written regions in the dirty bitmap and stops
+ *    publishing until BDR_IOC_TAKE_DIRTY hands the bitmap to the client and
+ *    re-arms the ring.  Records already in the ring stay valid: they precede
+ *    every write that went to the bitmap.
+ *
+ * All fields are in host byte order: the ring is shared memory on one host.
+ */
+#ifndef _UAPI_LINUX_BDR_H
+#define _UAPI_LINUX_BDR_H
+
+#include <linux/types.h>
+#include <linux/ioctl.h>
+
+#define BDR_MAGIC		0x31524442U	/* "BDR1" little endian */
+#define BDR_ABI_VERSION		1U
+#define BDR_SLOT_DATA		4096U		/* data bytes per ring slot */
+#define BDR_SECTOR_SHIFT	9
+#define BDR_DEFAULT_REGION_SECTORS 128U		/* dirty bitmap: 64 KiB regions */
+#define BDR_MAX_SLOTS		(1U << 24)
+#define BDR_NAME_MAX		32
+
+/* bdr_record.op */
+enum bdr_op {
+	BDR_OP_WRITE		= 1,	/* data write, len bytes follow in the slot */
+	BDR_OP_FLUSH		= 2,	/* durability point: all earlier records */
+	BDR_OP_DISCARD		= 3,	/* range discarded, no data */
+	BDR_OP_WRITE_ZEROES	= 4,	/* range zeroed, no data */
+};
+
+/* bdr_record.flags */
+#define BDR_REC_FUA		(1U << 0)	/* the write was REQ_FUA */
+#define BDR_REC_CONT		(1U << 1)	/* continues the previous record's bio */
+#define BDR_REC_MORE		(1U << 2)	/* the next record continues this bio */
+
+/*
+ * One record descriptor, 32 bytes:
+ *
+ *   0       8       16      20  22  24      32
+ *   +-------+-------+-------+---+---+-------+
+ *   |  seq  | sector|  len  |op |flg|  rsvd |
+ *   +-------+-------+-------+---+---+-------+
+ *
+ * seq: sequence number, +1 per record, never reused while the module lives.
+ * sector: first 512-byte sector on the device.  len: bytes covered (for a
+ * write also the bytes of data in the slot; 0 for a flush).
+ */
+struct bdr_record {
+	__u64 seq;
+	__u64 sector;
+	__u32 len;
+	__u16 op;
+	__u16 flags;
+	__u64 reserved;
+};
+
+/* bdr_ring_ctl.state bits */
+#define BDR_STATE_OVERFLOW	(1U << 0)	/* ring full: writes go to the bitmap */
+#define BDR_STATE_DIRTY		(1U << 1)	/* the bitmap has regions to resync */
+#define BDR_STATE_DEAD		(1U << 2)	/* the target was removed */
+
+/* Page 0 of the mapping.  Producer and consumer fields on separate lines. */
+struct bdr_ring_ctl {
+	__u32 magic;
+	__u32 abi_version;
+	__u32 nr_slots;
+	__u32 slot_data;
+	__u64 desc_offset;
+	__u64 data_offset;
+	__u64 mmap_size;
+	__u64 pad0[3];
+	/* written by the kernel */
+	__u64 head;
+	__u64 state;
+	__u64 next_seq;
+	__u64 pad1[5];
+	/* written by the client */
+	__u64 tail;
+	__u64 pad2[7];
+};
+
+/* BDR_IOC_INFO: geometry of the target and of its ring */
+struct bdr_info {
+	__u32 magic;
+	__u32 abi_version;
+	__u32 nr_slots;
+	__u32 slot_data;
+	__u64 desc_offset;
+	__u64 data_offset;
+	__u64 mmap_size;
+	__u64 dev_sectors;		/* size of the mapped device */
+	__u32 region_sectors;		/* dirty bitmap granularity */
+	__u32 reserved0;
+	__u64 nr_regions;		/* bits in the dirty bitmap */
+	__u64 bitmap_bytes;		/* bytes BDR_IOC_TAKE_DIRTY copies out */
+	char name[BDR_NAME_MAX];	/* chardev name */
+};
+
+/* BDR_IOC_STATUS: counters, as in "dmsetup status" */
+struct bdr_status {
+	__u64 head;
+	__u64 tail;
+	__u64 next_seq;
+	__u64 state;
+	__u64 records;			/* records published */
+	__u64 bytes;			/* data bytes published */
+	__u64 dropped;			/* writes sent to the bitmap (ring full) */
+	__u64 failed;			/* writes that failed on the device */
+	__u64 dirty_regions;		/* bits set in the bitmap now */
+	__u64 overflows;		/* times the ring overflowed */
+};
+
+/*
+ * BDR_IOC_TAKE_DIRTY: atomically copy out the dirty bitmap, clear it, leave
+ * the overflow state and re-arm the ring.  Every write completed before the
+ * call is either in the ring before ring_head or in the returned bitmap;
+ * every write after it is in the ring from ring_head on or in a later bitmap.
+ * bitmap is a user pointer to bitmap_bytes (>= bdr_info.bitmap_bytes) bytes;
+ * bit r (little-endian bit order within 64-bit words) covers sectors
+ * [r * region_sectors, (r + 1) * region_sectors).
+ */
+struct bdr_dirty {
+	__u64 bitmap;			/* in: user pointer */
+	__u64 bitmap_bytes;		/* in: size of that buffer */
+	__u64 ring_head;		/* out: head at the handover */
+	__u64 next_seq;			/* out: first sequence number after it */
+	__u64 nr_dirty;			/* out: bits set in the copied bitmap */
+	__u64 state;			/* out: state before the handover */
+};
+
+#define BDR_IOC_MAGIC		0xBD
+#define BDR_IOC_INFO		_IOR(BDR_IOC_MAGIC, 1, struct bdr_info)
+#define BDR_IOC_STATUS		_IOR(BDR_IOC_MAGIC, 2, struct bdr_status)
+#define BDR_IOC_TAKE_DIRTY	_IOWR(BDR_IOC_MAGIC, 3, struct bdr_dirty)
+
+#endif /* _UAPI_LINUX_BDR_H */
