@@ -1,0 +1,145 @@
+"""Minimal, independent reader of the bdr ring, used by the kernel target's VM tests.
+
+It deliberately does not use the client's ring code: the kernel tests check the target against the ABI
+header's rules, not against our own consumer.
+
+    ringtool.py dump CHARDEV OUT             append published records to OUT, release them, print a summary
+    ringtool.py drain CHARDEV OUT STOPFILE   dump continuously (poll) until STOPFILE exists and the ring is empty
+    ringtool.py replay RECORDS IMAGE         apply RECORDS to IMAGE (discard / write-zeroes as zeros)
+    ringtool.py list RECORDS                 records as JSON lines (seq, sector, len, op, flags)
+    ringtool.py status CHARDEV               BDR_IOC_STATUS as JSON
+    ringtool.py take CHARDEV                 BDR_IOC_TAKE_DIRTY: JSON with the dirty regions
+    ringtool.py hold CHARDEV READY STOP      open + mmap, create READY, wait for STOP, then read ctl and close
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import mmap
+import os
+import select
+import sys
+import time
+from collections.abc import Iterator
+
+from bdr import abi
+
+REC = ctypes.sizeof(abi.Record)
+
+
+class Ring:
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR)
+        self.info = abi.Info()
+        fcntl.ioctl(self.fd, abi.BDR_IOC_INFO, self.info)
+        self.mm = mmap.mmap(self.fd, self.info.mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.ctl = abi.RingCtl.from_buffer(self.mm)
+
+    def close(self) -> None:
+        del self.ctl
+        self.mm.close()
+        os.close(self.fd)
+
+    def status(self) -> abi.Status:
+        st = abi.Status()
+        fcntl.ioctl(self.fd, abi.BDR_IOC_STATUS, st)
+        return st
+
+    def dump(self, out: object) -> int:
+        """Write every published record (descriptor + data) to out; release the slots."""
+        head, tail = self.ctl.head, self.ctl.tail
+        n = self.info.nr_slots
+        for pos in range(tail, head):
+            slot = pos % n
+            d = self.info.desc_offset + slot * REC
+            rec = abi.Record.from_buffer_copy(self.mm[d : d + REC])
+            data = b""
+            if rec.op == abi.Op.WRITE:
+                o = self.info.data_offset + slot * abi.BDR_SLOT_DATA
+                data = self.mm[o : o + rec.len]
+            out.write(bytes(rec) + data)  # type: ignore[attr-defined]
+        self.ctl.tail = head
+        return head - tail
+
+
+def read_records(path: str) -> Iterator[tuple[abi.Record, bytes]]:
+    with open(path, "rb") as f:
+        while hdr := f.read(REC):
+            rec = abi.Record.from_buffer_copy(hdr)
+            data = f.read(rec.len) if rec.op == abi.Op.WRITE else b""
+            yield rec, data
+
+
+def regions(bitmap: bytes) -> list[int]:
+    out = []
+    for i, byte in enumerate(bitmap):
+        for bit in range(8):
+            if byte >> bit & 1:
+                out.append(i * 8 + bit)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    cmd = argv[0]
+    if cmd == "dump":
+        ring = Ring(argv[1])
+        with open(argv[2], "ab") as f:
+            n = ring.dump(f)
+        print(json.dumps({"records": n, "state": ring.ctl.state, "next_seq": ring.ctl.next_seq}))
+        ring.close()
+    elif cmd == "drain":
+        ring = Ring(argv[1])
+        p = select.poll()
+        p.register(ring.fd, select.POLLIN)
+        total = 0
+        with open(argv[2], "ab") as f:
+            while True:
+                total += ring.dump(f)
+                if os.path.exists(argv[3]) and ring.ctl.head == ring.ctl.tail:
+                    break
+                p.poll(100)
+        print(json.dumps({"records": total, "state": ring.ctl.state}))
+        ring.close()
+    elif cmd == "replay":
+        fd = os.open(argv[2], os.O_WRONLY)
+        for rec, data in read_records(argv[1]):
+            if rec.op == abi.Op.WRITE:
+                os.pwrite(fd, data, rec.sector * 512)
+            elif rec.op in (abi.Op.DISCARD, abi.Op.WRITE_ZEROES):
+                os.pwrite(fd, bytes(rec.len), rec.sector * 512)
+        os.close(fd)
+    elif cmd == "list":
+        for rec, _ in read_records(argv[1]):
+            print(json.dumps({k: getattr(rec, k) for k in ("seq", "sector", "len", "op", "flags")}))
+    elif cmd == "status":
+        ring = Ring(argv[1])
+        st = ring.status()
+        print(json.dumps({k: getattr(st, k) for k, _ in abi.Status._fields_}))
+        ring.close()
+    elif cmd == "take":
+        ring = Ring(argv[1])
+        buf = ctypes.create_string_buffer(ring.info.bitmap_bytes)
+        d = abi.Dirty(bitmap=ctypes.addressof(buf), bitmap_bytes=ring.info.bitmap_bytes)
+        fcntl.ioctl(ring.fd, abi.BDR_IOC_TAKE_DIRTY, d)
+        out = {k: getattr(d, k) for k, _ in abi.Dirty._fields_ if k != "bitmap"}
+        out["region_sectors"] = ring.info.region_sectors
+        out["regions"] = regions(buf.raw)
+        print(json.dumps(out))
+        ring.close()
+    elif cmd == "hold":
+        ring = Ring(argv[1])
+        open(argv[2], "w").close()
+        while not os.path.exists(argv[3]):
+            time.sleep(0.05)
+        print(json.dumps({"state": ring.ctl.state, "head": ring.ctl.head, "magic": ring.ctl.magic}))
+        ring.close()
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
