@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+
+from bdr import abi, cli
+
+
+@pytest.mark.parametrize(
+    ("text", "slots"),
+    [
+        ("10000", 10000),
+        ("1", 1),
+        ("64M", 64 * 2**20 // abi.SLOT_BYTES),
+        ("64m", 64 * 2**20 // abi.SLOT_BYTES),
+        ("1G", 2**30 // abi.SLOT_BYTES),
+        ("1GiB", 2**30 // abi.SLOT_BYTES),
+        ("512K", 512 * 1024 // abi.SLOT_BYTES),
+    ],
+)
+def test_parse_buffer(text: str, slots: int) -> None:
+    assert cli.parse_buffer(text) == slots
+
+
+@pytest.mark.parametrize("text", ["", "0", "-5", "ten", "1X", "4K", str(abi.BDR_MAX_SLOTS + 1)])
+def test_parse_buffer_rejects(text: str) -> None:
+    with pytest.raises(cli.SetupError):
+        cli.parse_buffer(text)
+
+
+def test_parse_status_line() -> None:
+    line = (
+        "m0: 0 2048 bdr state=overflow fill=16/16 records=40 bytes=163840 dropped=3 failed=0 "
+        "dirty_regions=2 overflows=1 next_seq=40"
+    )
+    info = cli.parse_status_line(line)
+    assert info["name"] == "m0" and info["state"] == "overflow"
+    assert info["fill"] == {"used": 16, "slots": 16}
+    assert info["dropped"] == 3 and info["dirty_regions"] == 2 and info["sectors"] == 2048
+
+
+def test_setup_refuses_missing_device(tmp_path: object) -> None:
+    with pytest.raises(cli.SetupError, match="does not exist"):
+        cli.check_plan(cli.SetupPlan("/dev/does-not-exist", "m", "c", 10))
+
+
+def test_setup_refuses_non_block_device(tmp_path: pytest.TempPathFactory) -> None:
+    with pytest.raises(cli.SetupError, match="not a block device"):
+        cli.check_plan(cli.SetupPlan("/etc/hostname", "m", "c", 10))
+
+
+def test_setup_flags_all_required(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["setup", "--device", "/dev/sda"]) == 1
+    assert "required" in capsys.readouterr().err
+
+
+def test_plan_table_line() -> None:
+    plan = cli.SetupPlan("/dev/vdb", "m", "c", 100, 256)
+    assert plan.table(2048) == "0 2048 bdr /dev/vdb c 100 256"
