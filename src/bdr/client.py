@@ -1,0 +1,757 @@
+"""bdr_client: ships the writes captured in the ring to bdr_server, and resyncs with scans when it must.
+
+* ``Client``: the daemon: source device, ring, signals, connect / reconnect with capped backoff.
+* ``ClientSession``: one connection: handshake, then quick resume (STREAM) or a scan, then streaming.
+
+Streaming sends batches of ring records as DATA frames with ``sendmsg`` over views of the ring mapping (frame
+header + descriptor array + data runs; no copy of the data in Python).  A record's slot is released (ring
+tail advanced) only when the server acknowledged it as durable, so after a disconnect or a server crash the
+client resends from the server's last durable sequence number.  When the ring cannot provide what the server
+needs (overflow, records already gone, a different source or ring, an interrupted scan) the client resyncs
+with a scan instead of losing writes; records captured after the scan started are applied after the scan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import fcntl
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import xxhash
+
+from . import __version__, abi, scan
+from . import protocol as p
+from .log import BenchClock, setup_logging
+from .ring import Batch, DirtyMap, RingConsumer, RingError
+
+log = logging.getLogger("bdr.client")
+
+DEFAULT_PORT = 7788
+BATCH_RECORDS = 2048  # records per DATA frame (8 MiB of 4 KiB writes)
+IOV_MAX = 1024
+CONNECT_TIMEOUT = 5.0
+IO_TIMEOUT = 30.0
+BACKOFF_MIN, BACKOFF_MAX = 0.25, 5.0
+DRAIN_SECONDS = 5.0
+SCAN_INFLIGHT = 4  # SCAN_REQUEST windows in flight
+BLKGETSIZE64 = 0x80081272
+FATAL_CODES = frozenset({p.ErrorCode.SIZE_MISMATCH, p.ErrorCode.BAD_VERSION})
+
+EXIT_OK, EXIT_USAGE, EXIT_REFUSED = 0, 2, 3
+
+
+class ClientError(Exception):
+    """A configuration problem the operator must fix: the daemon exits with a message."""
+
+
+class Stopping(Exception):
+    """SIGTERM / SIGINT arrived while waiting."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Source and identities
+# --------------------------------------------------------------------------------------------------------------
+
+
+def device_size(fd: int) -> int:
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        buf = bytearray(8)
+        fcntl.ioctl(fd, BLKGETSIZE64, buf, True)
+        return int(struct.unpack("<Q", buf)[0])
+    return st.st_size
+
+
+def source_identity(path: Path, size: int) -> bytes:
+    """Stable identity of the source device: its path as given and its size."""
+    return xxhash.xxh3_128_digest(
+        b"bdr-source\0" + str(path.absolute()).encode() + size.to_bytes(8, "little")
+    )
+
+
+def ring_identity(ring: RingConsumer) -> bytes:
+    """Identity of the capture ring whose sequence numbers we send (they restart with a new target).
+
+    For the chardev: this boot, the chardev name and the device size.  For a ring file: the file itself."""
+    if ring.is_chardev:
+        try:
+            boot = Path("/proc/sys/kernel/random/boot_id").read_bytes().strip()
+        except OSError:
+            boot = b""
+        g = ring.geometry
+        return xxhash.xxh3_128_digest(
+            b"bdr-ring\0" + boot + b"\0" + g.name.encode() + (g.dev_sectors or 0).to_bytes(8, "little")
+        )
+    st = os.stat(ring.path)
+    return xxhash.xxh3_128_digest(
+        b"bdr-ringfile\0"
+        + str(ring.path.absolute()).encode()
+        + st.st_dev.to_bytes(8, "little")
+        + st.st_ino.to_bytes(8, "little")
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Session
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Inflight:
+    end: int  # ring position after the batch
+    last_seq: int
+    durability_point: bool
+
+
+@dataclass(slots=True)
+class ClientStats:
+    records: int = 0
+    bytes: int = 0
+    frames: int = 0
+    scans: list[scan.ScanStats] = field(default_factory=list)
+
+
+class ClientSession:
+    """One connection to the server."""
+
+    def __init__(self, client: Client, sock: socket.socket) -> None:
+        self.client = client
+        self.ring = client.ring
+        self.sock = sock
+        self.conn = p.Connection(p.Role.CLIENT)
+        self.welcome: p.Welcome | None = None
+        self.sent = self.ring.tail  # ring position of the next record to send
+        self.inflight: collections.deque[Inflight] = collections.deque()
+        self.sync_pending: int | None = None  # seq a SYNC (or DATA+SYNC) asked to make durable
+        self.server_applied = p.NO_SEQ
+        self.server_durable = p.NO_SEQ
+        self.pending_dirty: DirtyMap | None = None
+        self.scan_replies: collections.deque[p.ScanHashes] = collections.deque()
+        self.scan_done: p.ScanDone | None = None
+        self.goodbye = False
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+        self._poll.register(client.wake_fd, select.POLLIN)
+        self._ring_poll = select.poll()
+        self._ring_poll.register(sock, select.POLLIN)
+        self._ring_poll.register(client.wake_fd, select.POLLIN)
+        if self.ring.is_chardev:
+            self._ring_poll.register(self.ring.fileno(), select.POLLIN)
+
+    # -- I/O ------------------------------------------------------------------------------------------------------
+
+    def _sendv(self, views: list[memoryview | bytes]) -> None:
+        """Send all views with sendmsg (gathered, no copies), handling partial sends."""
+        bufs = [memoryview(v) if isinstance(v, bytes) else v for v in views]
+        i = 0
+        while i < len(bufs):
+            try:
+                n = self.sock.sendmsg(bufs[i : i + IOV_MAX])
+            except (TimeoutError, BlockingIOError) as exc:
+                raise p.ConnectionLost(f"server did not take data for {IO_TIMEOUT:.0f}s") from exc
+            except OSError as exc:
+                raise p.ConnectionLost(f"send failed: {exc.strerror or exc}") from exc
+            while n:
+                ln = len(bufs[i])
+                if n >= ln:
+                    n -= ln
+                    i += 1
+                else:
+                    bufs[i] = bufs[i][n:]
+                    n = 0
+
+    def _send(self, data: bytes) -> None:
+        self._sendv([data])
+
+    def pump(self, wait: float = 0.0, ring_too: bool = False) -> None:
+        """Process what the server sent; wait up to ``wait`` seconds for something (or the ring) first."""
+        if wait > 0:
+            poller = self._ring_poll if ring_too else self._poll
+            for fd, _ in poller.poll(int(wait * 1000)):
+                if fd == self.client.wake_fd:
+                    self.client.drain_wakeup()
+        if self.client.stopping and not self.client.draining:
+            raise Stopping()
+        while True:
+            try:
+                n = self.sock.recv_into(self.conn.writable(65536), 0, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                raise p.ConnectionLost(f"receive failed: {exc.strerror or exc}") from exc
+            if n == 0:
+                self.conn.commit(0)
+                with contextlib.suppress(p.RemoteProtocolError):
+                    self._events()
+                if self.goodbye:
+                    raise p.ConnectionLost("server closed the connection (shutdown)")
+                raise p.ConnectionLost("server closed the connection")
+            self.conn.commit(n)
+            self._events()
+
+    def _events(self) -> None:
+        while True:
+            ev = self.conn.next_event()
+            if ev is p.NEED_DATA:
+                return
+            if isinstance(ev, p.Ack):
+                self.on_ack(ev)
+            elif isinstance(ev, p.Welcome):
+                self.welcome = ev
+            elif isinstance(ev, p.ScanHashes):
+                self.scan_replies.append(ev)
+            elif isinstance(ev, p.ScanDone):
+                self.scan_done = ev
+            elif isinstance(ev, p.Goodbye):
+                self.goodbye = True
+                log.warning("server is shutting down")
+
+    def on_ack(self, ack: p.Ack) -> None:
+        self.server_applied, self.server_durable = ack.applied_seq, ack.durable_seq
+        durable = ack.durable_seq
+        if durable == p.NO_SEQ:
+            return
+        release_to = None
+        flushed = False
+        while self.inflight and self.inflight[0].last_seq <= durable:
+            it = self.inflight.popleft()
+            release_to = it.end
+            flushed = flushed or it.durability_point
+        if release_to is not None:
+            self.ring.release(release_to)
+        if flushed:
+            log.info("flush acknowledged: replica durable up to seq %d", durable)
+        if self.sync_pending is not None and self.sync_pending <= durable:
+            self.sync_pending = None
+        log.debug("ack applied %d durable %d, ring tail %d", ack.applied_seq, durable, self.ring.tail)
+
+    def wait_for(self, what: str, cond: Callable[[], bool], timeout: float = IO_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                raise p.ConnectionLost(f"no {what} from the server within {timeout:.0f}s")
+            self.pump(wait=0.2)
+
+    # -- handshake ------------------------------------------------------------------------------------------------
+
+    def handshake(self) -> p.Welcome:
+        c = self.client
+        self._send(
+            self.conn.send(
+                p.Hello(p.PROTOCOL_VERSION, p.ALL_FEATURES, 512, c.dev_size, c.source_id, c.ring_id)
+            )
+        )
+        self.wait_for("WELCOME", lambda: self.welcome is not None)
+        assert self.welcome is not None
+        return self.welcome
+
+    def start(self) -> None:
+        """Handshake, then quick resume or resync, as the flags and the server's state allow."""
+        c = self.client
+        w = self.handshake()
+        first = not c.started
+        same = w.source_id == c.source_id and w.ring_id == c.ring_id
+        resume = p.next_seq(w.durable_seq)
+        log.info(
+            "connected to %s: replica %d bytes, %s, durable seq %s%s",
+            c.server_text,
+            w.device_size,
+            "same source" if same else "different or unknown source",
+            "none" if w.durable_seq == p.NO_SEQ else w.durable_seq,
+            ", interrupted resync" if w.flags & p.WelcomeFlag.SCANNING else "",
+        )
+        pos = None
+        if same and w.flags & p.WelcomeFlag.SEQ_VALID and not w.flags & p.WelcomeFlag.SCANNING:
+            pos = self.ring.find_seq(resume)
+        c.started = True
+        if first and c.args.full_replication:
+            self.sent = self.ring.tail
+            self.resync(p.ScanMode.FULL, [(0, c.dev_size)], whole=True, why="--full-replication")
+        elif first and c.args.full_scan:
+            self.sent = self.ring.tail
+            self.resync(p.ScanMode.HASH, [(0, c.dev_size)], whole=True, why="--full-scan")
+        elif pos is not None and not c.force_scan:
+            self._send(self.conn.send(p.Stream(resume)))
+            self.sent = pos
+            log.info(
+                "quick resume at seq %d (ring position %d, %d records to send)",
+                resume,
+                pos,
+                self.ring.head() - pos,
+            )
+        elif first and c.args.no_replication:
+            tail = self.ring.tail
+            seq = self.ring.seq_at(tail) if self.ring.head() > tail else self.ring.next_seq()
+            self._send(self.conn.send(p.Stream(seq, p.StreamFlag.ASSUME_IN_SYNC)))
+            self.sent = tail
+            log.warning("--no-replication: no initial scan, the replica is assumed to equal the source")
+        else:
+            if not same:
+                why = "the replica mirrors a different or unknown source"
+            elif w.flags & p.WelcomeFlag.SCANNING:
+                why = "a previous resync was interrupted"
+            elif c.force_scan:
+                why = "the server could not resume"
+            else:
+                why = f"the ring no longer holds seq {resume}"
+            self.sent = self.ring.tail
+            self.resync(p.ScanMode.HASH, [(0, c.dev_size)], whole=True, why=why)
+        c.force_scan = False
+
+    # -- streaming ------------------------------------------------------------------------------------------------
+
+    def send_batch(self, b: Batch, sync: bool) -> None:
+        hdr = self.conn.send_data_header(b.count, b.data_len, sync)
+        try:
+            self._sendv([hdr, *b.desc, *b.data])
+        finally:
+            b.release()
+        self.inflight.append(Inflight(b.end, b.last_seq, b.durability_point))
+        self.sent = b.end
+        if sync:
+            self.sync_pending = b.last_seq
+        st = self.client.stats
+        st.records += b.count
+        st.bytes += b.data_len
+        st.frames += 1
+        log.debug(
+            "sent seq %d..%d (%d records, %d bytes)%s",
+            b.first_seq,
+            b.last_seq,
+            b.count,
+            b.data_len,
+            " +sync" if sync else "",
+        )
+
+    def stream(self) -> None:
+        ring = self.ring
+        half = ring.geometry.nr_slots // 2
+        while True:
+            self.pump()
+            if self.pending_dirty is None and ring.state() & (abi.State.OVERFLOW | abi.State.DIRTY):
+                self.pending_dirty = dm = ring.take_dirty()
+                log.warning(
+                    "ring %s: %d dirty regions (%d KiB each) to resync after ring position %d",
+                    "overflowed" if dm.state & abi.State.OVERFLOW else "reported failed writes",
+                    dm.nr_dirty,
+                    dm.region_bytes // 1024,
+                    dm.ring_head,
+                )
+            head = ring.head()
+            limit = head if self.pending_dirty is None else self.pending_dirty.ring_head
+            if self.sent < limit:
+                b = ring.batch(self.sent, BATCH_RECORDS, head=limit)
+                assert b is not None
+                sync = self.sync_pending is None and b.end - ring.tail > half
+                self.send_batch(b, sync)
+                self.client.report_bench(self)
+                continue
+            if self.pending_dirty is not None:
+                extents = self.pending_dirty.extents(self.client.dev_size)
+                self.pending_dirty = None
+                if extents:
+                    self.resync(p.ScanMode.HASH, extents, whole=False, why="dirty regions")
+                continue
+            if self.inflight and self.sync_pending is None:
+                self._send(self.conn.send(p.Sync()))
+                self.sync_pending = self.inflight[-1].last_seq
+            self.client.report_bench(self)
+            quiet = ring.is_chardev and not self.inflight and ring.tail == head
+            self.pump(wait=0.5 if quiet else 0.002, ring_too=quiet)
+
+    def drain(self) -> None:
+        """Stop: send what the ring holds (for a few seconds at most), wait for it to be durable, say goodbye."""
+        c = self.client
+        c.draining = True
+        deadline = time.monotonic() + DRAIN_SECONDS
+        with contextlib.suppress(Stopping):
+            if self.conn.phase is p.Phase.STREAMING:
+                while self.pending_dirty is None and time.monotonic() < deadline:
+                    b = self.ring.batch(self.sent, BATCH_RECORDS)
+                    if b is None:
+                        break
+                    self.send_batch(b, sync=False)
+                if self.inflight:
+                    self._send(self.conn.send(p.Sync()))
+                    last = self.inflight[-1].last_seq
+                    while self.inflight and time.monotonic() < deadline:
+                        self.pump(wait=0.05)
+                    if self.inflight:
+                        log.warning(
+                            "stopping with records up to seq %d not confirmed durable (kept in the ring)",
+                            last,
+                        )
+            if self.conn.phase is not p.Phase.CLOSED:
+                self._send(self.conn.send(p.Goodbye(p.GoodbyeReason.SHUTDOWN)))
+        left = self.ring.head() - self.sent
+        log.warning(
+            "stopped: server durable seq %s, %d records not yet sent remain in the ring",
+            "none" if self.server_durable == p.NO_SEQ else self.server_durable,
+            left,
+        )
+
+    # -- scans ----------------------------------------------------------------------------------------------------
+
+    def resync(self, mode: p.ScanMode, extents: list[tuple[int, int]], whole: bool, why: str) -> None:
+        """Resync ``extents``; ring records from ``self.sent`` on are applied after the scan's blocks."""
+        c = self.client
+        c.scan_id += 1
+        sid = c.scan_id
+        start_pos = self.sent
+        st = scan.ScanStats(mode="full" if mode is p.ScanMode.FULL else "hash", extents=extents)
+        c.stats.scans.append(st)
+        total = sum(ln for _, ln in extents)
+        log.warning(
+            "scan %d (%s) of %s (%d bytes): %s",
+            sid,
+            st.mode,
+            "the whole device" if whole else f"{len(extents)} dirty extents",
+            total,
+            why,
+        )
+        t0 = time.monotonic()
+        flags = p.ScanFlag.WHOLE_DEVICE if whole else p.ScanFlag.NONE
+        self._send(self.conn.send(p.ScanBegin(sid, mode, flags, scan.BLOCK_SIZE)))
+        wins = list(scan.windows(extents, c.dev_size))
+        known_zero = bool(self.welcome and self.welcome.flags & p.WelcomeFlag.KNOWN_ZERO)
+        buf = c.scan_buf
+        if mode is p.ScanMode.HASH:
+            outstanding: collections.deque[tuple[int, int]] = collections.deque()
+            wi = 0
+            while wi < len(wins) or outstanding:
+                while wi < len(wins) and len(outstanding) < SCAN_INFLIGHT:
+                    off, ln = wins[wi]
+                    self._send(self.conn.send(p.ScanRequest(sid, off, ln)))
+                    outstanding.append((off, ln))
+                    wi += 1
+                self.wait_for("SCAN_HASHES", lambda: bool(self.scan_replies))
+                rep = self.scan_replies.popleft()
+                off, ln = outstanding.popleft()
+                nblocks = -(-ln // scan.BLOCK_SIZE)
+                if rep.scan_id != sid or rep.offset != off or rep.count != nblocks:
+                    raise p.RemoteProtocolError(
+                        p.ErrorCode.BAD_FIELD,
+                        f"SCAN_HASHES for [{rep.offset}, {rep.count} blocks), asked [{off}, {nblocks})",
+                    )
+                view = buf[:ln]
+                scan.read_exact(c.source_fd, view, off)
+                diff = scan.differing_blocks(view, off, rep.hashes)
+                st.blocks += nblocks
+                st.differing += len(diff)
+                st.windows += 1
+                if diff:
+                    self._send_blocks(sid, view, off, [(o, n, 0) for o, n in diff], st)
+                self.pump()
+        else:
+            for off, ln in wins:
+                view = buf[:ln]
+                scan.read_exact(c.source_fd, view, off)
+                blocks: list[tuple[int, int, int]] = []
+                for o, n in scan.block_spans(off, ln):
+                    st.blocks += 1
+                    if scan.digest(view[o - off : o - off + n]) == scan.zero_digest(n):
+                        st.zero_blocks += 1
+                        if not known_zero:
+                            blocks.append((o, n, int(p.BlockFlag.ZERO)))
+                    else:
+                        blocks.append((o, n, 0))
+                st.windows += 1
+                if blocks:
+                    self._send_blocks(sid, view, off, blocks, st)
+                self.pump()
+        # ring records from start_pos on follow the scan; the replica is consistent again once the server has
+        # applied them up to what the ring holds now (writes during the scan may be half-read by the scan)
+        head = self.ring.head()
+        eflags = p.ScanEndFlag.NONE
+        resume = consistent = 0
+        if head > start_pos:
+            eflags |= p.ScanEndFlag.HAS_RESUME_SEQ | p.ScanEndFlag.HAS_CONSISTENT_SEQ
+            resume, consistent = self.ring.seq_at(start_pos), self.ring.seq_at(head - 1)
+        if self.ring.state() & (abi.State.OVERFLOW | abi.State.DIRTY):
+            eflags |= p.ScanEndFlag.MORE_TO_COME
+        self.scan_done = None
+        self._send(self.conn.send(p.ScanEnd(sid, eflags, resume, consistent)))
+        self.wait_for("SCAN_DONE", lambda: self.scan_done is not None, timeout=300)
+        self.sent = start_pos
+        took = time.monotonic() - t0
+        log.warning(
+            "scan %d done in %.2fs: %d blocks compared, %d differed, %d sent with data (%d bytes), %d zero",
+            sid,
+            took,
+            st.blocks,
+            st.differing,
+            st.sent_blocks,
+            st.bytes_sent,
+            st.zero_blocks,
+        )
+
+    def _send_blocks(
+        self, sid: int, view: memoryview, off: int, blocks: list[tuple[int, int, int]], st: scan.ScanStats
+    ) -> None:
+        views: list[memoryview | bytes] = []
+        data_len = 0
+        for o, n, fl in blocks:
+            if not fl & p.BlockFlag.ZERO:
+                views.append(view[o - off : o - off + n])
+                data_len += n
+                st.sent_blocks += 1
+        hdr = self.conn.send_scan_data_header(sid, blocks, data_len)
+        self._sendv([hdr, *views])
+        st.bytes_sent += data_len
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Daemon
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Client:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        src = Path(args.source_device)
+        try:
+            self.source_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ClientError(f"cannot open source device {src}: {exc.strerror}") from exc
+        self.dev_size = device_size(self.source_fd)
+        if self.dev_size == 0 or self.dev_size % 512:
+            raise ClientError(
+                f"source device {src} has {self.dev_size} bytes, not a positive multiple of 512"
+            )
+        try:
+            self.ring = RingConsumer(args.control_device, dev_size=self.dev_size)
+        except RingError as exc:
+            raise ClientError(str(exc)) from exc
+        g = self.ring.geometry
+        if g.dev_sectors is not None and g.dev_sectors * 512 != self.dev_size:
+            raise ClientError(
+                f"control device {args.control_device} captures a {g.dev_sectors * 512}-byte device, "
+                f"but source device {src} has {self.dev_size} bytes: wrong pair?"
+            )
+        self.source_id = source_identity(src, self.dev_size)
+        self.ring_id = ring_identity(self.ring)
+        self.server_text = f"{args.address}:{args.port}"
+        self.started = False  # first handshake done (the start-up flags apply to it only)
+        self.force_scan = False
+        self.scan_id = 0
+        self.scan_buf = memoryview(bytearray(scan.WINDOW))
+        self.stopping = False
+        self.draining = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.wake_fd = self._wake_r.fileno()
+        self.stats = ClientStats()
+        self.bench = BenchClock() if args.benchmark else None
+        self._bench_t = 0.0
+
+    def install_signals(self) -> None:
+        def on_signal(signum: int, frame: object) -> None:
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+
+    def drain_wakeup(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_r.recv(512):
+                pass
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, but wake up at once for a signal."""
+        poller = select.poll()
+        poller.register(self.wake_fd, select.POLLIN)
+        if poller.poll(int(seconds * 1000)):
+            self.drain_wakeup()
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection((self.args.address, self.args.port), timeout=CONNECT_TIMEOUT)
+        # blocking mode, so that MSG_DONTWAIT receives return at once; sends give up after IO_TIMEOUT
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(IO_TIMEOUT), 0))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 5)):
+            opt = getattr(socket, name, None)
+            if opt is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+        return sock
+
+    def run(self) -> int:
+        log.warning(
+            "bdr_client %s: source %s (%d bytes), ring %s (%d slots, %s), server %s",
+            __version__,
+            self.args.source_device,
+            self.dev_size,
+            self.args.control_device,
+            self.ring.geometry.nr_slots,
+            "chardev" if self.ring.is_chardev else "ring file",
+            self.server_text,
+        )
+        backoff = BACKOFF_MIN
+        while not self.stopping:
+            try:
+                sock = self.connect()
+            except OSError as exc:
+                log.warning(
+                    "server %s not reachable (%s); retrying in %.2fs",
+                    self.server_text,
+                    exc.strerror or exc,
+                    backoff,
+                )
+                self.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            sess = ClientSession(self, sock)
+            try:
+                log.info("connected to %s", self.server_text)
+                sess.start()
+                backoff = BACKOFF_MIN
+                sess.stream()
+            except Stopping:
+                sess.drain()
+            except p.PeerError as exc:
+                if exc.code in FATAL_CODES:
+                    log.error("server %s refused us: %s", self.server_text, exc.message)
+                    sock.close()
+                    return EXIT_REFUSED
+                if exc.code is p.ErrorCode.RESUME_IMPOSSIBLE:
+                    self.force_scan = True
+                log.warning(
+                    "server %s closed the session: %s; reconnecting in %.2fs",
+                    self.server_text,
+                    exc.message,
+                    backoff,
+                )
+            except p.ConnectionLost as exc:
+                log.warning(
+                    "connection to %s lost: %s; reconnecting in %.2fs", self.server_text, exc.message, backoff
+                )
+            except p.ProtocolError as exc:
+                log.warning(
+                    "protocol error with %s: %s; reconnecting in %.2fs", self.server_text, exc, backoff
+                )
+                with contextlib.suppress(OSError, p.ProtocolError):
+                    sock.sendall(p.encode(p.Error(exc.code, exc.message)))
+            except OSError as exc:
+                log.error("I/O error: %s; reconnecting in %.2fs", exc, backoff)
+            finally:
+                sock.close()
+            if not self.stopping:
+                self.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+        self.report_bench(None, final=True)
+        return EXIT_OK
+
+    def report_bench(self, sess: ClientSession | None, final: bool = False) -> None:
+        if self.bench is None:
+            return
+        line = self.bench.report(self.stats.bytes, self.stats.records, final)
+        if line:
+            head = self.ring.head()
+            lag = head - sess.sent if sess else 0
+            unreleased = head - self.ring.tail
+            print(
+                f"bench client: {line} frames={self.stats.frames} lag_records={lag} unreleased_records={unreleased} "
+                f"server_durable={'none' if sess is None or sess.server_durable == p.NO_SEQ else sess.server_durable}",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        self.ring.close()
+        os.close(self.source_fd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="bdr_client",
+        description="BDR client daemon: ships every write captured by the bdr device-mapper target to bdr_server, "
+        "so the replica stays a crash-consistent copy of the source.  At start it resumes where the server's "
+        "replica is durable if the ring still holds those writes, otherwise it resyncs with a checksum scan.",
+        epilog="Exit status: 0 after a clean stop (SIGTERM / SIGINT), 2 for a usage or configuration error, "
+        "3 when the server refuses the source for good (replica too small, protocol version).",
+    )
+    ap.add_argument("--address", required=True, help="server (receiver) IP address or host name (required)")
+    ap.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"server TCP port (default {DEFAULT_PORT})"
+    )
+    ap.add_argument(
+        "--control-device",
+        required=True,
+        help="BDR control character device /dev/<name> of the target (required); a ring file with the same "
+        "layout is accepted too (tests, benchmarks)",
+    )
+    ap.add_argument(
+        "--source-device",
+        required=True,
+        help="the BDR device-mapper device /dev/mapper/<name> (required); scans read it",
+    )
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--full-scan",
+        action="store_true",
+        help="at start, compare every block of source and replica by checksum and send the differing ones "
+        "directly to the replica (it is inconsistent until the scan ends)",
+    )
+    mode.add_argument(
+        "--full-replication",
+        action="store_true",
+        help="at start, send the whole source device (initial seeding of a new replica)",
+    )
+    mode.add_argument(
+        "--no-replication",
+        action="store_true",
+        help="at start, skip the initial scan and only stream new writes (the replica must already equal the source)",
+    )
+    ap.add_argument(
+        "--no-print", action="store_true", help="disable standard output (errors still go to stderr)"
+    )
+    ap.add_argument(
+        "--verbose", action="store_true", help="log connections, resumes, scans and flushes, one line each"
+    )
+    ap.add_argument("--debug", action="store_true", help="log every batch and acknowledgement (very chatty)")
+    ap.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="print throughput, record rate and lag (records captured but not yet sent / not yet durable) every second",
+    )
+    ap.add_argument("--version", action="version", version=f"bdr_client {__version__}")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging("bdr_client", args.verbose, args.debug, args.no_print)
+    if not 0 < args.port < 65536:
+        log.error("--port %d is not a TCP port", args.port)
+        return EXIT_USAGE
+    try:
+        client = Client(args)
+    except ClientError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    try:
+        client.install_signals()
+        return client.run()
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Server metadata on the ``--journal`` path: which source the replica mirrors, up to which sequence number it
+is durable, and whether it is consistent.
+
+Layout of the journal device or file (version 1)::
+
+    0          4 KiB      8 KiB                                  1 MiB
+    +----------+----------+--------------------------------------+---------------------------------
+    | header A | header B | reserved for header growth           | journal records (later version)
+    +----------+----------+--------------------------------------+---------------------------------
+
+The two header copies are written alternately (generation even -> A, odd -> B), each followed by fdatasync, so
+a torn write can only damage the copy being written: at open, the valid copy with the highest generation
+wins.  A header block (4096 bytes, little-endian)::
+
+    0        8        12       16           24      28           32          48         64
+    +--------+--------+--------+------------+-------+------------+-----------+----------+
+    | magic  | version| hdr sz | generation | flags | block_size | source_id | ring_id  |
+    +--------+--------+--------+------------+-------+------------+-----------+----------+
+    64            72            80             88               96 ...     4088       4096
+    +-------------+-------------+--------------+----------------+---- 0 ---+----------+
+    | source_size | durable_seq | consistent_seq| replica_size  |          | xxh3_64  |
+    +-------------+-------------+--------------+----------------+----------+----------+
+
+Everything after byte 96 up to the checksum is zero in version 1; new fields go there (and bump the version).
+A later version adds a record area at 1 MiB for staged scan blocks and commit records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from .protocol import NO_SEQ
+
+MAGIC = b"BDRJRNL\x00"
+VERSION = 1
+HEADER_BLOCK = 4096
+HEADER_AREA = 1 << 20  # headers and their future growth; journal records start here (later version)
+MIN_SIZE = 2 * HEADER_BLOCK
+_FIXED = struct.Struct("<8sIIQII16s16sQQQQ")
+_CSUM_AT = HEADER_BLOCK - 8
+
+
+class JournalError(Exception):
+    """The journal path cannot be used: missing directory, too small, corrupt, or from a newer version."""
+
+
+class JFlag(enum.IntFlag):
+    NONE = 0
+    SEQ_VALID = 1 << 0  # durable_seq is meaningful for ring_id
+    CONSISTENT = 1 << 1  # the replica is a prefix-consistent copy of the source
+    SCANNING = 1 << 2  # a resync was started and has not finished: the replica is a mix
+    SOURCE_KNOWN = 1 << 3  # source_id / ring_id / source_size are set
+    HAS_DATA = 1 << 4  # the replica has received data at least once
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    generation: int = 0
+    flags: JFlag = JFlag.NONE
+    block_size: int = 512
+    source_id: bytes = bytes(16)
+    ring_id: bytes = bytes(16)
+    source_size: int = 0
+    durable_seq: int = NO_SEQ
+    consistent_seq: int = NO_SEQ  # when not CONSISTENT: consistent again once durable_seq reaches it
+    replica_size: int = 0
+
+    def pack(self) -> bytes:
+        fixed = _FIXED.pack(
+            MAGIC,
+            VERSION,
+            HEADER_BLOCK,
+            self.generation,
+            self.flags,
+            self.block_size,
+            self.source_id,
+            self.ring_id,
+            self.source_size,
+            self.durable_seq,
+            self.consistent_seq,
+            self.replica_size,
+        )
+        body = fixed + bytes(_CSUM_AT - len(fixed))
+        return body + xxhash.xxh3_64_intdigest(body).to_bytes(8, "little")
+
+    @classmethod
+    def parse(cls, block: bytes) -> Header | None:
+        """The header in block, or None if the block does not hold a valid one.  Raises JournalError if it
+        holds a header from a newer version."""
+        if len(block) < HEADER_BLOCK or block[:8] != MAGIC:
+            return None
+        if xxhash.xxh3_64_intdigest(block[:_CSUM_AT]) != int.from_bytes(
+            block[_CSUM_AT:HEADER_BLOCK], "little"
+        ):
+            return None
+        (_, version, hdr_size, gen, flags, bs, sid, rid, ssize, dseq, cseq, rsize) = _FIXED.unpack_from(block)
+        if version > VERSION:
+            raise JournalError(
+                f"journal written by a newer BDR (format version {version}, we know {VERSION})"
+            )
+        if hdr_size != HEADER_BLOCK:
+            return None
+        return cls(gen, JFlag(flags & 0x1F), bs, sid, rid, ssize, dseq, cseq, rsize)
+
+
+def _has_magic(block: bytes) -> bool:
+    return block[:8] == MAGIC
+
+
+class Journal:
+    """The metadata header on the journal path; ``commit(**changes)`` makes a new header durable."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        flags = os.O_RDWR | os.O_CLOEXEC
+        try:
+            self._fd = os.open(self.path, flags)
+            self.created = False
+        except FileNotFoundError:
+            try:
+                self._fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError as exc:
+                raise JournalError(f"cannot create journal {self.path}: {exc.strerror}") from exc
+            self.created = True
+        except OSError as exc:
+            raise JournalError(f"cannot open journal {self.path}: {exc.strerror}") from exc
+        try:
+            st = os.fstat(self._fd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise JournalError(f"journal {self.path} is neither a regular file nor a block device")
+            self.is_block = stat.S_ISBLK(st.st_mode)
+            size = os.lseek(self._fd, 0, os.SEEK_END)
+            if self.is_block and size < MIN_SIZE:
+                raise JournalError(f"journal device {self.path} has {size} bytes, needs at least {MIN_SIZE}")
+            self.header = self._load()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _load(self) -> Header:
+        a = os.pread(self._fd, HEADER_BLOCK, 0)
+        b = os.pread(self._fd, HEADER_BLOCK, HEADER_BLOCK)
+        valid = [h for h in (Header.parse(a), Header.parse(b)) if h is not None]
+        if valid:
+            return max(valid, key=lambda h: h.generation)
+        if _has_magic(a) or _has_magic(b):
+            raise JournalError(
+                f"journal {self.path}: both header copies are corrupt (bad checksum); refusing to guess. "
+                "Move it away to start over (the next client start then resyncs with a scan)."
+            )
+        self.fresh = True
+        return Header()
+
+    fresh = False
+
+    def commit(self, **changes: object) -> Header:
+        """Write the header with ``changes`` applied as the next generation, and make it durable."""
+        new = dataclasses.replace(self.header, generation=self.header.generation + 1, **changes)  # type: ignore[arg-type]
+        slot = new.generation % 2
+        data = new.pack()
+        n = os.pwrite(self._fd, data, slot * HEADER_BLOCK)
+        if n != len(data):
+            raise OSError(f"short write to journal {self.path}: {n} of {len(data)} bytes")
+        os.fdatasync(self._fd)
+        self.header = new
+        return new
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

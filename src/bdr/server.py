@@ -1,0 +1,872 @@
+"""bdr_server: receives ring records and scan blocks from bdr_client and applies them to the replica.
+
+Layers, from the disk up:
+
+* ``Replica``: the target block device or image file (pwritev, zeroing, fdatasync).
+* ``Applier``: applies DATA batches strictly in sequence order (older records skipped, a gap refused),
+  coalesces contiguous writes into one write, and makes durability points durable (replica fdatasync, then the
+  metadata header on the journal, then the acknowledgement).
+* ``ServerSession``: one client connection as a protocol state machine: handshake checks, streaming, scans.
+  Bytes in, bytes out; no sockets, so tests drive it in memory.
+* ``Server``: the daemon: listening socket, one client at a time, signals as events on the poll loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from . import __version__, scan
+from . import protocol as p
+from .journal import JFlag, Journal, JournalError
+from .log import BenchClock, setup_logging
+
+log = logging.getLogger("bdr.server")
+
+DEFAULT_PORT = 7788
+BLKGETSIZE64 = 0x80081272
+BLKSSZGET = 0x1268
+ZERO_CHUNK = 1 << 20
+
+
+class ServerError(Exception):
+    """Configuration problem the operator must fix (paths, sizes): the daemon exits with a message."""
+
+
+def _seq_le(a: int, b: int) -> bool:
+    """a <= b where NO_SEQ means 'none yet' (before everything)."""
+    if a == p.NO_SEQ:
+        return True
+    return b != p.NO_SEQ and a <= b
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Replica
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Target(Protocol):
+    """What the applier needs from the replica."""
+
+    def write(self, data: memoryview, offset: int) -> None: ...
+    def write_zeroes(self, offset: int, length: int) -> None: ...
+    def sync(self) -> None: ...
+
+
+class Replica:
+    """The target device or image file."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ServerError(f"cannot open target device {self.path}: {exc.strerror}") from exc
+        st = os.fstat(self.fd)
+        self.is_block = stat.S_ISBLK(st.st_mode)
+        if not (self.is_block or stat.S_ISREG(st.st_mode)):
+            os.close(self.fd)
+            raise ServerError(f"target device {self.path} is neither a block device nor a regular file")
+        if self.is_block:
+            buf = bytearray(8)
+            fcntl.ioctl(self.fd, BLKGETSIZE64, buf, True)
+            self.size = struct.unpack("<Q", buf)[0]
+            bs = bytearray(4)
+            fcntl.ioctl(self.fd, BLKSSZGET, bs, True)
+            self.block_size = struct.unpack("<I", bs)[0]
+        else:
+            self.size = st.st_size
+            self.block_size = 512
+        # a regular file without a single allocated block reads as zeros everywhere
+        self.known_zero = not self.is_block and st.st_blocks == 0
+        self._zeros = memoryview(bytes(ZERO_CHUNK))
+        self.bytes_written = 0
+
+    def write(self, data: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(data):
+            n = os.pwritev(self.fd, [data[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"short write to {self.path} at byte {offset + done}")
+            done += n
+        self.bytes_written += done
+        self.known_zero = False
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            n = min(ZERO_CHUNK, end - offset)
+            self.write(self._zeros[:n], offset)
+            offset += n
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Applier
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ApplyStats:
+    records: int = 0
+    bytes: int = 0
+    writes: int = 0  # pwrite calls after coalescing
+    skipped: int = 0  # replayed records older than what was applied
+    syncs: int = 0
+    sync_seconds: float = 0.0
+
+
+class Applier:
+    """Applies ring records in sequence order and keeps the durability metadata.
+
+    ``applied`` / ``durable`` are the last applied / durable sequence numbers (``NO_SEQ``: none).  ``expect`` is
+    the next sequence number to apply, or None when the next DATA record sets it (after a scan that could not
+    name its resume point).
+    """
+
+    def __init__(self, target: Target, journal: Journal) -> None:
+        self.target = target
+        self.journal = journal
+        h = journal.header
+        self.durable = h.durable_seq if h.flags & JFlag.SEQ_VALID else p.NO_SEQ
+        self.applied = self.durable
+        self.expect: int | None = p.next_seq(self.durable) if h.flags & JFlag.SEQ_VALID else None
+        self.stats = ApplyStats()
+        self._dirty = False  # applied but not yet synced
+
+    # -- sequence -------------------------------------------------------------------------------------------
+
+    def restart_at(self, seq: int | None) -> None:
+        """Streaming (re)starts at seq (None: at the first record that arrives)."""
+        self.expect = seq
+        if seq is not None:
+            self.applied = self.durable = (seq - 1) & p.SEQ_MASK
+
+    def apply(self, msg: p.Data) -> None:
+        f = msg.fields()
+        n = len(f.seqs)
+        if n:
+            self._apply_records(f, msg.data)
+        if msg.sync:
+            self.sync()
+
+    def _apply_records(self, f: p.RecordFields, data: memoryview | bytes) -> None:
+        n = len(f.seqs)
+        first = f.seqs[0]
+        if self.expect is None:
+            self.expect = first
+            self.applied = (first - 1) & p.SEQ_MASK
+        d = (self.expect - first) & p.SEQ_MASK
+        if d >= 1 << 63:
+            raise p.RemoteProtocolError(
+                p.ErrorCode.SEQ_GAP,
+                f"records start at seq {first} but seq {self.expect} is next: records lost",
+            )
+        skip = min(d, n)
+        self.stats.skipped += skip
+        if skip == n:
+            return
+        mv = memoryview(data)
+        sd = 4096
+        # fast path: full 4 KiB writes to consecutive sectors without flags form a single write
+        if (
+            skip == 0
+            and f.ops.count(p.OP_WRITE) == n
+            and f.lens.count(sd) == n
+            and not any(f.flags)
+            and f.sectors[-1] - f.sectors[0] == (n - 1) * 8
+            and (n < 3 or f.sectors == list(range(f.sectors[0], f.sectors[0] + n * 8, 8)))
+        ):
+            self.target.write(mv, f.sectors[0] * p.SECTOR)
+            self.stats.writes += 1
+            self._done(f.seqs[-1], n, len(mv))
+            return
+        self._apply_general(f, mv, skip)
+
+    def _apply_general(self, f: p.RecordFields, mv: memoryview, skip: int) -> None:
+        n = len(f.seqs)
+        # the last durability point in the batch: sync once there (it covers the earlier ones)
+        last_point = -1
+        for i in range(n - 1, skip - 1, -1):
+            if f.ops[i] == p.OP_FLUSH or (f.ops[i] == p.OP_WRITE and f.flags[i] & p.REC_FUA):
+                last_point = i
+                break
+        dpos = 0
+        run_off = run_start = run_len = 0  # disk offset, data offset, length of the pending coalesced write
+        nbytes = 0
+        for i in range(n):
+            op, ln = f.ops[i], f.lens[i]
+            if op == p.OP_WRITE:
+                if i >= skip:
+                    off = f.sectors[i] * p.SECTOR
+                    if run_len and run_off + run_len == off and run_start + run_len == dpos:
+                        run_len += ln
+                    else:
+                        if run_len:
+                            self._write(mv, run_start, run_len, run_off)
+                        run_off, run_start, run_len = off, dpos, ln
+                    nbytes += ln
+                dpos += ln
+            elif i >= skip:
+                if run_len:
+                    self._write(mv, run_start, run_len, run_off)
+                    run_len = 0
+                if op != p.OP_FLUSH:
+                    # DISCARD / WRITE_ZEROES: the source reads zeros there now, so does the replica
+                    self.target.write_zeroes(f.sectors[i] * p.SECTOR, ln)
+            if i == last_point:
+                if run_len:
+                    self._write(mv, run_start, run_len, run_off)
+                    run_len = 0
+                self._done(f.seqs[i], i + 1 - skip, nbytes)
+                skip, nbytes = i + 1, 0
+                self.sync()
+        if run_len:
+            self._write(mv, run_start, run_len, run_off)
+        if skip < n:
+            self._done(f.seqs[-1], n - skip, nbytes)
+
+    def _write(self, mv: memoryview, start: int, length: int, offset: int) -> None:
+        self.target.write(mv[start : start + length], offset)
+        self.stats.writes += 1
+
+    def _done(self, last_seq: int, records: int, nbytes: int) -> None:
+        self.applied = last_seq
+        self.expect = p.next_seq(last_seq)
+        self.stats.records += records
+        self.stats.bytes += nbytes
+        self._dirty = True
+
+    # -- durability ---------------------------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Make everything applied durable: replica fdatasync, then the metadata header, then (caller) ACK."""
+        if not self._dirty and self.durable == self.applied:
+            return
+        t0 = time.monotonic()
+        self.target.sync()
+        h = self.journal.header
+        flags = h.flags | JFlag.HAS_DATA
+        if self.expect is not None:
+            flags |= JFlag.SEQ_VALID
+        consistent_seq = h.consistent_seq
+        if (
+            not flags & (JFlag.CONSISTENT | JFlag.SCANNING)
+            and consistent_seq != p.NO_SEQ
+            and _seq_le(consistent_seq, self.applied)
+        ):
+            flags |= JFlag.CONSISTENT
+            consistent_seq = p.NO_SEQ
+            log.info("replica is consistent again at seq %d", self.applied)
+        self.journal.commit(flags=flags, durable_seq=self.applied, consistent_seq=consistent_seq)
+        self.durable = self.applied
+        self._dirty = False
+        self.stats.syncs += 1
+        self.stats.sync_seconds += time.monotonic() - t0
+
+    def ack(self) -> p.Ack:
+        return p.Ack(self.applied, self.durable)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Session: one client connection, no sockets
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ScanState:
+    scan_id: int
+    mode: p.ScanMode
+    block_size: int
+    blocks: int = 0
+    bytes: int = 0
+    hashed: int = 0
+    started: float = 0.0
+
+
+class SessionClosed(Exception):
+    """The session is over; ``reply`` holds the last bytes to send (an ERROR or GOODBYE) before closing."""
+
+    def __init__(self, reason: str, reply: bytes = b"", clean: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.reply = reply
+        self.clean = clean
+
+
+class ServerSession:
+    """The protocol state machine of one client connection on the server side."""
+
+    def __init__(self, replica: Replica, journal: Journal, applier: Applier, peer: str = "memory") -> None:
+        self.replica = replica
+        self.journal = journal
+        self.applier = applier
+        self.peer = peer
+        self.conn = p.Connection(p.Role.SERVER)
+        self.hello: p.Hello | None = None
+        self.scan: ScanState | None = None
+        self._hash_buf = memoryview(bytearray(scan.WINDOW))
+        self.ids_match = False
+
+    # -- input ------------------------------------------------------------------------------------------------
+
+    def receive(self) -> bytes:
+        """Process every complete frame buffered in ``conn``; return the bytes to send back.
+
+        Raises SessionClosed when the conversation is over (its reply must still be sent)."""
+        out: list[bytes] = []
+        need_ack = False
+        while True:
+            try:
+                ev = self.conn.next_event()
+                if ev is p.NEED_DATA:
+                    break
+                assert not isinstance(ev, p.NeedData)
+                reply = self.handle(ev)
+            except p.PeerError as exc:
+                raise SessionClosed(f"client reported {exc.code.name}: {exc.message}", b"".join(out)) from exc
+            except p.RemoteProtocolError as exc:
+                err = p.encode(p.Error(exc.code, exc.message))
+                raise SessionClosed(f"protocol error from client: {exc}", b"".join(out) + err) from exc
+            except p.LocalProtocolError as exc:
+                err = p.encode(p.Error(exc.code, exc.message))
+                raise SessionClosed(f"refused: {exc.message}", b"".join(out) + err) from exc
+            except OSError as exc:
+                msg = f"replica I/O error: {exc}"
+                err = p.encode(p.Error(p.ErrorCode.IO_ERROR, msg))
+                raise SessionClosed(msg, b"".join(out) + err) from exc
+            if reply is None:
+                need_ack = True
+            else:
+                out.append(reply)
+                if isinstance(ev, p.Goodbye):
+                    raise SessionClosed("client said goodbye", b"".join(out), clean=True)
+        if need_ack:
+            out.append(p.encode(self.applier.ack()))
+        return b"".join(out)
+
+    def handle(self, msg: p.Message) -> bytes | None:
+        """One message in; the reply frame out (None: answered by the ACK sent after the whole read)."""
+        if isinstance(msg, p.Data):
+            self.applier.apply(msg)
+            return None
+        if isinstance(msg, p.Sync):
+            self.applier.sync()
+            return None
+        if isinstance(msg, p.Hello):
+            return self._hello(msg)
+        if isinstance(msg, p.Stream):
+            return self._stream(msg)
+        if isinstance(msg, p.ScanBegin):
+            return self._scan_begin(msg)
+        if isinstance(msg, p.ScanRequest):
+            return self._scan_request(msg)
+        if isinstance(msg, p.ScanData):
+            return self._scan_data(msg)
+        if isinstance(msg, p.ScanEnd):
+            return self._scan_end(msg)
+        if isinstance(msg, p.Goodbye):
+            self.applier.sync()
+            return p.encode(self.applier.ack())
+        raise p.RemoteProtocolError(p.ErrorCode.UNEXPECTED, f"client sent {msg.TYPE.name}")
+
+    # -- handshake -----------------------------------------------------------------------------------------------
+
+    def _hello(self, h: p.Hello) -> bytes:
+        if h.device_size > self.replica.size:
+            raise p.LocalProtocolError(
+                p.ErrorCode.SIZE_MISMATCH,
+                f"replica {self.replica.path} has {self.replica.size} bytes, smaller than the source "
+                f"({h.device_size} bytes)",
+            )
+        if h.device_size < self.replica.size:
+            log.warning(
+                "replica is larger than the source (%d > %d bytes): only the first %d bytes are mirrored",
+                self.replica.size,
+                h.device_size,
+                h.device_size,
+            )
+        self.hello = h
+        jh = self.journal.header
+        self.ids_match = bool(
+            jh.flags & JFlag.SOURCE_KNOWN
+            and jh.source_id == h.source_id
+            and jh.ring_id == h.ring_id
+            and jh.source_size == h.device_size
+        )
+        flags = p.WelcomeFlag.NONE
+        if jh.flags & JFlag.SEQ_VALID:
+            flags |= p.WelcomeFlag.SEQ_VALID
+        if jh.flags & JFlag.CONSISTENT:
+            flags |= p.WelcomeFlag.CONSISTENT
+        if jh.flags & JFlag.SCANNING:
+            flags |= p.WelcomeFlag.SCANNING
+        if not jh.flags & JFlag.HAS_DATA:
+            flags |= p.WelcomeFlag.FRESH
+            if self.replica.known_zero:
+                flags |= p.WelcomeFlag.KNOWN_ZERO
+        durable = self.applier.durable
+        log.info(
+            "client %s: source %s size %d, replica %s, durable seq %s%s",
+            self.peer,
+            h.source_id.hex()[:12],
+            h.device_size,
+            "same source" if self.ids_match else "different or unknown source",
+            "none" if durable == p.NO_SEQ else durable,
+            ", interrupted scan" if jh.flags & JFlag.SCANNING else "",
+        )
+        return self.conn.send(
+            p.Welcome(
+                p.PROTOCOL_VERSION,
+                flags,
+                h.features & p.ALL_FEATURES,
+                self.replica.block_size,
+                self.replica.size,
+                jh.source_id,
+                jh.ring_id,
+                durable,
+            )
+        )
+
+    def _adopt_source(self, extra: JFlag, clear: JFlag, **changes: object) -> None:
+        assert self.hello is not None
+        h = self.hello
+        flags = (self.journal.header.flags | JFlag.SOURCE_KNOWN | extra) & ~clear
+        self.journal.commit(
+            flags=flags,
+            source_id=h.source_id,
+            ring_id=h.ring_id,
+            source_size=h.device_size,
+            replica_size=self.replica.size,
+            **changes,
+        )
+        self.ids_match = True
+
+    def _stream(self, s: p.Stream) -> bytes | None:
+        if s.flags & p.StreamFlag.ASSUME_IN_SYNC:
+            log.warning(
+                "client asserts the replica is in sync (--no-replication): streaming from seq %d", s.from_seq
+            )
+            self.applier.sync()
+            self._adopt_source(
+                JFlag.SEQ_VALID | JFlag.CONSISTENT,
+                JFlag.SCANNING,
+                durable_seq=(s.from_seq - 1) & p.SEQ_MASK,
+                consistent_seq=p.NO_SEQ,
+            )
+            self.applier.restart_at(s.from_seq)
+            return None
+        jh = self.journal.header
+        why = None
+        if not self.ids_match:
+            why = "the replica mirrors a different source or capture ring"
+        elif jh.flags & JFlag.SCANNING:
+            why = "a resync was interrupted"
+        elif self.applier.expect is None:
+            why = "the replica has no resume point"
+        elif (s.from_seq - self.applier.expect) & p.SEQ_MASK < 1 << 63 and s.from_seq != self.applier.expect:
+            why = f"records {self.applier.expect}..{s.from_seq - 1} would be missing"
+        if why:
+            raise p.LocalProtocolError(
+                p.ErrorCode.RESUME_IMPOSSIBLE, f"cannot resume at seq {s.from_seq}: {why}"
+            )
+        log.info("client %s resumes streaming at seq %d", self.peer, s.from_seq)
+        return None
+
+    # -- scans -----------------------------------------------------------------------------------------------
+
+    def _scan_begin(self, b: p.ScanBegin) -> bytes | None:
+        assert self.hello is not None
+        whole = bool(b.flags & p.ScanFlag.WHOLE_DEVICE)
+        if not whole and (not self.ids_match or self.journal.header.flags & JFlag.SCANNING):
+            raise p.LocalProtocolError(
+                p.ErrorCode.IDENTITY_MISMATCH,
+                "a partial scan needs a replica of the same source with no interrupted resync; scan the whole device",
+            )
+        self.applier.sync()  # everything streamed before the scan is durable before the replica becomes a mix
+        self._adopt_source(JFlag.SCANNING, JFlag.CONSISTENT)
+        self.scan = ScanState(b.scan_id, b.mode, b.block_size, started=time.monotonic())
+        log.info(
+            "scan %d started (%s, %s, %d-byte blocks)",
+            b.scan_id,
+            b.mode.name.lower(),
+            "whole device" if whole else "dirty regions",
+            b.block_size,
+        )
+        return b""
+
+    def _check_scan(self, scan_id: int) -> ScanState:
+        if self.scan is None or self.scan.scan_id != scan_id:
+            raise p.RemoteProtocolError(p.ErrorCode.BAD_FIELD, f"scan id {scan_id} is not the running scan")
+        return self.scan
+
+    def _scan_request(self, r: p.ScanRequest) -> bytes:
+        sc = self._check_scan(r.scan_id)
+        assert self.hello is not None
+        if r.offset % sc.block_size or r.offset + r.length > self.hello.device_size:
+            raise p.RemoteProtocolError(
+                p.ErrorCode.OUT_OF_RANGE, f"scan range [{r.offset}, +{r.length}) invalid"
+            )
+        if r.length > len(self._hash_buf):
+            if r.length > 16 * scan.WINDOW:
+                raise p.RemoteProtocolError(
+                    p.ErrorCode.BAD_LENGTH, f"scan window of {r.length} bytes too large"
+                )
+            self._hash_buf = memoryview(bytearray(r.length))
+        digests = scan.hash_range(self.replica.fd, r.offset, r.length, self._hash_buf, sc.block_size)
+        sc.hashed += r.length
+        return self.conn.send(p.ScanHashes(r.scan_id, r.offset, digests))
+
+    def _scan_data(self, d: p.ScanData) -> bytes:
+        sc = self._check_scan(d.scan_id)
+        mv = memoryview(d.data)
+        pos = 0
+        for offset, length, bflags in d.blocks:
+            if bflags & p.BlockFlag.ZERO:
+                self.replica.write_zeroes(offset, length)
+            else:
+                self.replica.write(mv[pos : pos + length], offset)
+                pos += length
+            sc.blocks += 1
+            sc.bytes += length
+        return b""
+
+    def _scan_end(self, e: p.ScanEnd) -> bytes:
+        sc = self._check_scan(e.scan_id)
+        self.replica.sync()
+        flags = self.journal.header.flags & ~(JFlag.SCANNING | JFlag.CONSISTENT | JFlag.SEQ_VALID)
+        flags |= JFlag.HAS_DATA
+        resume = e.resume_seq if e.flags & p.ScanEndFlag.HAS_RESUME_SEQ else None
+        consistent_seq = p.NO_SEQ
+        if e.flags & p.ScanEndFlag.HAS_CONSISTENT_SEQ:
+            consistent_seq = e.consistent_seq
+        elif not e.flags & p.ScanEndFlag.MORE_TO_COME:
+            flags |= JFlag.CONSISTENT
+        if resume is not None:
+            flags |= JFlag.SEQ_VALID
+        durable = (resume - 1) & p.SEQ_MASK if resume is not None else p.NO_SEQ
+        self.journal.commit(flags=flags, durable_seq=durable, consistent_seq=consistent_seq)
+        self.applier.restart_at(resume)
+        took = time.monotonic() - sc.started
+        log.info(
+            "scan %d done in %.1fs: %d blocks (%d bytes) written, %d bytes hashed; ring records resume at %s",
+            sc.scan_id,
+            took,
+            sc.blocks,
+            sc.bytes,
+            sc.hashed,
+            "the next record" if resume is None else f"seq {resume}",
+        )
+        self.scan = None
+        return self.conn.send(p.ScanDone(e.scan_id, sc.blocks, sc.bytes))
+
+    def goodbye(self) -> bytes:
+        """Our side closes the conversation cleanly (server shutdown): final ACK and GOODBYE."""
+        self.applier.sync()
+        if self.conn.phase in (p.Phase.HANDSHAKE, p.Phase.CLOSED):
+            return b""
+        return p.encode(self.applier.ack()) + self.conn.send(p.Goodbye(p.GoodbyeReason.SHUTDOWN))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Daemon
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Server:
+    """Listens, serves one client at a time, turns SIGTERM / SIGINT into a clean stop."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.replica = Replica(args.target_device)
+        try:
+            self.journal = Journal(args.journal)
+        except JournalError as exc:
+            raise ServerError(str(exc)) from exc
+        if os.path.samefile(args.journal, args.target_device):
+            raise ServerError("the journal and the target device must be different")
+        self.applier = Applier(self.replica, self.journal)
+        self.stopping = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.bench = BenchClock() if args.benchmark else None
+        self.listener: socket.socket | None = None
+
+    # -- signals ----------------------------------------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        def on_signal(signum: int, frame: object) -> None:
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while self._wake_r.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- main loop ----------------------------------------------------------------------------------------------
+
+    def listen(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.args.address else socket.AF_INET
+        try:
+            self.listener = socket.create_server(
+                (self.args.address, self.args.port), family=family, backlog=4
+            )
+        except OSError as exc:
+            raise ServerError(
+                f"cannot listen on {self.args.address}:{self.args.port}: {exc.strerror}"
+            ) from exc
+        self.listener.setblocking(False)
+        return self.listener
+
+    def run(self) -> int:
+        lst = self.listener or self.listen()
+        host, port = lst.getsockname()[:2]
+        jh = self.journal.header
+        log.warning(
+            "bdr_server %s listening on %s:%d, replica %s (%d bytes), journal %s (%s, durable seq %s)",
+            __version__,
+            host,
+            port,
+            self.replica.path,
+            self.replica.size,
+            self.journal.path,
+            "new" if self.journal.created or self.journal.fresh else "existing",
+            "none" if self.applier.durable == p.NO_SEQ else self.applier.durable,
+        )
+        if jh.flags & JFlag.SCANNING:
+            log.warning(
+                "the replica is inconsistent: a resync was interrupted; the next client start rescans"
+            )
+        poller = select.poll()
+        poller.register(lst, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self.stopping:
+            for fd, _ in poller.poll(1000):
+                if fd == self._wake_r.fileno():
+                    self._drain_wakeup()
+                elif fd == lst.fileno():
+                    try:
+                        sock, addr = lst.accept()
+                    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                        continue
+                    except OSError as exc:  # out of file descriptors or memory: retry later
+                        log.error("accept failed: %s", exc)
+                        time.sleep(0.1)
+                        continue
+                    self._serve(sock, f"{addr[0]}:{addr[1]}")
+        self.applier.sync()
+        self._report_bench(final=True)
+        log.warning("bdr_server stopped (durable seq %s)", self._seq_text(self.applier.durable))
+        return 0
+
+    @staticmethod
+    def _seq_text(seq: int) -> str:
+        return "none" if seq == p.NO_SEQ else str(seq)
+
+    def _refuse_busy(self, lst: socket.socket, current: str) -> None:
+        try:
+            sock, addr = lst.accept()
+        except OSError:
+            return
+        log.warning("refusing connection from %s:%d: already serving %s", addr[0], addr[1], current)
+        try:
+            sock.settimeout(1.0)
+            sock.sendall(p.encode(p.Error(p.ErrorCode.BUSY, f"server already serves a client ({current})")))
+        except OSError:
+            pass
+        sock.close()
+
+    def _serve(self, sock: socket.socket, peer: str) -> None:
+        log.warning("client %s connected", peer)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _keepalive(sock)
+        sock.settimeout(60.0)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        sess = ServerSession(self.replica, self.journal, self.applier, peer)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        assert self.listener is not None
+        poller.register(self.listener, select.POLLIN)
+        reason = "?"
+        try:
+            while True:
+                if self.stopping:
+                    reason = "server shutting down"
+                    sock.sendall(sess.goodbye())
+                    break
+                events = poller.poll(1000)
+                if not events:
+                    self._report_bench()
+                    continue
+                for fd, _ in events:
+                    if fd == self._wake_r.fileno():
+                        self._drain_wakeup()
+                    elif fd == self.listener.fileno():
+                        self._refuse_busy(self.listener, peer)
+                    elif fd == sock.fileno():
+                        n = sock.recv_into(sess.conn.writable(1 << 20))
+                        sess.conn.commit(n)
+                        if n == 0:
+                            raise SessionClosed(
+                                "connection lost: client closed the connection without GOODBYE"
+                            )
+                        reply = sess.receive()
+                        if reply:
+                            sock.sendall(reply)
+                self._report_bench()
+        except SessionClosed as exc:
+            reason = exc.reason
+            if exc.reply:
+                with contextlib.suppress(OSError):
+                    sock.sendall(exc.reply)
+            level = logging.INFO if exc.clean else logging.WARNING
+            log.log(level, "client %s: %s", peer, reason)
+        except p.RemoteProtocolError as exc:
+            reason = f"connection lost: {exc.message}"
+            log.warning("client %s: %s", peer, reason)
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            reason = f"connection lost: {exc}"
+            log.warning("client %s: %s", peer, reason)
+        finally:
+            try:
+                self.applier.sync()
+            except OSError as exc:
+                log.error("cannot sync the replica: %s", exc)
+            sock.close()
+            log.warning(
+                "client %s disconnected (%s); applied seq %s, durable seq %s",
+                peer,
+                reason,
+                self._seq_text(self.applier.applied),
+                self._seq_text(self.applier.durable),
+            )
+
+    def _report_bench(self, final: bool = False) -> None:
+        if self.bench is None:
+            return
+        st = self.applier.stats
+        line = self.bench.report(st.bytes, st.records, final)
+        if line:
+            print(
+                f"bench server: {line} writes={st.writes} syncs={st.syncs} sync_s={st.sync_seconds:.3f} "
+                f"skipped={st.skipped}",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        self.replica.close()
+        self.journal.close()
+
+
+def _keepalive(sock: socket.socket) -> None:
+    """Notice a dead peer within ~15 s even when no data flows."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 5)):
+        opt = getattr(socket, name, None)
+        if opt is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="bdr_server",
+        description="BDR server daemon: receives the writes captured on the source and applies them to a replica "
+        "device, keeping the replica a crash-consistent copy of the source.",
+        epilog="Exit status: 0 after a clean stop (SIGTERM / SIGINT), 2 for a usage or configuration error.",
+    )
+    ap.add_argument("--address", required=True, help="IP address to listen on (required), e.g. 0.0.0.0 or ::")
+    ap.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"TCP port to listen on (default {DEFAULT_PORT})"
+    )
+    ap.add_argument(
+        "--target-device",
+        required=True,
+        help="replica: block device or image file the writes are applied to (required); it must be at least as "
+        "large as the source",
+    )
+    ap.add_argument(
+        "--journal",
+        required=True,
+        help="journal: block device or file holding the replica metadata (source identity, last durable "
+        "sequence number, consistency); a missing file is created (required)",
+    )
+    ap.add_argument(
+        "--no-print", action="store_true", help="disable standard output (errors still go to stderr)"
+    )
+    ap.add_argument(
+        "--verbose", action="store_true", help="log connections, scans and resyncs, one line each"
+    )
+    ap.add_argument("--debug", action="store_true", help="log every frame and durability point (very chatty)")
+    ap.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="print applied throughput, record rate and sync figures every second",
+    )
+    ap.add_argument("--version", action="version", version=f"bdr_server {__version__}")
+    return ap
+
+
+def main(argv: list[str] | None = None, ready: Callable[[Server], None] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging("bdr_server", args.verbose, args.debug, args.no_print)
+    if not 0 < args.port < 65536:
+        log.error("--port %d is not a TCP port", args.port)
+        return 2
+    try:
+        server = Server(args)
+    except ServerError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        server.listen()
+        server.install_signals()
+        if ready is not None:
+            ready(server)
+        return server.run()
+    except ServerError as exc:
+        log.error("%s", exc)
+        return 2
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
