@@ -10,6 +10,8 @@ header's rules, not against our own consumer.
     ringtool.py status CHARDEV               BDR_IOC_STATUS as JSON
     ringtool.py take CHARDEV                 BDR_IOC_TAKE_DIRTY: JSON with the dirty regions
     ringtool.py hold CHARDEV READY STOP      open + mmap, create READY, wait for STOP, then read ctl and close
+    ringtool.py diff A B                     JSON list of the 4 KiB blocks that differ between two files/devices
+    ringtool.py release CHARDEV STOP         consume without reading (tail = head) until STOP exists (benchmarks)
 """
 
 from __future__ import annotations
@@ -134,6 +136,31 @@ def main(argv: list[str]) -> int:
         while not os.path.exists(argv[3]):
             time.sleep(0.05)
         print(json.dumps({"state": ring.ctl.state, "head": ring.ctl.head, "magic": ring.ctl.magic}))
+        ring.close()
+    elif cmd == "diff":
+        changed = []
+        with open(argv[1], "rb") as fa, open(argv[2], "rb") as fb:
+            block = 0
+            while True:
+                a, b = fa.read(1 << 20), fb.read(1 << 20)
+                if not a and not b:
+                    break
+                for i in range(0, max(len(a), len(b)), 4096):
+                    if a[i : i + 4096] != b[i : i + 4096]:
+                        changed.append(block + i // 4096)
+                block += (1 << 20) // 4096
+        print(json.dumps(changed))
+    elif cmd == "release":
+        ring = Ring(argv[1])
+        p = select.poll()
+        p.register(ring.fd, select.POLLIN)
+        released = 0
+        while not os.path.exists(argv[2]):
+            head = ring.ctl.head
+            released += head - ring.ctl.tail
+            ring.ctl.tail = head
+            p.poll(20)
+        print(json.dumps({"released": released}))
         ring.close()
     else:
         print(__doc__, file=sys.stderr)
