@@ -516,7 +516,7 @@ KERNEL_ERROR_PATTERNS = [
     r"\bWARNING:",
     r"\bOops\b",
     r"Call Trace:",
-    r"general protection fault",
+    r"general protection fault(?! ip:)",  # "traps: prog[pid] general protection fault ip:" is userspace
     r"\bKASAN\b",
     r"\bUBSAN\b",
     r"\bKFENCE\b",
@@ -529,7 +529,7 @@ KERNEL_ERROR_PATTERNS = [
     r"refcount_t: ",
     r"Unable to handle kernel",
     r"unable to handle page fault",
-    r"invalid opcode",
+    r"invalid opcode(?! ip:)",
     r"stack-protector|stack guard page",
     r"Bad page (state|map)",
     r"double free|use-after-free|slab-out-of-bounds",

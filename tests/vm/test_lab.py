@@ -166,12 +166,14 @@ def test_module_build_errors_are_reported(tmp_path: Path, lab_kernel: str) -> No
     assert "bdr.c:2" in msg and "error:" in msg
 
 
-def test_module_taint_message_is_not_a_kernel_error() -> None:
+def test_module_taint_and_userspace_traps_are_not_kernel_errors() -> None:
     log = [
         "[   12.000000] lab_warn: loading out-of-tree module taints kernel.",
         "[   12.000001] lab_warn: module verification failed: signature and/or required key missing - tainting kernel",
         "[   12.000002] Kernel command line: console=ttyS0 sysctl.kernel.hung_task_timeout_secs=60",
         "[   12.000003] device-mapper: ioctl: 4.48.0-ioctl (2023-03-01) initialised: dm-devel@lists.linux.dev",
+        "[   12.000004] traps: python3[301] general protection fault ip:7f0000001000 sp:7ffd00000000 error:0",
+        "[   12.000005] traps: fio[302] trap invalid opcode ip:55d000001000 sp:7ffd00000000 error:0 in fio",
     ]
     assert lab.find_kernel_errors(log) == []
 
@@ -190,6 +192,8 @@ def test_module_taint_message_is_not_a_kernel_error() -> None:
         "watchdog: BUG: soft lockup - CPU#0 stuck for 26s! [kworker/0:1:33]",
         "BUG: sleeping function called from invalid context at kernel/locking/mutex.c:580",
         "refcount_t: underflow; use-after-free.",
+        "Oops: invalid opcode: 0000 [#1] PREEMPT SMP NOPTI",
+        "general protection fault, probably for non-canonical address 0xdead000000000122: 0000 [#1] SMP",
         " Call Trace:",
     ],
 )
