@@ -142,6 +142,7 @@ class ClientSession:
         self.scan_replies: collections.deque[p.ScanHashes] = collections.deque()
         self.scan_done: p.ScanDone | None = None
         self.goodbye = False
+        self.streaming = False  # handshake and start-up resync done
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
         self._poll.register(client.wake_fd, select.POLLIN)
@@ -337,6 +338,7 @@ class ClientSession:
         )
 
     def stream(self) -> None:
+        self.streaming = True
         ring = self.ring
         half = ring.geometry.nr_slots // 2
         while True:
@@ -394,7 +396,7 @@ class ClientSession:
                             "stopping with records up to seq %d not confirmed durable (kept in the ring)",
                             last,
                         )
-            if self.conn.phase is not p.Phase.CLOSED:
+            if self.conn.phase not in (p.Phase.HANDSHAKE, p.Phase.CLOSED):
                 self._send(self.conn.send(p.Goodbye(p.GoodbyeReason.SHUTDOWN)))
         left = self.ring.head() - self.sent
         log.warning(
@@ -676,6 +678,8 @@ class Client:
     def close(self) -> None:
         self.ring.close()
         os.close(self.source_fd)
+        self._wake_r.close()
+        self._wake_w.close()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -789,6 +789,8 @@ class Server:
             self.listener.close()
         self.replica.close()
         self.journal.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
 
 def _keepalive(sock: socket.socket) -> None:
