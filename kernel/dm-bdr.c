@@ -55,6 +55,7 @@
 
 #define BDR_MINORS		1024
 #define BDR_MAX_REGION_SECTORS	(1U << 24)
+#define BDR_RESV_DONE		(1U << 31)
 
 struct bdr_ring {
 	struct device dev;		/* refcount of the whole ring */
@@ -79,7 +80,11 @@ struct bdr_ring {
 
 	/* producer state, under lock */
 	spinlock_t lock;
-	u64 head;
+	u64 head;			/* published: slots before it are complete */
+	u64 reserve;			/* reserved: slots before it have an owner */
+	u32 *resv;			/* per slot: length of the reservation
+					 * starting there, | BDR_RESV_DONE once
+					 * its slots are filled */
 	u64 tail;			/* last tail validated from ctl */
 	u64 next_seq;
 	u64 state;
@@ -198,9 +203,33 @@ static void bdr_copy_data(struct bdr_ring *r, struct bio *bio,
 	}
 }
 
+/* Move head over the reservations whose slots are filled.  Under r->lock. */
+static void bdr_advance_head(struct bdr_ring *r)
+{
+	u64 head = r->head;
+
+	while (head != r->reserve) {
+		u32 *resv = &r->resv[head % r->nr_slots];
+
+		if (!(*resv & BDR_RESV_DONE))
+			break;
+		head += *resv & ~BDR_RESV_DONE;
+		*resv = 0;
+	}
+	if (head != r->head) {
+		r->head = head;
+		WRITE_ONCE(r->ctl->next_seq, r->next_seq);
+		/* Slots before head are complete: pairs with the consumer's acquire. */
+		smp_store_release(&r->ctl->head, head);
+	}
+}
+
 /*
  * Publish the completed clone, or send it to the bitmap.  Called from end_io
- * (any context) with nothing held.
+ * (any context) with nothing held.  Descriptors are filled and slots reserved
+ * under the lock, in completion order; the data is copied without the lock so
+ * that completions on several CPUs copy in parallel, and head only moves over
+ * reservations whose copy is done.
  */
 static void bdr_publish(struct bdr_ring *r, struct bio *bio, struct bdr_io *io,
 			blk_status_t status)
@@ -241,47 +270,54 @@ static void bdr_publish(struct bdr_ring *r, struct bio *bio, struct bdr_io *io,
 		r->failed++;
 		bdr_mark_dirty(r, io->start, io->end);
 		bdr_set_state(r, r->state);
-		goto wake;
+		goto unlock;
 	}
 	if (r->state & BDR_STATE_OVERFLOW)
 		goto drop;
-	if (r->nr_slots - (r->head - bdr_consumer_tail(r)) < nslots) {
+	if (r->nr_slots - (r->reserve - bdr_consumer_tail(r)) < nslots) {
 		r->overflows++;
 		bdr_set_state(r, r->state | BDR_STATE_OVERFLOW);
 		goto drop;
 	}
 
-	pos = r->head;
-	if (op == BDR_OP_WRITE) {
-		for (i = 0; i < nslots; i++) {
-			u32 len = min_t(u32, bytes - i * BDR_SLOT_DATA, BDR_SLOT_DATA);
-			u16 f = flags;
-
-			if (i)
-				f |= BDR_REC_CONT;
-			if (i + 1 < nslots)
-				f |= BDR_REC_MORE;
-			bdr_fill_slot(r, pos + i, op, f,
-				      io->start + ((sector_t)i << (PAGE_SHIFT - SECTOR_SHIFT)), len);
-		}
-		bdr_copy_data(r, bio, io, pos);
-		r->bytes += bytes;
-	} else {
+	pos = r->reserve;
+	r->reserve += nslots;
+	r->records += nslots;
+	if (op != BDR_OP_WRITE) {
 		bdr_fill_slot(r, pos, op, flags, io->start,
 			      op == BDR_OP_FLUSH ? 0 : bytes);
+		r->resv[pos % r->nr_slots] = 1 | BDR_RESV_DONE;
+		bdr_advance_head(r);
+		goto unlock;
 	}
-	r->head = pos + nslots;
-	r->records += nslots;
-	WRITE_ONCE(r->ctl->next_seq, r->next_seq);
-	/* Slots and next_seq before head: pairs with the consumer's acquire. */
-	smp_store_release(&r->ctl->head, r->head);
-	goto wake;
+	for (i = 0; i < nslots; i++) {
+		u32 len = min_t(u32, bytes - i * BDR_SLOT_DATA, BDR_SLOT_DATA);
+		u16 f = flags;
+
+		if (i)
+			f |= BDR_REC_CONT;
+		if (i + 1 < nslots)
+			f |= BDR_REC_MORE;
+		bdr_fill_slot(r, pos + i, op, f,
+			      io->start + ((sector_t)i << (PAGE_SHIFT - SECTOR_SHIFT)), len);
+	}
+	r->bytes += bytes;
+	r->resv[pos % r->nr_slots] = nslots;
+	spin_unlock_irqrestore(&r->lock, irqflags);
+
+	/* The slots are ours: the consumer cannot see them before head moves. */
+	bdr_copy_data(r, bio, io, pos);
+
+	spin_lock_irqsave(&r->lock, irqflags);
+	r->resv[pos % r->nr_slots] |= BDR_RESV_DONE;
+	bdr_advance_head(r);
+	goto unlock;
 
 drop:
 	r->dropped++;
 	bdr_mark_dirty(r, io->start, io->end);
 	bdr_set_state(r, r->state);
-wake:
+unlock:
 	spin_unlock_irqrestore(&r->lock, irqflags);
 	if (wq_has_sleeper(&r->wq))
 		wake_up_interruptible(&r->wq);
@@ -296,6 +332,7 @@ static void bdr_ring_release(struct device *dev)
 
 	ida_free(&bdr_minor_ida, MINOR(dev->devt));
 	vfree(r->mem);
+	kvfree(r->resv);
 	bitmap_free(r->bitmap);
 	bitmap_free(r->spare);
 	kfree(r);
@@ -331,7 +368,8 @@ static struct bdr_ring *bdr_ring_alloc(const char *name, u32 nr_slots,
 	r->mem = vmalloc_user(r->mem_size);
 	r->bitmap = bitmap_zalloc(r->nr_regions, GFP_KERNEL);
 	r->spare = bitmap_zalloc(r->nr_regions, GFP_KERNEL);
-	if (!r->mem || !r->bitmap || !r->spare) {
+	r->resv = kvcalloc(nr_slots, sizeof(*r->resv), GFP_KERNEL);
+	if (!r->mem || !r->bitmap || !r->spare || !r->resv) {
 		*error = "Cannot allocate ring buffer";
 		ret = -ENOMEM;
 		goto free_mem;
@@ -368,6 +406,7 @@ static struct bdr_ring *bdr_ring_alloc(const char *name, u32 nr_slots,
 
 free_mem:
 	vfree(r->mem);
+	kvfree(r->resv);
 	bitmap_free(r->bitmap);
 	bitmap_free(r->spare);
 	kfree(r);
@@ -538,7 +577,8 @@ static long bdr_ioctl_take_dirty(struct bdr_ring *r, void __user *arg)
 	taken = r->bitmap;
 	r->bitmap = r->spare;		/* zeroed */
 	d.state = r->state;
-	d.ring_head = r->head;
+	/* Reserved slots completed before the handover: they count as before it. */
+	d.ring_head = r->reserve;
 	d.next_seq = r->next_seq;
 	bdr_set_state(r, r->state & ~(BDR_STATE_OVERFLOW | BDR_STATE_DIRTY));
 	spin_unlock_irqrestore(&r->lock, irqflags);
