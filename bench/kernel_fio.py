@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.vm.lab import Guest, build_module  # noqa: E402
+from tests.vm.lab import Guest, boot, build_module  # noqa: E402
 
 PY = f"{REPO}/.venv/bin/python"
 TOOL = f"{PY} {REPO}/tests/vm/ringtool.py"
@@ -38,7 +38,7 @@ def fio(g: Guest, dev: str, args: str) -> tuple[float, float]:
 
 def main() -> int:
     ko = build_module()
-    with Guest(disks={"d": "512M"}, memory="1536M") as g:
+    with boot(disks={"d": "512M"}, memory="1536M") as g:
         d = g.disk("d")
         g.run(f"modprobe dm-mod && insmod {ko}")
         g.run(f'echo "0 $(blockdev --getsz {d}) linear {d} 0" | dmsetup create lin')

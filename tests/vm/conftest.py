@@ -55,7 +55,7 @@ def guest(request: pytest.FixtureRequest, lab_kernel: str) -> Iterator[lab.Guest
     disks = getattr(request.module, "VM_DISKS", DEFAULT_DISKS)
     memory = getattr(request.module, "VM_MEMORY", DEFAULT_MEMORY)
     try:
-        g = lab.Guest(disks=disks, memory=memory, kver=lab_kernel)
+        g = lab.boot(disks=disks, memory=memory, kver=lab_kernel)
     except lab.LabSetupError as exc:
         problem = f"VM test lab unavailable: {exc}"
     except lab.GuestError as exc:

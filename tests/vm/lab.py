@@ -996,3 +996,20 @@ class Guest:
         bad = find_kernel_errors(line for _, line in records)
         if bad:
             raise GuestKernelError("guest kernel log reports a problem:\n" + "\n".join(bad))
+
+
+def boot(*args: object, retries: int = 1, **kwargs: object) -> Guest:
+    """Boot a Guest, booting again (up to ``retries`` times) if the guest dies before its agent is ready.
+
+    Under multi-threaded TCG the kernel very rarely oopses while patching its own text at boot (an int3 hit
+    by a vCPU that still runs the old translation).  Nothing of a test has run by then, so a second boot is
+    safe; the first console tail is printed so the event stays visible.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return Guest(*args, **kwargs)  # type: ignore[arg-type]
+        except GuestDied as exc:
+            if attempt == retries:
+                raise
+            print(f"bdr lab: guest died while booting, booting again:\n{_tail(str(exc), 25)}", flush=True)
+    raise AssertionError("unreachable")

@@ -231,7 +231,7 @@ def test_hanging_command_times_out_and_kills_the_guest() -> None:
         t1 = time.monotonic()
         with pytest.raises(lab.GuestDied, match="dead"):
             g.run("true")
-        assert time.monotonic() - t1 < 1, "a dead guest must refuse commands at once"
+        assert time.monotonic() - t1 < 5, "a dead guest must refuse commands at once, not wait for a timeout"
     assert not Path(g.tmpdir).exists(), "close() removes disks, share and logs"
 
 
@@ -262,7 +262,7 @@ def test_close_powers_off_and_cleans_up() -> None:
     pid, tmpdir = g.qemu_pid, g.tmpdir
     t0 = time.monotonic()
     g.close()
-    assert time.monotonic() - t0 < 6
+    assert time.monotonic() - t0 < 20, "close() must not wait for a hung guest"
     assert not g.qemu_running
     assert not Path(tmpdir).exists()
     with pytest.raises(ProcessLookupError):
