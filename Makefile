@@ -44,8 +44,8 @@ module: apt
 	$(MAKE) -C /lib/modules/$(KVER)/build M=$(CURDIR)/kernel W=1 modules
 
 lint: venv
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/ruff format --check src tests bench scripts
 	$(VENV)/bin/mypy
 
 test: build lint
@@ -61,7 +61,7 @@ vm: build
 	$(VENV)/bin/pytest tests/vm
 
 demo: build
-	$(PY) -m bdr.demo
+	$(PY) scripts/demo.py
 
 bench: build
 	$(PY) bench/run.py

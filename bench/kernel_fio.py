@@ -38,7 +38,7 @@ def fio(g: Guest, dev: str, args: str) -> tuple[float, float]:
 
 def main() -> int:
     ko = build_module()
-    with boot(disks={"d": "512M"}, memory="1536M") as g:
+    with boot(disks={"d": "512M"}, memory="2048M") as g:
         d = g.disk("d")
         g.run(f"modprobe dm-mod && insmod {ko}")
         g.run(f'echo "0 $(blockdev --getsz {d}) linear {d} 0" | dmsetup create lin')
@@ -55,14 +55,17 @@ def main() -> int:
                     if target == "linear":
                         g.run(f'echo "0 $(blockdev --getsz {d}) linear {d} 0" | dmsetup create t')
                     else:
-                        g.run(f'echo "0 $(blockdev --getsz {d}) bdr {d} bdr_bench 16384" | dmsetup create t')
+                        g.run(f'echo "0 $(blockdev --getsz {d}) bdr {d} bdr_bench 65536" | dmsetup create t')
                         g.run(f"rm -f /tmp/stop; ({TOOL} release /dev/bdr_bench /tmp/stop > /tmp/rel.out &)")
                     bw, iops = fio(g, "/dev/mapper/t", args)
                     if target == "bdr":
                         st = g.run("dmsetup status t").output.split()
-                        g.run("touch /tmp/stop; sleep 0.3")
+                        g.run("touch /tmp/stop; sleep 0.5")
                         counters = dict(kv.split("=", 1) for kv in st[3:])
-                        print(f"  bdr run: records={counters['records']} dropped={counters['dropped']}")
+                        print(
+                            f"  bdr run: records={counters['records']} dropped={counters['dropped']}"
+                            f" overflows={counters['overflows']}"
+                        )
                     g.run("dmsetup remove t")
                     if bw > best.get(target, (0.0, 0.0))[0]:
                         best[target] = (bw, iops)

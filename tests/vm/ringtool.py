@@ -154,13 +154,18 @@ def main(argv: list[str]) -> int:
         ring = Ring(argv[1])
         p = select.poll()
         p.register(ring.fd, select.POLLIN)
-        released = 0
+        released = takes = 0
+        buf = ctypes.create_string_buffer(ring.info.bitmap_bytes)
         while not os.path.exists(argv[2]):
             head = ring.ctl.head
             released += head - ring.ctl.tail
             ring.ctl.tail = head
+            if ring.ctl.state & abi.State.OVERFLOW:  # as the client does: re-arm the ring
+                d = abi.Dirty(bitmap=ctypes.addressof(buf), bitmap_bytes=ring.info.bitmap_bytes)
+                fcntl.ioctl(ring.fd, abi.BDR_IOC_TAKE_DIRTY, d)
+                takes += 1
             p.poll(20)
-        print(json.dumps({"released": released}))
+        print(json.dumps({"released": released, "takes": takes}))
         ring.close()
     else:
         print(__doc__, file=sys.stderr)
