@@ -116,7 +116,9 @@ def main() -> int:
     print("BDR demo summary")
     print(f"  writes captured      {st['records']} records, {replicated / 2**20:.1f} MiB")
     print(f"  dropped to bitmap    {st['dropped']}")
-    print(f"  workload + catch-up  {elapsed:.1f} s ({replicated / 2**20 / elapsed:.1f} MiB/s, emulated CPU)")
+    print(
+        f"  workload + catch-up  {elapsed:.1f} s under emulation ({replicated / 2**20 / elapsed:.1f} MiB/s on average)"
+    )
     print(f"  fsck of the replica  {'clean' if fsck.rc == 0 else f'ERRORS (rc {fsck.rc})'}")
     if same.rc == 0 and fsck.rc == 0:
         print("  source and replica   identical")
