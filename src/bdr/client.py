@@ -287,6 +287,8 @@ class ClientSession:
         elif pos is not None and not c.force_scan:
             self._send(self.conn.send(p.Stream(resume)))
             self.sent = pos
+            if pos > self.ring.tail:
+                self.ring.release(pos)  # durable on the server already (acknowledged before a disconnect)
             log.info(
                 "quick resume at seq %d (ring position %d, %d records to send)",
                 resume,

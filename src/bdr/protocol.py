@@ -1182,5 +1182,5 @@ class Connection:
         msg = parse_payload(frame.type, frame.flags, frame.payload, bound)
         self._advance(msg, from_client=self.role is Role.SERVER)
         if isinstance(msg, Error):
-            raise PeerError(msg.code, f"peer reported: {msg.message}")
+            raise PeerError(msg.code, msg.message)
         return msg

@@ -1,0 +1,181 @@
+"""Real daemons over loopback TCP: streaming, server crash, connection loss, flush durability, scan, bad input."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import time
+
+import pytest
+
+from .conftest import DEV, Lab, Writer
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def test_streaming_ends_identical(lab: Lab) -> None:
+    lab.images(src_random=True)  # the replica starts empty: the start-up scan ships every block first
+    prod = lab.make_producer()
+    srv = lab.server()
+    srv.wait_log("listening on")
+    cli = lab.client()
+    w = Writer(prod, 3000, seed=1)
+    w.join()
+    lab.wait_drained()
+    assert cli.stop() == 0
+    assert srv.stop() == 0
+    assert lab.identical()
+    m = cli.wait_log(r"scan 1 done .*: (\d+) blocks compared, (\d+) differed")
+    assert int(m.group(1)) == DEV // 65536
+    assert "flush acknowledged" in cli.log()
+    assert "client said goodbye" in srv.log()
+
+
+def test_server_killed_and_restarted_mid_stream(lab: Lab) -> None:
+    lab.images()
+    prod = lab.make_producer()
+    srv = lab.server()
+    srv.wait_log("listening on")
+    cli = lab.client()
+    cli.wait_log("scan 1 done")
+    w = Writer(prod, 4000, seed=2, pace=0.0002)
+    while w.written < 1000:
+        time.sleep(0.01)
+    srv.kill()  # SIGKILL: no sync, no goodbye
+    cli.wait_log(r"connection to .* lost: ")
+    time.sleep(0.5)  # the ring keeps capturing meanwhile
+    srv2 = lab.server()
+    srv2.wait_log(r"journal .* \(existing, durable seq \d+\)")
+    w.join()
+    lab.wait_drained()
+    assert cli.stop() == 0
+    assert srv2.stop() == 0
+    assert lab.identical()
+    log = cli.log()
+    assert re.search(r"quick resume at seq \d+", log), log  # resumed from the durable seq, no second scan
+    assert "scan 2" not in log
+
+
+def test_connection_cut_mid_stream(lab: Lab) -> None:
+    lab.images()
+    prod = lab.make_producer()
+    srv = lab.server()
+    srv.wait_log("listening on")
+    px = lab.proxy()
+    cli = lab.client(port=px.port)
+    cli.wait_log("scan 1 done")
+    w = Writer(prod, 4000, seed=3, pace=0.0002)
+    for cuts in range(1, 4):
+        while w.written < cuts * 900:
+            time.sleep(0.01)
+        px.cut()
+        cli.wait_log("connection to .* lost", count=cuts)
+        cli.wait_log("quick resume at seq", count=cuts)
+    # and once the server cannot be reached at all for a while
+    px.stop_listening()
+    px.cut()
+    cli.wait_log("not reachable", timeout=20)
+    px.start()
+    w.join()
+    lab.wait_drained()
+    assert cli.stop() == 0
+    assert srv.stop() == 0
+    assert lab.identical()
+    assert px.connections >= 5
+    assert len(re.findall(r"quick resume at seq", cli.log())) >= 4
+
+
+def test_flush_is_durable_on_the_replica_when_acknowledged(lab: Lab) -> None:
+    lab.images()
+    prod = lab.make_producer()
+    srv = lab.server()
+    srv.wait_log("listening on")
+    cli = lab.client()
+    cli.wait_log("scan 1 done")
+    payload = random.Random(4).randbytes(8192)
+    prod.write(1 << 20, payload)
+    flush_seq = prod.next_seq
+    prod.flush()
+    m = cli.wait_log(r"flush acknowledged: replica durable up to seq (\d+)")
+    assert int(m.group(1)) >= flush_seq
+    # acknowledged durable: the record is released from the ring and the data is in the replica file
+    assert prod.tail >= flush_seq + 1
+    with open(lab.replica, "rb") as f:
+        f.seek(1 << 20)
+        assert f.read(8192) == payload
+    assert cli.stop() == 0
+    assert srv.stop() == 0
+    # the server's metadata header recorded the durability point
+    from bdr.journal import JFlag, Journal
+
+    h = Journal(lab.journal).header
+    assert h.durable_seq >= flush_seq
+    assert h.flags & JFlag.CONSISTENT and h.flags & JFlag.SEQ_VALID
+
+
+def test_scan_fixes_a_differing_replica_sending_only_changed_blocks(lab: Lab) -> None:
+    lab.images(src_random=True, seed=5)
+    data = bytearray(lab.src.read_bytes())
+    changed = [3, 100, 101, 400]  # 64 KiB blocks that differ on the replica
+    for b in changed:
+        data[b * 65536 + 100 : b * 65536 + 200] = os.urandom(100)
+    lab.replica.write_bytes(bytes(data))
+    lab.make_producer()
+    srv = lab.server()
+    srv.wait_log("listening on")
+    cli = lab.client()
+    m = cli.wait_log(
+        r"scan 1 done .*: (\d+) blocks compared, (\d+) differed, (\d+) sent with data \((\d+) bytes\)"
+    )
+    assert int(m.group(1)) == DEV // 65536
+    assert int(m.group(2)) == len(changed)
+    assert int(m.group(4)) == len(changed) * 65536  # only the changed blocks crossed the wire
+    lab.wait_drained()
+    assert cli.stop() == 0
+    assert srv.stop() == 0
+    assert lab.identical()
+
+
+def test_replica_smaller_than_source_is_refused(lab: Lab) -> None:
+    lab.images(replica_size=DEV // 2)
+    lab.make_producer()
+    srv = lab.server()
+    srv.wait_log("listening on")
+    cli = lab.client()
+    assert cli.wait() == 3
+    assert re.search(r"ERROR: server .* refused us: replica .* smaller than the source", cli.log()), cli.log()
+    assert "smaller than the source" in srv.log()
+    with open(lab.replica, "rb") as f:
+        assert f.read() == bytes(DEV // 2)  # nothing written
+    assert srv.stop() == 0
+
+
+def test_bad_paths_are_clear_errors(lab: Lab) -> None:
+    lab.images()
+    lab.make_producer()
+    cases = [
+        (lab.server, ("--target-device", str(lab.tmp / "nope.img")), "cannot open target device"),
+        (lab.server, ("--journal", str(lab.tmp / "no-dir" / "j")), "cannot create journal"),
+        (lab.client, ("--source-device", str(lab.tmp / "nope.img")), "cannot open source device"),
+        (lab.client, ("--control-device", str(lab.tmp / "nope")), "cannot open control device"),
+        (lab.client, ("--control-device", str(lab.src)), "not a bdr ring"),
+        (lab.client, ("--port", "0"), "is not a TCP port"),
+    ]
+    for start, extra, message in cases:
+        d = start(*extra)  # later flags win in argparse
+        assert d.wait() == 2, (extra, d.log())
+        assert message in d.log(), (extra, d.log())
+        d.log_path.unlink()
+
+
+def test_client_retries_until_the_server_appears_then_stops_cleanly(lab: Lab) -> None:
+    lab.images()
+    lab.make_producer()
+    cli = lab.client()
+    cli.wait_log(r"server 127\.0\.0\.1:\d+ not reachable \(Connection refused\); retrying in", count=3)
+    srv = lab.server()
+    cli.wait_log("scan 1 done", timeout=30)
+    assert cli.stop() == 0
+    assert srv.stop() == 0
+    assert "stopped" in cli.log()
