@@ -1,0 +1,138 @@
+"""A replicated pair inside one lab guest: a bdr target over a source disk, bdr_server on a replica disk and
+bdr_client, both on the guest's loopback.  Used by the VM replication tests and by `make demo`."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+
+from tests.vm.lab import Guest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = f"{REPO}/.venv/bin"
+PROXY = f"{BIN}/python {REPO}/tests/vm/tcpproxy.py"
+
+
+class Pair:
+    def __init__(
+        self,
+        g: Guest,
+        src: str,
+        dst: str,
+        journal: str,
+        *,
+        name: str = "rep",
+        chardev: str = "bdr_rep",
+        buffer: str = "64M",
+        port: int = 8000,
+        proxy_port: int | None = None,
+    ) -> None:
+        self.g, self.src, self.dst, self.journal = g, src, dst, journal
+        self.name, self.chardev, self.buffer = name, chardev, buffer
+        self.port, self.proxy_port = port, proxy_port
+        self.mapper = f"/dev/mapper/{name}"
+        self.client_log = f"/tmp/{name}-client.log"
+        self.server_log = f"/tmp/{name}-server.log"
+
+    # -- setup
+
+    def setup(self) -> str:
+        return self.g.run(
+            f"{BIN}/bdr setup --device {self.src} --name {self.name} --chardev {self.chardev} --buffer {self.buffer}"
+        ).output
+
+    def start_server(self, *extra: str) -> None:
+        args = " ".join(shlex.quote(a) for a in extra)
+        self.g.run(
+            f"nohup {BIN}/bdr_server --address 127.0.0.1 --port {self.port} --target-device {self.dst}"
+            f" --journal {self.journal} --verbose {args} >> {self.server_log} 2>&1 &"
+        )
+        self.g.run(
+            f"for i in $(seq 300); do grep -q 'listening' {self.server_log} && exit 0; sleep 0.1; done;"
+            f" cat {self.server_log}; exit 1"
+        )
+
+    def start_proxy(self) -> None:
+        assert self.proxy_port is not None
+        self.g.run(
+            f"nohup {PROXY} 127.0.0.1:{self.proxy_port} 127.0.0.1:{self.port} >> /tmp/proxy.log 2>&1 &"
+        )
+        self.g.run(
+            "for i in $(seq 100); do grep -q 'proxy ready' /tmp/proxy.log && exit 0; sleep 0.1; done; exit 1"
+        )
+
+    def stop_proxy(self) -> None:
+        self.g.run("pkill -KILL -f tests/vm/tcpproxy.py; rm -f /tmp/proxy.log", check=False)
+
+    def start_client(self, *extra: str, wait_scan: bool = True) -> None:
+        port = self.proxy_port or self.port
+        args = " ".join(shlex.quote(a) for a in extra)
+        self.g.run(
+            f"nohup {BIN}/bdr_client --control-device /dev/{self.chardev} --source-device {self.mapper}"
+            f" --address 127.0.0.1 --port {port} --verbose {args} >> {self.client_log} 2>&1 &"
+        )
+        if wait_scan:
+            self.wait_log(self.client_log, r"scan .* done|quick resume|streaming", 180)
+
+    def wait_log(self, log: str, pattern: str, timeout: float = 60) -> None:
+        tries = int(timeout / 0.2)
+        self.g.run(
+            f"for i in $(seq {tries}); do grep -Eq {shlex.quote(pattern)} {log} && exit 0; sleep 0.2; done;"
+            f" echo 'no line matching {pattern} in {log}:'; tail -30 {log}; exit 1",
+            timeout=timeout + 30,
+        )
+
+    # -- state
+
+    def status(self) -> dict[str, str]:
+        fields = self.g.run(f"dmsetup status {self.name}").output.split()[3:]
+        return dict(kv.split("=", 1) for kv in fields)
+
+    def wait_synced(self, timeout: float = 300) -> dict[str, str]:
+        """Until the ring is empty and stays so: every captured write is acknowledged durable by the server
+        (the client releases a slot only then) and no resync is pending."""
+        deadline = time.monotonic() + timeout
+        stable, last = 0, ""
+        st: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            st = self.status()
+            if st["fill"].split("/")[0] == "0" and st["state"] == "capturing" and st["records"] == last:
+                stable += 1
+                if stable >= 3:
+                    return st
+            else:
+                stable = 0
+            last = st["records"]
+            time.sleep(1)
+        raise AssertionError(
+            f"replication did not catch up within {timeout:.0f}s: {st}\n"
+            f"--- client log ---\n{self.tail(self.client_log)}\n--- server log ---\n{self.tail(self.server_log)}"
+        )
+
+    def tail(self, log: str, lines: int = 40) -> str:
+        return self.g.run(f"tail -n {lines} {log}", check=False).output
+
+    def identical(self) -> bool:
+        res = self.g.run(f"cmp -n $(blockdev --getsize64 {self.src}) {self.mapper} {self.dst}", check=False)
+        return res.rc == 0
+
+    # -- teardown
+
+    def stop(self, signal: str = "TERM") -> None:
+        self.g.run(
+            f"pkill -{signal} -f 'bin/bdr_client .*{self.chardev}'; pkill -{signal} -f 'bin/bdr_server .*{self.port}';"
+            " for i in $(seq 100); do pgrep -f 'bin/bdr_(client|server)' >/dev/null || exit 0; sleep 0.1; done; exit 1",
+            check=False,
+        )
+
+    def stop_server(self, signal: str = "TERM") -> None:
+        self.g.run(
+            f"pkill -{signal} -f 'bin/bdr_server .*{self.port}';"
+            " for i in $(seq 100); do pgrep -f bin/bdr_server >/dev/null || exit 0; sleep 0.1; done; exit 1"
+        )
+
+    def remove(self) -> None:
+        self.stop()
+        self.stop_proxy()
+        self.g.run(f"{BIN}/bdr remove {self.name}", check=False)
