@@ -143,6 +143,7 @@ class ClientSession:
         self.scan_done: p.ScanDone | None = None
         self.goodbye = False
         self.streaming = False  # handshake and start-up resync done
+        self.in_sync = False  # everything captured is durable on the replica (logged once per transition)
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
         self._poll.register(client.wake_fd, select.POLLIN)
@@ -317,6 +318,7 @@ class ClientSession:
     # -- streaming ------------------------------------------------------------------------------------------------
 
     def send_batch(self, b: Batch, sync: bool) -> None:
+        self.in_sync = False
         hdr = self.conn.send_data_header(b.count, b.data_len, sync)
         try:
             self._sendv([hdr, *b.desc, *b.data])
@@ -347,6 +349,7 @@ class ClientSession:
             self.pump()
             if self.pending_dirty is None and ring.state() & (abi.State.OVERFLOW | abi.State.DIRTY):
                 self.pending_dirty = dm = ring.take_dirty()
+                self.in_sync = False
                 log.warning(
                     "ring %s: %d dirty regions (%d KiB each) to resync after ring position %d",
                     "overflowed" if dm.state & abi.State.OVERFLOW else "reported failed writes",
@@ -372,6 +375,13 @@ class ClientSession:
             if self.inflight and self.sync_pending is None:
                 self._send(self.conn.send(p.Sync()))
                 self.sync_pending = self.inflight[-1].last_seq
+            if not self.inflight and ring.tail == head and not self.in_sync and not ring.state():
+                self.in_sync = True
+                log.info(
+                    "in sync at ring position %d: the replica is durable up to seq %s",
+                    head,
+                    "none" if self.server_durable == p.NO_SEQ else self.server_durable,
+                )
             self.client.report_bench(self)
             quiet = ring.is_chardev and not self.inflight and ring.tail == head
             self.pump(wait=0.5 if quiet else 0.002, ring_too=quiet)
@@ -412,6 +422,7 @@ class ClientSession:
     def resync(self, mode: p.ScanMode, extents: list[tuple[int, int]], whole: bool, why: str) -> None:
         """Resync ``extents``; ring records from ``self.sent`` on are applied after the scan's blocks."""
         c = self.client
+        self.in_sync = False
         c.scan_id += 1
         sid = c.scan_id
         start_pos = self.sent

@@ -202,11 +202,17 @@ class Lab:
         return px
 
     def wait_drained(self, timeout: float = 30.0) -> None:
-        """Wait until every record is released: acknowledged durable by the server."""
+        """Wait until every record is released (acknowledged durable by the server), no resync is pending, and
+        the client says it is in sync at the current ring head."""
         assert self.producer is not None
         prod = self.producer
+        client = next(d for d in reversed(self.daemons) if d.name == "client")
         deadline = time.monotonic() + timeout
-        while prod.tail != prod.head or prod.state:
+        while (
+            prod.tail != prod.head
+            or prod.state
+            or f"in sync at ring position {prod.head}:" not in client.log()
+        ):
             if time.monotonic() > deadline:
                 logs = "\n".join(f"--- {d.name}\n{d.log()[-2500:]}" for d in self.daemons)
                 raise AssertionError(

@@ -179,3 +179,26 @@ def test_client_retries_until_the_server_appears_then_stops_cleanly(lab: Lab) ->
     assert cli.stop() == 0
     assert srv.stop() == 0
     assert "stopped" in cli.log()
+
+
+def test_ring_overflow_mid_stream_is_resynced_from_the_dirty_bitmap(lab: Lab) -> None:
+    lab.images()
+    prod = lab.make_producer(slots=64)
+    srv = lab.server()
+    srv.wait_log("listening on")
+    cli = lab.client()
+    cli.wait_log("scan 1 done")
+    rnd = random.Random(6)
+    for i in range(3000):  # much faster than the client drains 64 slots: the ring overflows again and again
+        size = rnd.choice([4096, 16384, 65536])
+        prod.write(rnd.randrange(0, (DEV - size) // 4096) * 4096, rnd.randbytes(size))
+        if i % 100 == 99:
+            prod.flush()
+    assert prod.dropped > 0
+    lab.wait_drained()
+    assert cli.stop() == 0
+    assert srv.stop() == 0
+    assert lab.identical()
+    log = cli.log()
+    assert re.search(r"ring overflowed: \d+ dirty regions", log), log
+    assert re.search(r"scan \d+ \(hash\) of \d+ dirty extents", log), log

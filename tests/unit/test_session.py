@@ -157,9 +157,11 @@ def random_writes(prod: RingProducer, n: int, seed: int, block: bool = True) -> 
             prod.flush(block=block)
 
 
-def wait_released(prod: RingProducer, timeout: float = 20) -> None:
+def wait_released(prod: RingProducer, run: Run, timeout: float = 20) -> None:
+    """Every record released (durable on the server), no resync pending, the client idle and in sync."""
     deadline = time.monotonic() + timeout
-    while prod.tail != prod.head:
+    while prod.tail != prod.head or prod.state or not run.sess.in_sync:
+        assert run.error is None, run.error
         assert time.monotonic() < deadline, f"ring not drained: tail {prod.tail} head {prod.head}"
         time.sleep(0.01)
 
@@ -174,7 +176,7 @@ def test_scan_then_stream_then_quick_resume(setup: tuple[Path, RingProducer]) ->
     client = client_for(tmp)
     run = Run(client, server)
     random_writes(prod, 300, seed=1)
-    wait_released(prod)
+    wait_released(prod, run)
     run.stop()
     assert run.error is None, run.error
     assert same(tmp)
@@ -186,7 +188,7 @@ def test_scan_then_stream_then_quick_resume(setup: tuple[Path, RingProducer]) ->
     random_writes(prod, 10, seed=2)
     run = Run(client, server)
     random_writes(prod, 100, seed=3)
-    wait_released(prod)
+    wait_released(prod, run)
     run.stop()
     assert run.error is None, run.error
     assert len(client.stats.scans) == 1
@@ -199,7 +201,7 @@ def test_overflow_while_disconnected_is_resynced_from_the_bitmap(setup: tuple[Pa
     client = client_for(tmp)
     run = Run(client, server)
     random_writes(prod, 50, seed=3)
-    wait_released(prod)
+    wait_released(prod, run)
     run.stop()
     # disconnected: the 64 slots fill up, the rest goes to the dirty bitmap (regions 5 and 9 of 32)
     rnd = random.Random(4)
@@ -209,9 +211,9 @@ def test_overflow_while_disconnected_is_resynced_from_the_bitmap(setup: tuple[Pa
         assert not prod.write(off, rnd.randbytes(4096))
     assert prod.dropped == 3
     run = Run(client, server)
-    wait_released(prod)
+    wait_released(prod, run)
     random_writes(prod, 20, seed=5)  # streaming goes on after the resync
-    wait_released(prod)
+    wait_released(prod, run)
     run.stop()
     assert run.error is None, run.error
     assert same(tmp)
@@ -226,7 +228,7 @@ def test_full_replication_sends_every_block(setup: tuple[Path, RingProducer]) ->
     server = MemServer(tmp)
     client = client_for(tmp, full_replication=True)
     run = Run(client, server)
-    wait_released(prod)
+    wait_released(prod, run)
     run.stop()
     assert run.error is None, run.error
     assert same(tmp)
