@@ -1,0 +1,38 @@
+"""`make bench`: run every benchmark in turn and print its figures.
+
+Each benchmark measures its own baseline in the same run and prints ratios against it; nothing here asserts
+a speed.  Add a benchmark by adding its module name to BENCHES (it must have a ``main() -> int``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BENCHES = [
+    "kernel_fio",  # fio through bdr vs dm-linear in the VM (kernel target overhead)
+]
+
+
+def main(argv: list[str]) -> int:
+    names = argv or BENCHES
+    failed = []
+    for name in names:
+        print(f"\n=== bench/{name}.py ===", flush=True)
+        t0 = time.monotonic()
+        rc = importlib.import_module(name).main()
+        print(f"--- {name}: {time.monotonic() - t0:.0f} s", flush=True)
+        if rc:
+            failed.append(name)
+    if failed:
+        print(f"benchmarks that failed to run: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
