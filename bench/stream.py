@@ -1,0 +1,231 @@
+"""Streaming throughput: 4 KiB ring records from a RingProducer through bdr_client and bdr_server over loopback
+TCP into a replica file, next to a plain loopback TCP baseline measured in the same run.
+
+The clock runs from the first record published until every record is acknowledged *durable* by the server
+(the client releases ring slots only then), so the figure includes the server's fdatasync + metadata commits.
+Files live on /dev/shm when it exists, so the figure is the pipeline's, not the disk's.
+
+Usage: python bench/stream.py [--total-mib N] [--ring-mib N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bdr.ring import RingProducer
+
+RECORD = 4096
+CHUNK_RECORDS = 256  # records per producer call (1 MiB)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """Peak resident set size of a live process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a live process used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+_RECEIVER = """
+import socket, sys
+lst = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+print("ready", flush=True)
+conn, _ = lst.accept()
+conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+buf = memoryview(bytearray(8 << 20))
+total = 0
+while n := conn.recv_into(buf):
+    total += n
+conn.sendall(str(total).encode())
+"""
+
+
+def baseline(total: int) -> float:
+    """Plain loopback TCP: one process sends ``total`` bytes with sendall, another recv_into()s them (MB/s)."""
+    port = free_port()
+    rx = subprocess.Popen([sys.executable, "-c", _RECEIVER, str(port)], stdout=subprocess.PIPE)
+    assert rx.stdout is not None
+    rx.stdout.readline()
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    block = memoryview(random.Random(1).randbytes(8 << 20))
+    t0 = time.perf_counter()
+    sent = 0
+    while sent < total:
+        n = min(len(block), total - sent)
+        s.sendall(block[:n])
+        sent += n
+    s.shutdown(socket.SHUT_WR)
+    got = int(s.recv(64))
+    dt = time.perf_counter() - t0
+    s.close()
+    rx.wait(10)
+    assert got == total, (got, total)
+    return total / dt / 1e6
+
+
+def bdr_run(work: Path, total: int, ring_mib: int, pattern: str) -> dict[str, float]:
+    """Stream ``total`` bytes of 4 KiB records through the daemons; MB/s and peak RSS of both."""
+    dev = 1 << 30
+    src, rep, jr, ring = work / "src.img", work / "rep.img", work / "journal", work / "ring"
+    for f in (rep, jr, ring, Path(str(ring) + ".dirty")):
+        f.unlink(missing_ok=True)
+    with open(src, "wb") as f:
+        f.truncate(dev)
+    with open(rep, "wb") as f:
+        f.truncate(dev)
+    prod = RingProducer(ring, ring_mib * 1024 * 1024 // RECORD, dev)
+    port = free_port()
+    py = sys.executable
+    logs = work / f"{pattern}-logs"
+    logs.mkdir(exist_ok=True)
+    srv_argv = [
+        "--address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--target-device",
+        str(rep),
+        "--journal",
+        str(jr),
+    ]
+    srv = subprocess.Popen(
+        [py, "-m", "bdr.server", *srv_argv, "--benchmark"],
+        stdout=open(logs / "server.log", "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+    wait_port(port)
+    cli_argv = ["--address", "127.0.0.1", "--port", str(port), "--control-device", str(ring)]
+    cli = subprocess.Popen(
+        [py, "-m", "bdr.client", *cli_argv, "--source-device", str(src), "--no-replication", "--benchmark"],
+        stdout=open(logs / "client.log", "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+    data = memoryview(random.Random(2).randbytes(CHUNK_RECORDS * RECORD))
+    nchunks = total // len(data)
+    dev_chunks = dev // len(data)
+    order = list(range(nchunks))
+    rnd = random.Random(3)
+    time.sleep(1.0)  # handshake
+    try:
+        t0 = time.perf_counter()
+        for i in order:
+            if pattern == "sequential":
+                sector = (i % dev_chunks) * CHUNK_RECORDS * 8
+                prod.write_run(sector, data, block=True)
+            else:  # 4 KiB records at random offsets: no two neighbours coalesce on the server
+                for k in range(CHUNK_RECORDS // 16):
+                    sector = rnd.randrange(0, dev // RECORD - 16) * 8
+                    prod.write_run(sector, data[k * 16 * RECORD : (k + 1) * 16 * RECORD], block=True)
+        while prod.tail != prod.head:
+            if cli.poll() is not None or srv.poll() is not None:
+                raise RuntimeError(f"a daemon died; logs in {logs}")
+            time.sleep(0.0005)
+        dt = time.perf_counter() - t0
+        rss_c, rss_s = vm_hwm_mb(cli.pid), vm_hwm_mb(srv.pid)
+        cpu_c, cpu_s = cpu_seconds(cli.pid), cpu_seconds(srv.pid)
+    finally:
+        for proc in (cli, srv):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in (cli, srv):
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        prod.close()
+    return {
+        "mb_s": nchunks * len(data) / dt / 1e6,
+        "seconds": dt,
+        "client_rss_mb": rss_c,
+        "server_rss_mb": rss_s,
+        "client_cpu_s": cpu_c,
+        "server_cpu_s": cpu_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(argv or [])
+    return 0
+
+
+def run(argv: list[str]) -> dict[str, object]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--total-mib", type=int, default=2048, help="data streamed per run (default 2048 MiB)")
+    ap.add_argument("--ring-mib", type=int, default=32, help="ring size (default 32 MiB = 8192 slots)")
+    args = ap.parse_args(argv)
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    work = Path(tempfile.mkdtemp(prefix="bdr-bench-", dir=base))
+    total = args.total_mib << 20
+    try:
+        tcp = baseline(total)
+        seq = bdr_run(work, total, args.ring_mib, "sequential")
+        rnd = bdr_run(work, total // 4, args.ring_mib, "random")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result: dict[str, object] = {
+        "bench": "stream",
+        "record_bytes": RECORD,
+        "total_mib": args.total_mib,
+        "files_on": str(base),
+        "loopback_tcp_mb_s": round(tcp, 1),
+        "bdr_sequential_mb_s": round(seq["mb_s"], 1),
+        "ratio_sequential": round(seq["mb_s"] / tcp, 3),
+        "bdr_random_4k_mb_s": round(rnd["mb_s"], 1),
+        "ratio_random_4k": round(rnd["mb_s"] / tcp, 3),
+        "client_peak_rss_mb": round(max(seq["client_rss_mb"], rnd["client_rss_mb"]), 1),
+        "server_peak_rss_mb": round(max(seq["server_rss_mb"], rnd["server_rss_mb"]), 1),
+    }
+    print(f"stream bench ({args.total_mib} MiB of 4 KiB records, ring {args.ring_mib} MiB, files on {base}):")
+    print(f"  loopback TCP baseline      {tcp:8.1f} MB/s")
+    print(
+        f"  bdr sequential 4 KiB       {seq['mb_s']:8.1f} MB/s   ratio {seq['mb_s'] / tcp:.2f}   (target >= 1000, >= 0.5)"
+    )
+    print(
+        f"  sequential run: {seq['seconds']:.2f}s wall, client CPU {seq['client_cpu_s']:.2f}s, "
+        f"server CPU {seq['server_cpu_s']:.2f}s (includes start-up)"
+    )
+    print(f"  bdr random 4 KiB           {rnd['mb_s']:8.1f} MB/s   ratio {rnd['mb_s'] / tcp:.2f}")
+    print(
+        f"  peak RSS client / server   {result['client_peak_rss_mb']} / {result['server_peak_rss_mb']} MB (target < 150)"
+    )
+    print("BENCH " + json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
