@@ -9,7 +9,19 @@ APT_PKGS := linux-image-6.12-amd64 linux-headers-6.12-amd64 qemu-system-x86 busy
 # The 6.12 kernel whose headers build the module (and whose image the VM lab boots).
 KVER     = $(shell ls -d /lib/modules/6.12.*/build 2>/dev/null | sort -V | tail -n1 | cut -d/ -f4)
 
-.PHONY: help deps apt venv build module package test unit integration vm lint demo bench fuzz clean
+.PHONY: help deps apt venv build module package test unit integration vm lint demo bench fuzz clean install uninstall
+
+# make install / make uninstall (PREFIX and DESTDIR as usual; WITH_DKMS=no skips the kernel module)
+VERSION  := 0.1.0
+PREFIX   ?= /usr/local
+BINDIR   := $(PREFIX)/bin
+LIBDIR   := $(PREFIX)/lib/bdr
+DOCDIR   := $(PREFIX)/share/doc/bdr
+UNITDIR  ?= $(PREFIX)/lib/systemd/system
+DKMS_SRC := /usr/src/bdr-$(VERSION)
+WITH_DKMS ?= auto
+PROGRAMS := bdr bdr_client bdr_server
+UNITS    := bdr-client@.service bdr-server@.service
 
 help:
 	@echo "make deps   install apt packages (6.12 kernel + headers, qemu, busybox) and the Python venv"
@@ -18,6 +30,7 @@ help:
 	@echo "make demo   replicate a real workload inside the VM lab and compare source and replica"
 	@echo "make bench  print throughput figures with same-run baselines and ratios"
 	@echo "make lint   ruff + mypy"
+	@echo "make install / make uninstall   daemons, admin tool, systemd units, docs, module via DKMS (PREFIX=$(PREFIX))"
 
 deps: apt venv
 
@@ -69,3 +82,41 @@ bench: build
 clean:
 	-$(MAKE) -C /lib/modules/$(KVER)/build M=$(CURDIR)/kernel clean
 	rm -rf .stamps build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+install:
+	@set -e; \
+	python3 -m venv --clear "$(DESTDIR)$(LIBDIR)"; \
+	"$(DESTDIR)$(LIBDIR)/bin/pip" install -q --disable-pip-version-check "$(CURDIR)"; \
+	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(DOCDIR)"; \
+	for p in $(PROGRAMS); do ln -sfn "$(LIBDIR)/bin/$$p" "$(DESTDIR)$(BINDIR)/$$p"; done; \
+	for u in $(UNITS); do \
+	  sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' "packaging/systemd/$$u" > "$(DESTDIR)$(UNITDIR)/$$u"; \
+	  chmod 644 "$(DESTDIR)$(UNITDIR)/$$u"; \
+	done; \
+	install -m 644 docs/*.md README.md "$(DESTDIR)$(DOCDIR)/"; \
+	if [ "$(WITH_DKMS)" = yes ] || { [ "$(WITH_DKMS)" = auto ] && [ -z "$(DESTDIR)" ] && command -v dkms >/dev/null; }; then \
+	  rm -rf "$(DKMS_SRC)"; mkdir -p "$(DKMS_SRC)"; \
+	  cp kernel/dm-bdr.c kernel/bdr_uapi.h kernel/Kbuild kernel/dkms.conf "$(DKMS_SRC)/"; \
+	  dkms add bdr/$(VERSION) && dkms build bdr/$(VERSION) && dkms install bdr/$(VERSION); \
+	else echo "kernel module not installed (WITH_DKMS=$(WITH_DKMS)); build it with: make -C kernel"; fi; \
+	echo "installed BDR $(VERSION) under $(DESTDIR)$(PREFIX)"
+
+# Follows the manual's uninstallation steps, refusing to pull the module from under a live target.
+uninstall:
+	@set -e; \
+	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then \
+	  systemctl stop 'bdr-client@*.service' 'bdr-server@*.service' 2>/dev/null || true; \
+	fi; \
+	if [ "$(WITH_DKMS)" != no ] && [ -z "$(DESTDIR)" ] && command -v dkms >/dev/null && dkms status bdr/$(VERSION) 2>/dev/null | grep -q .; then \
+	  if [ -d /sys/module/bdr ] && dmsetup status --target bdr 2>/dev/null | grep -q bdr; then \
+	    echo "bdr targets still exist (dmsetup status --target bdr): remove them with 'bdr remove NAME' first" >&2; exit 1; \
+	  fi; \
+	  if [ -d /sys/module/bdr ]; then rmmod bdr; fi; \
+	  dkms remove bdr/$(VERSION) --all; rm -rf "$(DKMS_SRC)"; \
+	fi; \
+	for p in $(PROGRAMS); do rm -f "$(DESTDIR)$(BINDIR)/$$p"; done; \
+	for u in $(UNITS); do rm -f "$(DESTDIR)$(UNITDIR)/$$u"; done; \
+	rm -rf "$(DESTDIR)$(LIBDIR)" "$(DESTDIR)$(DOCDIR)"; \
+	for d in "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(PREFIX)/lib/systemd" "$(DESTDIR)$(PREFIX)/share/doc" \
+	         "$(DESTDIR)$(PREFIX)/share" "$(DESTDIR)$(PREFIX)/lib"; do rmdir "$$d" 2>/dev/null || true; done; \
+	echo "uninstalled BDR $(VERSION) from $(DESTDIR)$(PREFIX)"
