@@ -44,7 +44,7 @@ import operator
 import struct
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
 # --------------------------------------------------------------------------------------------------------------
@@ -522,13 +522,14 @@ class Data:
     records: memoryview | bytes
     data: memoryview | bytes
     sync: bool = False
+    cols: RecordFields | None = field(default=None, compare=False, repr=False)  # set by parse (validated)
 
     @property
     def count(self) -> int:
         return len(self.records) // RECORD_SIZE
 
     def fields(self) -> RecordFields:
-        return record_fields(self.records)
+        return self.cols if self.cols is not None else record_fields(self.records)
 
     def pack(self) -> bytes:
         return DATA_HEAD.pack(self.count, len(self.data)) + bytes(self.records) + bytes(self.data)
@@ -550,10 +551,11 @@ class Data:
                 ErrorCode.BAD_LENGTH, f"DATA of {count} records and {data_len} data bytes in {len(p)} bytes"
             )
         records = p[DATA_HEAD.size : desc_end]
-        want = validate_records(record_fields(records), device_size)
+        cols = record_fields(records)
+        want = validate_records(cols, device_size)
         if want != data_len:
             raise _fail(ErrorCode.BAD_LENGTH, f"DATA records need {want} data bytes, frame has {data_len}")
-        return cls(records, p[desc_end:], bool(flags & FrameFlag.SYNC))
+        return cls(records, p[desc_end:], bool(flags & FrameFlag.SYNC), cols)
 
 
 def data_frame_header(count: int, data_len: int, sync: bool = False) -> bytes:
@@ -1000,10 +1002,20 @@ class FrameDecoder:
         return HEADER_SIZE + min(length, self.max_payload)
 
     def writable(self, min_free: int = 65536) -> memoryview:
-        """A view of free buffer space for ``recv_into``; call ``commit(n)`` with the bytes received."""
-        need = max(self._need(), self.buffered + min_free)
+        """A view of free buffer space for ``recv_into``; call ``commit(n)`` with the bytes received.
+
+        While a frame's header is buffered but its payload is not complete, the view ends where that frame
+        ends, and without a header it is at most ``min_free`` bytes: the next frame then starts on an empty
+        buffer, so a large payload is never moved to make room (only a partial header or a short prefix is).
+        """
         if self._start == self._end:
             self._start = self._end = 0
+        total = 0
+        if self._end - self._start >= HEADER_SIZE:
+            total = HEADER_SIZE + min(_HDR.unpack_from(self._buf, self._start)[0], self.max_payload)
+            if self._end - self._start >= total:
+                total = 0  # a whole frame is buffered already: any free space will do
+        need = total if total else self.buffered + min_free
         if len(self._buf) - self._start < need:
             if len(self._buf) < need:
                 grown = bytearray(max(need, 2 * len(self._buf)))
@@ -1015,7 +1027,9 @@ class FrameDecoder:
                 self._buf[: self.buffered] = self._mv[self._start : self._end]
             self._end -= self._start
             self._start = 0
-        return self._mv[self._end :]
+        if total:
+            return self._mv[self._end : self._start + total]
+        return self._mv[self._end : self._end + max(min_free, HEADER_SIZE)]
 
     def commit(self, n: int) -> None:
         if n == 0:
@@ -1027,9 +1041,13 @@ class FrameDecoder:
         if not data:
             self.eof = True
             return
-        view = self.writable(len(data))
-        view[: len(data)] = data
-        self._end += len(data)
+        src = memoryview(data).cast("B")
+        while src:
+            view = self.writable(len(src))
+            n = min(len(view), len(src))
+            view[:n] = src[:n]
+            self._end += n
+            src = src[n:]
 
     def next_frame(self) -> Frame | NeedData:
         avail = self._end - self._start

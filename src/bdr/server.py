@@ -41,6 +41,7 @@ DEFAULT_PORT = 7788
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
 ZERO_CHUNK = 1 << 20
+ACK_EVERY = 32 << 20  # applied bytes after which an ACK goes out even while more input is waiting
 
 
 class ServerError(Exception):
@@ -328,15 +329,20 @@ class ServerSession:
         self.scan: ScanState | None = None
         self._hash_buf = memoryview(bytearray(scan.WINDOW))
         self.ids_match = False
+        self.ack_pending = False
+        self._acked_durable = applier.durable
+        self._acked_bytes = applier.stats.bytes
 
     # -- input ------------------------------------------------------------------------------------------------
 
-    def receive(self) -> bytes:
+    def receive(self, idle: bool = True) -> bytes:
         """Process every complete frame buffered in ``conn``; return the bytes to send back.
 
+        ACK policy: at once when the durable sequence number moved (the client waits for it to release ring
+        slots) or after ACK_EVERY bytes; otherwise only once the input is ``idle`` (the caller saw no more bytes
+        waiting), so a busy stream is not slowed down by one ACK per frame.
         Raises SessionClosed when the conversation is over (its reply must still be sent)."""
         out: list[bytes] = []
-        need_ack = False
         while True:
             try:
                 ev = self.conn.next_event()
@@ -357,14 +363,23 @@ class ServerSession:
                 err = p.encode(p.Error(p.ErrorCode.IO_ERROR, msg))
                 raise SessionClosed(msg, b"".join(out) + err) from exc
             if reply is None:
-                need_ack = True
+                self.ack_pending = True
             else:
                 out.append(reply)
                 if isinstance(ev, p.Goodbye):
                     raise SessionClosed("client said goodbye", b"".join(out), clean=True)
-        if need_ack:
-            out.append(p.encode(self.applier.ack()))
+        a = self.applier
+        if self.ack_pending and (
+            idle or a.durable != self._acked_durable or a.stats.bytes - self._acked_bytes >= ACK_EVERY
+        ):
+            out.append(self.take_ack())
         return b"".join(out)
+
+    def take_ack(self) -> bytes:
+        self.ack_pending = False
+        self._acked_durable = self.applier.durable
+        self._acked_bytes = self.applier.stats.bytes
+        return p.encode(self.applier.ack())
 
     def handle(self, msg: p.Message) -> bytes | None:
         """One message in; the reply frame out (None: answered by the ACK sent after the whole read)."""
@@ -741,7 +756,8 @@ class Server:
                             raise SessionClosed(
                                 "connection lost: client closed the connection without GOODBYE"
                             )
-                        reply = sess.receive()
+                        more = bool(select.select([sock], [], [], 0)[0])
+                        reply = sess.receive(idle=not more)
                         if reply:
                             sock.sendall(reply)
                 self._report_bench()
