@@ -501,6 +501,13 @@ class ClientSession:
         self._send(self.conn.send(p.ScanEnd(sid, eflags, resume, consistent)))
         self.wait_for("SCAN_DONE", lambda: self.scan_done is not None, timeout=300)
         self.sent = start_pos
+        # records before start_pos were applied and synced before SCAN_BEGIN or are covered by the scan: they
+        # are durable now even when the server could not name a resume sequence number
+        while self.inflight and self.inflight[0].end <= start_pos:
+            self.inflight.popleft()
+        self.sync_pending = None
+        if start_pos > self.ring.tail:
+            self.ring.release(start_pos)
         took = time.monotonic() - t0
         log.warning(
             "scan %d done in %.2fs: %d blocks compared, %d differed, %d sent with data (%d bytes), %d zero",

@@ -202,3 +202,60 @@ def test_ring_overflow_mid_stream_is_resynced_from_the_dirty_bitmap(lab: Lab) ->
     log = cli.log()
     assert re.search(r"ring overflowed: \d+ dirty regions", log), log
     assert re.search(r"scan \d+ \(hash\) of \d+ dirty extents", log), log
+
+
+def test_server_sigterm_mid_stream_syncs_and_client_resumes(lab: Lab) -> None:
+    lab.images()
+    prod = lab.make_producer()
+    srv = lab.server()
+    srv.wait_log("listening on")
+    cli = lab.client()
+    cli.wait_log("scan 1 done")
+    w = Writer(prod, 3000, seed=7, pace=0.0002)
+    while w.written < 800:
+        time.sleep(0.01)
+    assert srv.stop() == 0  # clean stop: finishes the batch in hand, syncs, says goodbye
+    m = srv.wait_log(r"bdr_server stopped \(durable seq (\d+)\)")
+    from bdr.journal import Journal
+
+    assert Journal(lab.journal).header.durable_seq == int(m.group(1))
+    cli.wait_log("server is shutting down")
+    srv2 = lab.server()
+    w.join()
+    lab.wait_drained()
+    assert cli.stop() == 0
+    assert srv2.stop() == 0
+    assert lab.identical()
+    assert "quick resume at seq" in cli.log()
+
+
+def test_help_explains_every_flag_and_no_print_silences_stdout(lab: Lab) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    common = ["--address", "--port", "--no-print", "--verbose", "--debug", "--benchmark"]
+    flags = {
+        "bdr.server": [*common, "--target-device", "--journal", "default 7788"],
+        "bdr.client": [*common, "--control-device", "--source-device", "--full-scan", "--full-replication"],
+    }
+    for mod, names in flags.items():
+        out = subprocess.run(
+            [sys.executable, "-m", mod, "--help"], capture_output=True, text=True, check=True
+        )
+        for name in names:
+            assert name in out.stdout, (mod, name)
+    lab.images()
+    argv = ["--address", "127.0.0.1", "--port", str(lab.port), "--target-device", str(lab.replica)]
+    argv += ["--journal", str(lab.journal), "--verbose", "--no-print"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bdr.server", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 10
+    while not lab.journal.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert out == b"" and err == b""

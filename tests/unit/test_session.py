@@ -304,3 +304,27 @@ def test_server_scan_protocol_in_memory(tmp_path: Path) -> None:
     with pytest.raises(SessionClosed):  # a scan request beyond the source is refused
         talk(sess, c, p.ScanRequest(1, DEV, 65536))
     assert server.img.read_bytes()[65536:66048] == b"\x07" * 512
+
+
+@pytest.mark.parametrize("replica_has_data", [False, True])
+def test_full_replication_of_zero_blocks(tmp_path: Path, replica_has_data: bool) -> None:
+    src = tmp_path / "source.img"
+    data = bytearray(DEV)
+    data[65536 * 3 : 65536 * 3 + 10] = b"x" * 10  # one non-zero block
+    src.write_bytes(bytes(data))
+    prod = RingProducer(tmp_path / "ring", 64, DEV, source=src)
+    if replica_has_data:
+        (tmp_path / "replica.img").write_bytes(random.Random(9).randbytes(DEV))
+    server = MemServer(tmp_path)  # a new sparse file otherwise: known to read as zeros
+    client = client_for(tmp_path, full_replication=True)
+    run = Run(client, server)
+    wait_released(prod, run)
+    run.stop()
+    prod.close()
+    assert run.error is None, run.error
+    assert same(tmp_path)
+    st = client.stats.scans[0]
+    assert (st.sent_blocks, st.zero_blocks) == (1, DEV // 65536 - 1)
+    # zero blocks: skipped on a known-zero replica, sent as ZERO markers (written as zeros) otherwise
+    assert st.bytes_sent == 65536
+    assert (server.replica.bytes_written == 65536) is (not replica_has_data)
