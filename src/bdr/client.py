@@ -32,7 +32,7 @@ from pathlib import Path
 
 import xxhash
 
-from . import __version__, abi, scan
+from . import __version__, abi, config, scan
 from . import protocol as p
 from .log import BenchClock, setup_logging
 from .ring import Batch, DirtyMap, RingConsumer, RingError
@@ -755,12 +755,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print throughput, record rate and lag (records captured but not yet sent / not yet durable) every second",
     )
+    ap.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file with any of these options (keys are the long flag names); flags given here override it",
+    )
     ap.add_argument("--version", action="version", version=f"bdr_client {__version__}")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = config.parse_args(build_parser(), argv)
     setup_logging("bdr_client", args.verbose, args.debug, args.no_print)
     if not 0 < args.port < 65536:
         log.error("--port %d is not a TCP port", args.port)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from . import __version__, scan
+from . import __version__, config, scan
 from . import protocol as p
 from .journal import JFlag, Journal, JournalError
 from .log import BenchClock, setup_logging
@@ -858,12 +858,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print applied throughput, record rate and sync figures every second",
     )
+    ap.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file with any of these options (keys are the long flag names); flags given here override it",
+    )
     ap.add_argument("--version", action="version", version=f"bdr_server {__version__}")
     return ap
 
 
 def main(argv: list[str] | None = None, ready: Callable[[Server], None] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = config.parse_args(build_parser(), argv)
     setup_logging("bdr_server", args.verbose, args.debug, args.no_print)
     if not 0 < args.port < 65536:
         log.error("--port %d is not a TCP port", args.port)

@@ -162,6 +162,9 @@ def test_bad_paths_are_clear_errors(lab: Lab) -> None:
         (lab.client, ("--control-device", str(lab.src)), "not a bdr ring"),
         (lab.client, ("--port", "0"), "is not a TCP port"),
     ]
+    conf = lab.tmp / "server.toml"
+    conf.write_text("verbose = true\nbogus = 1\n")
+    cases.append((lab.server, ("--config", str(conf)), "unknown key 'bogus'"))
     for start, extra, message in cases:
         d = start(*extra)  # later flags win in argparse
         assert d.wait() == 2, (extra, d.log())
