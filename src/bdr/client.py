@@ -17,6 +17,7 @@ import argparse
 import collections
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import select
@@ -138,7 +139,7 @@ class ClientSession:
         self.sync_pending: int | None = None  # seq a SYNC (or DATA+SYNC) asked to make durable
         self.server_applied = p.NO_SEQ
         self.server_durable = p.NO_SEQ
-        self.pending_dirty: DirtyMap | None = None
+        self.acks = 0
         self.scan_replies: collections.deque[p.ScanHashes] = collections.deque()
         self.scan_done: p.ScanDone | None = None
         self.goodbye = False
@@ -222,6 +223,7 @@ class ClientSession:
                 log.warning("server is shutting down")
 
     def on_ack(self, ack: p.Ack) -> None:
+        self.acks += 1
         self.server_applied, self.server_durable = ack.applied_seq, ack.durable_seq
         durable = ack.durable_seq
         if durable == p.NO_SEQ:
@@ -239,6 +241,9 @@ class ClientSession:
         if self.sync_pending is not None and self.sync_pending <= durable:
             self.sync_pending = None
         log.debug("ack applied %d durable %d, ring tail %d", ack.applied_seq, durable, self.ring.tail)
+
+    def _acks_above(self, n: int) -> bool:
+        return self.acks > n
 
     def wait_for(self, what: str, cond: Callable[[], bool], timeout: float = IO_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
@@ -347,8 +352,12 @@ class ClientSession:
         half = ring.geometry.nr_slots // 2
         while True:
             self.pump()
-            if self.pending_dirty is None and ring.state() & (abi.State.OVERFLOW | abi.State.DIRTY):
-                self.pending_dirty = dm = ring.take_dirty()
+            if self.client.pending_dirty is None and ring.state() & (abi.State.OVERFLOW | abi.State.DIRTY):
+                # first the server records on disk that a resync is due, only then is the bitmap ours
+                acks = self.acks
+                self._send(self.conn.send(p.ResyncPending()))
+                self.wait_for("ACK of RESYNC_PENDING", functools.partial(self._acks_above, acks))
+                self.client.pending_dirty = dm = ring.take_dirty()
                 self.in_sync = False
                 log.warning(
                     "ring %s: %d dirty regions (%d KiB each) to resync after ring position %d",
@@ -358,7 +367,8 @@ class ClientSession:
                     dm.ring_head,
                 )
             head = ring.head()
-            limit = head if self.pending_dirty is None else self.pending_dirty.ring_head
+            pending = self.client.pending_dirty
+            limit = head if pending is None else min(head, pending.ring_head)
             if self.sent < limit:
                 b = ring.batch(self.sent, BATCH_RECORDS, head=limit)
                 assert b is not None
@@ -366,11 +376,11 @@ class ClientSession:
                 self.send_batch(b, sync)
                 self.client.report_bench(self)
                 continue
-            if self.pending_dirty is not None:
-                extents = self.pending_dirty.extents(self.client.dev_size)
-                self.pending_dirty = None
+            if pending is not None:
+                extents = pending.extents(self.client.dev_size)
                 if extents:
                     self.resync(p.ScanMode.HASH, extents, whole=False, why="dirty regions")
+                self.client.pending_dirty = None  # only now: a lost connection before this redoes the scan
                 continue
             if self.inflight and self.sync_pending is None:
                 self._send(self.conn.send(p.Sync()))
@@ -393,7 +403,7 @@ class ClientSession:
         deadline = time.monotonic() + DRAIN_SECONDS
         with contextlib.suppress(Stopping):
             if self.conn.phase is p.Phase.STREAMING:
-                while self.pending_dirty is None and time.monotonic() < deadline:
+                while self.client.pending_dirty is None and time.monotonic() < deadline:
                     b = self.ring.batch(self.sent, BATCH_RECORDS)
                     if b is None:
                         break
@@ -423,6 +433,8 @@ class ClientSession:
         """Resync ``extents``; ring records from ``self.sent`` on are applied after the scan's blocks."""
         c = self.client
         self.in_sync = False
+        if whole:
+            c.pending_dirty = None  # a whole-device scan covers every dirty region
         c.scan_id += 1
         sid = c.scan_id
         start_pos = self.sent
@@ -567,6 +579,8 @@ class Client:
         self.ring_id = ring_identity(self.ring)
         self.server_text = f"{args.address}:{args.port}"
         self.started = False  # first handshake done (the start-up flags apply to it only)
+        # a dirty bitmap taken from the ring and not yet scanned: it outlives a lost connection
+        self.pending_dirty: DirtyMap | None = None
         self.force_scan = False
         self.scan_id = 0
         self.scan_buf = memoryview(bytearray(scan.WINDOW))

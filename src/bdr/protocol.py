@@ -30,6 +30,8 @@ Conversation (client = source side, server = replica side)::
     SCAN_END(resume seq) ----------------->
            <-------------------------------  SCAN_DONE
     DATA ... ------------------------------>   ring records captured during the scan win
+    RESYNC_PENDING ----------------------->   ring lost writes: server marks the replica, then ACK,
+                                               then the client takes the dirty bitmap and scans it
     GOODBYE ------------------------------->   "we closed it", either side
 
 Sequence numbers are the ring's 64-bit record numbers.  ``NO_SEQ`` (2**64 - 1) means "none yet", so that
@@ -91,6 +93,7 @@ class MsgType(enum.IntEnum):
     SCAN_END = 12
     SCAN_DONE = 13
     GOODBYE = 14
+    RESYNC_PENDING = 15
 
 
 class FrameFlag(enum.IntFlag):
@@ -582,6 +585,24 @@ class Sync:
 
 
 @dataclass(frozen=True, slots=True)
+class ResyncPending:
+    """Client -> server: the ring lost writes (overflow, failed write); before the client takes the dirty bitmap,
+    the server must record on disk that the replica needs a resync, so that losing the client or the
+    connection from here on ends in a scan, never in a quick resume past the lost writes.  Answered by an ACK.
+    Empty payload."""
+
+    TYPE: ClassVar[MsgType] = MsgType.RESYNC_PENDING
+
+    def pack(self) -> bytes:
+        return b""
+
+    @classmethod
+    def parse(cls, p: memoryview, flags: int) -> ResyncPending:
+        _check_len("RESYNC_PENDING", p, 0)
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
 class Ack:
     """Server -> client after each DATA / SYNC: everything up to applied_seq is written to the replica,
     everything up to durable_seq is on stable storage (NO_SEQ: none yet).
@@ -910,6 +931,7 @@ Message = (
     | ScanEnd
     | ScanDone
     | Goodbye
+    | ResyncPending
 )
 
 _SIMPLE_PARSERS: dict[MsgType, Callable[[memoryview, int], Message]] = {
@@ -925,6 +947,7 @@ _SIMPLE_PARSERS: dict[MsgType, Callable[[memoryview, int], Message]] = {
     MsgType.SCAN_END: ScanEnd.parse,
     MsgType.SCAN_DONE: ScanDone.parse,
     MsgType.GOODBYE: Goodbye.parse,
+    MsgType.RESYNC_PENDING: ResyncPending.parse,
 }
 
 
@@ -1097,7 +1120,14 @@ _CLIENT_MAY_SEND: dict[Phase, frozenset[MsgType]] = {
     Phase.HANDSHAKE: frozenset({MsgType.HELLO, MsgType.ERROR}),
     Phase.READY: frozenset({MsgType.STREAM, MsgType.SCAN_BEGIN, MsgType.ERROR, MsgType.GOODBYE}),
     Phase.STREAMING: frozenset(
-        {MsgType.DATA, MsgType.SYNC, MsgType.SCAN_BEGIN, MsgType.ERROR, MsgType.GOODBYE}
+        {
+            MsgType.DATA,
+            MsgType.SYNC,
+            MsgType.RESYNC_PENDING,
+            MsgType.SCAN_BEGIN,
+            MsgType.ERROR,
+            MsgType.GOODBYE,
+        }
     ),
     Phase.SCANNING: frozenset(
         {MsgType.SCAN_REQUEST, MsgType.SCAN_DATA, MsgType.SCAN_END, MsgType.ERROR, MsgType.GOODBYE}

@@ -330,6 +330,7 @@ class ServerSession:
         self._hash_buf = memoryview(bytearray(scan.WINDOW))
         self.ids_match = False
         self.ack_pending = False
+        self.resync_owned = False  # SCANNING was set by this connection (RESYNC_PENDING), not inherited
         self._acked_durable = applier.durable
         self._acked_bytes = applier.stats.bytes
 
@@ -401,6 +402,13 @@ class ServerSession:
             return self._scan_data(msg)
         if isinstance(msg, p.ScanEnd):
             return self._scan_end(msg)
+        if isinstance(msg, p.ResyncPending):
+            self.applier.sync()
+            flags = (self.journal.header.flags | JFlag.SCANNING) & ~JFlag.CONSISTENT
+            self.journal.commit(flags=flags)
+            self.resync_owned = True
+            log.info("client %s: the ring lost writes; replica marked for resync", self.peer)
+            return self.take_ack()
         if isinstance(msg, p.Goodbye):
             self.applier.sync()
             return p.encode(self.applier.ack())
@@ -514,7 +522,8 @@ class ServerSession:
     def _scan_begin(self, b: p.ScanBegin) -> bytes | None:
         assert self.hello is not None
         whole = bool(b.flags & p.ScanFlag.WHOLE_DEVICE)
-        if not whole and (not self.ids_match or self.journal.header.flags & JFlag.SCANNING):
+        interrupted = self.journal.header.flags & JFlag.SCANNING and not self.resync_owned
+        if not whole and (not self.ids_match or interrupted):
             raise p.LocalProtocolError(
                 p.ErrorCode.IDENTITY_MISMATCH,
                 "a partial scan needs a replica of the same source with no interrupted resync; scan the whole device",
