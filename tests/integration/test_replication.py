@@ -262,3 +262,27 @@ def test_help_explains_every_flag_and_no_print_silences_stdout(lab: Lab) -> None
     out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0
     assert out == b"" and err == b""
+
+
+def test_client_killed_and_restarted_resumes_from_the_ring(lab: Lab) -> None:
+    lab.images()
+    prod = lab.make_producer()
+    srv = lab.server()
+    srv.wait_log("listening on")
+    cli = lab.client()
+    cli.wait_log("scan 1 done")
+    w = Writer(prod, 3000, seed=8, pace=0.0002)
+    while w.written < 800:
+        time.sleep(0.01)
+    cli.kill()  # the ring (and its unreleased records) outlives the client
+    srv.wait_log("connection lost")
+    time.sleep(0.3)
+    cli2 = lab.client()
+    w.join()
+    lab.wait_drained()
+    assert cli2.stop() == 0
+    assert srv.stop() == 0
+    assert lab.identical()
+    log = cli2.log()
+    assert re.search(r"quick resume at seq \d+", log), log
+    assert "scan 2" not in log and log.count("scan 1 (") == 1  # no scan after the restart
