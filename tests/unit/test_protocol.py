@@ -110,6 +110,7 @@ CASES: list[tuple[str, p.Message, bytes]] = [
         h("18000000 0d 00 0000 03000000 00000000 0200000000000000 0012000000000000"),
     ),
     ("goodbye", p.Goodbye(p.GoodbyeReason.SHUTDOWN), h("04000000 0e 00 0000 0100 0000")),
+    ("resync pending", p.ResyncPending(), h("00000000 0f 00 0000")),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -442,6 +443,7 @@ messages = st.one_of(
     st.builds(p.ScanEnd, u32, st.integers(0, 7).map(p.ScanEndFlag), u64, u64),
     st.builds(p.ScanDone, u32, u64, u64),
     st.builds(p.Goodbye, st.sampled_from(list(p.GoodbyeReason))),
+    st.just(p.ResyncPending()),
 )
 
 

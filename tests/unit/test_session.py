@@ -14,7 +14,7 @@ import pytest
 
 from bdr import protocol as p
 from bdr.client import Client, ClientSession, Stopping
-from bdr.journal import Journal
+from bdr.journal import JFlag, Journal
 from bdr.ring import RingProducer
 from bdr.server import Applier, Replica, ServerSession, SessionClosed
 
@@ -328,3 +328,24 @@ def test_full_replication_of_zero_blocks(tmp_path: Path, replica_has_data: bool)
     # zero blocks: skipped on a known-zero replica, sent as ZERO markers (written as zeros) otherwise
     assert st.bytes_sent == 65536
     assert (server.replica.bytes_written == 65536) is (not replica_has_data)
+
+
+def test_resync_pending_is_on_disk_before_the_bitmap_is_taken(tmp_path: Path) -> None:
+    server = MemServer(tmp_path)
+    sess = ServerSession(server.replica, server.journal, server.applier)
+    c = p.Connection(p.Role.CLIENT)
+    talk(sess, c, hello())
+    talk(sess, c, p.ScanBegin(1, p.ScanMode.HASH, p.ScanFlag.WHOLE_DEVICE, 65536))
+    talk(sess, c, p.ScanEnd(1, p.ScanEndFlag.NONE, 0, 0))
+    (ack,) = talk(sess, c, p.ResyncPending())
+    assert isinstance(ack, p.Ack)
+    assert Journal(tmp_path / "journal").header.flags & JFlag.SCANNING  # durable before the ACK
+    # the same connection may scan just the dirty regions
+    assert talk(sess, c, p.ScanBegin(2, p.ScanMode.HASH, p.ScanFlag.NONE, 65536)) == []
+    # a connection that comes after a lost one sees an interrupted resync: no quick resume, no partial scan
+    sess2 = ServerSession(server.replica, server.journal, server.applier)
+    c2 = p.Connection(p.Role.CLIENT)
+    (w,) = talk(sess2, c2, hello())
+    assert isinstance(w, p.Welcome) and w.flags & p.WelcomeFlag.SCANNING
+    with pytest.raises(SessionClosed):
+        talk(sess2, c2, p.ScanBegin(3, p.ScanMode.HASH, p.ScanFlag.NONE, 65536))
