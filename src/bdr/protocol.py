@@ -543,22 +543,40 @@ class Data:
 
     @classmethod
     def parse(cls, p: memoryview, flags: int, device_size: int | None = None) -> Data:
-        if len(p) < DATA_HEAD.size:
-            raise _fail(ErrorCode.BAD_LENGTH, f"DATA payload of {len(p)} bytes")
-        count, data_len = DATA_HEAD.unpack_from(p)
-        if count > MAX_BATCH_RECORDS:
-            raise _fail(ErrorCode.BAD_LENGTH, f"DATA batch of {count} records > {MAX_BATCH_RECORDS}")
-        desc_end = DATA_HEAD.size + count * RECORD_SIZE
-        if desc_end + data_len != len(p):
-            raise _fail(
-                ErrorCode.BAD_LENGTH, f"DATA of {count} records and {data_len} data bytes in {len(p)} bytes"
-            )
-        records = p[DATA_HEAD.size : desc_end]
-        cols = record_fields(records)
-        want = validate_records(cols, device_size)
-        if want != data_len:
-            raise _fail(ErrorCode.BAD_LENGTH, f"DATA records need {want} data bytes, frame has {data_len}")
-        return cls(records, p[desc_end:], bool(flags & FrameFlag.SYNC), cols)
+        records, cols, data_len = parse_data_head(p, len(p), device_size)
+        return cls(records, p[len(p) - data_len :], bool(flags & FrameFlag.SYNC), cols)
+
+
+def data_head_size(prefix: memoryview | bytes) -> int | None:
+    """Bytes of a DATA payload up to the end of its descriptors, once its first 8 bytes are known."""
+    if len(prefix) < DATA_HEAD.size:
+        return None
+    count: int = DATA_HEAD.unpack_from(prefix)[0]
+    return DATA_HEAD.size + min(count, MAX_BATCH_RECORDS + 1) * RECORD_SIZE
+
+
+def parse_data_head(
+    prefix: memoryview, length: int, device_size: int | None = None
+) -> tuple[memoryview, RecordFields, int]:
+    """Parse and validate the head and descriptors of a DATA payload of ``length`` bytes from its first bytes
+    (``prefix`` holds at least the descriptors; the data may still be on the wire).  Returns the descriptor
+    view, their columns and the data length."""
+    if length < DATA_HEAD.size or len(prefix) < DATA_HEAD.size:
+        raise _fail(ErrorCode.BAD_LENGTH, f"DATA payload of {length} bytes")
+    count, data_len = DATA_HEAD.unpack_from(prefix)
+    if count > MAX_BATCH_RECORDS:
+        raise _fail(ErrorCode.BAD_LENGTH, f"DATA batch of {count} records > {MAX_BATCH_RECORDS}")
+    desc_end = DATA_HEAD.size + count * RECORD_SIZE
+    if desc_end + data_len != length:
+        raise _fail(
+            ErrorCode.BAD_LENGTH, f"DATA of {count} records and {data_len} data bytes in {length} bytes"
+        )
+    records = prefix[DATA_HEAD.size : desc_end]
+    cols = record_fields(records)
+    want = validate_records(cols, device_size)
+    if want != data_len:
+        raise _fail(ErrorCode.BAD_LENGTH, f"DATA records need {want} data bytes, frame has {data_len}")
+    return records, cols, data_len
 
 
 def data_frame_header(count: int, data_len: int, sync: bool = False) -> bytes:
@@ -1072,6 +1090,21 @@ class FrameDecoder:
             self._end += n
             src = src[n:]
 
+    def peek_header(self) -> tuple[int, int, int] | None:
+        """(type, flags, payload length) of the frame at the start of the buffer, once its header is there."""
+        if self._end - self._start < HEADER_SIZE:
+            return None
+        length, mtype, flags, _ = _HDR.unpack_from(self._buf, self._start)
+        return mtype, flags, length
+
+    def current_payload(self) -> memoryview:
+        """The buffered bytes of the current frame's payload (the frame may not be complete)."""
+        return self._mv[self._start + HEADER_SIZE : self._end]
+
+    def drop_current(self) -> None:
+        """Forget the current frame, whose missing payload bytes the caller took off the stream itself."""
+        self._start = self._end = 0
+
     def next_frame(self) -> Frame | NeedData:
         avail = self._end - self._start
         if avail < HEADER_SIZE:
@@ -1198,6 +1231,10 @@ class Connection:
         """Check that we may send ``msg`` now and return its frame."""
         self._advance(msg, from_client=self.role is Role.CLIENT)
         return encode(msg)
+
+    def expect_data(self) -> None:
+        """Check that the peer may send DATA now (for a DATA frame taken off the stream without next_event)."""
+        self._check_client_msg(MsgType.DATA, local=self.role is Role.CLIENT)
 
     def send_data_header(self, count: int, data_len: int, sync: bool = False) -> bytes:
         """For a DATA frame sent as gathered views: check the phase and return header + DATA head."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -41,6 +42,9 @@ DEFAULT_PORT = 7788
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
 ZERO_CHUNK = 1 << 20
+F_SETPIPE_SZ = 1031
+SPLICE_MIN = 256 * 1024  # DATA payloads from this size on go socket -> pipe -> replica
+IO_TIMEOUT = 60.0
 ACK_EVERY = 32 << 20  # applied bytes after which an ACK goes out even while more input is waiting
 
 
@@ -107,6 +111,11 @@ class Replica:
         self.bytes_written += done
         self.known_zero = False
 
+    def note_written(self, n: int) -> None:
+        """Bytes written behind our back (splice)."""
+        self.bytes_written += n
+        self.known_zero = False
+
     def write_zeroes(self, offset: int, length: int) -> None:
         end = offset + length
         while offset < end:
@@ -126,6 +135,119 @@ class Replica:
 # --------------------------------------------------------------------------------------------------------------
 # Applier
 # --------------------------------------------------------------------------------------------------------------
+
+
+class DataSource(Protocol):
+    """The data section of one DATA batch, consumed in increasing order."""
+
+    def write_run(self, start: int, length: int, offset: int) -> None:
+        """Write data bytes [start, start + length) of the batch to the replica at ``offset``."""
+
+    def finish(self) -> None:
+        """The batch is applied: consume whatever data is left (records skipped as replays)."""
+
+
+class BufferSource:
+    """Data already in memory (the receive buffer)."""
+
+    def __init__(self, target: Target, data: memoryview) -> None:
+        self.target = target
+        self.data = data
+
+    def write_run(self, start: int, length: int, offset: int) -> None:
+        self.target.write(self.data[start : start + length], offset)
+
+    def finish(self) -> None:
+        pass
+
+
+class SpliceSource:
+    """The data section of a DATA frame still on the wire: the bytes already buffered are written from memory,
+    the rest goes from the socket into the replica with splice(2) through a pipe, one kernel copy and no
+    userspace copy.  Falls back to read + pwrite where the replica cannot be spliced into."""
+
+    def __init__(
+        self, sock: socket.socket, replica: Replica, pipe: Pipe, buffered: memoryview, total: int
+    ) -> None:
+        self.sock = sock
+        self.replica = replica
+        self.pipe = pipe
+        self.buffered = buffered
+        self.total = total
+        self.pos = 0
+
+    def _from_socket(self, n: int) -> int:
+        """Move up to n bytes from the socket into the pipe."""
+        while True:
+            try:
+                k = os.splice(self.sock.fileno(), self.pipe.w, n)
+            except BlockingIOError:
+                if not select.select([self.sock], [], [], IO_TIMEOUT)[0]:
+                    raise p.ConnectionLost(f"no data from the client for {IO_TIMEOUT:.0f}s") from None
+                continue
+            if k == 0:
+                raise p.ConnectionLost("client closed the connection inside a DATA frame")
+            return k
+
+    def _to_replica(self, k: int, offset: int) -> None:
+        done = 0
+        while done < k:
+            if self.pipe.splice_out:
+                try:
+                    done += os.splice(self.pipe.r, self.replica.fd, k - done, offset_dst=offset + done)
+                    continue
+                except OSError as exc:
+                    if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                    self.pipe.splice_out = False
+            data = os.read(self.pipe.r, k - done)
+            self.replica.write(memoryview(data), offset + done)
+            done += len(data)
+        self.replica.note_written(k)
+
+    def _take(self, length: int, offset: int | None) -> None:
+        """Consume the next ``length`` data bytes: to the replica at ``offset``, or discarded (None)."""
+        nbuf = len(self.buffered)
+        if self.pos < nbuf:
+            n = min(length, nbuf - self.pos)
+            if offset is not None:
+                self.replica.write(self.buffered[self.pos : self.pos + n], offset)
+                offset += n
+            self.pos += n
+            length -= n
+        while length > 0:
+            k = self._from_socket(min(length, self.pipe.size))
+            if offset is not None:
+                self._to_replica(k, offset)
+                offset += k
+            else:
+                os.read(self.pipe.r, k)
+            self.pos += k
+            length -= k
+
+    def write_run(self, start: int, length: int, offset: int) -> None:
+        if start > self.pos:
+            self._take(start - self.pos, None)
+        self._take(length, offset)
+
+    def finish(self) -> None:
+        if self.total > self.pos:
+            self._take(self.total - self.pos, None)
+
+
+class Pipe:
+    """A pipe for splice(2), as large as the system allows."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe2(os.O_CLOEXEC)
+        self.size = 65536
+        with contextlib.suppress(OSError):
+            self.size = fcntl.fcntl(self.w, F_SETPIPE_SZ, 1 << 20)
+        self.splice_out = True
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
 
 
 @dataclass(slots=True)
@@ -165,14 +287,17 @@ class Applier:
             self.applied = self.durable = (seq - 1) & p.SEQ_MASK
 
     def apply(self, msg: p.Data) -> None:
-        f = msg.fields()
-        n = len(f.seqs)
-        if n:
-            self._apply_records(f, msg.data)
-        if msg.sync:
+        self.apply_from(msg.fields(), BufferSource(self.target, memoryview(msg.data)), msg.sync)
+
+    def apply_from(self, f: p.RecordFields, src: DataSource, sync: bool) -> None:
+        """Apply a batch whose data comes from ``src`` (consumed in order, to its end)."""
+        if f.seqs:
+            self._apply_records(f, src)
+        src.finish()
+        if sync:
             self.sync()
 
-    def _apply_records(self, f: p.RecordFields, data: memoryview | bytes) -> None:
+    def _apply_records(self, f: p.RecordFields, src: DataSource) -> None:
         n = len(f.seqs)
         first = f.seqs[0]
         if self.expect is None:
@@ -188,7 +313,6 @@ class Applier:
         self.stats.skipped += skip
         if skip == n:
             return
-        mv = memoryview(data)
         sd = 4096
         # fast path: full 4 KiB writes to consecutive sectors without flags form a single write
         if (
@@ -199,13 +323,13 @@ class Applier:
             and f.sectors[-1] - f.sectors[0] == (n - 1) * 8
             and (n < 3 or f.sectors == list(range(f.sectors[0], f.sectors[0] + n * 8, 8)))
         ):
-            self.target.write(mv, f.sectors[0] * p.SECTOR)
+            src.write_run(0, n * sd, f.sectors[0] * p.SECTOR)
             self.stats.writes += 1
-            self._done(f.seqs[-1], n, len(mv))
+            self._done(f.seqs[-1], n, n * sd)
             return
-        self._apply_general(f, mv, skip)
+        self._apply_general(f, src, skip)
 
-    def _apply_general(self, f: p.RecordFields, mv: memoryview, skip: int) -> None:
+    def _apply_general(self, f: p.RecordFields, mv: DataSource, skip: int) -> None:
         n = len(f.seqs)
         # the last durability point in the batch: sync once there (it covers the earlier ones)
         last_point = -1
@@ -248,8 +372,8 @@ class Applier:
         if skip < n:
             self._done(f.seqs[-1], n - skip, nbytes)
 
-    def _write(self, mv: memoryview, start: int, length: int, offset: int) -> None:
-        self.target.write(mv[start : start + length], offset)
+    def _write(self, src: DataSource, start: int, length: int, offset: int) -> None:
+        src.write_run(start, length, offset)
         self.stats.writes += 1
 
     def _done(self, last_seq: int, records: int, nbytes: int) -> None:
@@ -375,6 +499,37 @@ class ServerSession:
         ):
             out.append(self.take_ack())
         return b"".join(out)
+
+    def receive_spliced(self, sock: socket.socket, pipe: Pipe, idle: bool) -> bytes:
+        """Apply the DATA frame whose head and descriptors are buffered in ``conn`` while its data is still
+        on the wire: validate the descriptors, then splice the data into the replica.  Returns what to send."""
+        dec = self.conn.decoder
+        hdr = dec.peek_header()
+        assert hdr is not None
+        _, flags, length = hdr
+        try:
+            if flags & ~int(p.FrameFlag.SYNC):
+                raise p.RemoteProtocolError(p.ErrorCode.BAD_FIELD, f"frame flags {flags:#x} has unknown bits")
+            self.conn.expect_data()
+            prefix = dec.current_payload()
+            _, cols, data_len = p.parse_data_head(prefix, length, self.conn.device_size)
+            buffered = prefix[length - data_len :]
+            src = SpliceSource(sock, self.replica, pipe, buffered, data_len)
+            self.applier.apply_from(cols, src, bool(flags & p.FrameFlag.SYNC))
+        except p.RemoteProtocolError as exc:
+            if isinstance(exc, p.ConnectionLost):
+                raise SessionClosed(f"connection lost: {exc.message}") from exc
+            raise SessionClosed(
+                f"protocol error from client: {exc}", p.encode(p.Error(exc.code, exc.message))
+            ) from exc
+        except p.LocalProtocolError as exc:
+            raise SessionClosed(f"refused: {exc.message}", p.encode(p.Error(exc.code, exc.message))) from exc
+        except OSError as exc:
+            msg = f"replica I/O error: {exc}"
+            raise SessionClosed(msg, p.encode(p.Error(p.ErrorCode.IO_ERROR, msg))) from exc
+        dec.drop_current()
+        self.ack_pending = True
+        return self.receive(idle)
 
     def take_ack(self) -> bytes:
         self.ack_pending = False
@@ -637,6 +792,11 @@ class Server:
         self._wake_w.setblocking(False)
         self.bench = BenchClock() if args.benchmark else None
         self.listener: socket.socket | None = None
+        self.pipe: Pipe | None = None
+        self.spliced_frames = 0
+        if hasattr(os, "splice") and os.environ.get("BDR_NO_SPLICE") != "1":
+            with contextlib.suppress(OSError):
+                self.pipe = Pipe()
 
     # -- signals ----------------------------------------------------------------------------------------------
 
@@ -759,6 +919,8 @@ class Server:
                     elif fd == self.listener.fileno():
                         self._refuse_busy(self.listener, peer)
                     elif fd == sock.fileno():
+                        if self._splice(sess, sock):
+                            continue
                         n = sock.recv_into(sess.conn.writable(1 << 20))
                         sess.conn.commit(n)
                         if n == 0:
@@ -797,6 +959,36 @@ class Server:
                 self._seq_text(self.applier.durable),
             )
 
+    def _splice(self, sess: ServerSession, sock: socket.socket) -> bool:
+        """Large DATA frames: read only up to the end of the descriptors, then let the session splice the data
+        section from the socket into the replica.  False: use the ordinary receive path."""
+        if self.pipe is None or sess.conn.phase is not p.Phase.STREAMING:
+            return False
+        dec = sess.conn.decoder
+        hdr = dec.peek_header()
+        if hdr is None or hdr[0] != p.MsgType.DATA or not SPLICE_MIN <= hdr[2] <= dec.max_payload:
+            return False
+        prefix = dec.current_payload()
+        if len(prefix) >= hdr[2]:
+            return False  # the whole frame is buffered already
+        need = p.data_head_size(prefix) or p.DATA_HEAD.size
+        if need > hdr[2]:
+            return False  # malformed: the ordinary path rejects it
+        if len(prefix) < need:
+            view = sess.conn.writable(need - len(prefix))
+            n = sock.recv_into(view[: need - len(prefix)])
+            sess.conn.commit(n)
+            if n == 0:
+                raise SessionClosed("connection lost: client closed the connection without GOODBYE")
+            if len(prefix) + n < need or p.data_head_size(dec.current_payload()) != need:
+                return True  # more to read (or the count just became known): come back
+        more = bool(select.select([sock], [], [], 0)[0])
+        self.spliced_frames += 1
+        reply = sess.receive_spliced(sock, self.pipe, idle=not more)
+        if reply:
+            sock.sendall(reply)
+        return True
+
     def _report_bench(self, final: bool = False) -> None:
         if self.bench is None:
             return
@@ -816,6 +1008,8 @@ class Server:
         self.journal.close()
         self._wake_r.close()
         self._wake_w.close()
+        if self.pipe is not None:
+            self.pipe.close()
 
 
 def _keepalive(sock: socket.socket) -> None:
