@@ -1030,6 +1030,7 @@ class FrameDecoder:
         self._start = 0
         self._end = 0
         self.eof = False
+        self.frames = 0  # frames consumed so far: identifies the frame being received
 
     @property
     def buffered(self) -> int:
@@ -1104,6 +1105,7 @@ class FrameDecoder:
     def drop_current(self) -> None:
         """Forget the current frame, whose missing payload bytes the caller took off the stream itself."""
         self._start = self._end = 0
+        self.frames += 1
 
     def next_frame(self) -> Frame | NeedData:
         avail = self._end - self._start
@@ -1124,6 +1126,7 @@ class FrameDecoder:
             return NEED_DATA
         body = self._start + HEADER_SIZE
         self._start = body + length
+        self.frames += 1
         return Frame(mtype, flags, self._mv[body : body + length])
 
 

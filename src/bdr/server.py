@@ -794,6 +794,7 @@ class Server:
         self.listener: socket.socket | None = None
         self.pipe: Pipe | None = None
         self.spliced_frames = 0
+        self._no_splice = -1  # decoder frame number that goes the ordinary way
         if hasattr(os, "splice") and os.environ.get("BDR_NO_SPLICE") != "1":
             with contextlib.suppress(OSError):
                 self.pipe = Pipe()
@@ -972,8 +973,8 @@ class Server:
         if len(prefix) >= hdr[2]:
             return False  # the whole frame is buffered already
         need = p.data_head_size(prefix) or p.DATA_HEAD.size
-        if need > hdr[2]:
-            return False  # malformed: the ordinary path rejects it
+        if need > hdr[2] or self._no_splice == dec.frames:
+            return False  # malformed (the ordinary path rejects it), or received the ordinary way
         if len(prefix) < need:
             view = sess.conn.writable(need - len(prefix))
             n = sock.recv_into(view[: need - len(prefix)])
@@ -982,6 +983,9 @@ class Server:
                 raise SessionClosed("connection lost: client closed the connection without GOODBYE")
             if len(prefix) + n < need or p.data_head_size(dec.current_payload()) != need:
                 return True  # more to read (or the count just became known): come back
+        if not _long_runs(p.record_fields(dec.current_payload()[p.DATA_HEAD.size : need])):
+            self._no_splice = dec.frames  # small scattered writes: recv + pwrite beat two splices per run
+            return False
         more = bool(select.select([sock], [], [], 0)[0])
         self.spliced_frames += 1
         reply = sess.receive_spliced(sock, self.pipe, idle=not more)
@@ -1010,6 +1014,15 @@ class Server:
         self._wake_w.close()
         if self.pipe is not None:
             self.pipe.close()
+
+
+def _long_runs(f: p.RecordFields, min_avg: int = 32 * 1024) -> bool:
+    """Whether the writes of a batch coalesce into runs of ``min_avg`` bytes on average (worth splicing)."""
+    s, ln, n = f.sectors, f.lens, len(f.sectors)
+    if n and s[-1] - s[0] == sum(ln[:-1]) // p.SECTOR and f.ops.count(p.OP_WRITE) == n:
+        return True  # the common sequential case, without a loop
+    runs = 1 + sum(1 for i in range(1, n) if s[i] != s[i - 1] + (ln[i - 1] >> 9))
+    return sum(ln) >= runs * min_avg
 
 
 def _keepalive(sock: socket.socket) -> None:
