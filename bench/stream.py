@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bdr.ring import RingProducer
 
@@ -99,7 +100,7 @@ def baseline(total: int) -> float:
     return total / dt / 1e6
 
 
-def bdr_run(work: Path, total: int, ring_mib: int, pattern: str) -> dict[str, float]:
+def bdr_run(work: Path, total: int, ring_mib: int, pattern: str) -> dict[str, Any]:
     """Stream ``total`` bytes of 4 KiB records through the daemons; MB/s and peak RSS of both."""
     dev = 512 << 20
     src, rep, jr, ring = work / "src.img", work / "rep.img", work / "journal", work / "ring"
@@ -175,7 +176,16 @@ def bdr_run(work: Path, total: int, ring_mib: int, pattern: str) -> dict[str, fl
             except subprocess.TimeoutExpired:
                 proc.kill()
         prod.close()
+
+    def last_bench_line(name: str) -> str:
+        lines = [
+            ln for ln in (logs / name).read_text(errors="replace").splitlines() if ln.startswith("bench ")
+        ]
+        return max(lines, key=lambda ln: "durable_lag_ms_max=0.0" not in ln) if lines else ""
+
     return {
+        "client_line": last_bench_line("client.log"),
+        "server_line": last_bench_line("server.log"),
         "mb_s": nchunks * len(data) / dt / 1e6,
         "seconds": dt,
         "client_rss_mb": rss_c,
@@ -234,6 +244,9 @@ def run(argv: list[str]) -> dict[str, object]:
     print(f"  bdr random 4 KiB           {rnd['mb_s']:8.1f} MB/s   ratio {rnd['mb_s'] / tcp:.2f}")
     print(
         f"  peak RSS client / server   {result['client_peak_rss_mb']} / {result['server_peak_rss_mb']} MB (target < 150)"
+    )
+    print(
+        f"  daemons' own --benchmark lines (sequential run):\n    {seq['client_line']}\n    {seq['server_line']}"
     )
     print("BENCH " + json.dumps(result), flush=True)
     return result

@@ -115,6 +115,7 @@ class Inflight:
     end: int  # ring position after the batch
     last_seq: int
     durability_point: bool
+    sent_at: float  # monotonic time the batch was handed to the socket
 
 
 @dataclass(slots=True)
@@ -122,6 +123,10 @@ class ClientStats:
     records: int = 0
     bytes: int = 0
     frames: int = 0
+    # sent -> acknowledged durable, per batch, since the last --benchmark line
+    lag_sum: float = 0.0
+    lag_n: int = 0
+    lag_max: float = 0.0
     scans: list[scan.ScanStats] = field(default_factory=list)
 
 
@@ -225,15 +230,22 @@ class ClientSession:
     def on_ack(self, ack: p.Ack) -> None:
         self.acks += 1
         self.server_applied, self.server_durable = ack.applied_seq, ack.durable_seq
+        self.client.server_durable = ack.durable_seq
         durable = ack.durable_seq
         if durable == p.NO_SEQ:
             return
         release_to = None
         flushed = False
+        now = time.monotonic()
+        st = self.client.stats
         while self.inflight and self.inflight[0].last_seq <= durable:
             it = self.inflight.popleft()
             release_to = it.end
             flushed = flushed or it.durability_point
+            lag = now - it.sent_at
+            st.lag_sum += lag
+            st.lag_n += 1
+            st.lag_max = max(st.lag_max, lag)
         if release_to is not None:
             self.ring.release(release_to)
         if flushed:
@@ -329,7 +341,7 @@ class ClientSession:
             self._sendv([hdr, *b.desc, *b.data])
         finally:
             b.release()
-        self.inflight.append(Inflight(b.end, b.last_seq, b.durability_point))
+        self.inflight.append(Inflight(b.end, b.last_seq, b.durability_point, time.monotonic()))
         self.sent = b.end
         if sync:
             self.sync_pending = b.last_seq
@@ -581,6 +593,7 @@ class Client:
         self.started = False  # first handshake done (the start-up flags apply to it only)
         # a dirty bitmap taken from the ring and not yet scanned: it outlives a lost connection
         self.pending_dirty: DirtyMap | None = None
+        self.server_durable = p.NO_SEQ  # as last acknowledged, on any connection
         self.force_scan = False
         self.scan_id = 0
         self.scan_buf = memoryview(bytearray(scan.WINDOW))
@@ -703,11 +716,15 @@ class Client:
             head = self.ring.head()
             lag = head - sess.sent if sess else 0
             unreleased = head - self.ring.tail
+            st = self.stats
+            avg_ms = st.lag_sum / st.lag_n * 1000 if st.lag_n else 0.0
+            durable = "none" if self.server_durable == p.NO_SEQ else self.server_durable
             print(
-                f"bench client: {line} frames={self.stats.frames} lag_records={lag} unreleased_records={unreleased} "
-                f"server_durable={'none' if sess is None or sess.server_durable == p.NO_SEQ else sess.server_durable}",
+                f"bench client: {line} frames={st.frames} lag_records={lag} unreleased_records={unreleased} "
+                f"durable_lag_ms_avg={avg_ms:.1f} durable_lag_ms_max={st.lag_max * 1000:.1f} server_durable={durable}",
                 flush=True,
             )
+            st.lag_sum, st.lag_n, st.lag_max = 0.0, 0, 0.0
 
     def close(self) -> None:
         self.ring.close()
