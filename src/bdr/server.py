@@ -952,6 +952,11 @@ class Server:
             except OSError as exc:
                 log.error("cannot sync the replica: %s", exc)
             sock.close()
+            if self.pipe is not None:  # a frame cut short may have left bytes in it: never reuse them
+                self.pipe.close()
+                self.pipe = None
+                with contextlib.suppress(OSError):
+                    self.pipe = Pipe()
             log.warning(
                 "client %s disconnected (%s); applied seq %s, durable seq %s",
                 peer,
