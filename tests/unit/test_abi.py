@@ -46,7 +46,13 @@ CONSTANTS = {
 
 
 def _probe_source() -> str:
-    lines = ["#include <stdio.h>", "#include <stddef.h>", f'#include "{HEADER}"', "int main(void) {", 'printf("{");']
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        f'#include "{HEADER}"',
+        "int main(void) {",
+        'printf("{");',
+    ]
     for cname, py in STRUCTS.items():
         lines.append(f'printf("\\"sizeof {cname}\\": %zu,", sizeof(struct {cname}));')
         for field, _ in py._fields_:
