@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bdr import abi
 from bdr import protocol as p
@@ -229,4 +231,74 @@ def test_bad_paths_and_bad_rings(tmp_path: Path) -> None:
     os.truncate(prod.path, 8192)
     with pytest.raises(RingError, match="ring file is"):
         RingConsumer(prod.path, DEV)
+    prod.close()
+
+
+# -- property: no write is lost ------------------------------------------------------------------------------
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("write"), st.integers(0, DEV // 512 - 64), st.sampled_from([512, 4096, 8192, 12288])
+        ),
+        st.tuples(st.just("flush"), st.just(0), st.just(0)),
+        st.tuples(st.just("consume"), st.integers(1, 12), st.integers(0, 12)),
+        st.tuples(st.just("take"), st.just(0), st.just(0)),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops)
+def test_every_write_is_delivered_in_order_or_marked_dirty(
+    tmp_path_factory: pytest.TempPathFactory, script: list[tuple[str, int, int]]
+) -> None:
+    tmp = tmp_path_factory.mktemp("ring")
+    prod = RingProducer(tmp / "ring", 8, DEV)
+    cons = RingConsumer(tmp / "ring", dev_size=DEV)
+    published: list[tuple[int, bytes]] = []  # (offset, data) of each record, in publish order
+    dropped: list[tuple[int, int]] = []  # (offset, length) of writes that went to the bitmap
+    dirty: set[int] = set()  # regions handed over by take_dirty
+    delivered: list[tuple[int, int, bytes]] = []
+    pos = 0
+    n = 0
+
+    def consume(limit: int, release: int) -> None:
+        nonlocal pos
+        b = cons.batch(pos, limit)
+        if b is not None:
+            delivered.extend((r[0], r[1], r[5]) for r in records(b) if r[3] == p.OP_WRITE)
+            pos = b.end
+            b.release()
+        cons.release(min(pos, cons.tail + release))
+
+    def take() -> None:
+        d = cons.take_dirty()
+        for off, ln in d.extents(DEV):
+            dirty.update(range(off // 65536, (off + ln) // 65536))
+
+    for op, a, b in script:
+        if op == "write":
+            n += 1
+            data = bytes([n % 251 + 1]) * b
+            if prod.write(a * 512, data):
+                published += [(a * 512 + i, data[i : i + 4096]) for i in range(0, b, 4096)]
+            else:
+                dropped.append((a * 512, b))
+        elif op == "flush":
+            prod.flush()
+        elif op == "consume":
+            consume(a, b)
+        elif cons.state():
+            take()
+    while cons.head() != cons.tail:  # drain
+        consume(100, 100)
+    take()
+    assert [(off, data) for _, off, data in delivered] == published
+    seqs = [s for s, _, _ in delivered]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    for off, ln in dropped:
+        assert set(range(off // 65536, (off + ln - 1) // 65536 + 1)) <= dirty
+    cons.close()
     prod.close()
