@@ -132,6 +132,7 @@ class Journal:
             self.created = True
         except OSError as exc:
             raise JournalError(f"cannot open journal {self.path}: {exc.strerror}") from exc
+        self.fresh = False  # no valid header yet: a new file or a never-used device
         try:
             st = os.fstat(self._fd)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
@@ -158,8 +159,6 @@ class Journal:
             )
         self.fresh = True
         return Header()
-
-    fresh = False
 
     def commit(self, **changes: object) -> Header:
         """Write the header with ``changes`` applied as the next generation, and make it durable."""
