@@ -153,10 +153,8 @@ def bdr_run(work: Path, total: int, ring_mib: int, pattern: str) -> dict[str, An
             if pattern == "sequential":
                 sector = (i % dev_chunks) * CHUNK_RECORDS * 8
                 prod.write_run(sector, data, block=True)
-            else:  # 4 KiB records at random offsets: no two neighbours coalesce on the server
-                for k in range(CHUNK_RECORDS // 16):
-                    sector = rnd.randrange(0, dev // RECORD - 16) * 8
-                    prod.write_run(sector, data[k * 16 * RECORD : (k + 1) * 16 * RECORD], block=True)
+            else:  # every 4 KiB record at a random offset: nothing coalesces, one write per record
+                prod.write_records([rnd.randrange(0, dev // RECORD) * 8 for _ in range(CHUNK_RECORDS)], data)
         while prod.tail != prod.head:
             if cli.poll() is not None or srv.poll() is not None:
                 raise RuntimeError(f"a daemon died; logs in {logs}")

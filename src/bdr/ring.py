@@ -621,9 +621,18 @@ class RingProducer:
     def write_run(self, first_sector: int, data: memoryview, block: bool = True) -> int:
         """Bench fast path: publish len(data) / 4096 full 4 KiB records of consecutive sectors (no source
         image write), filling descriptors column-wise.  Returns the records published."""
+        step = abi.BDR_SLOT_DATA // abi.SECTOR_SIZE
+        n = len(data) // abi.BDR_SLOT_DATA
+        return self.write_records(range(first_sector, first_sector + n * step, step), data, block)
+
+    def write_records(self, sectors: range | list[int], data: memoryview, block: bool = True) -> int:
+        """Bench fast path: publish one full 4 KiB record per sector of ``sectors`` (no source image write),
+        filling descriptors column-wise.  Returns the records published."""
         sd = abi.BDR_SLOT_DATA
-        n = len(data) // sd
-        if self._room(first_sector * abi.SECTOR_SIZE, n * sd, n, block) is False:
+        n = len(sectors)
+        if len(data) != n * sd:
+            raise ValueError("one 4 KiB block of data per sector")
+        if self._room(sectors[0] * abi.SECTOR_SIZE, n * sd, n, block) is False:
             return 0
         pos = self.head
         done = 0
@@ -633,8 +642,7 @@ class RingProducer:
             self._data[slot * sd : (slot + k) * sd] = data[done * sd : (done + k) * sd]
             q = self._desc[slot * RECORD_SIZE : (slot + k) * RECORD_SIZE].cast("Q")
             q[0::4] = array("Q", range(self._seq, self._seq + k))
-            s0 = first_sector + done * (sd // abi.SECTOR_SIZE)
-            q[1::4] = array("Q", range(s0, s0 + k * (sd // abi.SECTOR_SIZE), sd // abi.SECTOR_SIZE))
+            q[1::4] = array("Q", sectors[done : done + k])
             q[2::4] = array("Q", [sd | (abi.Op.WRITE << 32)]) * k
             q[3::4] = array("Q", bytes(8 * k))
             q.release()

@@ -67,7 +67,7 @@ def _seq_le(a: int, b: int) -> bool:
 class Target(Protocol):
     """What the applier needs from the replica."""
 
-    def write(self, data: memoryview, offset: int) -> None: ...
+    def write_runs(self, runs: list[tuple[memoryview, int]]) -> None: ...
     def write_zeroes(self, offset: int, length: int) -> None: ...
     def sync(self) -> None: ...
 
@@ -111,6 +111,18 @@ class Replica:
         self.bytes_written += done
         self.known_zero = False
 
+    def write_runs(self, runs: list[tuple[memoryview, int]]) -> None:
+        """Write each (data, offset), in order: one pwrite per run in a tight loop."""
+        fd, pwrite = self.fd, os.pwrite
+        total = 0
+        for data, offset in runs:
+            n = pwrite(fd, data, offset)
+            total += n
+            if n != len(data):
+                self.write(data[n:], offset + n)
+        self.bytes_written += total
+        self.known_zero = False
+
     def note_written(self, n: int) -> None:
         """Bytes written behind our back (splice)."""
         self.bytes_written += n
@@ -140,8 +152,9 @@ class Replica:
 class DataSource(Protocol):
     """The data section of one DATA batch, consumed in increasing order."""
 
-    def write_run(self, start: int, length: int, offset: int) -> None:
-        """Write data bytes [start, start + length) of the batch to the replica at ``offset``."""
+    def write_runs(self, runs: list[tuple[int, int, int]]) -> None:
+        """For each (start, length, offset): data bytes [start, start + length) of the batch go to the replica
+        at ``offset``.  Starts increase."""
 
     def finish(self) -> None:
         """The batch is applied: consume whatever data is left (records skipped as replays)."""
@@ -154,8 +167,9 @@ class BufferSource:
         self.target = target
         self.data = data
 
-    def write_run(self, start: int, length: int, offset: int) -> None:
-        self.target.write(self.data[start : start + length], offset)
+    def write_runs(self, runs: list[tuple[int, int, int]]) -> None:
+        data = self.data
+        self.target.write_runs([(data[s : s + n], off) for s, n, off in runs])
 
     def finish(self) -> None:
         pass
@@ -225,10 +239,11 @@ class SpliceSource:
             self.pos += k
             length -= k
 
-    def write_run(self, start: int, length: int, offset: int) -> None:
-        if start > self.pos:
-            self._take(start - self.pos, None)
-        self._take(length, offset)
+    def write_runs(self, runs: list[tuple[int, int, int]]) -> None:
+        for start, length, offset in runs:
+            if start > self.pos:
+                self._take(start - self.pos, None)
+            self._take(length, offset)
 
     def finish(self) -> None:
         if self.total > self.pos:
@@ -323,58 +338,68 @@ class Applier:
             and f.sectors[-1] - f.sectors[0] == (n - 1) * 8
             and (n < 3 or f.sectors == list(range(f.sectors[0], f.sectors[0] + n * 8, 8)))
         ):
-            src.write_run(0, n * sd, f.sectors[0] * p.SECTOR)
-            self.stats.writes += 1
+            self._write_runs(src, [(0, n * sd, f.sectors[0] * p.SECTOR)])
             self._done(f.seqs[-1], n, n * sd)
             return
         self._apply_general(f, src, skip)
 
-    def _apply_general(self, f: p.RecordFields, mv: DataSource, skip: int) -> None:
-        n = len(f.seqs)
+    def _apply_general(self, f: p.RecordFields, src: DataSource, skip: int) -> None:
+        ops, lens, sectors, seqs = f.ops, f.lens, f.sectors, f.seqs
+        n = len(seqs)
         # the last durability point in the batch: sync once there (it covers the earlier ones)
         last_point = -1
         for i in range(n - 1, skip - 1, -1):
-            if f.ops[i] == p.OP_FLUSH or (f.ops[i] == p.OP_WRITE and f.flags[i] & p.REC_FUA):
+            if ops[i] == p.OP_FLUSH or (ops[i] == p.OP_WRITE and f.flags[i] & p.REC_FUA):
                 last_point = i
                 break
+        write, sector = p.OP_WRITE, p.SECTOR
+        runs: list[tuple[int, int, int]] = []  # coalesced writes: (data offset, length, disk offset)
         dpos = 0
-        run_off = run_start = run_len = 0  # disk offset, data offset, length of the pending coalesced write
+        run_off = run_start = run_len = 0  # the run being extended
         nbytes = 0
         for i in range(n):
-            op, ln = f.ops[i], f.lens[i]
-            if op == p.OP_WRITE:
+            op, ln = ops[i], lens[i]
+            if op == write:
                 if i >= skip:
-                    off = f.sectors[i] * p.SECTOR
+                    off = sectors[i] * sector
                     if run_len and run_off + run_len == off and run_start + run_len == dpos:
                         run_len += ln
                     else:
                         if run_len:
-                            self._write(mv, run_start, run_len, run_off)
+                            runs.append((run_start, run_len, run_off))
                         run_off, run_start, run_len = off, dpos, ln
                     nbytes += ln
                 dpos += ln
             elif i >= skip:
                 if run_len:
-                    self._write(mv, run_start, run_len, run_off)
+                    runs.append((run_start, run_len, run_off))
                     run_len = 0
+                if runs:
+                    self._write_runs(src, runs)
+                    runs = []
                 if op != p.OP_FLUSH:
                     # DISCARD / WRITE_ZEROES: the source reads zeros there now, so does the replica
-                    self.target.write_zeroes(f.sectors[i] * p.SECTOR, ln)
+                    self.target.write_zeroes(sectors[i] * sector, ln)
             if i == last_point:
                 if run_len:
-                    self._write(mv, run_start, run_len, run_off)
+                    runs.append((run_start, run_len, run_off))
                     run_len = 0
-                self._done(f.seqs[i], i + 1 - skip, nbytes)
+                if runs:
+                    self._write_runs(src, runs)
+                    runs = []
+                self._done(seqs[i], i + 1 - skip, nbytes)
                 skip, nbytes = i + 1, 0
                 self.sync()
         if run_len:
-            self._write(mv, run_start, run_len, run_off)
+            runs.append((run_start, run_len, run_off))
+        if runs:
+            self._write_runs(src, runs)
         if skip < n:
-            self._done(f.seqs[-1], n - skip, nbytes)
+            self._done(seqs[-1], n - skip, nbytes)
 
-    def _write(self, src: DataSource, start: int, length: int, offset: int) -> None:
-        src.write_run(start, length, offset)
-        self.stats.writes += 1
+    def _write_runs(self, src: DataSource, runs: list[tuple[int, int, int]]) -> None:
+        src.write_runs(runs)
+        self.stats.writes += len(runs)
 
     def _done(self, last_seq: int, records: int, nbytes: int) -> None:
         self.applied = last_seq

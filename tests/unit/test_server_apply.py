@@ -21,8 +21,9 @@ class FakeTarget:
     def __init__(self, log: list[tuple[object, ...]]) -> None:
         self.log = log
 
-    def write(self, data: memoryview, offset: int) -> None:
-        self.log.append(("write", offset, bytes(data)))
+    def write_runs(self, runs: list[tuple[memoryview, int]]) -> None:
+        for data, offset in runs:
+            self.log.append(("write", offset, bytes(data)))
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self.log.append(("zero", offset, length))
