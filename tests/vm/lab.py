@@ -50,7 +50,7 @@ KERNEL_SERIES = "6.12"
 # Modules the initramfs needs (their dependencies are added from modules.dep).
 INITRAMFS_MODULES = ("virtio_blk", "netfs", "9pnet", "9pnet_virtio", "9p")
 # Bump when the initramfs layout changes in a way the cache key would not see.
-INITRAMFS_FORMAT = 1
+INITRAMFS_FORMAT = 2
 DEPS_HINT = "run `make deps` to install the 6.12 kernel, its headers, qemu-system-x86 and busybox-static"
 # Where the writable share appears inside the chroot: the first of these that is an empty directory on the
 # host (the host root is read-only in the guest, so the mount point must already exist), else a tmpfs path.
@@ -294,13 +294,18 @@ for m in @MODULES@; do
 done
 GS=
 for arg in $(cat /proc/cmdline); do
-    case "$arg" in lab.share=*) GS="${arg#lab.share=}" ;; esac
+    case "$arg" in
+        lab.share=*) GS="${arg#lab.share=}" ;;
+        lab.repo=*) REPO="${arg#lab.repo=}" ;;
+    esac
 done
 [ -n "$GS" ] || fail "no lab.share= on the kernel command line"
 P9=trans=virtio,version=9p2000.L,msize=512000
 H=/host
 mkdir -p $H /share
 mount -t 9p -o $P9,cache=loose,ro host $H || fail "mount host root over 9p"
+# A second view of the host root, not covered by the tmpfs mounts below (a repo may live under /tmp).
+mkdir -p /ro && mount -o bind $H /ro || fail "bind the host root to /ro"
 mount -t 9p -o $P9,cache=none share /share || fail "mount share over 9p"
 mount -t proc proc $H/proc || fail "mount $H/proc"
 mount -t sysfs sysfs $H/sys || fail "mount $H/sys"
@@ -319,6 +324,11 @@ for d in tmp var/tmp; do
 done
 mount -t tmpfs -o mode=755 tmpfs $H/run || fail "mount $H/run"
 mkdir -p $H/run/lock && chmod 1777 $H/run/lock
+case "$REPO" in
+    /tmp/*|/var/tmp/*|/run/*)
+        mkdir -p "$H$REPO" && mount -o bind "/ro$REPO" "$H$REPO" || fail "bind the repository $REPO"
+        ;;
+esac
 mkdir -p "$H$GS" 2>/dev/null
 mount -o bind /share "$H$GS" || fail "bind the share to $H$GS"
 mkdir -p /share/.agent || fail "no agent dir in the share"
@@ -684,6 +694,7 @@ class Guest:
             "rcupdate.rcu_cpu_stall_timeout=60",  # TCG on a loaded host is slow; real stalls still show
             "sysctl.kernel.hung_task_timeout_secs=60",
             f"lab.share={self.guest_share}",
+            f"lab.repo={REPO}",
             *append,
         ]
         self.qemu_cmd = [
