@@ -1136,8 +1136,8 @@ def main(argv: list[str] | None = None, ready: Callable[[Server], None] | None =
         log.error("%s", exc)
         return 2
     try:
+        server.install_signals()  # before listening: whoever can connect can also stop us cleanly
         server.listen()
-        server.install_signals()
         if ready is not None:
             ready(server)
         return server.run()

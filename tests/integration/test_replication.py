@@ -234,6 +234,7 @@ def test_server_sigterm_mid_stream_syncs_and_client_resumes(lab: Lab) -> None:
 
 def test_help_explains_every_flag_and_no_print_silences_stdout(lab: Lab) -> None:
     import signal
+    import socket
     import subprocess
     import sys
 
@@ -254,10 +255,14 @@ def test_help_explains_every_flag_and_no_print_silences_stdout(lab: Lab) -> None
     proc = subprocess.Popen(
         [sys.executable, "-m", "bdr.server", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    deadline = time.monotonic() + 10
-    while not lab.journal.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 20
+    while True:  # listening means the signal handlers are installed
+        try:
+            socket.create_connection(("127.0.0.1", lab.port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "server never listened"
+            time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0
