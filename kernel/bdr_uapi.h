@@ -26,6 +26,13 @@
  *    contents stores the new tail (release).  The kernel never overwrites a
  *    slot in [tail, head).  A tail outside [old tail, head] is ignored.
  *  - head and tail are free-running 64-bit positions; head - tail <= nr_slots.
+ *  - The consumer may also store seen (tail <= seen <= head): the position up
+ *    to which it has read.  poll() then reports the ring readable only when
+ *    head moved past seen, so a consumer that holds slots until they are
+ *    acknowledged remotely does not wake up for records it already has.
+ *  - instance is a random number drawn when the ring is created; sequence
+ *    numbers are meaningful only together with it (a new target restarts
+ *    them at 0, a table reload keeps the ring and its instance).
  *  - A record is published only after its write completed successfully; a
  *    failed write is never published, its region is marked dirty instead.
  *    Writes that overlap an in-flight write are held back until it completes,
@@ -100,7 +107,8 @@ struct bdr_ring_ctl {
 	__u64 desc_offset;
 	__u64 data_offset;
 	__u64 mmap_size;
-	__u64 pad0[3];
+	__u64 instance;			/* random, fixed for the ring's life */
+	__u64 pad0[2];
 	/* written by the kernel */
 	__u64 head;
 	__u64 state;
@@ -108,7 +116,8 @@ struct bdr_ring_ctl {
 	__u64 pad1[5];
 	/* written by the client */
 	__u64 tail;
-	__u64 pad2[7];
+	__u64 seen;
+	__u64 pad2[6];
 };
 
 /* BDR_IOC_INFO: geometry of the target and of its ring */
@@ -125,6 +134,7 @@ struct bdr_info {
 	__u32 reserved0;
 	__u64 nr_regions;		/* bits in the dirty bitmap */
 	__u64 bitmap_bytes;		/* bytes BDR_IOC_TAKE_DIRTY copies out */
+	__u64 instance;			/* as bdr_ring_ctl.instance */
 	char name[BDR_NAME_MAX];	/* chardev name */
 };
 

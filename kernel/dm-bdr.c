@@ -42,6 +42,7 @@
 #include <linux/mm.h>
 #include <linux/module.h>
 #include <linux/poll.h>
+#include <linux/random.h>
 #include <linux/slab.h>
 #include <linux/spinlock.h>
 #include <linux/uaccess.h>
@@ -384,6 +385,7 @@ static struct bdr_ring *bdr_ring_alloc(const char *name, u32 nr_slots,
 	r->ctl->desc_offset = PAGE_SIZE;
 	r->ctl->data_offset = PAGE_SIZE + desc_bytes;
 	r->ctl->mmap_size = r->mem_size;
+	r->ctl->instance = get_random_u64();
 
 	minor = ida_alloc_max(&bdr_minor_ida, BDR_MINORS - 1, GFP_KERNEL);
 	if (minor < 0) {
@@ -511,9 +513,16 @@ static __poll_t bdr_poll(struct file *file, poll_table *wait)
 {
 	struct bdr_ring *r = file->private_data;
 	__poll_t mask = 0;
+	u64 head, tail, seen;
 
 	poll_wait(file, &r->wq, wait);
-	if (smp_load_acquire(&r->ctl->head) != READ_ONCE(r->ctl->tail) ||
+	head = smp_load_acquire(&r->ctl->head);
+	tail = READ_ONCE(r->ctl->tail);
+	seen = READ_ONCE(r->ctl->seen);
+	/* The consumer's read position: seen if it lies in [tail, head]. */
+	if (seen - tail > head - tail)
+		seen = tail;
+	if (head != seen ||
 	    (READ_ONCE(r->ctl->state) & (BDR_STATE_OVERFLOW | BDR_STATE_DIRTY)))
 		mask |= EPOLLIN | EPOLLRDNORM;
 	if (READ_ONCE(r->dead))
@@ -535,6 +544,7 @@ static long bdr_ioctl_info(struct bdr_ring *r, void __user *arg)
 		.region_sectors = 1U << r->region_shift,
 		.nr_regions = r->nr_regions,
 		.bitmap_bytes = r->bitmap_bytes,
+		.instance = r->ctl->instance,
 	};
 
 	strscpy(info.name, r->name, sizeof(info.name));

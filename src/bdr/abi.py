@@ -68,13 +68,15 @@ class RingCtl(ctypes.Structure):
         ("desc_offset", ctypes.c_uint64),
         ("data_offset", ctypes.c_uint64),
         ("mmap_size", ctypes.c_uint64),
-        ("pad0", ctypes.c_uint64 * 3),
+        ("instance", ctypes.c_uint64),
+        ("pad0", ctypes.c_uint64 * 2),
         ("head", ctypes.c_uint64),
         ("state", ctypes.c_uint64),
         ("next_seq", ctypes.c_uint64),
         ("pad1", ctypes.c_uint64 * 5),
         ("tail", ctypes.c_uint64),
-        ("pad2", ctypes.c_uint64 * 7),
+        ("seen", ctypes.c_uint64),
+        ("pad2", ctypes.c_uint64 * 6),
     )
 
 
@@ -94,6 +96,7 @@ class Info(ctypes.Structure):
         ("reserved0", ctypes.c_uint32),
         ("nr_regions", ctypes.c_uint64),
         ("bitmap_bytes", ctypes.c_uint64),
+        ("instance", ctypes.c_uint64),
         ("name", ctypes.c_char * BDR_NAME_MAX),
     )
 

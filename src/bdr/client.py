@@ -86,7 +86,8 @@ def source_identity(path: Path, size: int) -> bytes:
 def ring_identity(ring: RingConsumer) -> bytes:
     """Identity of the capture ring whose sequence numbers we send (they restart with a new target).
 
-    For the chardev: this boot, the chardev name and the device size.  For a ring file: the file itself."""
+    For the chardev: this boot, the ring's random instance number (a new target gets a new one, a table reload
+    keeps it), the chardev name and the device size.  For a ring file: the file itself."""
     if ring.is_chardev:
         try:
             boot = Path("/proc/sys/kernel/random/boot_id").read_bytes().strip()
@@ -94,7 +95,12 @@ def ring_identity(ring: RingConsumer) -> bytes:
             boot = b""
         g = ring.geometry
         return xxhash.xxh3_128_digest(
-            b"bdr-ring\0" + boot + b"\0" + g.name.encode() + (g.dev_sectors or 0).to_bytes(8, "little")
+            b"bdr-ring\0"
+            + boot
+            + b"\0"
+            + g.instance.to_bytes(8, "little")
+            + g.name.encode()
+            + (g.dev_sectors or 0).to_bytes(8, "little")
         )
     st = os.stat(ring.path)
     return xxhash.xxh3_128_digest(
@@ -187,6 +193,8 @@ class ClientSession:
     def pump(self, wait: float = 0.0, ring_too: bool = False) -> None:
         """Process what the server sent; wait up to ``wait`` seconds for something (or the ring) first."""
         if wait > 0:
+            if ring_too:
+                self.ring.mark_seen(self.sent)  # wake for new records only, not for ones awaiting an ACK
             poller = self._ring_poll if ring_too else self._poll
             for fd, _ in poller.poll(int(wait * 1000)):
                 if fd == self.client.wake_fd:

@@ -56,6 +56,7 @@ class Geometry:
     dev_sectors: int | None  # None for a ring file: the caller knows the source size
     region_sectors: int
     name: str
+    instance: int = 0  # random per kernel ring (sequence numbers restart with a new one); 0 for a file
 
     def nr_regions(self, dev_size: int) -> int:
         region = self.region_sectors * abi.SECTOR_SIZE
@@ -221,6 +222,7 @@ class RingConsumer:
             info.dev_sectors,
             info.region_sectors,
             info.name.decode(errors="replace"),
+            int(info.instance),
         )
         self._check_geometry(g)
         return g
@@ -302,6 +304,10 @@ class RingConsumer:
         if pos < self._ctl.tail or pos > self._ctl.head:
             raise RingError(f"release to {pos} outside [tail {self._ctl.tail}, head {self._ctl.head}]")
         self._ctl.tail = pos
+
+    def mark_seen(self, pos: int) -> None:
+        """Tell the producer we have read up to pos: poll() wakes us only for records after it."""
+        self._ctl.seen = pos
 
     def seq_at(self, pos: int) -> int:
         slot = pos % self.geometry.nr_slots

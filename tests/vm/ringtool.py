@@ -10,6 +10,7 @@ header's rules, not against our own consumer.
     ringtool.py status CHARDEV               BDR_IOC_STATUS as JSON
     ringtool.py take CHARDEV                 BDR_IOC_TAKE_DIRTY: JSON with the dirty regions
     ringtool.py hold CHARDEV READY STOP      open + mmap, create READY, wait for STOP, then read ctl and close
+    ringtool.py seen CHARDEV [POS]           store seen = POS (default head); print poll readiness and the instance
     ringtool.py diff A B                     JSON list of the 4 KiB blocks that differ between two files/devices
     ringtool.py release CHARDEV STOP         consume without reading (tail = head) until STOP exists (benchmarks)
 """
@@ -136,6 +137,15 @@ def main(argv: list[str]) -> int:
         while not os.path.exists(argv[3]):
             time.sleep(0.05)
         print(json.dumps({"state": ring.ctl.state, "head": ring.ctl.head, "magic": ring.ctl.magic}))
+        ring.close()
+    elif cmd == "seen":
+        ring = Ring(argv[1])
+        if len(argv) > 2 or ring.ctl.seen != ring.ctl.head:
+            ring.ctl.seen = int(argv[2]) if len(argv) > 2 else ring.ctl.head
+        p = select.poll()
+        p.register(ring.fd, select.POLLIN)
+        readable = bool(p.poll(0))
+        print(json.dumps({"readable": readable, "instance": ring.ctl.instance, "head": ring.ctl.head}))
         ring.close()
     elif cmd == "diff":
         changed = []

@@ -215,6 +215,27 @@ def test_lifecycle_64_targets_remove_while_mapped_reload(g: Any, bdr_ko: Path) -
     g.run(f"rmmod bdr && insmod {bdr_ko}")
 
 
+def test_poll_wakes_only_for_unseen_records_and_instance_is_per_ring(g: Any) -> None:
+    a, b = g.disk("a"), g.disk("b")
+    create(g, "pa", a, "bdr_pa", 64)
+    create(g, "pb", b, "bdr_pb", 64)
+    g.run("dd if=/dev/zero of=/dev/mapper/pa bs=4096 count=2 oflag=direct status=none")
+    unseen = jrun(g, f"{TOOL} seen /dev/bdr_pa 0")
+    assert unseen["readable"] and unseen["head"] == 2, unseen
+    seen = jrun(g, f"{TOOL} seen /dev/bdr_pa")
+    assert not seen["readable"], "records already read must not wake the consumer"
+    g.run("dd if=/dev/zero of=/dev/mapper/pa bs=4096 count=1 oflag=direct status=none")
+    assert jrun(g, f"{TOOL} seen /dev/bdr_pa 2")["readable"], "a new record must wake the consumer"
+    other = jrun(g, f"{TOOL} seen /dev/bdr_pb")
+    assert seen["instance"] != 0 and other["instance"] not in (0, seen["instance"])
+    g.run("dmsetup table pa | dmsetup reload pa && dmsetup resume pa")
+    assert jrun(g, f"{TOOL} seen /dev/bdr_pa")["instance"] == seen["instance"], "a reload keeps the ring"
+    g.run("dmsetup remove pa && dmsetup remove pb")
+    create(g, "pa", a, "bdr_pa", 64)
+    assert jrun(g, f"{TOOL} seen /dev/bdr_pa")["instance"] != seen["instance"], "a new target, a new instance"
+    g.run("dmsetup remove pa")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
