@@ -309,7 +309,7 @@ class ClientSession:
             self.resync(p.ScanMode.FULL, [(0, c.dev_size)], whole=True, why="--full-replication")
         elif first and c.args.full_scan:
             self.sent = self.ring.tail
-            self.resync(p.ScanMode.HASH, [(0, c.dev_size)], whole=True, why="--full-scan")
+            self.resync(p.ScanMode.HASH, [(0, c.dev_size)], whole=True, why="--full-scan", direct=True)
         elif pos is not None and not c.force_scan:
             self._send(self.conn.send(p.Stream(resume)))
             self.sent = pos
@@ -449,7 +449,9 @@ class ClientSession:
 
     # -- scans ----------------------------------------------------------------------------------------------------
 
-    def resync(self, mode: p.ScanMode, extents: list[tuple[int, int]], whole: bool, why: str) -> None:
+    def resync(
+        self, mode: p.ScanMode, extents: list[tuple[int, int]], whole: bool, why: str, direct: bool = False
+    ) -> None:
         """Resync ``extents``; ring records from ``self.sent`` on are applied after the scan's blocks."""
         c = self.client
         self.in_sync = False
@@ -471,6 +473,8 @@ class ClientSession:
         )
         t0 = time.monotonic()
         flags = p.ScanFlag.WHOLE_DEVICE if whole else p.ScanFlag.NONE
+        if direct:
+            flags |= p.ScanFlag.DIRECT  # --full-scan: the server writes the replica directly
         self._send(self.conn.send(p.ScanBegin(sid, mode, flags, scan.BLOCK_SIZE)))
         wins = list(scan.windows(extents, c.dev_size))
         known_zero = bool(self.welcome and self.welcome.flags & p.WelcomeFlag.KNOWN_ZERO)

@@ -655,6 +655,7 @@ class ScanMode(enum.IntEnum):
 class ScanFlag(enum.IntFlag):
     NONE = 0
     WHOLE_DEVICE = 1 << 0  # the scan covers the whole device (required when the source identity changes)
+    DIRECT = 1 << 1  # write the replica directly (--full-scan), not staged in the server's journal
 
 
 @dataclass(frozen=True, slots=True)
@@ -684,7 +685,7 @@ class ScanBegin:
         scan_id, mode, sflags, r1, block_size, r2 = cls._S.unpack(p)
         if mode not in (1, 2):
             raise _fail(ErrorCode.BAD_FIELD, f"SCAN_BEGIN mode {mode} unknown")
-        if sflags & ~1:
+        if sflags & ~3:
             raise _fail(ErrorCode.BAD_FIELD, f"SCAN_BEGIN flags {sflags:#x} has unknown bits")
         _check_zero("SCAN_BEGIN", "reserved", r1 | r2)
         if (

@@ -34,6 +34,7 @@ from typing import Protocol
 from . import __version__, config, scan
 from . import protocol as p
 from .journal import JFlag, Journal, JournalError
+from .journal_records import JournalFull, RecordArea, StagingTarget
 from .log import BenchClock, setup_logging
 
 log = logging.getLogger("bdr.server")
@@ -283,9 +284,16 @@ class Applier:
     name its resume point).
     """
 
-    def __init__(self, target: Target, journal: Journal) -> None:
+    def __init__(self, target: Target, journal: Journal, area: RecordArea | None = None) -> None:
         self.target = target
+        self.replica_target = target
         self.journal = journal
+        # journal scans: the resync is staged in ``area`` (``target`` is a StagingTarget meanwhile) and committed
+        # once the scan ended (``commit_ready``) and the records up to ``commit_at`` are staged
+        self.area = area
+        self.staging = False
+        self.commit_ready = False
+        self.commit_at: int | None = None
         h = journal.header
         self.durable = h.durable_seq if h.flags & JFlag.SEQ_VALID else p.NO_SEQ
         self.applied = self.durable
@@ -419,8 +427,53 @@ class Applier:
 
     # -- durability ---------------------------------------------------------------------------------------------
 
+    def begin_staging(self) -> None:
+        """A journal scan starts: from now on scan blocks and ring writes are staged in the journal."""
+        assert self.area is not None
+        self.area.begin()
+        self.target = StagingTarget(self.area)
+        self.staging = True
+        self.commit_ready = False
+        self.commit_at = None
+
+    def abort_staging(self) -> None:
+        """Forget an uncommitted resync (the replica was not touched; the header still says SCANNING)."""
+        if self.staging:
+            assert self.area is not None
+            self.area.discard()
+            self.target = self.replica_target
+            self.staging = False
+
+    def _commit_staged(self) -> None:
+        """Commit the staged resync, record the new consistent state in the header, apply it to the replica."""
+        assert self.area is not None
+        self.area.commit()
+        h = self.journal.header
+        flags = (h.flags | JFlag.HAS_DATA | JFlag.CONSISTENT) & ~JFlag.SCANNING
+        if self.expect is not None:
+            flags |= JFlag.SEQ_VALID
+        durable = self.applied if self.expect is not None else h.durable_seq
+        self.journal.commit(flags=flags, durable_seq=durable, consistent_seq=p.NO_SEQ)
+        self.target = self.replica_target
+        self.staging = False
+        n = self.area.apply(self.replica_target)
+        self.durable = self.applied
+        self._dirty = False
+        self.stats.syncs += 1
+        log.info("journal resync applied (%d records); replica consistent at seq %d", n, self.applied)
+
     def sync(self) -> None:
         """Make everything applied durable: replica fdatasync, then the metadata header, then (caller) ACK."""
+        if (
+            self.staging
+            and self.commit_ready
+            and (
+                self.commit_at is None or (self.expect is not None and _seq_le(self.commit_at, self.applied))
+            )
+        ):
+            self.target.sync()
+            self._commit_staged()
+            return
         if not self._dirty and self.durable == self.applied:
             return
         t0 = time.monotonic()
@@ -575,6 +628,17 @@ class ServerSession:
 
     def handle(self, msg: p.Message) -> bytes | None:
         """One message in; the reply frame out (None: answered by the ACK sent after the whole read)."""
+        try:
+            return self._handle(msg)
+        except JournalFull as exc:
+            self.applier.abort_staging()
+            raise p.LocalProtocolError(
+                p.ErrorCode.SIZE_MISMATCH,
+                f"{exc}. Give the server a larger --journal / --journal-size, or restart bdr_client with "
+                "--full-scan (writes directly; the replica is inconsistent until it completes)",
+            ) from exc
+
+    def _handle(self, msg: p.Message) -> bytes | None:
         if isinstance(msg, p.Data):
             self.applier.apply(msg)
             return None
@@ -719,15 +783,33 @@ class ServerSession:
                 p.ErrorCode.IDENTITY_MISMATCH,
                 "a partial scan needs a replica of the same source with no interrupted resync; scan the whole device",
             )
-        self.applier.sync()  # everything streamed before the scan is durable before the replica becomes a mix
-        self._adopt_source(JFlag.SCANNING, JFlag.CONSISTENT)
+        journaled = (
+            b.mode is p.ScanMode.HASH and not b.flags & p.ScanFlag.DIRECT and self.applier.area is not None
+        )
+        self.applier.sync()  # everything streamed before the scan is durable before the resync starts
+        if journaled:
+            # the replica is not touched until the commit: it stays what it was (consistent if it was, and
+            # if it mirrors this source); SCANNING makes an interrupted resync end in a new scan
+            keep = self.ids_match and bool(self.journal.header.flags & JFlag.CONSISTENT)
+            if whole or not self.applier.staging:
+                self.applier.begin_staging()
+            self.applier.commit_ready = False
+            self._adopt_source(JFlag.SCANNING, JFlag.NONE if keep else JFlag.CONSISTENT)
+        else:
+            self.applier.abort_staging()
+            self._adopt_source(JFlag.SCANNING, JFlag.CONSISTENT)
+            log.warning(
+                "scan %d writes the replica directly: the replica is inconsistent until it completes",
+                b.scan_id,
+            )
         self.scan = ScanState(b.scan_id, b.mode, b.block_size, started=time.monotonic())
         log.info(
-            "scan %d started (%s, %s, %d-byte blocks)",
+            "scan %d started (%s, %s, %d-byte blocks, %s)",
             b.scan_id,
             b.mode.name.lower(),
             "whole device" if whole else "dirty regions",
             b.block_size,
+            "staged in the journal" if journaled else "direct",
         )
         return b""
 
@@ -749,7 +831,12 @@ class ServerSession:
                     p.ErrorCode.BAD_LENGTH, f"scan window of {r.length} bytes too large"
                 )
             self._hash_buf = memoryview(bytearray(r.length))
-        digests = scan.hash_range(self.replica.fd, r.offset, r.length, self._hash_buf, sc.block_size)
+        view = self._hash_buf[: r.length]
+        scan.read_exact(self.replica.fd, view, r.offset)
+        if self.applier.staging:
+            assert self.applier.area is not None
+            self.applier.area.overlay(view, r.offset)  # hash what the replica will be after the commit
+        digests = scan.hash_window(view, r.offset, sc.block_size)
         sc.hashed += r.length
         return self.conn.send(p.ScanHashes(r.scan_id, r.offset, digests))
 
@@ -757,11 +844,18 @@ class ServerSession:
         sc = self._check_scan(d.scan_id)
         mv = memoryview(d.data)
         pos = 0
+        area = self.applier.area if self.applier.staging else None
         for offset, length, bflags in d.blocks:
             if bflags & p.BlockFlag.ZERO:
-                self.replica.write_zeroes(offset, length)
+                if area is not None:
+                    area.stage_zeroes(offset, length)
+                else:
+                    self.replica.write_zeroes(offset, length)
             else:
-                self.replica.write(mv[pos : pos + length], offset)
+                if area is not None:
+                    area.stage_write(mv[pos : pos + length], offset)
+                else:
+                    self.replica.write(mv[pos : pos + length], offset)
                 pos += length
             sc.blocks += 1
             sc.bytes += length
@@ -769,6 +863,8 @@ class ServerSession:
 
     def _scan_end(self, e: p.ScanEnd) -> bytes:
         sc = self._check_scan(e.scan_id)
+        if self.applier.staging:
+            return self._scan_end_staged(sc, e)
         self.replica.sync()
         flags = self.journal.header.flags & ~(JFlag.SCANNING | JFlag.CONSISTENT | JFlag.SEQ_VALID)
         flags |= JFlag.HAS_DATA
@@ -792,6 +888,40 @@ class ServerSession:
             sc.bytes,
             sc.hashed,
             "the next record" if resume is None else f"seq {resume}",
+        )
+        self.scan = None
+        return self.conn.send(p.ScanDone(e.scan_id, sc.blocks, sc.bytes))
+
+    def _scan_end_staged(self, sc: ScanState, e: p.ScanEnd) -> bytes:
+        """The end of a journal scan: the blocks are staged; the ring records captured meanwhile follow (staged
+        too) up to the consistent sequence number, then the whole resync is committed and applied."""
+        assert self.applier.area is not None
+        self.applier.area.sync()
+        flags = (self.journal.header.flags | JFlag.HAS_DATA) & ~JFlag.SEQ_VALID
+        resume = e.resume_seq if e.flags & p.ScanEndFlag.HAS_RESUME_SEQ else None
+        if resume is not None:
+            flags |= JFlag.SEQ_VALID
+        durable = (resume - 1) & p.SEQ_MASK if resume is not None else p.NO_SEQ
+        self.journal.commit(flags=flags, durable_seq=durable)
+        self.applier.restart_at(resume)
+        more = bool(e.flags & p.ScanEndFlag.MORE_TO_COME)
+        self.applier.commit_at = e.consistent_seq if e.flags & p.ScanEndFlag.HAS_CONSISTENT_SEQ else None
+        self.applier.commit_ready = not more
+        if not more and self.applier.commit_at is None:
+            self.applier.sync()  # nothing to wait for: commit and apply now
+        took = time.monotonic() - sc.started
+        log.info(
+            "scan %d done in %.1fs: %d blocks (%d bytes) staged, %d bytes hashed; %s",
+            sc.scan_id,
+            took,
+            sc.blocks,
+            sc.bytes,
+            sc.hashed,
+            "another resync follows"
+            if more
+            else "committed and applied"
+            if self.applier.commit_at is None
+            else f"commit after seq {self.applier.commit_at}",
         )
         self.scan = None
         return self.conn.send(p.ScanDone(e.scan_id, sc.blocks, sc.bytes))
@@ -821,7 +951,8 @@ class Server:
             raise ServerError(str(exc)) from exc
         if os.path.samefile(args.journal, args.target_device):
             raise ServerError("the journal and the target device must be different")
-        self.applier = Applier(self.replica, self.journal)
+        self.area = open_record_area(self.journal, self.replica, getattr(args, "journal_size", None))
+        self.applier = Applier(self.replica, self.journal, self.area)
         self.stopping = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -1004,7 +1135,7 @@ class Server:
     def _splice(self, sess: ServerSession, sock: socket.socket) -> bool:
         """Large DATA frames: read only up to the end of the descriptors, then let the session splice the data
         section from the socket into the replica.  False: use the ordinary receive path."""
-        if self.pipe is None or sess.conn.phase is not p.Phase.STREAMING:
+        if self.pipe is None or sess.conn.phase is not p.Phase.STREAMING or self.applier.staging:
             return False
         dec = sess.conn.decoder
         hdr = dec.peek_header()
@@ -1057,6 +1188,26 @@ class Server:
             self.pipe.close()
 
 
+def open_record_area(journal: Journal, replica: Replica, limit: int | None) -> RecordArea:
+    """The journal's record area, after replaying a committed resync or discarding an uncommitted one."""
+    try:
+        fd = os.open(journal.path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ServerError(f"cannot open journal {journal.path}: {exc.strerror}") from exc
+    if journal.is_block:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        limit = size if limit is None else min(size, limit)
+    try:
+        area = RecordArea(fd, str(journal.path), limit)
+        done = area.recover(replica, replica.size)
+    except JournalError as exc:
+        os.close(fd)
+        raise ServerError(str(exc)) from exc
+    if done:
+        log.warning("journal %s: %s", journal.path, done)
+    return area
+
+
 def _long_runs(f: p.RecordFields, min_avg: int = 32 * 1024) -> bool:
     """Whether the writes of a batch coalesce into runs of ``min_avg`` bytes on average (worth splicing)."""
     s, ln, n = f.sectors, f.lens, len(f.sectors)
@@ -1102,6 +1253,14 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="journal: block device or file holding the replica metadata (source identity, last durable "
         "sequence number, consistency); a missing file is created (required)",
+    )
+    ap.add_argument(
+        "--journal-size",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="largest size of a journal file (headers and the staged records of a resync; default: the file "
+        "grows as needed; a journal device is as large as the device)",
     )
     ap.add_argument(
         "--no-print", action="store_true", help="disable standard output (errors still go to stderr)"
