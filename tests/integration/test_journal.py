@@ -1,0 +1,116 @@
+"""Journal scans with real daemons: the resync is staged, committed, applied; a server SIGKILLed while
+receiving scan blocks, during the commit or during the apply restarts with the old or the new consistent replica
+and converges; a journal too small for a resync is a clear refusal with the --full-scan fallback."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from bdr.journal_records import CRASH_ENV
+
+from .conftest import DEV, Lab, Writer
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+BLOCK = 65536
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def differing_replica(lab: Lab, every: int = 4, seed: int = 7) -> tuple[str, str]:
+    """Source random, replica = source with every ``every``-th 64 KiB block different.  (old, new) digests."""
+    lab.images(src_random=True, seed=seed)
+    data = bytearray(lab.src.read_bytes())
+    rnd = random.Random(seed + 1)
+    for b in range(0, DEV // BLOCK, every):
+        data[b * BLOCK : (b + 1) * BLOCK] = rnd.randbytes(BLOCK)
+    lab.replica.write_bytes(bytes(data))
+    return digest(lab.replica), digest(lab.src)
+
+
+def test_journal_resync_with_writes_during_the_scan_ends_identical(lab: Lab) -> None:
+    differing_replica(lab)
+    prod = lab.make_producer()
+    srv = lab.server()
+    srv.wait_log("listening on")
+    cli = lab.client()
+    w = Writer(prod, 2000, seed=3)
+    w.join()
+    lab.wait_drained()
+    assert cli.stop() == 0
+    assert srv.stop() == 0
+    assert lab.identical()
+    log = srv.log()
+    assert "staged in the journal" in log
+    assert "journal resync applied" in log
+
+
+@pytest.mark.parametrize("point", ["receive", "commit", "apply"])
+def test_server_killed_during_a_journal_resync_restarts_consistent(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch, point: str
+) -> None:
+    old, new = differing_replica(lab)
+    lab.make_producer()
+    if point != "receive":
+        monkeypatch.setenv(CRASH_ENV, point)  # test hook: the server SIGKILLs itself there
+    srv = lab.server()
+    monkeypatch.delenv(CRASH_ENV, raising=False)
+    srv.wait_log("listening on")
+    cli = lab.client()
+    if point == "receive":
+        srv.wait_log(r"scan 1 started")
+        srv.kill()
+    else:
+        srv.wait_log(f"test hook {CRASH_ENV}={point}")
+        assert srv.wait(20) == -9
+    cli.kill()
+    now = digest(lab.replica)
+    if point == "receive":
+        assert now in (old, new)
+    elif point == "commit":
+        assert now == old  # not committed: the replica was never touched
+    # restart: the journal is replayed (apply) or discarded (receive, commit) before anything is served
+    srv2 = lab.server()
+    srv2.wait_log("listening on", count=2)
+    after = digest(lab.replica)
+    if point == "apply":
+        assert now not in (old, new)  # killed half-way through the apply ...
+        assert after == new  # ... and the committed resync is replayed
+        assert "replayed a committed resync" in srv2.log()
+    elif point == "commit":
+        assert after == old
+        assert "discarded an uncommitted resync" in srv2.log()
+    else:
+        assert after in (old, new)
+    # and the next client start converges
+    cli2 = lab.client()
+    lab.wait_drained()
+    assert cli2.stop() == 0
+    assert srv2.stop() == 0
+    assert lab.identical()
+
+
+def test_journal_too_small_is_refused_with_the_full_scan_fallback(lab: Lab) -> None:
+    old, _ = differing_replica(lab, every=1)
+    lab.make_producer()
+    srv = lab.server("--journal-size", str(2 << 20))  # 1 MiB of records for 32 MiB of differing blocks
+    srv.wait_log("listening on")
+    cli = lab.client()
+    assert cli.wait(30) == 3
+    assert "journal" in cli.log() and "too small for this resync" in cli.log()
+    assert "--full-scan" in cli.log()
+    assert digest(lab.replica) == old  # nothing was applied
+    cli2 = lab.client("--full-scan")
+    srv.wait_log("writes the replica directly: the replica is inconsistent until it completes")
+    lab.wait_drained()
+    assert cli2.stop() == 0
+    assert srv.stop() == 0
+    assert lab.identical()
+    assert os.path.getsize(lab.journal) <= 2 << 20

@@ -1,0 +1,223 @@
+"""The journal's record area: record and state formats, staging, commit, replay, discard, corruption, size."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bdr import journal_records as jr
+from bdr.journal import Journal
+from bdr.server import Replica
+
+DEV = 4 << 20
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    replica = tmp_path / "replica.img"
+    replica.write_bytes(os.urandom(DEV))
+    Journal(tmp_path / "journal").close()
+    yield tmp_path / "journal", replica
+
+
+def open_area(path: Path, limit: int | None = None) -> jr.RecordArea:
+    fd = os.open(path, os.O_RDWR)
+    return jr.RecordArea(fd, str(path), limit)
+
+
+def close_area(area: jr.RecordArea) -> None:
+    os.close(area.fd)
+
+
+def stage_some(area: jr.RecordArea) -> bytes:
+    """Stage a few writes and zero ranges; return the bytes they make of a replica of zeros."""
+    area.begin()
+    expect = bytearray(DEV)
+    for off, n in ((0, 65536), (65536 * 5, 65536), (1234 * 512, 4096), (65536 * 5 + 100, 7)):
+        data = os.urandom(n)
+        area.stage_write(data, off)
+        expect[off : off + n] = data
+    area.stage_zeroes(65536 * 5, 512)
+    expect[65536 * 5 : 65536 * 5 + 512] = bytes(512)
+    return bytes(expect)
+
+
+@given(
+    rtype=st.sampled_from([jr.RecType.BLOCK, jr.RecType.ZERO, jr.RecType.COMMIT]),
+    epoch=st.integers(0, 2**64 - 1),
+    index=st.integers(0, 2**64 - 1),
+    offset=st.integers(0, 2**64 - 1),
+    data=st.binary(max_size=300),
+)
+def test_record_round_trip(rtype: jr.RecType, epoch: int, index: int, offset: int, data: bytes) -> None:
+    if rtype is not jr.RecType.BLOCK:
+        data = b""
+    rec = jr.Record(rtype, epoch, index, offset, len(data), data)
+    buf = rec.pack()
+    assert len(buf) == rec.size and len(buf) % jr.ALIGN == 0
+    parsed = jr.parse_record_header(buf)
+    assert parsed is not None
+    assert parsed[:5] == (rtype, epoch, index, offset, len(data))
+    got = buf[jr.REC_HEADER : jr.REC_HEADER + len(data)]
+    assert got == data and jr.record_checksum(buf, got) == parsed[5]
+
+
+@given(st.binary(min_size=64, max_size=64))
+def test_garbage_is_not_a_record_header(garbage: bytes) -> None:
+    assert jr.parse_record_header(garbage) is None or garbage[:8] == jr.REC_MAGIC
+
+
+def test_state_block_round_trip_and_corruption() -> None:
+    s = jr.StateBlock(jr.AreaState.COMMITTED, 7, 3, jr.RECORDS_AT + 640, 9)
+    block = s.pack()
+    assert jr.StateBlock.parse(block) == s
+    bad = bytearray(block)
+    bad[30] ^= 0x40
+    assert jr.StateBlock.parse(bytes(bad)) is None
+
+
+def test_committed_resync_is_applied_and_replay_is_idempotent(paths: tuple[Path, Path]) -> None:
+    jpath, rpath = paths
+    rpath.write_bytes(bytes(DEV))
+    area = open_area(jpath)
+    expect = stage_some(area)
+    area.commit()
+    close_area(area)
+    shutil.copy(jpath, jpath.with_suffix(".committed"))
+    replica = Replica(rpath)
+    area = open_area(jpath)
+    assert area.state.state is jr.AreaState.COMMITTED
+    assert area.recover(replica).startswith("replayed a committed resync (5 records)")
+    assert rpath.read_bytes() == expect
+    assert area.state.state is jr.AreaState.CLEAN
+    close_area(area)
+    area = open_area(jpath)
+    assert area.recover(replica) == ""  # clean: nothing to do
+    close_area(area)
+    # a crash after the apply, before the area was marked clean: the same records are applied again
+    shutil.copy(jpath.with_suffix(".committed"), jpath)
+    area = open_area(jpath)
+    area.recover(replica)
+    close_area(area)
+    replica.close()
+    assert rpath.read_bytes() == expect
+
+
+def test_uncommitted_resync_is_discarded(paths: tuple[Path, Path]) -> None:
+    jpath, rpath = paths
+    before = rpath.read_bytes()
+    area = open_area(jpath)
+    stage_some(area)
+    area.sync()
+    close_area(area)
+    replica = Replica(rpath)
+    area = open_area(jpath)
+    assert area.state.state is jr.AreaState.OPEN
+    assert "discarded an uncommitted resync" in area.recover(replica)
+    assert area.state.state is jr.AreaState.CLEAN
+    close_area(area)
+    replica.close()
+    assert rpath.read_bytes() == before
+
+
+@pytest.mark.parametrize("where", ["data", "header", "commit"])
+def test_corrupt_committed_journal_is_refused_and_nothing_applied(
+    paths: tuple[Path, Path], where: str
+) -> None:
+    jpath, rpath = paths
+    before = rpath.read_bytes()
+    area = open_area(jpath)
+    stage_some(area)
+    area.commit()
+    commit_off = area.state.commit_off
+    close_area(area)
+    at = {
+        "data": jr.RECORDS_AT + jr.REC_HEADER + 65536 // 2,  # inside the first record's data
+        "header": jr.RECORDS_AT + jr.REC_HEADER + 65536 + 32,  # offset field of the second record
+        "commit": commit_off + 30,
+    }[where]
+    with open(jpath, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0xFF]))
+    replica = Replica(rpath)
+    area = open_area(jpath)
+    with pytest.raises(jr.JournalCorrupt, match=r"record \d+ at byte \d+"):
+        area.recover(replica)
+    assert area.state.state is jr.AreaState.COMMITTED  # still refused on the next start
+    close_area(area)
+    replica.close()
+    assert rpath.read_bytes() == before
+
+
+def test_both_state_copies_corrupt_is_refused(paths: tuple[Path, Path]) -> None:
+    jpath, _ = paths
+    area = open_area(jpath)
+    area.begin()  # state copy B
+    area.discard()  # state copy A
+    close_area(area)
+    with open(jpath, "r+b") as f:
+        for at in (jr.STATE_AT + 40, jr.STATE_AT + 4096 + 40):
+            f.seek(at)
+            f.write(b"\xee")
+    with pytest.raises(jr.JournalCorrupt, match="both copies of the record area state are corrupt"):
+        open_area(jpath)
+
+
+def test_torn_state_write_falls_back_to_the_other_copy(paths: tuple[Path, Path]) -> None:
+    jpath, _ = paths
+    area = open_area(jpath)
+    area.begin()  # generation 1 -> copy B
+    stage_some(area)  # generation 2 -> copy A (begin again)
+    gen = area.state.generation
+    close_area(area)
+    with open(jpath, "r+b") as f:
+        f.seek(jr.STATE_AT + (gen % 2) * 4096 + 20)
+        f.write(b"\xee")
+    area = open_area(jpath)
+    assert area.state.generation == gen - 1 and area.state.state is jr.AreaState.OPEN
+    close_area(area)
+
+
+def test_journal_too_small_for_the_resync(paths: tuple[Path, Path]) -> None:
+    jpath, _ = paths
+    area = open_area(jpath, limit=jr.RECORDS_AT + 100_000)
+    area.begin()
+    area.stage_write(bytes(65536), 0)
+    with pytest.raises(jr.JournalFull, match="too small for this resync"):
+        area.stage_write(bytes(65536), 65536)
+    close_area(area)
+
+
+def test_overlay_shows_the_staged_writes(paths: tuple[Path, Path]) -> None:
+    jpath, rpath = paths
+    area = open_area(jpath)
+    area.begin()
+    area.stage_write(b"a" * 100, 1000)
+    area.stage_zeroes(1050, 10)
+    area.stage_write(b"b" * 10, 990)
+    buf = bytearray(rpath.read_bytes()[:4096])
+    expect = bytearray(buf)
+    expect[1000:1100] = b"a" * 100
+    expect[1050:1060] = bytes(10)
+    expect[990:1000] = b"b" * 10
+    area.overlay(memoryview(buf), 0)
+    assert buf == expect
+    close_area(area)
+
+
+def test_crash_hook_only_when_asked(monkeypatch: pytest.MonkeyPatch, paths: tuple[Path, Path]) -> None:
+    jpath, _ = paths
+    monkeypatch.setenv(jr.CRASH_ENV, "elsewhere")
+    area = open_area(jpath)
+    stage_some(area)
+    area.commit()  # the hook names another point: no crash
+    assert area.state.state is jr.AreaState.COMMITTED
+    close_area(area)
