@@ -1,6 +1,7 @@
-"""``bdr``: the admin tool — set up and remove bdr targets, show their state.
+"""``bdr``: the admin tool — set up and remove bdr targets, show their state, and create the credentials the
+daemons authenticate each other with (``bdr certs``, ``bdr secret``).
 
-The daemons are separate commands (``bdr_client``, ``bdr_server``); this tool only talks to device-mapper.
+The daemons are separate commands (``bdr_client``, ``bdr_server``); this tool never talks to them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from bdr import abi
 
@@ -185,7 +187,77 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="show the bdr targets", description="State and counters of each target."
     )
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    c = sub.add_parser(
+        "certs",
+        help="create a CA and TLS certificates for a server and a client",
+        description="Create DIR/ca.pem, ca.key, server.pem, server.key, client.pem and client.key: a private CA "
+        "and two certificates it signed, for mutual TLS between bdr_client and bdr_server. If DIR already holds "
+        "ca.pem and ca.key, that CA signs the new certificates. Keys are written with mode 0600.",
+    )
+    c.add_argument("--out", required=True, metavar="DIR", help="directory for the files (created if missing)")
+    c.add_argument(
+        "--server-name",
+        required=True,
+        action="append",
+        metavar="NAME",
+        help="host name or IP address the client connects to (bdr_client --address or --tls-server-name); "
+        "repeat for more names",
+    )
+    c.add_argument("--client-name", default="bdr-client", help="common name of the client certificate")
+    c.add_argument("--days", type=int, default=1825, help="validity of the server and client certificates")
+    c.add_argument("--force", action="store_true", help="replace existing files")
+    sc = sub.add_parser(
+        "secret",
+        help="create a shared-secret file",
+        description="Write 32 random bytes (as 64 hex digits) to FILE with mode 0600, for --secret-file on "
+        "both daemons. Copy the same file to both hosts over a trusted channel.",
+    )
+    sc.add_argument("file", metavar="FILE")
+    sc.add_argument("--force", action="store_true", help="replace an existing file")
     return p
+
+
+def make_certs(args: argparse.Namespace) -> None:
+    from bdr import certs  # the cryptography package is needed here only
+
+    try:
+        issued = certs.make(Path(args.out), tuple(args.server_name), args.client_name, args.days, args.force)
+    except certs.CertError as exc:
+        raise SetupError(str(exc)) from exc
+    out = issued.out
+    print(
+        f"{'reused' if issued.reused_ca else 'created'} CA {out / 'ca.pem'} (key {out / 'ca.key'}: keep it offline)"
+    )
+    print(
+        f"server certificate for {', '.join(issued.server_names)}: {out / 'server.pem'}, {out / 'server.key'}"
+    )
+    print(f"client certificate {issued.client_name!r}: {out / 'client.pem'}, {out / 'client.key'}")
+    print("on the server:")
+    print("  bdr_server ... --tls-cert server.pem --tls-key server.key --tls-ca ca.pem")
+    print("on the client:")
+    print(
+        f"  bdr_client ... --address {issued.server_names[0]} --tls-ca ca.pem --tls-cert client.pem --tls-key client.key"
+    )
+
+
+def make_secret(args: argparse.Namespace) -> None:
+    from bdr import auth
+
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if args.force else os.O_EXCL)
+    try:
+        fd = os.open(args.file, flags, 0o600)
+    except FileExistsError:
+        raise SetupError(f"{args.file} exists; use --force to replace it") from None
+    except OSError as exc:
+        raise SetupError(f"cannot write {args.file}: {exc.strerror}") from exc
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(auth.new_secret())
+    print(
+        f"wrote a new shared secret to {args.file} (mode 0600); copy it to the other host over a trusted channel"
+    )
+    print(f"  bdr_server ... --secret-file {args.file}")
+    print(f"  bdr_client ... --secret-file {args.file}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -206,6 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup(plan)
         elif args.command == "remove":
             remove(args.name)
+        elif args.command == "certs":
+            make_certs(args)
+        elif args.command == "secret":
+            make_secret(args)
         elif args.command == "status":
             targets = status()
             if args.json:

@@ -9,6 +9,11 @@ tail advanced) only when the server acknowledged it as durable, so after a disco
 client resends from the server's last durable sequence number.  When the ring cannot provide what the server
 needs (overflow, records already gone, a different source or ring, an interrupted scan) the client resyncs
 with a scan instead of losing writes; records captured after the scan started are applied after the scan.
+
+With ``--tls-ca`` the connection is TLS 1.3 (the server's certificate and name are verified, ``--tls-cert`` /
+``--tls-key`` is our client certificate); with ``--secret-file`` the client and the server prove to each other
+that they know the shared secret (``bdr.auth``) before HELLO.  A refused authentication is logged as an error
+and retried slowly (``AUTH_BACKOFF``): the operator fixes one side, the client comes back by itself.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ import os
 import select
 import signal
 import socket
+import ssl
 import stat
 import struct
 import sys
+import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +40,7 @@ from pathlib import Path
 
 import xxhash
 
-from . import __version__, abi, config, scan
+from . import __version__, abi, auth, config, scan, tls
 from . import protocol as p
 from .log import BenchClock, setup_logging
 from .ring import Batch, DirtyMap, RingConsumer, RingError
@@ -43,15 +50,17 @@ log = logging.getLogger("bdr.client")
 DEFAULT_PORT = 7788
 BATCH_RECORDS = 2048  # records per DATA frame (8 MiB of 4 KiB writes)
 IOV_MAX = 1024
-CONNECT_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 10.0  # a few SYN retransmissions on a lossy link
 IO_TIMEOUT = 30.0
 BACKOFF_MIN, BACKOFF_MAX = 0.25, 5.0
+AUTH_BACKOFF = 30.0  # after a refused TLS handshake or authentication: a configuration problem, retry slowly
+AUTH_CODES = frozenset({p.ErrorCode.AUTH_REQUIRED, p.ErrorCode.AUTH_FAILED})
 DRAIN_SECONDS = 5.0
 SCAN_INFLIGHT = 4  # SCAN_REQUEST windows in flight
 BLKGETSIZE64 = 0x80081272
 FATAL_CODES = frozenset({p.ErrorCode.SIZE_MISMATCH, p.ErrorCode.BAD_VERSION})
 
-EXIT_OK, EXIT_USAGE, EXIT_REFUSED = 0, 2, 3
+EXIT_OK, EXIT_USAGE, EXIT_REFUSED, EXIT_SOURCE = 0, 2, 3, 4
 
 
 class ClientError(Exception):
@@ -60,6 +69,10 @@ class ClientError(Exception):
 
 class Stopping(Exception):
     """SIGTERM / SIGINT arrived while waiting."""
+
+
+class SourceError(Exception):
+    """Reading the source device failed (a scan cannot complete)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -139,11 +152,15 @@ class ClientStats:
 class ClientSession:
     """One connection to the server."""
 
-    def __init__(self, client: Client, sock: socket.socket) -> None:
+    def __init__(self, client: Client, sock: socket.socket | tls.TlsStream, binding: bytes = b"") -> None:
         self.client = client
         self.ring = client.ring
         self.sock = sock
-        self.conn = p.Connection(p.Role.CLIENT)
+        secret = client.secret
+        self.auth = auth.ClientAuth(secret, binding) if secret is not None else None
+        self.conn = p.Connection(p.Role.CLIENT, auth=self.auth is not None)
+        self.auth_reply: p.AuthChallenge | p.AuthOk | None = None
+        self.rx_bytes = 0  # received so far: progress for wait_for
         self.welcome: p.Welcome | None = None
         self.sent = self.ring.tail  # ring position of the next record to send
         self.inflight: collections.deque[Inflight] = collections.deque()
@@ -216,6 +233,7 @@ class ClientSession:
                     raise p.ConnectionLost("server closed the connection (shutdown)")
                 raise p.ConnectionLost("server closed the connection")
             self.conn.commit(n)
+            self.rx_bytes += n
             self._events()
 
     def _events(self) -> None:
@@ -234,6 +252,8 @@ class ClientSession:
             elif isinstance(ev, p.Goodbye):
                 self.goodbye = True
                 log.warning("server is shutting down")
+            elif isinstance(ev, p.AuthChallenge | p.AuthOk):
+                self.auth_reply = ev
 
     def on_ack(self, ack: p.Ack) -> None:
         self.acks += 1
@@ -266,16 +286,49 @@ class ClientSession:
         return self.acks > n
 
     def wait_for(self, what: str, cond: Callable[[], bool], timeout: float = IO_TIMEOUT) -> None:
+        """Process the server's messages until ``cond()``.  ``timeout`` counts time without progress: on a slow,
+        lossy link the answer may wait behind megabytes still queued in our send buffer, and a link that moves
+        bytes (received, or ours leaving the queue) is not a dead server."""
         deadline = time.monotonic() + timeout
+        mark = self._progress()
         while not cond():
-            if time.monotonic() > deadline:
-                raise p.ConnectionLost(f"no {what} from the server within {timeout:.0f}s")
+            now = time.monotonic()
+            if now > deadline:
+                now_mark = self._progress()
+                if now_mark == mark:
+                    raise p.ConnectionLost(f"no {what} from the server within {timeout:.0f}s")
+                mark, deadline = now_mark, now + timeout
             self.pump(wait=0.2)
+
+    def _progress(self) -> tuple[int, int]:
+        """(bytes received, bytes still queued in the kernel to send): any change is progress."""
+        buf = bytearray(4)
+        try:
+            fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, buf, True)
+        except OSError:
+            return self.rx_bytes, -1
+        return self.rx_bytes, int.from_bytes(buf, sys.byteorder)
 
     # -- handshake ------------------------------------------------------------------------------------------------
 
+    def authenticate(self) -> None:
+        """The shared-secret exchange (bdr.auth): our proof, then the server's, checked before HELLO."""
+        assert self.auth is not None
+        self._send(self.conn.send(self.auth.begin()))
+        self.wait_for("AUTH_CHALLENGE", lambda: self.auth_reply is not None)
+        assert isinstance(self.auth_reply, p.AuthChallenge)
+        proof = self.auth.on_challenge(self.auth_reply)
+        self.auth_reply = None
+        self._send(self.conn.send(proof))
+        self.wait_for("AUTH_OK", lambda: self.auth_reply is not None)
+        assert isinstance(self.auth_reply, p.AuthOk)
+        self.auth.on_ok(self.auth_reply)
+        log.info("server %s authenticated (shared secret)", self.client.server_text)
+
     def handshake(self) -> p.Welcome:
         c = self.client
+        if self.auth is not None:
+            self.authenticate()
         self._send(
             self.conn.send(
                 p.Hello(p.PROTOCOL_VERSION, p.ALL_FEATURES, 512, c.dev_size, c.source_id, c.ring_id)
@@ -498,7 +551,7 @@ class ClientSession:
                         f"SCAN_HASHES for [{rep.offset}, {rep.count} blocks), asked [{off}, {nblocks})",
                     )
                 view = buf[:ln]
-                scan.read_exact(c.source_fd, view, off)
+                self._read_source(view, off)
                 diff = scan.differing_blocks(view, off, rep.hashes)
                 st.blocks += nblocks
                 st.differing += len(diff)
@@ -509,7 +562,7 @@ class ClientSession:
         else:
             for off, ln in wins:
                 view = buf[:ln]
-                scan.read_exact(c.source_fd, view, off)
+                self._read_source(view, off)
                 blocks: list[tuple[int, int, int]] = []
                 for o, n in scan.block_spans(off, ln):
                     st.blocks += 1
@@ -556,6 +609,15 @@ class ClientSession:
             st.zero_blocks,
         )
 
+    def _read_source(self, view: memoryview, off: int) -> None:
+        try:
+            scan.read_exact(self.client.source_fd, view, off)
+        except OSError as exc:
+            raise SourceError(
+                f"cannot read source device {self.client.args.source_device} at byte {off} "
+                f"(+{len(view)}): {exc.strerror or exc}"
+            ) from exc
+
     def _send_blocks(
         self, sid: int, view: memoryview, off: int, blocks: list[tuple[int, int, int]], st: scan.ScanStats
     ) -> None:
@@ -579,6 +641,7 @@ class ClientSession:
 class Client:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self.tls_ctx, self.secret = load_security(args)
         src = Path(args.source_device)
         try:
             self.source_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
@@ -639,7 +702,26 @@ class Client:
         if poller.poll(int(seconds * 1000)):
             self.drain_wakeup()
 
-    def connect(self) -> socket.socket:
+    def connect(self) -> tuple[socket.socket | tls.TlsStream, bytes]:
+        """A connected socket (TLS handshake done when TLS is on) and the TLS channel binding (b"" without)."""
+        sock = self._connect_tcp()
+        if self.tls_ctx is None:
+            return sock, b""
+        name = self.args.tls_server_name or self.args.address
+        try:
+            ssock = self.tls_ctx.wrap_socket(sock, server_hostname=name, do_handshake_on_connect=False)
+            tls.handshake(ssock, IO_TIMEOUT, lambda: self.stopping)
+            cert = ssock.getpeercert(binary_form=True)
+        except BaseException:
+            sock.close()
+            raise
+        assert cert is not None
+        log.info(
+            "TLS %s with %s, server certificate %r verified", ssock.version(), name, tls.peer_subject(ssock)
+        )
+        return tls.TlsStream(ssock, IO_TIMEOUT), auth.server_end_point(cert)
+
+    def _connect_tcp(self) -> socket.socket:
         sock = socket.create_connection((self.args.address, self.args.port), timeout=CONNECT_TIMEOUT)
         # blocking mode, so that MSG_DONTWAIT receives return at once; sends give up after IO_TIMEOUT
         sock.settimeout(None)
@@ -668,7 +750,18 @@ class Client:
         backoff = BACKOFF_MIN
         while not self.stopping:
             try:
-                sock = self.connect()
+                sock, binding = self.connect()
+            except InterruptedError:
+                continue  # stopping
+            except ssl.SSLError as exc:
+                log.error(
+                    "TLS handshake with %s failed: %s; retrying in %.0fs",
+                    self.server_text,
+                    tls.describe(exc),
+                    AUTH_BACKOFF,
+                )
+                self.sleep(AUTH_BACKOFF)
+                continue
             except OSError as exc:
                 log.warning(
                     "server %s not reachable (%s); retrying in %.2fs",
@@ -679,7 +772,8 @@ class Client:
                 self.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
-            sess = ClientSession(self, sock)
+            sess = ClientSession(self, sock, binding)
+            refused = False
             try:
                 log.info("connected to %s", self.server_text)
                 sess.start()
@@ -687,27 +781,51 @@ class Client:
                 sess.stream()
             except Stopping:
                 sess.drain()
+            except SourceError as exc:
+                log.error(
+                    "%s: the scan cannot complete and the replica stays marked inconsistent; fix the source "
+                    "device, then start bdr_client again",
+                    exc,
+                )
+                with contextlib.suppress(OSError, p.ProtocolError):
+                    sock.sendall(sess.conn.send(p.Error(p.ErrorCode.IO_ERROR, f"client: {exc}")))
+                sock.close()
+                return EXIT_SOURCE
             except p.PeerError as exc:
-                if exc.code in FATAL_CODES:
+                if exc.code in AUTH_CODES:
+                    refused = self._refused(f"server {self.server_text} refused us: {exc.message}")
+                elif exc.code in FATAL_CODES:
                     log.error("server %s refused us: %s", self.server_text, exc.message)
                     sock.close()
                     return EXIT_REFUSED
-                if exc.code is p.ErrorCode.RESUME_IMPOSSIBLE:
-                    self.force_scan = True
-                log.warning(
-                    "server %s closed the session: %s; reconnecting in %.2fs",
-                    self.server_text,
-                    exc.message,
-                    backoff,
-                )
+                else:
+                    if exc.code is p.ErrorCode.RESUME_IMPOSSIBLE:
+                        self.force_scan = True
+                    log.warning(
+                        "server %s closed the session: %s; reconnecting in %.2fs",
+                        self.server_text,
+                        exc.message,
+                        backoff,
+                    )
             except p.ConnectionLost as exc:
-                log.warning(
-                    "connection to %s lost: %s; reconnecting in %.2fs", self.server_text, exc.message, backoff
-                )
+                if isinstance(exc.__cause__, ssl.SSLError) and not sess.streaming:
+                    # TLS 1.3: the server's verdict on our certificate arrives with its first reply
+                    why = tls.describe(exc.__cause__)
+                    refused = self._refused(f"TLS session with {self.server_text} refused: {why}")
+                else:
+                    log.warning(
+                        "connection to %s lost: %s; reconnecting in %.2fs",
+                        self.server_text,
+                        exc.message,
+                        backoff,
+                    )
             except p.ProtocolError as exc:
-                log.warning(
-                    "protocol error with %s: %s; reconnecting in %.2fs", self.server_text, exc, backoff
-                )
+                if exc.code in AUTH_CODES:
+                    refused = self._refused(f"authentication of {self.server_text} failed: {exc.message}")
+                else:
+                    log.warning(
+                        "protocol error with %s: %s; reconnecting in %.2fs", self.server_text, exc, backoff
+                    )
                 with contextlib.suppress(OSError, p.ProtocolError):
                     sock.sendall(p.encode(p.Error(exc.code, exc.message)))
             except OSError as exc:
@@ -715,10 +833,15 @@ class Client:
             finally:
                 sock.close()
             if not self.stopping:
-                self.sleep(backoff)
+                self.sleep(AUTH_BACKOFF if refused else backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
         self.report_bench(None, final=True)
         return EXIT_OK
+
+    def _refused(self, message: str) -> bool:
+        """The server refused our credentials, or we refused the server's: an error for the operator."""
+        log.error("%s; retrying in %.0fs", message, AUTH_BACKOFF)
+        return True
 
     def report_bench(self, sess: ClientSession | None, final: bool = False) -> None:
         if self.bench is None:
@@ -745,6 +868,38 @@ class Client:
         self._wake_w.close()
 
 
+def load_security(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, bytes | None]:
+    """The TLS context and the shared secret from the flags; ClientError if they do not fit together."""
+    for name in (
+        "tls_cert",
+        "tls_key",
+        "tls_ca",
+        "tls_server_name",
+        "secret_file",
+    ):  # callers that build args
+        if not hasattr(args, name):
+            setattr(args, name, None)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ClientError("--tls-cert and --tls-key go together")
+    if (args.tls_cert or args.tls_server_name) and not args.tls_ca:
+        raise ClientError("TLS needs --tls-ca, the CA that issued the server's certificate")
+    ctx = None
+    try:
+        if args.tls_ca:
+            ctx = tls.client_context(args.tls_ca, args.tls_cert, args.tls_key)
+    except tls.TlsError as exc:
+        raise ClientError(str(exc)) from exc
+    secret = None
+    if args.secret_file:
+        try:
+            secret, warning = auth.load_secret(args.secret_file)
+        except auth.SecretError as exc:
+            raise ClientError(str(exc)) from exc
+        if warning:
+            log.warning("%s", warning)
+    return ctx, secret
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="bdr_client",
@@ -752,7 +907,8 @@ def build_parser() -> argparse.ArgumentParser:
         "so the replica stays a crash-consistent copy of the source.  At start it resumes where the server's "
         "replica is durable if the ring still holds those writes, otherwise it resyncs with a checksum scan.",
         epilog="Exit status: 0 after a clean stop (SIGTERM / SIGINT), 2 for a usage or configuration error, "
-        "3 when the server refuses the source for good (replica too small, protocol version).",
+        "3 when the server refuses the source for good (replica too small, protocol version), 4 when the source "
+        "device cannot be read during a scan.",
     )
     ap.add_argument("--address", required=True, help="server (receiver) IP address or host name (required)")
     ap.add_argument(
@@ -797,6 +953,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmark",
         action="store_true",
         help="print throughput, record rate and lag (records captured but not yet sent / not yet durable) every second",
+    )
+    sec = ap.add_argument_group(
+        "security", "Use the same scheme as the server: mutual TLS and/or a shared secret (docs: Security)."
+    )
+    sec.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="TLS: connect with TLS and accept only a server certificate this CA issued (PEM)",
+    )
+    sec.add_argument("--tls-cert", metavar="FILE", help="TLS: our client certificate (PEM), for mutual TLS")
+    sec.add_argument("--tls-key", metavar="FILE", help="TLS: the private key of --tls-cert (PEM)")
+    sec.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="TLS: the name the server certificate must carry (default: --address)",
+    )
+    sec.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="shared secret, the same file as the server's: both sides prove they know it; it never crosses "
+        "the network",
     )
     ap.add_argument(
         "--config",

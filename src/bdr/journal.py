@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import os
 import stat
 import struct
@@ -52,6 +53,10 @@ class JournalError(Exception):
     """The journal path cannot be used: missing directory, too small, corrupt, or from a newer version."""
 
 
+class JournalIOError(OSError):
+    """Writing or syncing the journal failed (device error, file system full)."""
+
+
 class JFlag(enum.IntFlag):
     NONE = 0
     SEQ_VALID = 1 << 0  # durable_seq is meaningful for ring_id
@@ -59,6 +64,7 @@ class JFlag(enum.IntFlag):
     SCANNING = 1 << 2  # a resync was started and has not finished: the replica is a mix
     SOURCE_KNOWN = 1 << 3  # source_id / ring_id / source_size are set
     HAS_DATA = 1 << 4  # the replica has received data at least once
+    IO_ERROR = 1 << 5  # the server stopped on a replica I/O error (SCANNING is set too); cleared by a scan
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +114,7 @@ class Header:
             )
         if hdr_size != HEADER_BLOCK:
             return None
-        return cls(gen, JFlag(flags & 0x1F), bs, sid, rid, ssize, dseq, cseq, rsize)
+        return cls(gen, JFlag(flags & 0x3F), bs, sid, rid, ssize, dseq, cseq, rsize)
 
 
 def _has_magic(block: bytes) -> bool:
@@ -141,6 +147,12 @@ class Journal:
             size = os.lseek(self._fd, 0, os.SEEK_END)
             if self.is_block and size < MIN_SIZE:
                 raise JournalError(f"journal device {self.path} has {size} bytes, needs at least {MIN_SIZE}")
+            if not self.is_block:
+                # allocate both header blocks now: a full file system is a start-up error, not a failed commit
+                try:
+                    os.posix_fallocate(self._fd, 0, MIN_SIZE)
+                except OSError as exc:
+                    raise JournalError(f"cannot allocate journal {self.path}: {exc.strerror}") from exc
             self.header = self._load()
         except BaseException:
             os.close(self._fd)
@@ -165,10 +177,13 @@ class Journal:
         new = dataclasses.replace(self.header, generation=self.header.generation + 1, **changes)  # type: ignore[arg-type]
         slot = new.generation % 2
         data = new.pack()
-        n = os.pwrite(self._fd, data, slot * HEADER_BLOCK)
-        if n != len(data):
-            raise OSError(f"short write to journal {self.path}: {n} of {len(data)} bytes")
-        os.fdatasync(self._fd)
+        try:
+            n = os.pwrite(self._fd, data, slot * HEADER_BLOCK)
+            if n != len(data):
+                raise OSError(errno.EIO, f"short write ({n} of {len(data)} bytes)")
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise JournalIOError(exc.errno, f"journal {self.path}: I/O error: {exc.strerror or exc}") from exc
         self.header = new
         return new
 

@@ -18,6 +18,10 @@ single payload byte is buffered.  Each message type has a fixed payload layout, 
 Conversation (client = source side, server = replica side)::
 
     client                                  server
+    AUTH_BEGIN(nonce_c)  ----------------->                      only with a shared secret (--secret-file)
+           <-------------------------------  AUTH_CHALLENGE(nonce_s) | ERROR
+    AUTH_PROOF(client MAC) --------------->
+           <-------------------------------  AUTH_OK(server MAC) | ERROR(AUTH_FAILED)
     HELLO  ------------------------------->
            <-------------------------------  WELCOME | ERROR
     STREAM (resume at seq)  -------------->                      quick resume
@@ -33,6 +37,10 @@ Conversation (client = source side, server = replica side)::
     RESYNC_PENDING ----------------------->   ring lost writes: server marks the replica, then ACK,
                                                then the client takes the dirty bitmap and scans it
     GOODBYE ------------------------------->   "we closed it", either side
+
+Before the handshake is over (WELCOME sent) frames are capped at ``HANDSHAKE_MAX_PAYLOAD`` bytes, so an
+unauthenticated peer cannot make the server buffer more than that.  A server that requires the shared secret
+refuses HELLO before AUTH_OK (AUTH_REQUIRED); the MACs themselves are computed in ``bdr.auth``.
 
 Sequence numbers are the ring's 64-bit record numbers.  ``NO_SEQ`` (2**64 - 1) means "none yet", so that
 ``next_seq(NO_SEQ) == 0`` is the first record the kernel ever publishes.
@@ -66,6 +74,11 @@ MIN_SCAN_BLOCK: Final = 4096
 MAX_SCAN_RANGE: Final = 1 << 40  # one SCAN_REQUEST covers at most this many bytes
 MAX_SCAN_HASHES: Final = 65536  # hashes in one SCAN_HASHES frame
 SECTOR: Final = 512
+NONCE_SIZE: Final = 32  # AUTH_BEGIN / AUTH_CHALLENGE nonces
+MAC_SIZE: Final = 32  # HMAC-SHA256 in AUTH_PROOF / AUTH_OK
+# Until the handshake is over no frame may be larger than this: the largest handshake frame is an ERROR with
+# 1 KiB of text; everything else is under 100 bytes.
+HANDSHAKE_MAX_PAYLOAD: Final = 4096
 SEQ_MASK: Final = (1 << 64) - 1
 NO_SEQ: Final = SEQ_MASK  # "no record yet": next_seq(NO_SEQ) == 0
 HASH_SIZE: Final = 16  # xxh3_128 digest
@@ -94,6 +107,10 @@ class MsgType(enum.IntEnum):
     SCAN_DONE = 13
     GOODBYE = 14
     RESYNC_PENDING = 15
+    AUTH_BEGIN = 16
+    AUTH_CHALLENGE = 17
+    AUTH_PROOF = 18
+    AUTH_OK = 19
 
 
 class FrameFlag(enum.IntFlag):
@@ -123,6 +140,8 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 16
     TRUNCATED = 17
     CONNECTION_LOST = 18
+    AUTH_REQUIRED = 19  # the server requires authentication the client did not offer
+    AUTH_FAILED = 20  # wrong proof, or the two sides are configured differently
 
 
 class Feature(enum.IntFlag):
@@ -197,6 +216,132 @@ def _check_len(name: str, payload: memoryview | bytes, size: int) -> None:
 def _check_zero(name: str, field: str, value: int) -> None:
     if value:
         raise _fail(ErrorCode.BAD_FIELD, f"{name}.{field} must be zero, got {value:#x}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Authentication (shared secret).  The MACs are HMAC-SHA256 over both nonces, the AUTH_BEGIN and AUTH_CHALLENGE
+# frames and, with TLS, the server certificate (see bdr.auth); this module only carries them.
+# --------------------------------------------------------------------------------------------------------------
+
+
+class AuthMethod(enum.IntFlag):
+    HMAC_SHA256 = 1 << 0  # challenge-response with a shared secret
+
+
+class AuthFlag(enum.IntFlag):
+    NONE = 0
+    TLS_BOUND = 1 << 0  # the sender runs over TLS and binds its MAC to the server certificate
+
+
+_AUTH_METHODS: Final = int(AuthMethod.HMAC_SHA256)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthBegin:
+    """Client -> server, first frame when the client has a shared secret.
+
+    0      4     6       8         12                  44
+    +------+-----+-------+---------+-------------------+
+    |"BDRA"| ver | flags | methods |  nonce_c (32)     |
+    +------+-----+-------+---------+-------------------+
+    methods: the AuthMethod bits the client can do (unknown bits are allowed: a newer client).
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.AUTH_BEGIN
+    _S: ClassVar[struct.Struct] = struct.Struct("<4sHHI32s")
+    MAGIC: ClassVar[bytes] = b"BDRA"
+
+    version: int
+    flags: AuthFlag
+    methods: int
+    nonce: bytes
+
+    def pack(self) -> bytes:
+        return self._S.pack(self.MAGIC, self.version, self.flags, self.methods, self.nonce)
+
+    @classmethod
+    def parse(cls, p: memoryview, flags: int) -> AuthBegin:
+        _check_len("AUTH_BEGIN", p, cls._S.size)
+        magic, version, aflags, methods, nonce = cls._S.unpack(p)
+        if magic != cls.MAGIC:
+            raise _fail(ErrorCode.BAD_FIELD, f"AUTH_BEGIN magic {magic!r}, not a BDR client")
+        if version != PROTOCOL_VERSION:
+            raise _fail(
+                ErrorCode.BAD_VERSION, f"client speaks protocol {version}, we speak {PROTOCOL_VERSION}"
+            )
+        if aflags & ~int(AuthFlag.TLS_BOUND):
+            raise _fail(ErrorCode.BAD_FIELD, f"AUTH_BEGIN flags {aflags:#x} has unknown bits")
+        if not methods:
+            raise _fail(ErrorCode.BAD_FIELD, "AUTH_BEGIN offers no method")
+        return cls(version, AuthFlag(aflags), methods, nonce)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthChallenge:
+    """Server -> client: the chosen method and the server's nonce.
+
+    0        2       4                  36
+    +--------+-------+------------------+
+    | method | flags |  nonce_s (32)    |
+    +--------+-------+------------------+
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.AUTH_CHALLENGE
+    _S: ClassVar[struct.Struct] = struct.Struct("<HH32s")
+
+    method: AuthMethod
+    flags: AuthFlag
+    nonce: bytes
+
+    def pack(self) -> bytes:
+        return self._S.pack(self.method, self.flags, self.nonce)
+
+    @classmethod
+    def parse(cls, p: memoryview, flags: int) -> AuthChallenge:
+        _check_len("AUTH_CHALLENGE", p, cls._S.size)
+        method, aflags, nonce = cls._S.unpack(p)
+        if method not in (m.value for m in AuthMethod):
+            raise _fail(ErrorCode.BAD_FIELD, f"AUTH_CHALLENGE method {method:#x} unknown")
+        if aflags & ~int(AuthFlag.TLS_BOUND):
+            raise _fail(ErrorCode.BAD_FIELD, f"AUTH_CHALLENGE flags {aflags:#x} has unknown bits")
+        return cls(AuthMethod(method), AuthFlag(aflags), nonce)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthProof:
+    """Client -> server: the client's MAC (32 bytes), proof that it knows the secret."""
+
+    TYPE: ClassVar[MsgType] = MsgType.AUTH_PROOF
+    NAME: ClassVar[str] = "AUTH_PROOF"
+
+    mac: bytes
+
+    def pack(self) -> bytes:
+        return bytes(self.mac)
+
+    @classmethod
+    def parse(cls, p: memoryview, flags: int) -> AuthProof:
+        _check_len(cls.NAME, p, MAC_SIZE)
+        return cls(bytes(p))
+
+
+@dataclass(frozen=True, slots=True)
+class AuthOk:
+    """Server -> client: the client's proof is right; the server's own MAC (32 bytes) proves the server knows
+    the secret too.  The client checks it before it sends HELLO."""
+
+    TYPE: ClassVar[MsgType] = MsgType.AUTH_OK
+    NAME: ClassVar[str] = "AUTH_OK"
+
+    mac: bytes
+
+    def pack(self) -> bytes:
+        return bytes(self.mac)
+
+    @classmethod
+    def parse(cls, p: memoryview, flags: int) -> AuthOk:
+        _check_len(cls.NAME, p, MAC_SIZE)
+        return cls(bytes(p))
 
 
 class HelloFlag(enum.IntFlag):
@@ -951,6 +1096,10 @@ Message = (
     | ScanDone
     | Goodbye
     | ResyncPending
+    | AuthBegin
+    | AuthChallenge
+    | AuthProof
+    | AuthOk
 )
 
 _SIMPLE_PARSERS: dict[MsgType, Callable[[memoryview, int], Message]] = {
@@ -967,6 +1116,10 @@ _SIMPLE_PARSERS: dict[MsgType, Callable[[memoryview, int], Message]] = {
     MsgType.SCAN_DONE: ScanDone.parse,
     MsgType.GOODBYE: Goodbye.parse,
     MsgType.RESYNC_PENDING: ResyncPending.parse,
+    MsgType.AUTH_BEGIN: AuthBegin.parse,
+    MsgType.AUTH_CHALLENGE: AuthChallenge.parse,
+    MsgType.AUTH_PROOF: AuthProof.parse,
+    MsgType.AUTH_OK: AuthOk.parse,
 }
 
 
@@ -1132,6 +1285,7 @@ class FrameDecoder:
 
 
 _TYPES = frozenset(int(t) for t in MsgType)
+_AUTH_ORDER: Final = {MsgType.AUTH_BEGIN: 1, MsgType.AUTH_CHALLENGE: 2, MsgType.AUTH_PROOF: 3}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1145,6 +1299,7 @@ class Role(enum.Enum):
 
 
 class Phase(enum.Enum):
+    AUTH = "auth"  # shared-secret challenge-response, before HELLO (only when a secret is configured)
     HANDSHAKE = "handshake"  # before HELLO / WELCOME
     READY = "ready"  # handshake done, neither streaming nor scanning
     STREAMING = "streaming"
@@ -1154,6 +1309,7 @@ class Phase(enum.Enum):
 
 # Which messages each side may send in each phase of the conversation.
 _CLIENT_MAY_SEND: dict[Phase, frozenset[MsgType]] = {
+    Phase.AUTH: frozenset({MsgType.AUTH_BEGIN, MsgType.AUTH_PROOF, MsgType.ERROR}),
     Phase.HANDSHAKE: frozenset({MsgType.HELLO, MsgType.ERROR}),
     Phase.READY: frozenset({MsgType.STREAM, MsgType.SCAN_BEGIN, MsgType.ERROR, MsgType.GOODBYE}),
     Phase.STREAMING: frozenset(
@@ -1181,27 +1337,57 @@ class Connection:
     """One side of a BDR conversation: ``send(msg) -> bytes``, ``feed``/``next_event`` -> messages.
 
     The phase advances on what the client sends (HELLO, WELCOME, STREAM, SCAN_BEGIN, SCAN_END), seen either
-    as sent (client role) or as received (server role), so both ends agree on what is allowed next.
+    as sent (client role) or as received (server role), so both ends agree on what is allowed next.  With
+    ``auth`` the conversation starts with the AUTH exchange, in order (BEGIN, CHALLENGE, PROOF, OK), and HELLO
+    is refused until AUTH_OK.  A received frame's type is checked against the phase before its payload is
+    parsed; until the handshake is over, frames are capped at HANDSHAKE_MAX_PAYLOAD.
     """
 
-    def __init__(self, role: Role, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(self, role: Role, max_payload: int = MAX_PAYLOAD, auth: bool = False) -> None:
         self.role = role
-        self.phase = Phase.HANDSHAKE
-        self.decoder = FrameDecoder(max_payload)
+        self.auth = auth
+        self.phase = Phase.AUTH if auth else Phase.HANDSHAKE
+        self.decoder = FrameDecoder(min(max_payload, HANDSHAKE_MAX_PAYLOAD))
+        self._max_payload = max_payload
         self.device_size: int | None = None  # bound for record offsets, known after HELLO
         self._hello_seen = False
+        self._auth_step = 0  # AUTH messages seen so far: 1 BEGIN, 2 CHALLENGE, 3 PROOF
+
+    @property
+    def authenticated(self) -> bool:
+        """The AUTH exchange is over (or there is none)."""
+        return self.phase is not Phase.AUTH and (not self.auth or self._auth_step == 3)
 
     # -- state ---------------------------------------------------------------------------------------------
 
     def _check_client_msg(self, t: MsgType, local: bool) -> None:
-        if t in _CLIENT_MAY_SEND[self.phase] and not (t is MsgType.HELLO and self._hello_seen):
-            return
         exc = LocalProtocolError if local else RemoteProtocolError
+        if self.phase is Phase.AUTH:
+            if t is MsgType.HELLO:
+                raise exc(ErrorCode.AUTH_REQUIRED, "the server requires shared-secret authentication first")
+            if t is MsgType.ERROR or (t is MsgType.AUTH_BEGIN and self._auth_step == 0):
+                return
+            if t is MsgType.AUTH_PROOF and self._auth_step == 2:
+                return
+        elif t in _CLIENT_MAY_SEND[self.phase] and not (t is MsgType.HELLO and self._hello_seen):
+            return
+        elif t is MsgType.AUTH_BEGIN and not self.auth and self.phase is Phase.HANDSHAKE:
+            raise exc(
+                ErrorCode.AUTH_FAILED,
+                "the client offers shared-secret authentication, the server has no secret: "
+                "give both --secret-file or neither",
+            )
         raise exc(ErrorCode.UNEXPECTED, f"client may not send {t.name} in phase {self.phase.value}")
 
     def _check_server_msg(self, t: MsgType, local: bool) -> None:
         if self.phase is Phase.CLOSED:
             ok = False
+        elif self.phase is Phase.AUTH:
+            ok = (
+                t is MsgType.ERROR
+                or (t is MsgType.AUTH_CHALLENGE and self._auth_step == 1)
+                or (t is MsgType.AUTH_OK and self._auth_step == 3)
+            )
         elif self.phase is Phase.HANDSHAKE:
             ok = t is MsgType.ERROR or (self._hello_seen and t is MsgType.WELCOME)
         else:
@@ -1210,24 +1396,33 @@ class Connection:
             exc = LocalProtocolError if local else RemoteProtocolError
             raise exc(ErrorCode.UNEXPECTED, f"server may not send {t.name} in phase {self.phase.value}")
 
-    def _advance(self, msg: Message, from_client: bool) -> None:
-        t = msg.TYPE
+    def _check(self, t: MsgType, from_client: bool) -> None:
+        """May ``t`` be sent now (by the client if ``from_client``)?  Local error if we are the sender."""
         if from_client:
             self._check_client_msg(t, local=self.role is Role.CLIENT)
         else:
             self._check_server_msg(t, local=self.role is Role.SERVER)
+
+    def _advance(self, msg: Message, from_client: bool) -> None:
+        t = msg.TYPE
+        self._check(t, from_client)
         if t is MsgType.HELLO:
             assert isinstance(msg, Hello)
             self._hello_seen = True
             self.device_size = msg.device_size
         elif t is MsgType.WELCOME:
             self.phase = Phase.READY
+            self.decoder.max_payload = self._max_payload
         elif t is MsgType.STREAM or t is MsgType.SCAN_END:
             self.phase = Phase.STREAMING
         elif t is MsgType.SCAN_BEGIN:
             self.phase = Phase.SCANNING
         elif t is MsgType.ERROR or t is MsgType.GOODBYE:
             self.phase = Phase.CLOSED
+        elif t is MsgType.AUTH_OK:
+            self.phase = Phase.HANDSHAKE
+        elif t in _AUTH_ORDER:
+            self._auth_step = _AUTH_ORDER[t]
 
     # -- sending ---------------------------------------------------------------------------------------------
 
@@ -1267,9 +1462,11 @@ class Connection:
         frame = self.decoder.next_frame()
         if frame is NEED_DATA:
             return NEED_DATA
-        bound = self.device_size if self.role is Role.SERVER else None
+        from_client = self.role is Role.SERVER
+        self._check(MsgType(frame.type), from_client)  # not allowed now: refused before its payload is parsed
+        bound = self.device_size if from_client else None
         msg = parse_payload(frame.type, frame.flags, frame.payload, bound)
-        self._advance(msg, from_client=self.role is Role.SERVER)
+        self._advance(msg, from_client)
         if isinstance(msg, Error):
             raise PeerError(msg.code, msg.message)
         return msg

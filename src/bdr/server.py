@@ -8,7 +8,11 @@ Layers, from the disk up:
   metadata header on the journal, then the acknowledgement).
 * ``ServerSession``: one client connection as a protocol state machine: handshake checks, streaming, scans.
   Bytes in, bytes out; no sockets, so tests drive it in memory.
-* ``Server``: the daemon: listening socket, one client at a time, signals as events on the poll loop.
+* ``Server``: the daemon: listening socket, one client at a time, signals as events on the poll loop; TLS
+  and shared-secret authentication before anything reaches the session (``bdr.tls``, ``bdr.auth``).
+
+A replica or journal I/O error is not a protocol event: the server marks the replica inconsistent in its
+metadata (the next client start rescans the whole device), tells the client, and stops with exit status 4.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import ipaddress
 import logging
 import os
 import select
 import signal
 import socket
+import ssl
 import stat
 import struct
 import sys
@@ -31,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from . import __version__, config, scan
+from . import __version__, auth, config, scan, tls
 from . import protocol as p
-from .journal import JFlag, Journal, JournalError
+from .journal import JFlag, Journal, JournalError, JournalIOError
 from .journal_records import JournalFull, RecordArea, StagingTarget
 from .log import BenchClock, setup_logging
 
@@ -46,6 +52,13 @@ ZERO_CHUNK = 1 << 20
 F_SETPIPE_SZ = 1031
 SPLICE_MIN = 256 * 1024  # DATA payloads from this size on go socket -> pipe -> replica
 IO_TIMEOUT = 60.0
+# Time from accept to a finished handshake (TLS, authentication, HELLO/WELCOME): a few round trips, even over
+# a lossy long-distance link; a peer that has not finished by then holds the only client slot for nothing.
+HANDSHAKE_TIMEOUT = 30.0
+# A frame started but not finished: no byte for this long means a stalled peer (a live TCP connection keeps
+# delivering retransmissions well within this, even at 5% loss).
+FRAME_TIMEOUT = 60.0
+EXIT_USAGE, EXIT_STORAGE = 2, 4
 ACK_EVERY = 32 << 20  # applied bytes after which an ACK goes out even while more input is waiting
 
 
@@ -200,6 +213,8 @@ class SpliceSource:
                 if not select.select([self.sock], [], [], IO_TIMEOUT)[0]:
                     raise p.ConnectionLost(f"no data from the client for {IO_TIMEOUT:.0f}s") from None
                 continue
+            except OSError as exc:  # the socket's fault (reset, ...): not a replica error
+                raise p.ConnectionLost(f"receive failed: {exc.strerror or exc}") from exc
             if k == 0:
                 raise p.ConnectionLost("client closed the connection inside a DATA frame")
             return k
@@ -449,7 +464,7 @@ class Applier:
         assert self.area is not None
         self.area.commit()
         h = self.journal.header
-        flags = (h.flags | JFlag.HAS_DATA | JFlag.CONSISTENT) & ~JFlag.SCANNING
+        flags = (h.flags | JFlag.HAS_DATA | JFlag.CONSISTENT) & ~(JFlag.SCANNING | JFlag.IO_ERROR)
         if self.expect is not None:
             flags |= JFlag.SEQ_VALID
         durable = self.applied if self.expect is not None else h.durable_seq
@@ -520,24 +535,34 @@ class ScanState:
 
 
 class SessionClosed(Exception):
-    """The session is over; ``reply`` holds the last bytes to send (an ERROR or GOODBYE) before closing."""
+    """The session is over; ``reply`` holds the last bytes to send (an ERROR or GOODBYE) before closing.
+    ``fatal``: the replica or the journal failed, the daemon must stop."""
 
-    def __init__(self, reason: str, reply: bytes = b"", clean: bool = False) -> None:
+    def __init__(self, reason: str, reply: bytes = b"", clean: bool = False, fatal: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.reply = reply
         self.clean = clean
+        self.fatal = fatal
 
 
 class ServerSession:
     """The protocol state machine of one client connection on the server side."""
 
-    def __init__(self, replica: Replica, journal: Journal, applier: Applier, peer: str = "memory") -> None:
+    def __init__(
+        self,
+        replica: Replica,
+        journal: Journal,
+        applier: Applier,
+        peer: str = "memory",
+        auth: auth.ServerAuth | None = None,
+    ) -> None:
         self.replica = replica
         self.journal = journal
         self.applier = applier
         self.peer = peer
-        self.conn = p.Connection(p.Role.SERVER)
+        self.auth = auth
+        self.conn = p.Connection(p.Role.SERVER, auth=auth is not None)
         self.hello: p.Hello | None = None
         self.scan: ScanState | None = None
         self._hash_buf = memoryview(bytearray(scan.WINDOW))
@@ -568,14 +593,12 @@ class ServerSession:
                 raise SessionClosed(f"client reported {exc.code.name}: {exc.message}", b"".join(out)) from exc
             except p.RemoteProtocolError as exc:
                 err = p.encode(p.Error(exc.code, exc.message))
-                raise SessionClosed(f"protocol error from client: {exc}", b"".join(out) + err) from exc
+                raise SessionClosed(self._refusal(exc), b"".join(out) + err) from exc
             except p.LocalProtocolError as exc:
                 err = p.encode(p.Error(exc.code, exc.message))
                 raise SessionClosed(f"refused: {exc.message}", b"".join(out) + err) from exc
             except OSError as exc:
-                msg = f"replica I/O error: {exc}"
-                err = p.encode(p.Error(p.ErrorCode.IO_ERROR, msg))
-                raise SessionClosed(msg, b"".join(out) + err) from exc
+                raise self.storage_failed(exc, b"".join(out)) from exc
             if reply is None:
                 self.ack_pending = True
             else:
@@ -614,11 +637,37 @@ class ServerSession:
         except p.LocalProtocolError as exc:
             raise SessionClosed(f"refused: {exc.message}", p.encode(p.Error(exc.code, exc.message))) from exc
         except OSError as exc:
-            msg = f"replica I/O error: {exc}"
-            raise SessionClosed(msg, p.encode(p.Error(p.ErrorCode.IO_ERROR, msg))) from exc
+            raise self.storage_failed(exc) from exc
         dec.drop_current()
         self.ack_pending = True
         return self.receive(idle)
+
+    def _refusal(self, exc: p.RemoteProtocolError) -> str:
+        """Why the client's input was refused, in words for the log."""
+        if exc.code in (p.ErrorCode.AUTH_FAILED, p.ErrorCode.AUTH_REQUIRED):
+            return f"authentication failed: {exc.message}"
+        dec = self.conn.decoder
+        hdr = dec.peek_header()
+        if dec.frames == 0 and hdr is not None and hdr[2] & 0xFFFF == 0x0316:  # 16 03: a TLS record
+            return "the client speaks TLS, this server has no --tls-cert / --tls-key"
+        return f"protocol error from client: {exc}"
+
+    def storage_failed(self, exc: OSError, reply: bytes = b"") -> SessionClosed:
+        """The replica or the journal failed: mark the replica inconsistent on disk (the next client start
+        rescans the whole device) and end the session with an IO_ERROR the daemon treats as fatal."""
+        if isinstance(exc, JournalIOError):
+            msg = exc.strerror or str(exc)
+        else:
+            msg = f"replica {self.replica.path}: I/O error: {exc.strerror or exc}"
+        try:
+            flags = (self.journal.header.flags | JFlag.SCANNING | JFlag.IO_ERROR) & ~JFlag.CONSISTENT
+            self.journal.commit(flags=flags)
+            marked = "the replica is marked inconsistent"
+        except OSError as exc2:
+            marked = f"and the journal cannot record it ({exc2.strerror or exc2})"
+        log.error("%s; %s", msg, marked)
+        err = p.encode(p.Error(p.ErrorCode.IO_ERROR, f"{msg} on the server"))
+        return SessionClosed(msg, reply + err, fatal=True)
 
     def take_ack(self) -> bytes:
         self.ack_pending = False
@@ -639,6 +688,8 @@ class ServerSession:
             ) from exc
 
     def _handle(self, msg: p.Message) -> bytes | None:
+        if isinstance(msg, p.AuthBegin | p.AuthProof):
+            return self._auth(msg)
         if isinstance(msg, p.Data):
             self.applier.apply(msg)
             return None
@@ -670,6 +721,16 @@ class ServerSession:
         raise p.RemoteProtocolError(p.ErrorCode.UNEXPECTED, f"client sent {msg.TYPE.name}")
 
     # -- handshake -----------------------------------------------------------------------------------------------
+
+    def _auth(self, msg: p.AuthBegin | p.AuthProof) -> bytes:
+        assert self.auth is not None  # without a secret the Connection refuses AUTH_* (AUTH_FAILED)
+        if isinstance(msg, p.AuthBegin):
+            return self.conn.send(self.auth.on_begin(msg))
+        ok = self.auth.on_proof(msg)
+        log.info(
+            "client %s authenticated (shared secret%s)", self.peer, ", TLS-bound" if self.auth.binding else ""
+        )
+        return self.conn.send(ok)
 
     def _hello(self, h: p.Hello) -> bytes:
         if h.device_size > self.replica.size:
@@ -866,7 +927,9 @@ class ServerSession:
         if self.applier.staging:
             return self._scan_end_staged(sc, e)
         self.replica.sync()
-        flags = self.journal.header.flags & ~(JFlag.SCANNING | JFlag.CONSISTENT | JFlag.SEQ_VALID)
+        flags = self.journal.header.flags & ~(
+            JFlag.SCANNING | JFlag.CONSISTENT | JFlag.SEQ_VALID | JFlag.IO_ERROR
+        )
         flags |= JFlag.HAS_DATA
         resume = e.resume_seq if e.flags & p.ScanEndFlag.HAS_RESUME_SEQ else None
         consistent_seq = p.NO_SEQ
@@ -928,7 +991,10 @@ class ServerSession:
 
     def goodbye(self) -> bytes:
         """Our side closes the conversation cleanly (server shutdown): final ACK and GOODBYE."""
-        self.applier.sync()
+        try:
+            self.applier.sync()
+        except OSError as exc:
+            raise self.storage_failed(exc) from exc
         if self.conn.phase in (p.Phase.HANDSHAKE, p.Phase.CLOSED):
             return b""
         return p.encode(self.applier.ack()) + self.conn.send(p.Goodbye(p.GoodbyeReason.SHUTDOWN))
@@ -944,6 +1010,8 @@ class Server:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        # security first: a server that must not start touches neither the replica nor the journal
+        self.tls_ctx, self.secret, self.binding = load_security(args)
         self.replica = Replica(args.target_device)
         try:
             self.journal = Journal(args.journal)
@@ -962,6 +1030,9 @@ class Server:
         self.pipe: Pipe | None = None
         self.spliced_frames = 0
         self._no_splice = -1  # decoder frame number that goes the ordinary way
+        self.failed: str | None = None  # the storage error the daemon stops on
+        self._busy_logged = -1e9
+        self._busy_quiet = 0
         if hasattr(os, "splice") and os.environ.get("BDR_NO_SPLICE") != "1":
             with contextlib.suppress(OSError):
                 self.pipe = Pipe()
@@ -1013,7 +1084,13 @@ class Server:
             "new" if self.journal.created or self.journal.fresh else "existing",
             "none" if self.applier.durable == p.NO_SEQ else self.applier.durable,
         )
-        if jh.flags & JFlag.SCANNING:
+        log.warning("security: %s", self.security_text())
+        if jh.flags & JFlag.IO_ERROR:
+            log.warning(
+                "the replica is inconsistent: the server stopped on an I/O error; the next client start "
+                "rescans the whole device"
+            )
+        elif jh.flags & JFlag.SCANNING:
             log.warning(
                 "the replica is inconsistent: a resync was interrupted; the next client start rescans"
             )
@@ -1034,10 +1111,30 @@ class Server:
                         time.sleep(0.1)
                         continue
                     self._serve(sock, f"{addr[0]}:{addr[1]}")
+        if self.failed is not None:
+            log.error(
+                "bdr_server stopped on a storage error (%s): fix the device, then start the server again; "
+                "the replica is marked inconsistent and the next client start rescans the whole device",
+                self.failed,
+            )
+            return EXIT_STORAGE
         self.applier.sync()
         self._report_bench(final=True)
         log.warning("bdr_server stopped (durable seq %s)", self._seq_text(self.applier.durable))
         return 0
+
+    def security_text(self) -> str:
+        parts = []
+        if self.tls_ctx is not None:
+            ca = self.args.tls_ca
+            parts.append(
+                f"TLS, client certificates checked against {ca}" if ca else "TLS without client certificates"
+            )
+        if self.secret is not None:
+            parts.append("shared secret")
+        if not parts:
+            return "none (plaintext, unauthenticated)" + (", --insecure" if self.args.insecure else "")
+        return " + ".join(parts)
 
     @staticmethod
     def _seq_text(seq: int) -> str:
@@ -1048,36 +1145,61 @@ class Server:
             sock, addr = lst.accept()
         except OSError:
             return
-        log.warning("refusing connection from %s:%d: already serving %s", addr[0], addr[1], current)
-        try:
-            sock.settimeout(1.0)
-            sock.sendall(p.encode(p.Error(p.ErrorCode.BUSY, f"server already serves a client ({current})")))
-        except OSError:
-            pass
+        now = time.monotonic()
+        if now - self._busy_logged >= 5.0:  # a flood of connections does not flood the log
+            more = f" ({self._busy_quiet} more refused since the last report)" if self._busy_quiet else ""
+            log.warning(
+                "refusing connection from %s:%d: already serving %s%s", addr[0], addr[1], current, more
+            )
+            self._busy_logged, self._busy_quiet = now, 0
+        else:
+            self._busy_quiet += 1
+        if self.tls_ctx is None:  # a TLS client could not read a plaintext ERROR: it just sees the close
+            try:
+                sock.settimeout(1.0)
+                sock.sendall(
+                    p.encode(p.Error(p.ErrorCode.BUSY, f"server already serves a client ({current})"))
+                )
+            except OSError:
+                pass
         sock.close()
 
-    def _serve(self, sock: socket.socket, peer: str) -> None:
+    def _serve(self, raw: socket.socket, peer: str) -> None:
         log.warning("client %s connected", peer)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _keepalive(sock)
-        sock.settimeout(60.0)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _keepalive(raw)
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-        sess = ServerSession(self.replica, self.journal, self.applier, peer)
+                raw.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+        secured = self._secure(raw, peer, deadline)
+        if secured is None:
+            raw.close()
+            return
+        sock = secured
+        sock.settimeout(60.0)
+        server_auth = auth.ServerAuth(self.secret, self.binding) if self.secret is not None else None
+        sess = ServerSession(self.replica, self.journal, self.applier, peer, server_auth)
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         assert self.listener is not None
         poller.register(self.listener, select.POLLIN)
         reason = "?"
+        fatal = False
+        last_rx = time.monotonic()
         try:
             while True:
                 if self.stopping:
                     reason = "server shutting down"
                     sock.sendall(sess.goodbye())
                     break
-                events = poller.poll(1000)
+                buffered = tls.pending(sock)  # decrypted bytes poll() cannot see
+                events = poller.poll(0 if buffered else 1000)
+                if buffered and not any(fd == sock.fileno() for fd, _ in events):
+                    events.append((sock.fileno(), select.POLLIN))
+                if not any(fd == sock.fileno() for fd, _ in events):
+                    self._check_timeouts(sess, deadline, last_rx)
                 if not events:
                     self._report_bench()
                     continue
@@ -1087,7 +1209,8 @@ class Server:
                     elif fd == self.listener.fileno():
                         self._refuse_busy(self.listener, peer)
                     elif fd == sock.fileno():
-                        if self._splice(sess, sock):
+                        last_rx = time.monotonic()
+                        if self.tls_ctx is None and self._splice(sess, sock):
                             continue
                         n = sock.recv_into(sess.conn.writable(1 << 20))
                         sess.conn.commit(n)
@@ -1095,29 +1218,35 @@ class Server:
                             raise SessionClosed(
                                 "connection lost: client closed the connection without GOODBYE"
                             )
-                        more = bool(select.select([sock], [], [], 0)[0])
+                        more = bool(tls.pending(sock) or select.select([sock], [], [], 0)[0])
                         reply = sess.receive(idle=not more)
                         if reply:
                             sock.sendall(reply)
                 self._report_bench()
         except SessionClosed as exc:
             reason = exc.reason
+            fatal = exc.fatal
             if exc.reply:
                 with contextlib.suppress(OSError):
                     sock.sendall(exc.reply)
-            level = logging.INFO if exc.clean else logging.WARNING
+            level = logging.INFO if exc.clean else logging.ERROR if exc.fatal else logging.WARNING
             log.log(level, "client %s: %s", peer, reason)
         except p.RemoteProtocolError as exc:
             reason = f"connection lost: {exc.message}"
             log.warning("client %s: %s", peer, reason)
         except (ConnectionError, TimeoutError, OSError) as exc:
-            reason = f"connection lost: {exc}"
+            reason = f"connection lost: {tls.describe(exc) if isinstance(exc, ssl.SSLError) else exc}"
             log.warning("client %s: %s", peer, reason)
         finally:
-            try:
-                self.applier.sync()
-            except OSError as exc:
-                log.error("cannot sync the replica: %s", exc)
+            if not fatal:
+                try:
+                    self.applier.sync()
+                except OSError as exc:
+                    sess.storage_failed(exc)
+                    fatal = True
+            if fatal:
+                self.failed = reason
+                self.stopping = True
             sock.close()
             if self.pipe is not None:  # a frame cut short may have left bytes in it: never reuse them
                 self.pipe.close()
@@ -1131,6 +1260,68 @@ class Server:
                 self._seq_text(self.applier.applied),
                 self._seq_text(self.applier.durable),
             )
+
+    @staticmethod
+    def _check_timeouts(sess: ServerSession, deadline: float, last_rx: float) -> None:
+        """Called when the client sent nothing: end a handshake that takes too long, or a frame left unfinished."""
+        now = time.monotonic()
+        if sess.conn.phase in (p.Phase.AUTH, p.Phase.HANDSHAKE) and now > deadline:
+            msg = f"no complete handshake within {HANDSHAKE_TIMEOUT:.0f}s"
+            raise SessionClosed(f"refused: {msg}", p.encode(p.Error(p.ErrorCode.UNEXPECTED, msg)))
+        if sess.conn.decoder.buffered and now - last_rx > FRAME_TIMEOUT:
+            msg = f"stalled in the middle of a frame: no data for {FRAME_TIMEOUT:.0f}s"
+            raise SessionClosed(f"refused: {msg}", p.encode(p.Error(p.ErrorCode.TRUNCATED, msg)))
+
+    def _secure(self, raw: socket.socket, peer: str, deadline: float) -> socket.socket | None:
+        """The TLS handshake of a new connection (the plain socket without TLS); None when refused (logged)."""
+        if self.tls_ctx is None:
+            return raw
+        ssock: ssl.SSLSocket | None = None
+        try:
+            first = self._peek(raw, deadline)
+            if first is None:
+                log.warning("client %s: closed the connection before the TLS handshake", peer)
+                return None
+            if first[:1] != b"\x16":  # not a TLS handshake record
+                if len(first) >= 5 and first[4] in (p.MsgType.HELLO, p.MsgType.AUTH_BEGIN):
+                    msg = "this server requires TLS: give the client --tls-ca (and --tls-cert, --tls-key)"
+                    with contextlib.suppress(OSError):
+                        raw.settimeout(1.0)
+                        raw.sendall(p.encode(p.Error(p.ErrorCode.AUTH_REQUIRED, msg)))
+                log.warning("client %s: refused: a plaintext connection to a TLS server", peer)
+                _close_gently(raw)
+                return None
+            ssock = self.tls_ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            tls.handshake(ssock, max(0.0, deadline - time.monotonic()), lambda: self.stopping)
+        except InterruptedError:
+            return None
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("client %s: refused: TLS handshake failed: %s", peer, tls.describe(exc))
+            if ssock is not None and not isinstance(exc, TimeoutError):
+                _close_gently(ssock)  # the TLS alert reaches the client before the close
+            return None
+        who = tls.peer_subject(ssock)
+        log.info(
+            "client %s: TLS %s, %s",
+            peer,
+            ssock.version(),
+            f"client certificate {who!r}" if who else "no client certificate",
+        )
+        return ssock
+
+    def _peek(self, raw: socket.socket, deadline: float) -> bytes | None:
+        """The first bytes the client sends (left in the socket), None if it closes first."""
+        poller = select.poll()
+        poller.register(raw, select.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"nothing received within {HANDSHAKE_TIMEOUT:.0f}s")
+            if self.stopping:
+                raise InterruptedError("stopping")
+            if poller.poll(int(min(left, 0.2) * 1000) + 1):
+                data = raw.recv(8, socket.MSG_PEEK)
+                return data or None
 
     def _splice(self, sess: ServerSession, sock: socket.socket) -> bool:
         """Large DATA frames: read only up to the end of the descriptors, then let the session splice the data
@@ -1217,6 +1408,84 @@ def _long_runs(f: p.RecordFields, min_avg: int = 32 * 1024) -> bool:
     return sum(ln) >= runs * min_avg
 
 
+def is_loopback(address: str) -> bool:
+    """Whether every address ``address`` resolves to is a loopback address."""
+    try:
+        infos = socket.getaddrinfo(address, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    try:
+        return bool(infos) and all(
+            ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos
+        )
+    except ValueError:
+        return False
+
+
+def load_security(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, bytes | None, bytes]:
+    """The TLS context, the shared secret and the TLS channel binding from the flags; ServerError if they do
+    not fit together or if the server would accept unauthenticated clients on a non-loopback address."""
+    for name in ("tls_cert", "tls_key", "tls_ca", "secret_file", "insecure"):  # callers that build args
+        if not hasattr(args, name):
+            setattr(args, name, False if name == "insecure" else None)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ServerError("--tls-cert and --tls-key go together")
+    if args.tls_ca and not args.tls_cert:
+        raise ServerError("--tls-ca (check client certificates) needs TLS: give --tls-cert and --tls-key too")
+    ctx = None
+    binding = b""
+    try:
+        if args.tls_cert:
+            ctx = tls.server_context(args.tls_cert, args.tls_key, args.tls_ca)
+            binding = auth.server_end_point(tls.first_cert_der(args.tls_cert))
+    except tls.TlsError as exc:
+        raise ServerError(str(exc)) from exc
+    secret = None
+    if args.secret_file:
+        try:
+            secret, warning = auth.load_secret(args.secret_file)
+        except auth.SecretError as exc:
+            raise ServerError(str(exc)) from exc
+        if warning:
+            log.warning("%s", warning)
+    authenticated = bool(args.tls_ca) or secret is not None
+    if not authenticated and not is_loopback(args.address):
+        if not args.insecure:
+            raise ServerError(
+                f"refusing to listen on {args.address} without client authentication: anyone who reaches this "
+                "port could overwrite the replica. Give --tls-cert, --tls-key and --tls-ca (mutual TLS; "
+                "'bdr certs' creates the files) and/or --secret-file (shared secret; 'bdr secret' creates one), "
+                "or --insecure on a network you fully trust."
+            )
+        log.warning(
+            "--insecure: accepting unauthenticated clients on %s; anyone who reaches this port can "
+            "overwrite the replica",
+            args.address,
+        )
+    if secret is not None and ctx is None and not is_loopback(args.address):
+        log.warning(
+            "shared secret without TLS: clients are authenticated, but the data crosses the network "
+            "unencrypted and unprotected after the handshake (add --tls-cert/--tls-key)"
+        )
+    return ctx, secret, binding
+
+
+def _close_gently(sock: socket.socket, linger: float = 0.5) -> None:
+    """Close a refused connection so that what we sent last (an ERROR, a TLS alert) reaches the peer: FIN
+    first, then read what the peer still sends for a moment (closing with unread bytes would send a reset,
+    and a reset can overtake the last bytes)."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        sock.settimeout(linger)
+        deadline = time.monotonic() + linger
+        while time.monotonic() < deadline and socket.socket.recv(sock, 65536):
+            pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
 def _keepalive(sock: socket.socket) -> None:
     """Notice a dead peer within ~15 s even when no data flows."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -1236,7 +1505,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bdr_server",
         description="BDR server daemon: receives the writes captured on the source and applies them to a replica "
         "device, keeping the replica a crash-consistent copy of the source.",
-        epilog="Exit status: 0 after a clean stop (SIGTERM / SIGINT), 2 for a usage or configuration error.",
+        epilog="Exit status: 0 after a clean stop (SIGTERM / SIGINT), 2 for a usage or configuration error "
+        "(including a refused insecure set-up), 4 after a replica or journal I/O error (the replica is marked "
+        "inconsistent; fix the device, then start again).",
     )
     ap.add_argument("--address", required=True, help="IP address to listen on (required), e.g. 0.0.0.0 or ::")
     ap.add_argument(
@@ -1273,6 +1544,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmark",
         action="store_true",
         help="print applied throughput, record rate and sync figures every second",
+    )
+    sec = ap.add_argument_group(
+        "security",
+        "A server on a non-loopback address must authenticate its clients: mutual TLS (--tls-cert, --tls-key, "
+        "--tls-ca) and/or a shared secret (--secret-file); otherwise it refuses to start unless --insecure.",
+    )
+    sec.add_argument(
+        "--tls-cert", metavar="FILE", help="TLS: this server's certificate (PEM, may hold the chain)"
+    )
+    sec.add_argument("--tls-key", metavar="FILE", help="TLS: the private key of --tls-cert (PEM)")
+    sec.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="TLS: accept only clients whose certificate this CA issued (PEM; mutual TLS)",
+    )
+    sec.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="shared secret (at least 16 bytes; 'bdr secret FILE' makes one): clients must prove they know it "
+        "and the server proves it too; the secret never crosses the network",
+    )
+    sec.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --address without client authentication (trusted, isolated networks only)",
     )
     ap.add_argument(
         "--config",

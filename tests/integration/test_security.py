@@ -1,0 +1,269 @@
+"""Real daemons over loopback: mutual TLS, shared secret, the safe default, and peers that must be refused.
+
+Every refusal test ends by checking that the replica file is byte for byte what it was before: nothing from an
+unauthenticated peer reached it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from bdr import certs
+from bdr import protocol as p
+from bdr.journal import JFlag, Journal
+
+from .conftest import Lab, Writer
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two unrelated CAs, each with a server certificate for 127.0.0.1 and a client certificate."""
+    base = tmp_path_factory.mktemp("pki")
+    good = certs.make(base / "good", ("127.0.0.1", "localhost")).out
+    other = certs.make(base / "other", ("127.0.0.1",), client_name="intruder").out
+    (base / "secret").write_text("correct horse battery staple 1234\n")
+    (base / "wrong").write_text("incorrect horse battery staple 99\n")
+    for f in ("secret", "wrong"):
+        (base / f).chmod(0o600)
+    return {"good": good, "other": other, "secret": base / "secret", "wrong": base / "wrong"}
+
+
+def server_tls(d: Path, ca: Path | None = None) -> tuple[str, ...]:
+    return (
+        "--tls-cert",
+        str(d / "server.pem"),
+        "--tls-key",
+        str(d / "server.key"),
+        "--tls-ca",
+        str(ca or d / "ca.pem"),
+    )
+
+
+def client_tls(d: Path, ca: Path | None = None) -> tuple[str, ...]:
+    return (
+        "--tls-ca",
+        str(ca or d / "ca.pem"),
+        "--tls-cert",
+        str(d / "client.pem"),
+        "--tls-key",
+        str(d / "client.key"),
+    )
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def seeded(lab: Lab) -> str:
+    """Images with a random source and a replica with known content; the replica's checksum."""
+    lab.images(src_random=True, seed=11)
+    lab.replica.write_bytes(bytes(range(256)) * (lab.src.stat().st_size // 256))
+    lab.make_producer()
+    return digest(lab.replica)
+
+
+def test_mutual_tls_with_secret_replicates(lab: Lab, pki: dict[str, Path]) -> None:
+    lab.images(src_random=True, seed=12)
+    prod = lab.make_producer()
+    srv = lab.server(*server_tls(pki["good"]), "--secret-file", str(pki["secret"]))
+    srv.wait_log("listening on")
+    assert "security: TLS, client certificates checked against" in srv.log()
+    cli = lab.client(*client_tls(pki["good"]), "--secret-file", str(pki["secret"]))
+    Writer(prod, 1500, seed=13).join()
+    lab.wait_drained()
+    assert cli.stop() == 0
+    assert srv.stop() == 0
+    assert lab.identical()
+    assert re.search(r"client .*: TLS TLSv1\.3, client certificate 'bdr-client'", srv.log())
+    assert "authenticated (shared secret, TLS-bound)" in srv.log()
+    assert "server 127.0.0.1:" in cli.log() and "authenticated (shared secret)" in cli.log()
+
+
+def test_secret_without_tls_replicates(lab: Lab, pki: dict[str, Path]) -> None:
+    lab.images(src_random=True, seed=14)
+    prod = lab.make_producer()
+    srv = lab.server("--secret-file", str(pki["secret"]))
+    srv.wait_log("listening on")
+    cli = lab.client("--secret-file", str(pki["secret"]))
+    Writer(prod, 500, seed=15).join()
+    lab.wait_drained()
+    assert cli.stop() == 0
+    assert srv.stop() == 0
+    assert lab.identical()
+
+
+def test_client_certificate_from_another_ca_is_refused(lab: Lab, pki: dict[str, Path]) -> None:
+    before = seeded(lab)
+    srv = lab.server(*server_tls(pki["good"]))
+    srv.wait_log("listening on")
+    # the client trusts the right CA for the server, but its own certificate comes from another CA
+    cli = lab.client(*client_tls(pki["other"], ca=pki["good"] / "ca.pem"))
+    srv.wait_log(r"refused: TLS handshake failed: certificate verification failed")
+    cli.wait_log(r"ERROR: TLS session with .* refused: TLSV1_ALERT_UNKNOWN_CA: .*; retrying in 30s")
+    assert cli.stop() == 0
+    assert srv.stop() == 0
+    assert digest(lab.replica) == before
+    assert "WELCOME" not in srv.log() and "scan" not in cli.log()
+
+
+def test_client_without_certificate_is_refused(lab: Lab, pki: dict[str, Path]) -> None:
+    before = seeded(lab)
+    srv = lab.server(*server_tls(pki["good"]))
+    srv.wait_log("listening on")
+    cli = lab.client("--tls-ca", str(pki["good"] / "ca.pem"))
+    srv.wait_log(r"refused: TLS handshake failed: .*certificate")
+    cli.wait_log(r"ERROR: TLS session with .* refused: .*requires a client certificate")
+    assert cli.stop() == 0
+    assert srv.stop() == 0
+    assert digest(lab.replica) == before
+
+
+def test_server_certificate_from_another_ca_is_refused_by_the_client(lab: Lab, pki: dict[str, Path]) -> None:
+    before = seeded(lab)
+    srv = lab.server(*server_tls(pki["other"], ca=pki["good"] / "ca.pem"))  # an impostor's certificate
+    srv.wait_log("listening on")
+    cli = lab.client(*client_tls(pki["good"]))
+    cli.wait_log(r"ERROR: TLS handshake with .* failed: certificate verification failed: .*; retrying in 30s")
+    srv.wait_log(r"refused: TLS handshake failed")
+    assert cli.stop() == 0
+    assert srv.stop() == 0
+    assert digest(lab.replica) == before
+
+
+def test_wrong_secret_is_refused_both_ways(lab: Lab, pki: dict[str, Path]) -> None:
+    before = seeded(lab)
+    srv = lab.server("--secret-file", str(pki["secret"]))
+    srv.wait_log("listening on")
+    cli = lab.client("--secret-file", str(pki["wrong"]))
+    srv.wait_log(r"authentication failed: wrong shared secret")
+    cli.wait_log(r"ERROR: server .* refused us: wrong shared secret.*; retrying in 30s")
+    assert cli.stop() == 0
+    cli2 = lab.client()  # no secret at all
+    srv.wait_log(r"authentication failed: the server requires shared-secret authentication first")
+    cli2.wait_log(r"ERROR: server .* refused us: the server requires shared-secret authentication")
+    assert cli2.stop() == 0
+    assert srv.stop() == 0
+    assert digest(lab.replica) == before
+    h = Journal(lab.journal).header
+    assert not h.flags & JFlag.SOURCE_KNOWN and h.generation == 0  # the metadata was never written either
+
+
+def test_server_without_the_secret_refuses_a_client_that_has_one(lab: Lab, pki: dict[str, Path]) -> None:
+    before = seeded(lab)
+    srv = lab.server()
+    srv.wait_log("listening on")
+    cli = lab.client("--secret-file", str(pki["secret"]))
+    cli.wait_log(r"ERROR: server .* refused us: .*the server has no secret")
+    assert cli.stop() == 0
+    assert srv.stop() == 0
+    assert digest(lab.replica) == before
+
+
+def test_no_credentials_on_a_non_loopback_address_refuses_to_start(lab: Lab, pki: dict[str, Path]) -> None:
+    before = seeded(lab)
+    for address in ("0.0.0.0", "::"):
+        srv = lab.server("--address", address)  # later flags win
+        assert srv.wait() == 2
+        log = srv.log()
+        assert f"refusing to listen on {address} without client authentication" in log, log
+        assert "--tls-ca" in log and "--secret-file" in log and "--insecure" in log
+        srv.log_path.unlink()
+    # TLS without client certificates does not authenticate clients either
+    srv = lab.server(
+        "--address",
+        "0.0.0.0",
+        "--tls-cert",
+        str(pki["good"] / "server.pem"),
+        "--tls-key",
+        str(pki["good"] / "server.key"),
+    )
+    assert srv.wait() == 2
+    assert "without client authentication" in srv.log()
+    assert not lab.journal.exists()  # refused before touching the journal
+    assert digest(lab.replica) == before
+
+
+def test_plaintext_client_against_tls_server_is_refused(lab: Lab, pki: dict[str, Path]) -> None:
+    before = seeded(lab)
+    srv = lab.server(*server_tls(pki["good"]))
+    srv.wait_log("listening on")
+    cli = lab.client()
+    srv.wait_log(r"refused: a plaintext connection to a TLS server")
+    cli.wait_log(r"ERROR: server .* refused us: this server requires TLS: give the client --tls-ca")
+    assert cli.stop() == 0
+    assert srv.stop() == 0
+    assert digest(lab.replica) == before
+
+
+def test_tls_client_against_plaintext_server_is_refused(lab: Lab, pki: dict[str, Path]) -> None:
+    before = seeded(lab)
+    srv = lab.server()
+    srv.wait_log("listening on")
+    cli = lab.client(*client_tls(pki["good"]))
+    srv.wait_log(r"the client speaks TLS, this server has no --tls-cert")
+    cli.wait_log(r"ERROR: TLS handshake with .* failed")
+    assert cli.stop() == 0
+    assert srv.stop() == 0
+    assert digest(lab.replica) == before
+
+
+# -- hostile peers against a real daemon ------------------------------------------------------------------------
+
+
+def _connect(lab: Lab) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", lab.port), timeout=5)
+    s.settimeout(5)
+    return s
+
+
+def _read_error(s: socket.socket) -> p.Error:
+    dec = p.FrameDecoder()
+    while True:
+        data = s.recv(65536)
+        dec.feed(data)
+        fr = dec.next_frame()
+        if fr is not p.NEED_DATA:
+            assert isinstance(fr, p.Frame)
+            msg = p.parse_payload(fr.type, fr.flags, fr.payload)
+            assert isinstance(msg, p.Error), msg
+            return msg
+        assert data, "closed without an ERROR"
+
+
+def test_garbage_oversized_frames_and_a_second_client_are_refused(lab: Lab, pki: dict[str, Path]) -> None:
+    before = seeded(lab)
+    srv = lab.server("--secret-file", str(pki["secret"]))
+    srv.wait_log("listening on")
+    with _connect(lab) as s:  # garbage
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_error(s).code in (p.ErrorCode.FRAME_TOO_LARGE, p.ErrorCode.BAD_TYPE)
+    srv.wait_log(r"client 127\.0\.0\.1:\d+: protocol error from client", count=1)
+    with _connect(lab) as s:  # a frame too large for the handshake: refused before its payload arrives
+        s.sendall(struct.pack("<IBBH", 1 << 20, p.MsgType.AUTH_BEGIN, 0, 0))
+        assert _read_error(s).code is p.ErrorCode.FRAME_TOO_LARGE
+    with _connect(lab) as s:  # DATA before anything: refused, never parsed
+        frame = p.encode(p.Data(struct.pack("<QQIHHQ", 0, 0, 512, 1, 0, 0), b"\xee" * 512))
+        s.sendall(frame)
+        err = _read_error(s)
+        assert err.code is p.ErrorCode.UNEXPECTED, err
+    # an authenticating connection holds the slot: a second one is refused as busy, with a logged reason
+    first = _connect(lab)
+    first.sendall(p.encode(p.AuthBegin(1, p.AuthFlag.NONE, 1, b"n" * 32)))
+    time.sleep(0.3)
+    with _connect(lab) as second:
+        assert _read_error(second).code is p.ErrorCode.BUSY
+    srv.wait_log(r"refusing connection from 127\.0\.0\.1:\d+: already serving")
+    first.close()
+    srv.wait_log(r"client 127\.0\.0\.1:\d+ disconnected", count=4)
+    assert srv.proc is not None and srv.proc.poll() is None  # still serving
+    assert srv.stop() == 0
+    assert digest(lab.replica) == before
