@@ -43,6 +43,7 @@ import xxhash
 from . import __version__, abi, auth, config, scan, tls
 from . import protocol as p
 from .log import BenchClock, setup_logging
+from .oneshot import NoRing, oneshot_ring_identity
 from .ring import Batch, DirtyMap, RingConsumer, RingError
 
 log = logging.getLogger("bdr.client")
@@ -652,8 +653,15 @@ class Client:
             raise ClientError(
                 f"source device {src} has {self.dev_size} bytes, not a positive multiple of 512"
             )
+        self.oneshot = args.control_device is None  # no capture ring: one scan-based sync, then exit
+        if self.oneshot and args.no_replication:
+            raise ClientError("--no-replication needs --control-device: a one-shot sync always scans")
         try:
-            self.ring = RingConsumer(args.control_device, dev_size=self.dev_size)
+            self.ring = (
+                NoRing(src, self.dev_size)
+                if self.oneshot
+                else RingConsumer(args.control_device, dev_size=self.dev_size)
+            )
         except RingError as exc:
             raise ClientError(str(exc)) from exc
         g = self.ring.geometry
@@ -663,7 +671,7 @@ class Client:
                 f"but source device {src} has {self.dev_size} bytes: wrong pair?"
             )
         self.source_id = source_identity(src, self.dev_size)
-        self.ring_id = ring_identity(self.ring)
+        self.ring_id = oneshot_ring_identity(src, self.dev_size) if self.oneshot else ring_identity(self.ring)
         self.server_text = f"{args.address}:{args.port}"
         self.started = False  # first handshake done (the start-up flags apply to it only)
         # a dirty bitmap taken from the ring and not yet scanned: it outlives a lost connection
@@ -778,6 +786,10 @@ class Client:
                 log.info("connected to %s", self.server_text)
                 sess.start()
                 backoff = BACKOFF_MIN
+                if self.oneshot:
+                    sess.drain()
+                    log.warning("one-shot sync of %s done: the replica is identical", self.args.source_device)
+                    return EXIT_OK
                 sess.stream()
             except Stopping:
                 sess.drain()
@@ -916,9 +928,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--control-device",
-        required=True,
-        help="BDR control character device /dev/<name> of the target (required); a ring file with the same "
-        "layout is accepted too (tests, benchmarks)",
+        default=None,
+        help="BDR control character device /dev/<name> of the target; a ring file with the same layout is "
+        "accepted too (tests, benchmarks).  Without it: one-shot mode, a scan-based sync of --source-device (any "
+        "device or image file) that exits 0 once the replica is identical",
     )
     ap.add_argument(
         "--source-device",
