@@ -529,8 +529,9 @@ class ClientSession:
         flags = p.ScanFlag.WHOLE_DEVICE if whole else p.ScanFlag.NONE
         if direct:
             flags |= p.ScanFlag.DIRECT  # --full-scan: the server writes the replica directly
-        self._send(self.conn.send(p.ScanBegin(sid, mode, flags, scan.BLOCK_SIZE)))
-        wins = list(scan.windows(extents, c.dev_size))
+        bs = c.scan_block
+        self._send(self.conn.send(p.ScanBegin(sid, mode, flags, bs)))
+        wins = list(scan.windows(extents, c.dev_size, bs))
         known_zero = bool(self.welcome and self.welcome.flags & p.WelcomeFlag.KNOWN_ZERO)
         buf = c.scan_buf
         if mode is p.ScanMode.HASH:
@@ -545,7 +546,7 @@ class ClientSession:
                 self.wait_for("SCAN_HASHES", lambda: bool(self.scan_replies))
                 rep = self.scan_replies.popleft()
                 off, ln = outstanding.popleft()
-                nblocks = -(-ln // scan.BLOCK_SIZE)
+                nblocks = -(-ln // bs)
                 if rep.scan_id != sid or rep.offset != off or rep.count != nblocks:
                     raise p.RemoteProtocolError(
                         p.ErrorCode.BAD_FIELD,
@@ -553,7 +554,7 @@ class ClientSession:
                     )
                 view = buf[:ln]
                 self._read_source(view, off)
-                diff = scan.differing_blocks(view, off, rep.hashes)
+                diff = scan.differing_blocks(view, off, rep.hashes, bs)
                 st.blocks += nblocks
                 st.differing += len(diff)
                 st.windows += 1
@@ -565,7 +566,7 @@ class ClientSession:
                 view = buf[:ln]
                 self._read_source(view, off)
                 blocks: list[tuple[int, int, int]] = []
-                for o, n in scan.block_spans(off, ln):
+                for o, n in scan.block_spans(off, ln, bs):
                     st.blocks += 1
                     if scan.digest(view[o - off : o - off + n]) == scan.zero_digest(n):
                         st.zero_blocks += 1
@@ -680,6 +681,8 @@ class Client:
         self.force_scan = False
         self.scan_id = 0
         self.scan_buf = memoryview(bytearray(scan.WINDOW))
+        # scan block: the dirty-bitmap region with a ring; 4 KiB in one-shot mode (only changed pages travel)
+        self.scan_block = scan.ONESHOT_BLOCK_SIZE if self.oneshot else scan.BLOCK_SIZE
         self.stopping = False
         self.draining = False
         self._wake_r, self._wake_w = socket.socketpair()

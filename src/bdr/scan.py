@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 BLOCK_SIZE = 64 * 1024
+ONESHOT_BLOCK_SIZE = 4096  # one-shot syncs (no dirty bitmap to match): a changed page costs one page
 WINDOW = 8 * 1024 * 1024  # bytes of device per SCAN_REQUEST / per read of the source
 HASH_SIZE = 16
 
