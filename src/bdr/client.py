@@ -44,6 +44,7 @@ from . import __version__, abi, auth, config, scan, tls
 from . import protocol as p
 from .log import BenchClock, setup_logging
 from .oneshot import NoRing, oneshot_ring_identity
+from .progress import Progress
 from .ring import Batch, DirtyMap, RingConsumer, RingError
 
 log = logging.getLogger("bdr.client")
@@ -532,6 +533,7 @@ class ClientSession:
         bs = c.scan_block
         self._send(self.conn.send(p.ScanBegin(sid, mode, flags, bs)))
         wins = list(scan.windows(extents, c.dev_size, bs))
+        prog = Progress(f"scan {sid} ({st.mode})", sum(n for _, n in wins), log, quiet=bool(c.args.no_print))
         known_zero = bool(self.welcome and self.welcome.flags & p.WelcomeFlag.KNOWN_ZERO)
         buf = c.scan_buf
         if mode is p.ScanMode.HASH:
@@ -558,6 +560,7 @@ class ClientSession:
                 st.blocks += nblocks
                 st.differing += len(diff)
                 st.windows += 1
+                prog.update(ln)
                 if diff:
                     self._send_blocks(sid, view, off, [(o, n, 0) for o, n in diff], st)
                 self.pump()
@@ -575,9 +578,11 @@ class ClientSession:
                     else:
                         blocks.append((o, n, 0))
                 st.windows += 1
+                prog.update(ln)
                 if blocks:
                     self._send_blocks(sid, view, off, blocks, st)
                 self.pump()
+        prog.close()
         # ring records from start_pos on follow the scan; the replica is consistent again once the server has
         # applied them up to what the ring holds now (writes during the scan may be half-read by the scan)
         head = self.ring.head()
