@@ -385,6 +385,11 @@ class RecordArea:
         self.extents = []
         self._set_state(AreaState.CLEAN)
 
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def recover(self, replica: ReplicaTarget, size_limit: int | None = None) -> str:
         """At server start: replay a committed resync, discard an uncommitted one.  Returns what was done."""
         st = self.state.state

@@ -807,6 +807,7 @@ class ServerSession:
             log.warning(
                 "client asserts the replica is in sync (--no-replication): streaming from seq %d", s.from_seq
             )
+            self.applier.abort_staging()  # an unfinished journal resync is moot: the operator vouches for the replica
             self.applier.sync()
             self._adopt_source(
                 JFlag.SEQ_VALID | JFlag.CONSISTENT,
@@ -1372,6 +1373,7 @@ class Server:
         if self.listener is not None:
             self.listener.close()
         self.replica.close()
+        self.area.close()
         self.journal.close()
         self._wake_r.close()
         self._wake_w.close()

@@ -7,11 +7,12 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
 
-from bdr.journal_records import CRASH_ENV
+from bdr.journal_records import CRASH_ENV, RECORDS_AT
 
 from .conftest import DEV, Lab, Writer
 
@@ -114,3 +115,29 @@ def test_journal_too_small_is_refused_with_the_full_scan_fallback(lab: Lab) -> N
     assert srv.stop() == 0
     assert lab.identical()
     assert os.path.getsize(lab.journal) <= 2 << 20
+
+
+def test_corrupt_committed_journal_is_refused_at_server_start(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    differing_replica(lab)
+    lab.make_producer()
+    monkeypatch.setenv(CRASH_ENV, "apply")  # leaves a committed, half-applied resync
+    srv = lab.server()
+    monkeypatch.delenv(CRASH_ENV)
+    srv.wait_log("listening on")
+    cli = lab.client()
+    assert srv.wait(30) == -9
+    cli.kill()
+    with open(lab.journal, "r+b") as f:  # flip a byte in the data of the first record
+        f.seek(RECORDS_AT + 64 + 1000)
+        b = f.read(1)
+        f.seek(RECORDS_AT + 64 + 1000)
+        f.write(bytes([b[0] ^ 0x5A]))
+    before = digest(lab.replica)
+    srv2 = lab.server()
+    assert srv2.wait(20) == 2
+    assert re.search(
+        r"record 0 at byte \d+ has a bad checksum; refusing to apply a corrupt journal", srv2.log()
+    )
+    assert digest(lab.replica) == before  # nothing applied
