@@ -29,6 +29,7 @@ help:
 	@echo "make test   lint + unit + integration + VM tests (real kernel in QEMU)"
 	@echo "make demo   replicate a real workload inside the VM lab and compare source and replica"
 	@echo "make bench  print throughput figures with same-run baselines and ratios"
+	@echo "make fuzz   fuzz the frame decoder and the server session for longer (FUZZ_EXAMPLES=$(FUZZ_EXAMPLES))"
 	@echo "make lint   ruff + mypy"
 	@echo "make install / make uninstall   daemons, admin tool, systemd units, docs, module via DKMS (PREFIX=$(PREFIX))"
 
@@ -78,6 +79,11 @@ demo: build
 
 bench: build
 	$(PY) bench/run.py
+
+# The same hypothesis tests the suite runs for a few seconds, with many more (non-derandomized) examples each.
+FUZZ_EXAMPLES ?= 20000
+fuzz: venv
+	BDR_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest tests/unit/test_fuzz.py -m fuzz -q -p no:cacheprovider
 
 clean:
 	-$(MAKE) -C /lib/modules/$(KVER)/build M=$(CURDIR)/kernel clean

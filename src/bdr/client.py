@@ -196,6 +196,7 @@ class ClientSession:
             except (TimeoutError, BlockingIOError) as exc:
                 raise p.ConnectionLost(f"server did not take data for {IO_TIMEOUT:.0f}s") from exc
             except OSError as exc:
+                self._peer_error()  # the server may have said why before it closed
                 raise p.ConnectionLost(f"send failed: {exc.strerror or exc}") from exc
             while n:
                 ln = len(bufs[i])
@@ -205,6 +206,17 @@ class ClientSession:
                 else:
                     bufs[i] = bufs[i][n:]
                     n = 0
+
+    def _peer_error(self) -> None:
+        """Raise the ERROR the server sent, if one is waiting (PeerError); otherwise return."""
+        with contextlib.suppress(OSError, p.ConnectionLost, BlockingIOError):
+            while True:
+                n = self.sock.recv_into(self.conn.writable(65536), 0, socket.MSG_DONTWAIT)
+                if n <= 0:
+                    break
+                self.conn.commit(n)
+                with contextlib.suppress(p.LocalProtocolError):
+                    self._events()
 
     def _send(self, data: bytes) -> None:
         self._sendv([data])

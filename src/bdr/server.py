@@ -1187,7 +1187,7 @@ class Server:
         assert self.listener is not None
         poller.register(self.listener, select.POLLIN)
         reason = "?"
-        fatal = False
+        fatal = gentle = False
         last_rx = time.monotonic()
         try:
             while True:
@@ -1230,6 +1230,7 @@ class Server:
             if exc.reply:
                 with contextlib.suppress(OSError):
                     sock.sendall(exc.reply)
+                gentle = not exc.clean  # a refusal: let the client read why before the connection goes
             level = logging.INFO if exc.clean else logging.ERROR if exc.fatal else logging.WARNING
             log.log(level, "client %s: %s", peer, reason)
         except p.RemoteProtocolError as exc:
@@ -1248,7 +1249,10 @@ class Server:
             if fatal:
                 self.failed = reason
                 self.stopping = True
-            sock.close()
+            if gentle:
+                _close_gently(sock, linger=1.0)
+            else:
+                sock.close()
             if self.pipe is not None:  # a frame cut short may have left bytes in it: never reuse them
                 self.pipe.close()
                 self.pipe = None

@@ -19,6 +19,9 @@ def h(text: str) -> bytes:
 SRC = b"\x11" * 16
 RING = b"\x22" * 16
 W512 = b"\xab" * 512
+NC = bytes(range(32))  # client nonce
+NS = bytes(range(32, 64))  # server nonce
+MAC = b"\x5a" * 32
 
 # One row per message: the message and its exact frame bytes (header + payload), written out by hand from
 # the layouts drawn in bdr/protocol.py, so a layout change shows up here.
@@ -111,6 +114,18 @@ CASES: list[tuple[str, p.Message, bytes]] = [
     ),
     ("goodbye", p.Goodbye(p.GoodbyeReason.SHUTDOWN), h("04000000 0e 00 0000 0100 0000")),
     ("resync pending", p.ResyncPending(), h("00000000 0f 00 0000")),
+    (
+        "auth begin",
+        p.AuthBegin(1, p.AuthFlag.TLS_BOUND, int(p.AuthMethod.HMAC_SHA256), NC),
+        h("2c000000 10 00 0000") + b"BDRA" + h("0100 0100 01000000") + NC,
+    ),
+    (
+        "auth challenge",
+        p.AuthChallenge(p.AuthMethod.HMAC_SHA256, p.AuthFlag.NONE, NS),
+        h("24000000 11 00 0000 0100 0000") + NS,
+    ),
+    ("auth proof", p.AuthProof(MAC), h("20000000 12 00 0000") + MAC),
+    ("auth ok", p.AuthOk(MAC), h("20000000 13 00 0000") + MAC),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -262,6 +277,16 @@ REJECTS: list[tuple[str, bytes, E]] = [
     ),
     ("scan end flags", frame(12, struct.pack("<IIQQ", 1, 8, 0, 0)), E.BAD_FIELD),
     ("goodbye reason", frame(14, struct.pack("<HH", 7, 0)), E.BAD_FIELD),
+    ("auth begin short", frame(16, b"BDRA" + bytes(39)), E.BAD_LENGTH),
+    ("auth begin magic", frame(16, b"XXXX" + struct.pack("<HHI", 1, 0, 1) + NC), E.BAD_FIELD),
+    ("auth begin version", frame(16, b"BDRA" + struct.pack("<HHI", 2, 0, 1) + NC), E.BAD_VERSION),
+    ("auth begin flags", frame(16, b"BDRA" + struct.pack("<HHI", 1, 2, 1) + NC), E.BAD_FIELD),
+    ("auth begin no method", frame(16, b"BDRA" + struct.pack("<HHI", 1, 0, 0) + NC), E.BAD_FIELD),
+    ("auth challenge method", frame(17, struct.pack("<HH", 2, 0) + NS), E.BAD_FIELD),
+    ("auth challenge flags", frame(17, struct.pack("<HH", 1, 4) + NS), E.BAD_FIELD),
+    ("auth challenge long", frame(17, struct.pack("<HH", 1, 0) + NS + b"x"), E.BAD_LENGTH),
+    ("auth proof short", frame(18, MAC[:31]), E.BAD_LENGTH),
+    ("auth ok long", frame(19, MAC + b"x"), E.BAD_LENGTH),
 ]
 
 
@@ -444,6 +469,21 @@ messages = st.one_of(
     st.builds(p.ScanDone, u32, u64, u64),
     st.builds(p.Goodbye, st.sampled_from(list(p.GoodbyeReason))),
     st.just(p.ResyncPending()),
+    st.builds(
+        p.AuthBegin,
+        st.just(1),
+        st.sampled_from(list(p.AuthFlag)),
+        st.integers(1, 2**32 - 1),
+        st.binary(min_size=32, max_size=32),
+    ),
+    st.builds(
+        p.AuthChallenge,
+        st.just(p.AuthMethod.HMAC_SHA256),
+        st.sampled_from(list(p.AuthFlag)),
+        st.binary(min_size=32, max_size=32),
+    ),
+    st.builds(p.AuthProof, st.binary(min_size=32, max_size=32)),
+    st.builds(p.AuthOk, st.binary(min_size=32, max_size=32)),
 )
 
 
@@ -495,3 +535,80 @@ def test_mutated_frame_decodes_or_fails_with_code(msg: p.Message, data: st.DataO
     i = data.draw(st.integers(0, len(wire) - 1))
     wire[i] ^= data.draw(st.integers(1, 255))
     _decode_or_code(bytes(wire))
+
+
+# -- authentication phase -----------------------------------------------------------------------------------------
+
+
+def auth_pair() -> tuple[p.Connection, p.Connection]:
+    return p.Connection(p.Role.CLIENT, auth=True), p.Connection(p.Role.SERVER, auth=True)
+
+
+def test_auth_conversation_in_order_then_hello() -> None:
+    c, s = auth_pair()
+    assert c.phase is s.phase is p.Phase.AUTH and not s.authenticated
+    begin = p.AuthBegin(1, p.AuthFlag.NONE, 1, NC)
+    assert relay(c.send(begin), s) == [begin]
+    relay(s.send(p.AuthChallenge(p.AuthMethod.HMAC_SHA256, p.AuthFlag.NONE, NS)), c)
+    relay(c.send(p.AuthProof(MAC)), s)
+    assert not s.authenticated
+    relay(s.send(p.AuthOk(MAC)), c)
+    assert c.phase is s.phase is p.Phase.HANDSHAKE and c.authenticated and s.authenticated
+    assert relay(c.send(hello()), s) == [hello()]
+    relay(s.send(welcome()), c)
+    assert c.phase is s.phase is p.Phase.READY
+
+
+@pytest.mark.parametrize(
+    ("setup", "msg", "code"),
+    [
+        ([], hello(), E.AUTH_REQUIRED),  # HELLO before the exchange
+        ([], p.AuthProof(MAC), E.UNEXPECTED),  # a proof before any challenge
+        ([p.AuthBegin(1, p.AuthFlag.NONE, 1, NC)], p.AuthBegin(1, p.AuthFlag.NONE, 1, NC), E.UNEXPECTED),
+        ([p.AuthBegin(1, p.AuthFlag.NONE, 1, NC)], hello(), E.AUTH_REQUIRED),
+        ([p.AuthBegin(1, p.AuthFlag.NONE, 1, NC)], p.Stream(0), E.UNEXPECTED),
+    ],
+)
+def test_client_out_of_order_in_auth(setup: list[p.Message], msg: p.Message, code: E) -> None:
+    s = p.Connection(p.Role.SERVER, auth=True)
+    for m in setup:
+        relay(p.encode(m), s)
+    with pytest.raises(p.RemoteProtocolError) as ei:
+        relay(p.encode(msg), s)
+    assert ei.value.code is code
+
+
+def test_server_without_auth_refuses_auth_begin_with_a_reason() -> None:
+    s = p.Connection(p.Role.SERVER)
+    with pytest.raises(p.RemoteProtocolError) as ei:
+        relay(p.encode(p.AuthBegin(1, p.AuthFlag.NONE, 1, NC)), s)
+    assert ei.value.code is E.AUTH_FAILED and "--secret-file" in ei.value.message
+
+
+def test_server_may_not_skip_the_challenge() -> None:
+    c, s = auth_pair()
+    relay(c.send(p.AuthBegin(1, p.AuthFlag.NONE, 1, NC)), s)
+    with pytest.raises(p.LocalProtocolError):
+        s.send(p.AuthOk(MAC))
+    with pytest.raises(p.LocalProtocolError):
+        s.send(welcome())
+
+
+def test_handshake_frames_are_capped_until_welcome() -> None:
+    s = p.Connection(p.Role.SERVER)
+    s.feed(struct.pack("<IBBH", p.HANDSHAKE_MAX_PAYLOAD + 1, p.MsgType.HELLO, 0, 0))
+    with pytest.raises(p.RemoteProtocolError) as ei:
+        s.next_event()
+    assert ei.value.code is E.FRAME_TOO_LARGE
+    c, s = pair()
+    relay(c.send(hello()), s)
+    relay(s.send(welcome()), c)
+    assert s.decoder.max_payload == c.decoder.max_payload == p.MAX_PAYLOAD
+
+
+def test_data_before_hello_is_refused_before_its_payload_is_parsed() -> None:
+    s = p.Connection(p.Role.SERVER)
+    # a DATA frame whose record would be out of range for any device: the phase check comes first
+    with pytest.raises(p.RemoteProtocolError) as ei:
+        relay(frame(5, data_payload(rec(0, 1 << 50, 512, 1), W512)), s)
+    assert ei.value.code is E.UNEXPECTED
