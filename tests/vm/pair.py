@@ -27,10 +27,19 @@ class Pair:
         buffer: str = "64M",
         port: int = 8000,
         proxy_port: int | None = None,
+        address: str = "127.0.0.1",
+        server_ns: str | None = None,
+        client_ns: str | None = None,
+        server_args: str = "",
+        client_args: str = "",
     ) -> None:
         self.g, self.src, self.dst, self.journal = g, src, dst, journal
         self.name, self.chardev, self.buffer = name, chardev, buffer
-        self.port, self.proxy_port = port, proxy_port
+        self.port, self.proxy_port, self.address = port, proxy_port, address
+        # commands run inside a network namespace the test created (ip netns add), or in the guest's own
+        self.server_exec = f"ip netns exec {server_ns} " if server_ns else ""
+        self.client_exec = f"ip netns exec {client_ns} " if client_ns else ""
+        self.server_args, self.client_args = server_args, client_args
         self.mapper = f"/dev/mapper/{name}"
         self.client_log = f"/tmp/{name}-client.log"
         self.server_log = f"/tmp/{name}-server.log"
@@ -45,8 +54,9 @@ class Pair:
     def start_server(self, *extra: str) -> None:
         args = " ".join(shlex.quote(a) for a in extra)
         self.g.run(
-            f"nohup {BIN}/bdr_server --address 127.0.0.1 --port {self.port} --target-device {self.dst}"
-            f" --journal {self.journal} --verbose {args} >> {self.server_log} 2>&1 &"
+            f"{self.server_exec}nohup {BIN}/bdr_server --address {self.address} --port {self.port}"
+            f" --target-device {self.dst} --journal {self.journal} --verbose {self.server_args} {args}"
+            f" >> {self.server_log} 2>&1 &"
         )
         self.g.run(
             f"for i in $(seq 300); do grep -q 'listening' {self.server_log} && exit 0; sleep 0.1; done;"
@@ -69,8 +79,9 @@ class Pair:
         port = self.proxy_port or self.port
         args = " ".join(shlex.quote(a) for a in extra)
         self.g.run(
-            f"nohup {BIN}/bdr_client --control-device /dev/{self.chardev} --source-device {self.mapper}"
-            f" --address 127.0.0.1 --port {port} --verbose {args} >> {self.client_log} 2>&1 &"
+            f"{self.client_exec}nohup {BIN}/bdr_client --control-device /dev/{self.chardev}"
+            f" --source-device {self.mapper} --address {self.address} --port {port} --verbose"
+            f" {self.client_args} {args} >> {self.client_log} 2>&1 &"
         )
         if wait_scan:
             self.wait_log(self.client_log, r"scan .* done|quick resume|streaming", 180)
