@@ -1,0 +1,53 @@
+"""A replica device that starts failing writes (dm-flakey under the replica): the server stops with a clear
+error and marks the replica inconsistent in its metadata; it does not silently diverge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.vm.lab import Guest
+from tests.vm.pair import BIN, Pair
+
+VM_DISKS = {"src": "64M", "dst": "64M", "jnl": "16M"}
+
+
+def test_failing_replica_stops_the_server_and_marks_it_inconsistent(guest: Guest, bdr_ko: Path) -> None:
+    g = guest
+    dst = g.disk("dst")
+    g.run(
+        f"""set -e
+        modprobe dm-mod && modprobe dm-flakey && insmod {bdr_ko}
+        echo "0 $(blockdev --getsz {dst}) flakey {dst} 0 3600 0" | dmsetup create replica
+        """
+    )
+    p = Pair(g, g.disk("src"), "/dev/mapper/replica", g.disk("jnl"))
+    p.setup()
+    p.start_server()
+    p.start_client()
+    g.run(f"dd if=/dev/urandom of={p.mapper} bs=64K count=16 oflag=direct status=none && sync")
+    p.wait_synced()
+    assert p.identical()
+    flags = f"{BIN}/python -c 'from bdr.journal import Journal; print(int(Journal(\"{p.journal}\").header.flags))'"
+    assert int(g.run(flags).output) & 2, "consistent before the fault"
+    g.run(
+        f"""set -e
+        dmsetup suspend replica
+        echo "0 $(blockdev --getsz {dst}) flakey {dst} 0 0 3600 1 error_writes" | dmsetup load replica
+        dmsetup resume replica
+        """
+    )
+    g.run(f"dd if=/dev/urandom of={p.mapper} bs=64K count=16 seek=100 oflag=direct status=none && sync")
+    # the server must stop by itself with a clear message
+    g.run(
+        "for i in $(seq 300); do pgrep -f bin/bdr_server >/dev/null || exit 0; sleep 0.2; done;"
+        f" tail -20 {p.server_log}; exit 1",
+        timeout=120,
+    )
+    log = p.tail(p.server_log, 60)
+    assert "Input/output error" in log or "I/O error" in log, log
+    assert "replica" in log.lower(), log
+    header = int(g.run(flags).output)
+    assert not header & 2, f"the replica must be marked inconsistent after a failed write (flags {header:#x})"
+    p.stop()
+    p.remove()
+    g.run("dmsetup remove replica; rmmod bdr", check=False)
