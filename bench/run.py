@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 BENCHES = [
     "kernel_fio",  # fio through bdr vs dm-linear in the VM (kernel target overhead)
     "stream",  # ring -> bdr_client -> TCP -> bdr_server -> replica file, vs plain loopback TCP (host)
+    "tls",  # the same stream with mutual TLS + shared secret, vs plaintext in the same run (host)
     "oneshot",  # one-shot sync of a 2 GiB image (1 % of pages changed) vs rsync --inplace --no-whole-file (host)
 ]
 

@@ -100,8 +100,16 @@ def baseline(total: int) -> float:
     return total / dt / 1e6
 
 
-def bdr_run(work: Path, total: int, ring_mib: int, pattern: str) -> dict[str, Any]:
-    """Stream ``total`` bytes of 4 KiB records through the daemons; MB/s and peak RSS of both."""
+def bdr_run(
+    work: Path,
+    total: int,
+    ring_mib: int,
+    pattern: str,
+    server_extra: tuple[str, ...] = (),
+    client_extra: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Stream ``total`` bytes of 4 KiB records through the daemons; MB/s and peak RSS of both.  ``*_extra``:
+    more daemon flags (bench/tls.py adds the TLS and secret flags)."""
     dev = 512 << 20
     src, rep, jr, ring = work / "src.img", work / "rep.img", work / "journal", work / "ring"
     for f in (rep, jr, ring, Path(str(ring) + ".dirty")):
@@ -129,14 +137,24 @@ def bdr_run(work: Path, total: int, ring_mib: int, pattern: str) -> dict[str, An
         str(jr),
     ]
     srv = subprocess.Popen(
-        [py, "-m", "bdr.server", *srv_argv, "--benchmark"],
+        [py, "-m", "bdr.server", *srv_argv, *server_extra, "--benchmark"],
         stdout=open(logs / "server.log", "wb"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
     )
     wait_port(port)
     cli_argv = ["--address", "127.0.0.1", "--port", str(port), "--control-device", str(ring)]
     cli = subprocess.Popen(
-        [py, "-m", "bdr.client", *cli_argv, "--source-device", str(src), "--no-replication", "--benchmark"],
+        [
+            py,
+            "-m",
+            "bdr.client",
+            *cli_argv,
+            *client_extra,
+            "--source-device",
+            str(src),
+            "--no-replication",
+            "--benchmark",
+        ],
         stdout=open(logs / "client.log", "wb"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
     )
