@@ -78,6 +78,9 @@ _REC = struct.Struct("<8sHHIQQQQ")  # checksummed part (48 bytes); then the chec
 REC_HEADER = 64
 _CSUM_AT = HEADER_BLOCK - 8
 CRASH_ENV = "BDR_TEST_CRASH_AT"
+BUCKET_SHIFT = (
+    20  # staged extents are indexed by the 1 MiB buckets they touch (overlay cost ~ what it overlays)
+)
 
 
 class AreaState(enum.IntEnum):
@@ -208,6 +211,7 @@ class RecordArea:
         self.checksums = xxhash.xxh3_64()
         # staged writes in order, for reads through the journal: (offset, length, data position or -1 for zeros)
         self.extents: list[tuple[int, int, int]] = []
+        self.buckets: dict[int, list[int]] = {}  # bucket -> indices into extents, ascending
         self.staged_bytes = 0
 
     @property
@@ -251,6 +255,7 @@ class RecordArea:
         self.index = 0
         self.checksums = xxhash.xxh3_64()
         self.extents = []
+        self.buckets = {}
         self.staged_bytes = 0
         self._set_state(AreaState.OPEN, epoch=self.state.epoch + 1, commit_off=0, records=0)
 
@@ -278,13 +283,19 @@ class RecordArea:
     def stage_write(self, data: bytes | memoryview, offset: int) -> None:
         assert self.is_open
         at = self._append(Record(RecType.BLOCK, self.state.epoch, self.index, offset, len(data), bytes(data)))
-        self.extents.append((offset, len(data), at))
+        self._index(offset, len(data), at)
         self.staged_bytes += len(data)
 
     def stage_zeroes(self, offset: int, length: int) -> None:
         assert self.is_open
         self._append(Record(RecType.ZERO, self.state.epoch, self.index, offset, length))
-        self.extents.append((offset, length, -1))
+        self._index(offset, length, -1)
+
+    def _index(self, offset: int, length: int, at: int) -> None:
+        i = len(self.extents)
+        self.extents.append((offset, length, at))
+        for b in range(offset >> BUCKET_SHIFT, ((offset + max(length, 1) - 1) >> BUCKET_SHIFT) + 1):
+            self.buckets.setdefault(b, []).append(i)
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
@@ -292,7 +303,13 @@ class RecordArea:
     def overlay(self, buf: memoryview, offset: int) -> None:
         """Replace the bytes of buf (the replica at offset) by what the staged records wrote there."""
         end = offset + len(buf)
-        for off, ln, at in self.extents:
+        if not self.extents or end <= offset:
+            return
+        hits: set[int] = set()
+        for b in range(offset >> BUCKET_SHIFT, ((end - 1) >> BUCKET_SHIFT) + 1):
+            hits.update(self.buckets.get(b, ()))
+        for i in sorted(hits):  # in staging order: later records win
+            off, ln, at = self.extents[i]
             lo, hi = max(off, offset), min(off + ln, end)
             if lo >= hi:
                 continue
@@ -378,11 +395,13 @@ class RecordArea:
         replica.sync()
         self._set_state(AreaState.CLEAN)
         self.extents = []
+        self.buckets = {}
         return len(recs)
 
     def discard(self) -> None:
         """Forget an uncommitted resync (the replica was never touched by it)."""
         self.extents = []
+        self.buckets = {}
         self._set_state(AreaState.CLEAN)
 
     def close(self) -> None:

@@ -221,3 +221,21 @@ def test_crash_hook_only_when_asked(monkeypatch: pytest.MonkeyPatch, paths: tupl
     area.commit()  # the hook names another point: no crash
     assert area.state.state is jr.AreaState.COMMITTED
     close_area(area)
+
+
+def test_overlay_across_index_buckets(paths: tuple[Path, Path]) -> None:
+    jpath, rpath = paths
+    area = open_area(jpath)
+    area.begin()
+    edge = 1 << jr.BUCKET_SHIFT
+    area.stage_write(b"x" * 8192, edge - 4096)  # straddles two buckets
+    area.stage_zeroes(0, 3 * edge)  # covers everything so far, later: wins
+    area.stage_write(b"y" * 10, edge + 5)
+    for win_off in (edge - 8192, edge, 2 * edge - 4096):
+        buf = bytearray(rpath.read_bytes()[win_off : win_off + 16384])
+        area.overlay(memoryview(buf), win_off)
+        expect = bytearray(16384)
+        if win_off <= edge + 5 < win_off + 16384:
+            expect[edge + 5 - win_off : edge + 15 - win_off] = b"y" * 10
+        assert buf == expect, win_off
+    close_area(area)
