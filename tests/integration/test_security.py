@@ -267,3 +267,110 @@ def test_garbage_oversized_frames_and_a_second_client_are_refused(lab: Lab, pki:
     assert srv.proc is not None and srv.proc.poll() is None  # still serving
     assert srv.stop() == 0
     assert digest(lab.replica) == before
+
+
+# -- timeouts of the daemon's loop, in process (shortened) -------------------------------------------------------
+
+
+@pytest.fixture
+def inproc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pki: dict[str, Path]):  # type: ignore[no-untyped-def]
+    import argparse
+    import threading
+
+    from bdr import server as srvmod
+
+    monkeypatch.setattr(srvmod, "HANDSHAKE_TIMEOUT", 1.0)
+    monkeypatch.setattr(srvmod, "FRAME_TIMEOUT", 1.5)
+    img = tmp_path / "replica.img"
+    img.write_bytes(b"\x33" * (1 << 20))
+    args = argparse.Namespace(
+        address="127.0.0.1",
+        port=0,
+        target_device=str(img),
+        journal=str(tmp_path / "journal"),
+        benchmark=False,
+        secret_file=str(pki["secret"]),
+        tls_cert=None,
+        tls_key=None,
+        tls_ca=None,
+        insecure=False,
+    )
+    server = srvmod.Server(args)
+    lst = server.listen()
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    yield server, lst.getsockname()[1], img
+    server.stopping = True
+    t.join(10)
+    server.close()
+
+
+def _error_after(s: socket.socket, conn: p.Connection | None = None) -> p.Error:
+    """Read what the server sends until its ERROR (an AUTH_CHALLENGE or WELCOME may come first)."""
+    conn = conn or p.Connection(p.Role.CLIENT, auth=True)
+    while True:
+        try:
+            ev = conn.next_event()
+        except p.PeerError as exc:
+            return p.Error(exc.code, exc.message)
+        if ev is p.NEED_DATA:
+            data = s.recv(65536)
+            assert data, "closed without an ERROR"
+            conn.feed(data)
+
+
+def _closed_with(port: int, send: p.Message | None) -> tuple[p.Error, float]:
+    conn = p.Connection(p.Role.CLIENT, auth=True)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        t0 = time.monotonic()
+        if send is not None:
+            s.sendall(conn.send(send))
+        return _error_after(s, conn), time.monotonic() - t0
+
+
+def test_silent_peer_is_dropped_after_the_handshake_timeout(inproc) -> None:  # type: ignore[no-untyped-def]
+    _, port, img = inproc
+    before = img.read_bytes()
+    err, took = _closed_with(port, None)  # connects, says nothing
+    assert err.code is p.ErrorCode.UNEXPECTED and "no complete handshake within 1s" in err.message
+    assert 0.9 < took < 5
+    err, took = _closed_with(port, p.AuthBegin(1, p.AuthFlag.NONE, 1, b"n" * 32))  # and never proves
+    assert err.code is p.ErrorCode.UNEXPECTED and "no complete handshake" in err.message
+    assert 0.9 < took < 5
+    assert img.read_bytes() == before
+
+
+def test_peer_stalling_mid_frame_is_dropped(inproc, pki: dict[str, Path]) -> None:  # type: ignore[no-untyped-def]
+    from bdr import auth as authmod
+
+    _, port, img = inproc
+    before = img.read_bytes()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        # authenticate and finish the handshake, then send half a DATA frame and stall
+        c = p.Connection(p.Role.CLIENT, auth=True)
+        ca = authmod.ClientAuth(pki["secret"].read_bytes().strip())
+
+        def reply() -> p.Message:
+            while True:
+                ev = c.next_event()
+                if ev is not p.NEED_DATA:
+                    assert not isinstance(ev, p.NeedData), ev
+                    return ev
+                c.feed(s.recv(4096))
+
+        s.sendall(c.send(ca.begin()))
+        ch = reply()
+        assert isinstance(ch, p.AuthChallenge)
+        s.sendall(c.send(ca.on_challenge(ch)))
+        ok = reply()
+        assert isinstance(ok, p.AuthOk)
+        ca.on_ok(ok)
+        s.sendall(c.send(p.Hello(1, p.ALL_FEATURES, 512, 1 << 20, b"s" * 16, b"r" * 16)))
+        assert isinstance(reply(), p.Welcome)
+        t0 = time.monotonic()
+        data = p.encode(p.Data(struct.pack("<QQIHHQ", 1, 0, 512, 1, 0, 0), b"\x55" * 512, False))
+        s.sendall(data[: len(data) // 2])
+        err = _error_after(s, c)
+        assert err.code is p.ErrorCode.TRUNCATED and "stalled in the middle of a frame" in err.message
+        assert 1.4 < time.monotonic() - t0 < 6
+    assert img.read_bytes() == before

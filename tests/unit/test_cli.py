@@ -56,3 +56,39 @@ def test_setup_flags_all_required(capsys: pytest.CaptureFixture[str]) -> None:
 def test_plan_table_line() -> None:
     plan = cli.SetupPlan("/dev/vdb", "m", "c", 100, 256)
     assert plan.table(2048) == "0 2048 bdr /dev/vdb c 100 256"
+
+
+def test_certs_creates_a_ca_and_a_verifiable_pair(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import ssl
+
+    out = tmp_path / "tls"
+    assert (
+        cli.main(["certs", "--out", str(out), "--server-name", "192.0.2.10", "--server-name", "replica"]) == 0
+    )
+    assert "--tls-ca ca.pem" in capsys.readouterr().out
+    for key in ("ca.key", "server.key", "client.key"):
+        assert (out / key).stat().st_mode & 0o777 == 0o600
+    # the pair works as the daemons use it: the server context accepts the client certificate and vice versa
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(out / "server.pem", out / "server.key")
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.load_cert_chain(out / "client.pem", out / "client.key")
+    client.load_verify_locations(out / "ca.pem")
+    # existing files are not replaced without --force; an existing CA is reused for new certificates
+    assert cli.main(["certs", "--out", str(out), "--server-name", "replica"]) == 1
+    assert "exists; use --force" in capsys.readouterr().err
+    ca = (out / "ca.pem").read_bytes()
+    assert cli.main(["certs", "--out", str(out), "--server-name", "replica", "--force"]) == 0
+    assert (out / "ca.pem").read_bytes() == ca and "reused CA" in capsys.readouterr().out
+
+
+def test_secret_writes_a_private_random_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from bdr import auth
+
+    f = tmp_path / "secret"
+    assert cli.main(["secret", str(f)]) == 0
+    assert f.stat().st_mode & 0o777 == 0o600
+    secret, warning = auth.load_secret(f)
+    assert len(secret) == 64 and warning is None
+    assert cli.main(["secret", str(f)]) == 1  # no silent overwrite
+    assert cli.main(["secret", str(f), "--force"]) == 0 and auth.load_secret(f)[0] != secret

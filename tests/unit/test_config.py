@@ -68,3 +68,26 @@ def test_missing_config_file(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         config.parse_args(parser(), ["--config", "/nonexistent/bdr.toml"])
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_daemon_security_flags_in_a_config_file(tmp_path: Path) -> None:
+    from bdr import client, server
+
+    path = write(
+        tmp_path,
+        'address = "0.0.0.0"\ntarget-device = "/dev/sdc"\njournal = "/j"\ntls-cert = "/c.pem"\n'
+        'tls-key = "/c.key"\ntls-ca = "/ca.pem"\nsecret-file = "/s"\ninsecure = true\n',
+    )
+    args = config.parse_args(server.build_parser(), ["--config", path])
+    assert (args.tls_cert, args.tls_key, args.tls_ca, args.secret_file, args.insecure) == (
+        "/c.pem",
+        "/c.key",
+        "/ca.pem",
+        "/s",
+        True,
+    )
+    path = write(
+        tmp_path, 'address = "h"\nsource-device = "/dev/x"\ntls-ca = "/ca.pem"\ntls-server-name = "h"\n'
+    )
+    args = config.parse_args(client.build_parser(), ["--config", path])
+    assert (args.tls_ca, args.tls_server_name) == ("/ca.pem", "h")
