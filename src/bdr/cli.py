@@ -1,7 +1,10 @@
-"""``bdr``: the admin tool — set up and remove bdr targets, show their state, and create the credentials the
-daemons authenticate each other with (``bdr certs``, ``bdr secret``).
+"""``bdr``: the admin tool — set up and remove bdr targets, show their state (``bdr status``: the kernel's
+counters joined with what each daemon reports on its control socket), run an online verification
+(``bdr verify``), and create the credentials the daemons authenticate each other with (``bdr certs``,
+``bdr secret``).
 
-The daemons are separate commands (``bdr_client``, ``bdr_server``); this tool never talks to them.
+The daemons are separate commands (``bdr_client``, ``bdr_server``); this tool talks to them only through their
+control sockets (``bdr.status``).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bdr import abi
+from bdr import status as daemon_status
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,31}$")
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -139,11 +144,183 @@ def _number(value: str) -> object:
     return int(value)
 
 
-def status() -> list[dict[str, object]]:
+def kernel_targets() -> list[dict[str, object]]:
+    """The bdr targets of this host: ``dmsetup status`` counters and the device and chardev of each table."""
+    if shutil.which("dmsetup") is None or not module_loaded():
+        return []
     res = _run(["dmsetup", "status", "--target", "bdr"])
     if res.returncode != 0:
         raise SetupError(f"dmsetup status failed: {res.stderr.strip()}")
-    return [parse_status_line(line) for line in res.stdout.splitlines() if "bdr" in line.split()[3:4]]
+    targets = [parse_status_line(line) for line in res.stdout.splitlines() if "bdr" in line.split()[3:4]]
+    tables = _run(["dmsetup", "table", "--target", "bdr"])
+    where: dict[str, tuple[str, str]] = {}
+    for line in tables.stdout.splitlines() if tables.returncode == 0 else []:
+        name, _, rest = line.partition(":")
+        fields = rest.split()
+        if len(fields) >= 5 and fields[2] == "bdr":
+            where[name.strip()] = (fields[3], fields[4])
+    for t in targets:
+        t["device"], t["chardev"] = where.get(str(t["name"]), (None, None))
+    return targets
+
+
+def daemons(run_dir: Path) -> list[dict[str, object]]:
+    """The snapshot of every daemon answering on a control socket in ``run_dir``."""
+    found = []
+    for sock in sorted(run_dir.glob("*.sock")) if run_dir.is_dir() else []:
+        try:
+            snap = daemon_status.query(sock)
+        except (daemon_status.StatusUnavailable, OSError, ValueError):
+            continue  # a daemon that is gone, or not ours
+        snap["socket"] = str(sock)
+        found.append(snap)
+    return found
+
+
+def target_state(kernel: dict[str, object] | None, client: dict[str, object] | None) -> str:
+    """replicating, resyncing, overflow, disconnected or inconsistent (plus the client's own transitions)."""
+    if client is None:
+        return "overflow" if kernel is not None and kernel.get("state") == "overflow" else "disconnected"
+    state = str(client.get("state"))
+    if state == "connecting":
+        state = "disconnected"
+    if state == "replicating" and kernel is not None and kernel.get("state") == "overflow":
+        state = "overflow"
+    if state == "replicating" and client.get("replica_consistent") is False:
+        state = "inconsistent"
+    return state
+
+
+def status(run_dir: Path = daemon_status.RUN_DIR) -> dict[str, list[dict[str, object]]]:
+    """Every target (kernel counters + its client daemon) and every server daemon of this host."""
+    targets = kernel_targets()
+    clients: dict[str, dict[str, object]] = {}
+    servers = []
+    for snap in daemons(run_dir):
+        if snap.get("role") == "client":
+            ring = snap.get("control_device") or snap.get("source_device")
+            clients[Path(str(ring)).name] = snap
+        elif snap.get("role") == "server":
+            servers.append(snap)
+    out = []
+    for t in targets:
+        client = clients.pop(str(t.get("chardev")), None)
+        out.append({"name": t["name"], "state": target_state(t, client), "kernel": t, "client": client})
+    for ring, client in clients.items():  # a client of a ring file (tests, benchmarks) or one-shot sync
+        out.append({"name": ring, "state": target_state(None, client), "kernel": None, "client": client})
+    return {"targets": out, "servers": servers}
+
+
+def _size(n: object) -> str:
+    value = float(n) if isinstance(n, int | float) else 0.0
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return "?"
+
+
+def print_status(report: dict[str, list[dict[str, object]]]) -> None:
+    targets, servers = report["targets"], report["servers"]
+    if not targets and not servers:
+        print("no bdr targets and no bdr daemons on this host")
+        return
+    if targets:
+        print(
+            f"{'NAME':<16} {'STATE':<13} {'RING':>13} {'LAG':>22} {'DURABLE':>9} {'RATE':>11} {'DIRTY':>6}  PEER"
+        )
+    for t in targets:
+        k: dict[str, Any] = t["kernel"] or {}  # type: ignore[assignment]
+        c: dict[str, Any] = t["client"] or {}  # type: ignore[assignment]
+        fill = k.get("fill")
+        ring = c.get("ring") or {}
+        used, slots = (
+            (fill["used"], fill["slots"]) if isinstance(fill, dict) else (ring.get("used"), ring.get("slots"))
+        )
+        lag = c.get("lag")
+        lag_text = f"{lag['records']} rec {_size(lag['bytes'])} {lag['seconds']:.0f}s" if lag else "-"
+        durable = c.get("durable_seq")
+        rate = f"{_size(c.get('throughput_bytes_per_s', 0))}/s" if c else "-"
+        dirty = max(int(k.get("dirty_regions", 0) or 0), int(c.get("dirty_regions", 0) or 0))
+        print(
+            f"{t['name']!s:<16} {t['state']!s:<13} {f'{used}/{slots}':>13} {lag_text:>22} "
+            f"{'-' if durable is None else durable!s:>9} {rate:>11} {dirty:>6}  {c.get('server', '-')}"
+        )
+        rs = c.get("resync") or {}
+        if rs.get("active"):
+            print(f"{'':<16} resync {_size(rs['done_bytes'])} of {_size(rs['total_bytes'])}")
+    for srv in servers:
+        print(
+            f"server {srv.get('listen')}: {srv.get('state')}, replica {srv.get('replica')} "
+            f"{'consistent' if srv.get('consistent') else 'INCONSISTENT'}, durable seq {srv.get('durable_seq')}, "
+            f"client {srv.get('peer') or '-'}"
+        )
+
+
+def control_socket(name: str, run_dir: Path) -> Path:
+    """The control socket of the client daemon of target ``name`` (mapper name, chardev name or a path)."""
+    if "/" in name:
+        return Path(name)
+    direct = run_dir / f"client-{name}.sock"
+    if direct.exists():
+        return direct
+    for t in kernel_targets():
+        if t["name"] == name and t.get("chardev"):
+            return run_dir / f"client-{t['chardev']}.sock"
+    raise SetupError(f"no client daemon found for {name!r} in {run_dir} (is bdr_client running?)")
+
+
+def verify(name: str, run_dir: Path, as_json: bool) -> int:
+    """Ask the client daemon of ``name`` for a verification pass; 0: identical, 1: mismatches, 2: not verified."""
+    import logging
+
+    from bdr.progress import Progress  # tqdm on a terminal, log lines otherwise
+
+    sock = control_socket(name, run_dir)
+    result: dict[str, Any] | None = None
+    prog: Progress | None = None
+    done = 0
+    try:
+        for msg in daemon_status.request(sock, "verify", timeout=None):
+            if "progress" in msg and not as_json:
+                p = msg["progress"]
+                if prog is None:
+                    prog = Progress(f"verify {name}", int(p["device_bytes"]), logging.getLogger("bdr"))
+                prog.update(int(p["compared_bytes"]) - done)
+                done = int(p["compared_bytes"])
+            elif "result" in msg:
+                result = msg["result"]
+            elif "error" in msg:
+                raise SetupError(str(msg["error"]))
+    except daemon_status.StatusUnavailable as exc:
+        raise SetupError(f"cannot reach the client daemon: {exc}") from exc
+    finally:
+        if prog is not None:
+            prog.close()
+    if result is None:
+        raise SetupError("the client daemon closed the connection without a result")
+    if as_json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    if result.get("error"):
+        if not as_json:
+            print(f"bdr: verify of {name} not done: {result['error']}", file=sys.stderr)
+        return 2
+    if not as_json:
+        for off, ln in result["mismatch_ranges"]:
+            print(
+                f"mismatch: bytes {off}-{off + ln - 1} (sectors {off // 512}-{(off + ln) // 512 - 1}, {ln} bytes)"
+            )
+        for off, ln in result["busy_ranges"]:
+            print(f"not verified (written during the whole pass): bytes {off}-{off + ln - 1}")
+        verdict = (
+            "identical"
+            if not result["mismatch_ranges"]
+            else f"{len(result['mismatch_ranges'])} ranges differ"
+        )
+        print(
+            f"verify {name}: {_size(result['compared_bytes'])} compared in {result['seconds']:.1f}s: {verdict}"
+        )
+    return 1 if result["mismatch_ranges"] else 0
 
 
 def _ask(prompt: str, default: str | None = None) -> str:
@@ -187,6 +364,28 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="show the bdr targets", description="State and counters of each target."
     )
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument(
+        "--run-dir",
+        type=Path,
+        default=daemon_status.RUN_DIR,
+        help=f"where the daemons' control sockets are (default {daemon_status.RUN_DIR})",
+    )
+    v = sub.add_parser(
+        "verify",
+        help="compare source and replica online, report differing ranges",
+        description="Ask the running bdr_client of target NAME to compare every block of the source with the "
+        "replica by checksum while replication goes on. Nothing is repaired: differing ranges are printed (a "
+        "restart of bdr_client with --full-scan repairs them). Exit status: 0 identical, 1 ranges differ, "
+        "2 the pass could not be done. Suitable for cron.",
+    )
+    v.add_argument("name", help="mapper name or chardev name of the target (or the path of a control socket)")
+    v.add_argument("--json", action="store_true", help="print the result as JSON")
+    v.add_argument(
+        "--run-dir",
+        type=Path,
+        default=daemon_status.RUN_DIR,
+        help=f"where the daemons' control sockets are (default {daemon_status.RUN_DIR})",
+    )
     c = sub.add_parser(
         "certs",
         help="create a CA and TLS certificates for a server and a client",
@@ -283,20 +482,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "secret":
             make_secret(args)
         elif args.command == "status":
-            targets = status()
+            report = status(args.run_dir)
             if args.json:
-                print(json.dumps(targets, indent=2))
-            elif not targets:
-                print("no bdr targets")
+                print(json.dumps(report, indent=2, sort_keys=True))
             else:
-                print(f"{'NAME':<16} {'STATE':<10} {'RING':>15} {'RECORDS':>10} {'DROPPED':>8} {'DIRTY':>8}")
-                for t in targets:
-                    fill = t.get("fill")
-                    ring = f"{fill['used']}/{fill['slots']}" if isinstance(fill, dict) else "?"
-                    print(
-                        f"{t['name']:<16} {t.get('state', '?')!s:<10} {ring:>15} {t.get('records', 0)!s:>10}"
-                        f" {t.get('dropped', 0)!s:>8} {t.get('dirty_regions', 0)!s:>8}"
-                    )
+                print_status(report)
+        elif args.command == "verify":
+            try:
+                return verify(args.name, args.run_dir, args.json)
+            except SetupError as exc:
+                print(f"bdr: {exc}", file=sys.stderr)
+                return 2
     except SetupError as exc:
         print(f"bdr: {exc}", file=sys.stderr)
         return 1

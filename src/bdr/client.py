@@ -33,6 +33,7 @@ import stat
 import struct
 import sys
 import termios
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,12 +41,13 @@ from pathlib import Path
 
 import xxhash
 
-from . import __version__, abi, auth, config, scan, tls
+from . import __version__, abi, auth, config, scan, status, tls
 from . import protocol as p
 from .log import BenchClock, setup_logging
 from .oneshot import NoRing, oneshot_ring_identity
 from .progress import Progress
 from .ring import Batch, DirtyMap, RingConsumer, RingError
+from .verify import VerifyJob
 
 log = logging.getLogger("bdr.client")
 
@@ -62,7 +64,48 @@ SCAN_INFLIGHT = 4  # SCAN_REQUEST windows in flight
 BLKGETSIZE64 = 0x80081272
 FATAL_CODES = frozenset({p.ErrorCode.SIZE_MISMATCH, p.ErrorCode.BAD_VERSION})
 
+PUBLISH_INTERVAL = 0.25  # seconds between status snapshots (bdr status, metrics)
+VERIFY_STEP_EVERY = 0.05  # while records wait to be sent, a verify window at most this often
+STATES = ("connecting", "disconnected", "resyncing", "overflow", "replicating", "stopping")
+
 EXIT_OK, EXIT_USAGE, EXIT_REFUSED, EXIT_SOURCE = 0, 2, 3, 4
+
+# Prometheus metrics of the client: each is a value of the status snapshot (bdr.status)
+METRICS = [
+    status.Spec(
+        "replicated_bytes_total", "counter", "write data sent to the server", ("replicated", "bytes")
+    ),
+    status.Spec(
+        "replicated_records_total", "counter", "ring records sent to the server", ("replicated", "records")
+    ),
+    status.Spec(
+        "lag_records", "gauge", "records captured but not yet durable on the replica", ("lag", "records")
+    ),
+    status.Spec(
+        "lag_bytes", "gauge", "write data captured but not yet durable on the replica", ("lag", "bytes")
+    ),
+    status.Spec(
+        "lag_seconds", "gauge", "age of the oldest record not yet durable on the replica", ("lag", "seconds")
+    ),
+    status.Spec("ring_used_slots", "gauge", "ring slots holding records", ("ring", "used")),
+    status.Spec("ring_slots", "gauge", "ring size in slots", ("ring", "slots")),
+    status.Spec(
+        "durable_seq", "gauge", "last sequence number the server acknowledged durable", ("durable_seq",)
+    ),
+    status.Spec(
+        "throughput_bytes_per_second", "gauge", "write data sent per second", ("throughput_bytes_per_s",)
+    ),
+    status.Spec("resync_done_bytes", "gauge", "bytes of the running scan done", ("resync", "done_bytes")),
+    status.Spec("resync_total_bytes", "gauge", "bytes the running scan covers", ("resync", "total_bytes")),
+    status.Spec("scans_total", "counter", "scans (resyncs) started", ("resync", "scans")),
+    status.Spec(
+        "dirty_regions", "gauge", "dirty regions taken from the ring, not yet resynced", ("dirty_regions",)
+    ),
+    status.Spec("connected", "gauge", "1 while connected to the server", ("connected",)),
+    status.Spec("in_sync", "gauge", "1 while everything captured is durable on the replica", ("in_sync",)),
+    status.Spec("reconnects_total", "counter", "connections to the server after the first", ("reconnects",)),
+    status.Spec("errors_total", "counter", "connections that ended with an error", ("errors",)),
+]
 
 
 class ClientError(Exception):
@@ -175,6 +218,7 @@ class ClientSession:
         self.goodbye = False
         self.streaming = False  # handshake and start-up resync done
         self.in_sync = False  # everything captured is durable on the replica (logged once per transition)
+        self._verify_t = 0.0
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
         self._poll.register(client.wake_fd, select.POLLIN)
@@ -232,6 +276,7 @@ class ClientSession:
                     self.client.drain_wakeup()
         if self.client.stopping and not self.client.draining:
             raise Stopping()
+        self.client.publish()
         while True:
             try:
                 n = self.sock.recv_into(self.conn.writable(65536), 0, socket.MSG_DONTWAIT)
@@ -356,6 +401,7 @@ class ClientSession:
         """Handshake, then quick resume or resync, as the flags and the server's state allow."""
         c = self.client
         w = self.handshake()
+        c.replica_consistent = bool(w.flags & p.WelcomeFlag.CONSISTENT)
         first = not c.started
         same = w.source_id == c.source_id and w.ring_id == c.ring_id
         resume = p.next_seq(w.durable_seq)
@@ -456,6 +502,14 @@ class ClientSession:
             head = ring.head()
             pending = self.client.pending_dirty
             limit = head if pending is None else min(head, pending.ring_head)
+            job = self.client.verify
+            if (
+                job is not None
+                and pending is None
+                and (self.sent >= limit or time.monotonic() - self._verify_t >= VERIFY_STEP_EVERY)
+            ):
+                self.verify_step(job)
+                continue
             if self.sent < limit:
                 b = ring.batch(self.sent, BATCH_RECORDS, head=limit)
                 assert b is not None
@@ -514,6 +568,39 @@ class ClientSession:
             left,
         )
 
+    # -- online verify (bdr verify) --------------------------------------------------------------------------------
+
+    def verify_step(self, job: VerifyJob) -> None:
+        """Compare one window (or one block to look at again) of source and replica; end the pass when done."""
+        c = self.client
+        self._verify_t = now = time.monotonic()
+        if self.ring.state() & (abi.State.OVERFLOW | abi.State.DIRTY):
+            c.end_verify(
+                job, "the ring overflowed during the pass (the dirty regions are resynced now): run it again"
+            )
+            return
+        item = job.next(now)
+        if item is None:
+            if job.finished:
+                c.end_verify(job)
+            return
+        off, ln, look = item
+        pos = self.sent  # the server hashes after applying every record before pos
+        self._send(self.conn.send(p.ScanRequest(p.VERIFY_SCAN_ID, off, ln)))
+        self.wait_for("SCAN_HASHES", lambda: bool(self.scan_replies))
+        rep = self.scan_replies.popleft()
+        nblocks = -(-ln // job.block_size)
+        if rep.scan_id != p.VERIFY_SCAN_ID or rep.offset != off or rep.count != nblocks:
+            raise p.RemoteProtocolError(
+                p.ErrorCode.BAD_FIELD,
+                f"SCAN_HASHES for [{rep.offset}, {rep.count} blocks), asked [{off}, {nblocks})",
+            )
+        view = c.scan_buf[:ln]
+        self._read_source(view, off)
+        diff = scan.differing_blocks(view, off, rep.hashes, job.block_size)
+        written = self.ring.written(pos, self.ring.head())[0] if diff else []
+        job.record(off, ln, look, diff, written)
+
     # -- scans ----------------------------------------------------------------------------------------------------
 
     def resync(
@@ -546,6 +633,9 @@ class ClientSession:
         self._send(self.conn.send(p.ScanBegin(sid, mode, flags, bs)))
         wins = list(scan.windows(extents, c.dev_size, bs))
         prog = Progress(f"scan {sid} ({st.mode})", sum(n for _, n in wins), log, quiet=bool(c.args.no_print))
+        c.resync_progress = [0, prog.total]
+        c.replica_consistent = False
+        c.publish(force=True)
         known_zero = bool(self.welcome and self.welcome.flags & p.WelcomeFlag.KNOWN_ZERO)
         buf = c.scan_buf
         if mode is p.ScanMode.HASH:
@@ -573,6 +663,7 @@ class ClientSession:
                 st.differing += len(diff)
                 st.windows += 1
                 prog.update(ln)
+                c.resync_progress[0] += ln
                 if diff:
                     self._send_blocks(sid, view, off, [(o, n, 0) for o, n in diff], st)
                 self.pump()
@@ -591,10 +682,12 @@ class ClientSession:
                         blocks.append((o, n, 0))
                 st.windows += 1
                 prog.update(ln)
+                c.resync_progress[0] += ln
                 if blocks:
                     self._send_blocks(sid, view, off, blocks, st)
                 self.pump()
         prog.close()
+        c.resync_progress = None
         # ring records from start_pos on follow the scan; the replica is consistent again once the server has
         # applied them up to what the ring holds now (writes during the scan may be half-read by the scan)
         head = self.ring.head()
@@ -608,6 +701,8 @@ class ClientSession:
         self.scan_done = None
         self._send(self.conn.send(p.ScanEnd(sid, eflags, resume, consistent)))
         self.wait_for("SCAN_DONE", lambda: self.scan_done is not None, timeout=300)
+        # consistent once the records captured during the scan are applied (the next ones, in order)
+        c.replica_consistent = not eflags & p.ScanEndFlag.MORE_TO_COME
         self.sent = start_pos
         # records before start_pos were applied and synced before SCAN_BEGIN or are covered by the scan: they
         # are durable now even when the server could not name a resume sequence number
@@ -709,6 +804,159 @@ class Client:
         self.stats = ClientStats()
         self.bench = BenchClock() if args.benchmark else None
         self._bench_t = 0.0
+        # what bdr status and the metrics show (bdr.status), published by this loop
+        self.board = status.Board()
+        self.session: ClientSession | None = None
+        self.reconnects = self.errors = 0
+        self.resync_progress: list[int] | None = None  # [bytes done, bytes total] of the running scan
+        self.replica_consistent: bool | None = None
+        self.verify: VerifyJob | None = None
+        self.last_verify: dict[str, object] | None = None
+        self._verify_lock = threading.Lock()
+        self._published = 0.0
+        self._rate = (time.monotonic(), 0)
+        self.throughput = 0.0
+        self.lag_since: float | None = None
+        self.control: status.ControlSocket | None = None
+        self.metrics: status.MetricsEndpoint | None = None
+
+    # -- status, metrics and verify requests (bdr.status) ----------------------------------------------------------
+
+    def open_status(self) -> None:
+        """The control socket (bdr status, bdr verify) and, with --metrics-address, the Prometheus endpoint."""
+        self.publish(force=True)
+        if not self.oneshot or self.args.status_socket:
+            name = Path(self.args.control_device or self.args.source_device).name
+            self.control = status.open_control(
+                self.args.status_socket,
+                status.RUN_DIR / f"client-{name}.sock",
+                self.board,
+                {"verify": self.request_verify},
+            )
+        if self.args.metrics_address:
+            try:
+                self.metrics = status.MetricsEndpoint(
+                    self.args.metrics_address, self.board, METRICS, STATES, "bdr_client"
+                )
+            except (OSError, ValueError) as exc:
+                raise ClientError(f"--metrics-address {self.args.metrics_address}: {exc}") from exc
+
+    def state(self) -> str:
+        sess = self.session
+        if self.stopping:
+            return "stopping"
+        if sess is None:
+            return "disconnected" if self.started else "connecting"
+        if self.resync_progress is not None:
+            return "resyncing"
+        if not sess.streaming:
+            return "connecting"
+        if self.pending_dirty is not None or self.ring.state() & (abi.State.OVERFLOW | abi.State.DIRTY):
+            return "overflow"
+        return "replicating"
+
+    def publish(self, force: bool = False) -> None:
+        """Publish a new status snapshot, at most every PUBLISH_INTERVAL unless forced."""
+        now = time.monotonic()
+        if not force and now - self._published < PUBLISH_INTERVAL:
+            return
+        self._published = now
+        ring, sess, st = self.ring, self.session, self.stats
+        head, tail = ring.head(), ring.tail
+        if head == tail:
+            self.lag_since = None
+        elif self.lag_since is None:
+            self.lag_since = now
+        t0, b0 = self._rate
+        if now - t0 >= 1.0:
+            self.throughput, self._rate = (st.bytes - b0) / (now - t0), (now, st.bytes)
+        _, lag_bytes = ring.written(tail, head) if head > tail else ([], 0)
+        kstate = ring.state()
+        snap: dict[str, object] = {
+            "role": "client",
+            "version": __version__,
+            "pid": os.getpid(),
+            "state": self.state(),
+            "in_sync": bool(sess is not None and sess.in_sync and head == tail),
+            "connected": sess is not None,
+            "server": self.server_text,
+            "control_device": self.args.control_device,
+            "source_device": self.args.source_device,
+            "device_bytes": self.dev_size,
+            "replica_consistent": self.replica_consistent,
+            "ring": {
+                "slots": ring.geometry.nr_slots,
+                "used": head - tail,
+                "head": head,
+                "tail": tail,
+                "unsent": head - (sess.sent if sess is not None else tail),
+                "overflow": bool(kstate & abi.State.OVERFLOW),
+            },
+            "lag": {
+                "records": head - tail,
+                "bytes": lag_bytes,
+                "seconds": round(now - self.lag_since, 3) if self.lag_since is not None else 0.0,
+            },
+            "durable_seq": None if self.server_durable == p.NO_SEQ else self.server_durable,
+            "replicated": {"bytes": st.bytes, "records": st.records, "frames": st.frames},
+            "throughput_bytes_per_s": round(self.throughput, 1),
+            "resync": {
+                "active": self.resync_progress is not None,
+                "done_bytes": self.resync_progress[0] if self.resync_progress else 0,
+                "total_bytes": self.resync_progress[1] if self.resync_progress else 0,
+                "scans": len(st.scans),
+                "last_scan_bytes": sum(n for _, n in st.scans[-1].extents) if st.scans else 0,
+                "differing_blocks": sum(sc.differing for sc in st.scans),
+            },
+            "dirty_regions": self.pending_dirty.nr_dirty if self.pending_dirty is not None else 0,
+            "metrics_url": self.metrics.url if self.metrics is not None else None,
+            "reconnects": self.reconnects,
+            "errors": self.errors,
+            "verify": self.verify.progress() if self.verify is not None else None,
+            "last_verify": self.last_verify,
+        }
+        self.board.publish(snap)
+
+    def request_verify(self, progress: Callable[[dict[str, object]], None]) -> dict[str, object]:
+        """bdr verify, in the control socket's thread: start a pass in the main loop and wait for its end."""
+        with self._verify_lock:
+            if self.verify is not None:
+                return {"ok": False, "error": "a verify pass is already running"}
+            sess = self.session
+            if sess is None or not sess.streaming or self.resync_progress is not None:
+                return {
+                    "ok": False,
+                    "error": f"the client is {self.state()}: verify needs a replicating client",
+                }
+            job = self.verify = VerifyJob(self.dev_size, p.VERIFY_BLOCK_SIZE)
+        log.warning("verify: comparing all %d bytes of source and replica", self.dev_size)
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"v")
+        while not job.done.wait(1.0):
+            progress(job.progress())
+        return job.result()
+
+    def end_verify(self, job: VerifyJob, error: str | None = None) -> None:
+        res = job.result() | ({"ok": False, "error": error} if error else {})
+        if error:
+            log.error("verify failed: %s", error)
+        elif job.mismatches:
+            for off, ln in res["mismatch_ranges"]:
+                log.error("verify: source and replica differ at byte %d (+%d)", off, ln)
+        log.warning(
+            "verify done in %.1fs: %d bytes compared, %d mismatching ranges, %d busy ranges not verified",
+            res["seconds"],
+            res["compared_bytes"],
+            len(res["mismatch_ranges"]),
+            len(res["busy_ranges"]),
+        )
+        with self._verify_lock:
+            self.last_verify = res
+            self.verify = None
+        if error:
+            job.fail(error)
+        else:
+            job.done.set()
 
     def install_signals(self) -> None:
         def on_signal(signum: int, frame: object) -> None:
@@ -801,6 +1049,10 @@ class Client:
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             sess = ClientSession(self, sock, binding)
+            if self.started:
+                self.reconnects += 1
+            self.session = sess
+            self.publish(force=True)
             refused = False
             try:
                 log.info("connected to %s", self.server_text)
@@ -864,6 +1116,12 @@ class Client:
                 log.error("I/O error: %s; reconnecting in %.2fs", exc, backoff)
             finally:
                 sock.close()
+                self.session = None
+                self.resync_progress = None
+                if self.verify is not None:
+                    self.end_verify(self.verify, "the connection to the server ended during the pass")
+                self.errors += 0 if self.stopping else 1
+                self.publish(force=True)
             if not self.stopping:
                 self.sleep(AUTH_BACKOFF if refused else backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
@@ -894,6 +1152,10 @@ class Client:
             st.lag_sum, st.lag_n, st.lag_max = 0.0, 0, 0.0
 
     def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.ring.close()
         os.close(self.source_fd)
         self._wake_r.close()
@@ -1009,6 +1271,16 @@ def build_parser() -> argparse.ArgumentParser:
         "the network",
     )
     ap.add_argument(
+        "--status-socket",
+        metavar="PATH",
+        help=f"control socket for bdr status and bdr verify (default {status.RUN_DIR}/client-<chardev>.sock)",
+    )
+    ap.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (for example 127.0.0.1:9788)",
+    )
+    ap.add_argument(
         "--config",
         metavar="FILE",
         help="TOML file with any of these options (keys are the long flag names); flags given here override it",
@@ -1030,7 +1302,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         client.install_signals()
+        client.open_status()
         return client.run()
+    except ClientError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
     finally:
         client.close()
 

@@ -78,6 +78,7 @@ _REC = struct.Struct("<8sHHIQQQQ")  # checksummed part (48 bytes); then the chec
 REC_HEADER = 64
 _CSUM_AT = HEADER_BLOCK - 8
 CRASH_ENV = "BDR_TEST_CRASH_AT"
+CRASH_RECEIVE_AFTER = 1 << 20  # the "receive" crash point: after this many bytes of scan blocks were staged
 BUCKET_SHIFT = (
     20  # staged extents are indexed by the 1 MiB buckets they touch (overlay cost ~ what it overlays)
 )
@@ -285,6 +286,8 @@ class RecordArea:
         at = self._append(Record(RecType.BLOCK, self.state.epoch, self.index, offset, len(data), bytes(data)))
         self._index(offset, len(data), at)
         self.staged_bytes += len(data)
+        if self.staged_bytes >= CRASH_RECEIVE_AFTER:
+            _crash_here("receive")
 
     def stage_zeroes(self, offset: int, length: int) -> None:
         assert self.is_open

@@ -36,6 +36,8 @@ Conversation (client = source side, server = replica side)::
     DATA ... ------------------------------>   ring records captured during the scan win
     RESYNC_PENDING ----------------------->   ring lost writes: server marks the replica, then ACK,
                                                then the client takes the dirty bitmap and scans it
+    SCAN_REQUEST(scan 0, range) ---------->   online verify while streaming (bdr verify): the replica's
+           <-------------------------------  SCAN_HASHES(scan 0)   blocks after every DATA sent before it
     GOODBYE ------------------------------->   "we closed it", either side
 
 Before the handshake is over (WELCOME sent) frames are capped at ``HANDSHAKE_MAX_PAYLOAD`` bytes, so an
@@ -73,6 +75,9 @@ MAX_SCAN_BLOCK: Final = 4 * 1024 * 1024
 MIN_SCAN_BLOCK: Final = 4096
 MAX_SCAN_RANGE: Final = 1 << 40  # one SCAN_REQUEST covers at most this many bytes
 MAX_SCAN_HASHES: Final = 65536  # hashes in one SCAN_HASHES frame
+# SCAN_REQUEST with this scan id while streaming: hash the replica as it is now (bdr verify), nothing is written
+VERIFY_SCAN_ID: Final = 0
+VERIFY_BLOCK_SIZE: Final = 64 * 1024  # the block of a verify request (the scans' default block)
 SECTOR: Final = 512
 NONCE_SIZE: Final = 32  # AUTH_BEGIN / AUTH_CHALLENGE nonces
 MAC_SIZE: Final = 32  # HMAC-SHA256 in AUTH_PROOF / AUTH_OK
@@ -1318,6 +1323,7 @@ _CLIENT_MAY_SEND: dict[Phase, frozenset[MsgType]] = {
             MsgType.SYNC,
             MsgType.RESYNC_PENDING,
             MsgType.SCAN_BEGIN,
+            MsgType.SCAN_REQUEST,  # VERIFY_SCAN_ID only (the server refuses another id outside a scan)
             MsgType.ERROR,
             MsgType.GOODBYE,
         }
@@ -1406,6 +1412,9 @@ class Connection:
     def _advance(self, msg: Message, from_client: bool) -> None:
         t = msg.TYPE
         self._check(t, from_client)
+        if isinstance(msg, ScanRequest) and self.phase is Phase.STREAMING and msg.scan_id != VERIFY_SCAN_ID:
+            exc = LocalProtocolError if from_client == (self.role is Role.CLIENT) else RemoteProtocolError
+            raise exc(ErrorCode.UNEXPECTED, f"SCAN_REQUEST for scan {msg.scan_id} outside a scan")
         if t is MsgType.HELLO:
             assert isinstance(msg, Hello)
             self._hello_seen = True

@@ -335,6 +335,24 @@ class RingConsumer:
 
     # -- records -------------------------------------------------------------------------------------------------
 
+    def written(self, start: int, end: int) -> tuple[list[tuple[int, int]], int]:
+        """The records at positions [start, end): the byte extents they change (writes, discards, write-zeroes)
+        and the bytes of write data they carry."""
+        nr = self.geometry.nr_slots
+        extents: list[tuple[int, int]] = []
+        data = 0
+        while start < end:
+            slot = start % nr
+            k = min(end - start, nr - slot)
+            with self._desc[slot * RECORD_SIZE : (slot + k) * RECORD_SIZE] as dv:
+                f = record_fields(dv)
+            for sector, ln, op in zip(f.sectors, f.lens, f.ops, strict=True):
+                if op != abi.Op.FLUSH and ln:
+                    extents.append((sector * 512, ln))
+                    data += ln if op == OP_WRITE else 0
+            start += k
+        return extents, data
+
     def batch(self, start: int, max_records: int, head: int | None = None) -> Batch | None:
         """Records from position start up to head (at most max_records), without copying their data."""
         if head is None:

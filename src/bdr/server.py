@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from . import __version__, auth, config, scan, tls
+from . import __version__, auth, config, scan, status, tls
 from . import protocol as p
 from .journal import JFlag, Journal, JournalError, JournalIOError
 from .journal_records import JournalFull, RecordArea, StagingTarget
@@ -569,6 +569,7 @@ class ServerSession:
         self.ids_match = False
         self.ack_pending = False
         self.resync_owned = False  # SCANNING was set by this connection (RESYNC_PENDING), not inherited
+        self.verified = 0  # bytes hashed for online verify requests (bdr verify)
         self._acked_durable = applier.durable
         self._acked_bytes = applier.stats.bytes
 
@@ -881,9 +882,10 @@ class ServerSession:
         return self.scan
 
     def _scan_request(self, r: p.ScanRequest) -> bytes:
-        sc = self._check_scan(r.scan_id)
+        verify = r.scan_id == p.VERIFY_SCAN_ID and self.scan is None and self.conn.phase is p.Phase.STREAMING
+        block_size = p.VERIFY_BLOCK_SIZE if verify else self._check_scan(r.scan_id).block_size
         assert self.hello is not None
-        if r.offset % sc.block_size or r.offset + r.length > self.hello.device_size:
+        if r.offset % block_size or r.offset + r.length > self.hello.device_size:
             raise p.RemoteProtocolError(
                 p.ErrorCode.OUT_OF_RANGE, f"scan range [{r.offset}, +{r.length}) invalid"
             )
@@ -898,8 +900,11 @@ class ServerSession:
         if self.applier.staging:
             assert self.applier.area is not None
             self.applier.area.overlay(view, r.offset)  # hash what the replica will be after the commit
-        digests = scan.hash_window(view, r.offset, sc.block_size)
-        sc.hashed += r.length
+        digests = scan.hash_window(view, r.offset, block_size)
+        if verify:
+            self.verified += r.length
+        else:
+            self._check_scan(r.scan_id).hashed += r.length
         return self.conn.send(p.ScanHashes(r.scan_id, r.offset, digests))
 
     def _scan_data(self, d: p.ScanData) -> bytes:
@@ -1006,6 +1011,37 @@ class ServerSession:
 # --------------------------------------------------------------------------------------------------------------
 
 
+PUBLISH_INTERVAL = 0.25  # seconds between status snapshots (bdr status, metrics)
+STATES = ("listening", "replicating", "resyncing", "stopping", "failed")
+# Prometheus metrics of the server: each is a value of the status snapshot (bdr.status)
+METRICS = [
+    status.Spec("applied_bytes_total", "counter", "write data applied to the replica", ("applied", "bytes")),
+    status.Spec(
+        "applied_records_total", "counter", "ring records applied to the replica", ("applied", "records")
+    ),
+    status.Spec(
+        "syncs_total", "counter", "fdatasync calls of the replica (durability points)", ("applied", "syncs")
+    ),
+    status.Spec("applied_seq", "gauge", "last sequence number applied", ("applied_seq",)),
+    status.Spec("durable_seq", "gauge", "last sequence number durable on the replica", ("durable_seq",)),
+    status.Spec(
+        "consistent",
+        "gauge",
+        "1 while the replica is a prefix-consistent copy of the source",
+        ("consistent",),
+    ),
+    status.Spec("connected", "gauge", "1 while a client is connected", ("connected",)),
+    status.Spec(
+        "resync_hashed_bytes", "gauge", "replica bytes hashed by the running scan", ("resync", "hashed_bytes")
+    ),
+    status.Spec(
+        "resync_received_bytes", "gauge", "bytes received by the running scan", ("resync", "received_bytes")
+    ),
+    status.Spec("connections_total", "counter", "client connections served", ("connections",)),
+    status.Spec("errors_total", "counter", "connections that ended with an error", ("errors",)),
+]
+
+
 class Server:
     """Listens, serves one client at a time, turns SIGTERM / SIGINT into a clean stop."""
 
@@ -1032,6 +1068,14 @@ class Server:
         self.spliced_frames = 0
         self._no_splice = -1  # decoder frame number that goes the ordinary way
         self.failed: str | None = None  # the storage error the daemon stops on
+        # what bdr status and the metrics show (bdr.status), published by the main loop
+        self.board = status.Board()
+        self.session: ServerSession | None = None
+        self.connections = self.errors = 0
+        self.last_error: str | None = None
+        self._published = 0.0
+        self.control: status.ControlSocket | None = None
+        self.metrics: status.MetricsEndpoint | None = None
         self._busy_logged = -1e9
         self._busy_quiet = 0
         if hasattr(os, "splice") and os.environ.get("BDR_NO_SPLICE") != "1":
@@ -1054,6 +1098,70 @@ class Server:
                 pass
         except BlockingIOError:
             pass
+
+    # -- status and metrics (bdr.status) ---------------------------------------------------------------------------
+
+    def open_status(self) -> None:
+        """The control socket (bdr status) and, with --metrics-address, the Prometheus endpoint."""
+        assert self.listener is not None
+        self.publish(force=True)
+        port = self.listener.getsockname()[1]
+        self.control = status.open_control(
+            getattr(self.args, "status_socket", None), status.RUN_DIR / f"server-{port}.sock", self.board, {}
+        )
+        address = getattr(self.args, "metrics_address", None)
+        if address:
+            try:
+                self.metrics = status.MetricsEndpoint(address, self.board, METRICS, STATES, "bdr_server")
+            except (OSError, ValueError) as exc:
+                raise ServerError(f"--metrics-address {address}: {exc}") from exc
+
+    def publish(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._published < PUBLISH_INTERVAL:
+            return
+        self._published = now
+        sess, ap, jh = self.session, self.applier, self.journal.header
+        sc = sess.scan if sess is not None else None
+        if self.failed is not None:
+            state = "failed"
+        elif self.stopping:
+            state = "stopping"
+        elif sess is None:
+            state = "listening"
+        elif sc is not None or ap.staging:
+            state = "resyncing"
+        else:
+            state = "replicating"
+        listen = self.listener.getsockname()[:2] if self.listener is not None else None
+        self.board.publish(
+            {
+                "role": "server",
+                "version": __version__,
+                "pid": os.getpid(),
+                "state": state,
+                "listen": f"{listen[0]}:{listen[1]}" if listen else None,
+                "peer": sess.peer if sess is not None else None,
+                "connected": sess is not None,
+                "replica": str(self.replica.path),
+                "replica_bytes": self.replica.size,
+                "journal": str(self.journal.path),
+                "consistent": bool(jh.flags & JFlag.CONSISTENT and not jh.flags & JFlag.SCANNING),
+                "applied_seq": None if ap.applied == p.NO_SEQ else ap.applied,
+                "durable_seq": None if ap.durable == p.NO_SEQ else ap.durable,
+                "applied": {"bytes": ap.stats.bytes, "records": ap.stats.records, "syncs": ap.stats.syncs},
+                "resync": {
+                    "active": sc is not None,
+                    "hashed_bytes": sc.hashed if sc is not None else 0,
+                    "received_bytes": sc.bytes if sc is not None else 0,
+                },
+                "verified_bytes": sess.verified if sess is not None else 0,
+                "metrics_url": self.metrics.url if self.metrics is not None else None,
+                "connections": self.connections,
+                "errors": self.errors,
+                "last_error": self.last_error,
+            }
+        )
 
     # -- main loop ----------------------------------------------------------------------------------------------
 
@@ -1099,6 +1207,7 @@ class Server:
         poller.register(lst, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         while not self.stopping:
+            self.publish()
             for fd, _ in poller.poll(1000):
                 if fd == self._wake_r.fileno():
                     self._drain_wakeup()
@@ -1181,6 +1290,9 @@ class Server:
         sock.settimeout(60.0)
         server_auth = auth.ServerAuth(self.secret, self.binding) if self.secret is not None else None
         sess = ServerSession(self.replica, self.journal, self.applier, peer, server_auth)
+        self.session = sess
+        self.connections += 1
+        self.publish(force=True)
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
@@ -1188,11 +1300,13 @@ class Server:
         poller.register(self.listener, select.POLLIN)
         reason = "?"
         fatal = gentle = False
+        clean = False  # the session ended as agreed (GOODBYE, or our shutdown)
         last_rx = time.monotonic()
         try:
             while True:
                 if self.stopping:
                     reason = "server shutting down"
+                    clean = True
                     sock.sendall(sess.goodbye())
                     break
                 buffered = tls.pending(sock)  # decrypted bytes poll() cannot see
@@ -1201,6 +1315,7 @@ class Server:
                     events.append((sock.fileno(), select.POLLIN))
                 if not any(fd == sock.fileno() for fd, _ in events):
                     self._check_timeouts(sess, deadline, last_rx)
+                self.publish()
                 if not events:
                     self._report_bench()
                     continue
@@ -1227,6 +1342,7 @@ class Server:
         except SessionClosed as exc:
             reason = exc.reason
             fatal = exc.fatal
+            clean = exc.clean
             if exc.reply:
                 with contextlib.suppress(OSError):
                     sock.sendall(exc.reply)
@@ -1249,6 +1365,11 @@ class Server:
             if fatal:
                 self.failed = reason
                 self.stopping = True
+            if not clean:
+                self.errors += 1
+                self.last_error = reason
+            self.session = None
+            self.publish(force=True)
             if gentle:
                 _close_gently(sock, linger=1.0)
             else:
@@ -1374,6 +1495,10 @@ class Server:
             )
 
     def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.listener is not None:
             self.listener.close()
         self.replica.close()
@@ -1593,6 +1718,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow a non-loopback --address without client authentication (trusted, isolated networks only)",
     )
     ap.add_argument(
+        "--status-socket",
+        metavar="PATH",
+        help=f"control socket for bdr status (default {status.RUN_DIR}/server-<port>.sock)",
+    )
+    ap.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (for example 127.0.0.1:9789)",
+    )
+    ap.add_argument(
         "--config",
         metavar="FILE",
         help="TOML file with any of these options (keys are the long flag names); flags given here override it",
@@ -1615,6 +1750,7 @@ def main(argv: list[str] | None = None, ready: Callable[[Server], None] | None =
     try:
         server.install_signals()  # before listening: whoever can connect can also stop us cleanly
         server.listen()
+        server.open_status()
         if ready is not None:
             ready(server)
         return server.run()

@@ -235,7 +235,9 @@ class Lab:
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
+def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
+    # the daemons' control sockets (bdr status) go to the test's own run directory, not /run/bdr
+    monkeypatch.setenv("BDR_RUN_DIR", str(tmp_path / "run"))
     lb = Lab(tmp_path)
     yield lb
     lb.close()
