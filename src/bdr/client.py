@@ -62,7 +62,7 @@ AUTH_CODES = frozenset({p.ErrorCode.AUTH_REQUIRED, p.ErrorCode.AUTH_FAILED})
 DRAIN_SECONDS = 5.0
 SCAN_INFLIGHT = 4  # SCAN_REQUEST windows in flight
 BLKGETSIZE64 = 0x80081272
-FATAL_CODES = frozenset({p.ErrorCode.SIZE_MISMATCH, p.ErrorCode.BAD_VERSION})
+FATAL_CODES = frozenset({p.ErrorCode.SIZE_MISMATCH, p.ErrorCode.BAD_VERSION, p.ErrorCode.WRONG_SOURCE})
 
 PUBLISH_INTERVAL = 0.25  # seconds between status snapshots (bdr status, metrics)
 VERIFY_STEP_EVERY = 0.05  # while records wait to be sent, a verify window at most this often

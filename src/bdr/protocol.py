@@ -147,6 +147,9 @@ class ErrorCode(enum.IntEnum):
     CONNECTION_LOST = 18
     AUTH_REQUIRED = 19  # the server requires authentication the client did not offer
     AUTH_FAILED = 20  # wrong proof, or the two sides are configured differently
+    WRONG_SOURCE = (
+        21  # the replica mirrors another source: replacing it takes --full-scan / --full-replication
+    )
 
 
 class Feature(enum.IntFlag):

@@ -840,6 +840,19 @@ class ServerSession:
     def _scan_begin(self, b: p.ScanBegin) -> bytes | None:
         assert self.hello is not None
         whole = bool(b.flags & p.ScanFlag.WHOLE_DEVICE)
+        jh, h = self.journal.header, self.hello
+        if (
+            jh.flags & JFlag.SOURCE_KNOWN
+            and (jh.source_id != h.source_id or jh.source_size != h.device_size)
+            and not (b.mode is p.ScanMode.FULL or b.flags & p.ScanFlag.DIRECT)
+        ):
+            raise p.LocalProtocolError(
+                p.ErrorCode.WRONG_SOURCE,
+                f"replica {self.replica.path} mirrors another source ({jh.source_id.hex()[:12]}, "
+                f"{jh.source_size} bytes), not this one ({h.source_id.hex()[:12]}, {h.device_size} bytes): "
+                "refusing to turn it into a copy of this source; to replace it on purpose, start bdr_client "
+                "with --full-scan or --full-replication",
+            )
         interrupted = self.journal.header.flags & JFlag.SCANNING and not self.resync_owned
         if not whole and (not self.ids_match or interrupted):
             raise p.LocalProtocolError(

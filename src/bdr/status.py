@@ -213,9 +213,9 @@ class _SnapshotCollector(Collector):
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` (``:PORT`` alone listens on loopback)."""
+    """``HOST:PORT`` or ``[V6]:PORT`` (``:PORT`` alone listens on loopback; port 0: any free port)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"metrics address {text!r} is not HOST:PORT")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)

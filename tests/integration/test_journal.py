@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from bdr.journal_records import CRASH_ENV, RECORDS_AT
+from bdr.ring import RingProducer
 
-from .conftest import DEV, Lab, Writer
+from .conftest import DEV, Daemon, Lab, Writer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -132,3 +133,46 @@ def test_corrupt_committed_journal_is_refused_at_server_start(
         r"record 0 at byte \d+ has a bad checksum; refusing to apply a corrupt journal", srv2.log()
     )
     assert digest(lab.replica) == before  # nothing applied
+
+
+def test_a_replica_of_another_source_is_refused_unless_replaced_on_purpose(lab: Lab) -> None:
+    lab.images(src_random=True)
+    prod = lab.make_producer()
+    srv = lab.server()
+    srv.wait_log("listening on")
+    cli = lab.client()
+    Writer(prod, 500, seed=4).join()
+    lab.wait_drained()
+    assert cli.stop() == 0
+    before = digest(lab.replica)
+    # another device (another path) pointed at the same replica by mistake
+    other = lab.tmp / "other.img"
+    other.write_bytes(random.Random(99).randbytes(DEV))
+    ring2 = lab.tmp / "ring2"
+    prod2 = RingProducer(ring2, 256, DEV, source=other)
+    try:
+
+        def other_client(name: str, *extra: str) -> Daemon:
+            argv = ["bdr.client", "--address", "127.0.0.1", "--port", str(lab.port), "--verbose"]
+            argv += ["--control-device", str(ring2), "--source-device", str(other), *extra]
+            d = Daemon(name, argv, lab.tmp)
+            lab.daemons.append(d)
+            return d.start()
+
+        wrong = other_client("wrong-client")
+        assert wrong.wait(30) == 3
+        assert re.search(
+            r"refused us: replica .* mirrors another source \(\w+, \d+ bytes\), not this one", wrong.log()
+        )
+        assert "--full-scan or --full-replication" in wrong.log()
+        assert digest(lab.replica) == before  # untouched
+        assert srv.proc is not None and srv.proc.poll() is None  # and the server still serves
+        # replaced on purpose: --full-scan makes it a copy of the other device
+        again = other_client("replacing-client", "--full-scan")
+        again.wait_log(r"scan 1 done")
+        again.wait_log(r"in sync at ring position")
+        assert again.stop() == 0
+    finally:
+        prod2.close()
+    assert srv.stop() == 0
+    assert digest(lab.replica) == digest(other)
