@@ -160,8 +160,19 @@ def kernel_targets() -> list[dict[str, object]]:
         if len(fields) >= 5 and fields[2] == "bdr":
             where[name.strip()] = (fields[3], fields[4])
     for t in targets:
-        t["device"], t["chardev"] = where.get(str(t["name"]), (None, None))
+        dev, chardev = where.get(str(t["name"]), (None, None))
+        t["device"], t["chardev"] = _device_path(dev), chardev
     return targets
+
+
+def _device_path(dev: str | None) -> str | None:
+    """A table's device as a path: dmsetup prints MAJOR:MINOR."""
+    if dev is None or not re.fullmatch(r"\d+:\d+", dev):
+        return dev
+    try:
+        return "/dev/" + os.path.basename(os.readlink(f"/sys/dev/block/{dev}"))
+    except OSError:
+        return dev
 
 
 def daemons(run_dir: Path) -> list[dict[str, object]]:

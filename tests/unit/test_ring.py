@@ -302,3 +302,19 @@ def test_every_write_is_delivered_in_order_or_marked_dirty(
         assert set(range(off // 65536, (off + ln - 1) // 65536 + 1)) <= dirty
     cons.close()
     prod.close()
+
+
+def test_written_extents_and_data_bytes_across_the_wrap(ring: tuple[RingProducer, RingConsumer]) -> None:
+    prod, cons = ring
+    for i in range(5):
+        prod.write(i * 4096, blk(i))
+    cons.release(5)
+    prod.write(65536, blk(1, 512))
+    prod.flush()
+    prod.discard(1 << 20, 65536)
+    prod.write_zeroes(2 << 20, 8192)
+    prod.write(3 << 20, blk(2))  # positions 5..9 (write, flush, discard, zeroes, write): slots 5, 6, 7, 0, 1
+    extents, data = cons.written(5, cons.head())
+    assert extents == [(65536, 512), (1 << 20, 65536), (2 << 20, 8192), (3 << 20, 4096)]
+    assert data == 512 + 4096  # discards and write-zeroes carry no data; a flush changes nothing
+    assert cons.written(7, 9) == ([(1 << 20, 65536), (2 << 20, 8192)], 0) and cons.written(6, 7) == ([], 0)

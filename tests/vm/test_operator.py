@@ -89,10 +89,22 @@ def test_status_and_metrics_during_replication_and_after_an_overflow(pair: Pair)
     t = target(st)
     assert t["name"] == "rep" and t["kernel"]["chardev"] == "bdr_rep" and t["kernel"]["device"] == pair.src
     assert t["state"] == "replicating" and t["client"]["server"] == "127.0.0.1:8000"
-    # writing: records wait in the ring (lag > 0), then the lag returns to zero
-    g.run(f"(dd if=/dev/urandom of={pair.mapper} bs=4K count=3000 seek=1000 status=none; sync) &")
-    lagging = wait_status(g, "a lag", lambda s: target(s)["client"]["lag"]["records"] > 0, timeout=60)
-    assert target(lagging)["state"] in ("replicating", "overflow")
+    # the server stalls (SIGSTOP) while 100 writes are made: they wait in the ring, and the lag says so
+    g.run(f"pkill -STOP -f 'bin/bdr_server .*{pair.port}'")
+    try:
+        g.run(f"dd if=/dev/urandom of={pair.mapper} bs=4K count=100 seek=1000 oflag=direct status=none")
+        lagging = wait_status(
+            g,
+            "a lag",
+            lambda s: (
+                target(s)["client"]["lag"]["records"] >= 100 and target(s)["client"]["lag"]["seconds"] > 0
+            ),
+        )
+    finally:
+        g.run(f"pkill -CONT -f 'bin/bdr_server .*{pair.port}'")
+    c = target(lagging)["client"]
+    assert target(lagging)["state"] == "replicating" and not c["in_sync"] and c["lag"]["bytes"] >= 100 * 4096
+    # and returns to zero once the server runs again
     st = wait_status(g, "the lag back to zero", in_sync)
     c, s = target(st)["client"], st["servers"][0]
     assert c["lag"] == {"records": 0, "bytes": 0, "seconds": 0.0}
@@ -121,7 +133,7 @@ def test_status_and_metrics_during_replication_and_after_an_overflow(pair: Pair)
     table = g.run(f"{BIN}/bdr status").output
     assert re.search(r"^rep\s+overflow\s", table, re.M), table
     pair.start_client(wait_scan=False)
-    pair.wait_log(pair.client_log, r"scan \d+ done", 180)
+    pair.wait_log(pair.client_log, r"scan [0-9]+ done", 180)
     st = wait_status(g, "in sync after the resync", in_sync)
     c = target(st)["client"]
     assert target(st)["state"] == "replicating" and target(st)["kernel"]["state"] == "capturing"
