@@ -57,6 +57,7 @@ import logging
 import os
 import signal
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -78,6 +79,7 @@ _REC = struct.Struct("<8sHHIQQQQ")  # checksummed part (48 bytes); then the chec
 REC_HEADER = 64
 _CSUM_AT = HEADER_BLOCK - 8
 CRASH_ENV = "BDR_TEST_CRASH_AT"
+CRASH_MODE_ENV = "BDR_TEST_CRASH_MODE"  # "pause": sync and stop there instead of SIGKILL (power-cut tests)
 CRASH_RECEIVE_AFTER = 1 << 20  # the "receive" crash point: after this many bytes of scan blocks were staged
 BUCKET_SHIFT = (
     20  # staged extents are indexed by the 1 MiB buckets they touch (overlay cost ~ what it overlays)
@@ -189,10 +191,17 @@ class StateBlock:
 
 
 def _crash_here(point: str) -> None:
-    if os.environ.get(CRASH_ENV) == point:
-        log.error("test hook %s=%s: killing the server", CRASH_ENV, point)
+    if os.environ.get(CRASH_ENV) != point:
+        return
+    if os.environ.get(CRASH_MODE_ENV) == "pause":  # for a test that cuts the power of the whole machine here
+        os.sync()  # what was applied so far is on the disks
+        log.error("test hook %s=%s: server paused, everything so far synced", CRASH_ENV, point)
         logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
+        while True:
+            time.sleep(3600)
+    log.error("test hook %s=%s: killing the server", CRASH_ENV, point)
+    logging.shutdown()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RecordArea:

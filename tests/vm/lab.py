@@ -640,7 +640,12 @@ class Guest:
         cwd: Path | str = REPO,
         boot_timeout: float = 120.0,
         append: Iterable[str] = (),
+        images: Mapping[str, Path] | None = None,
+        cache: str = "unsafe",
     ) -> None:
+        """``images``: host files to use for the named disks instead of throw-away ones (created at the size
+        asked if missing, kept as they are otherwise, never removed): a second Guest booted on them sees what
+        the first one wrote, e.g. after ``power_cut()``.  ``cache``: QEMU's cache mode of every disk."""
         self.kver = kver or check_prerequisites()
         self.cwd = str(cwd)
         self._lock = threading.Lock()
@@ -672,16 +677,18 @@ class Guest:
 
         drive_args: list[str] = []
         for i, (name, size) in enumerate(sizes.items()):
-            img = tmp / f"disk-{name}.img"
-            with img.open("wb") as f:
-                f.truncate(size)
+            img = Path(images[name]) if images and name in images else tmp / f"disk-{name}.img"
+            if not img.exists() or img.stat().st_size != size:
+                with img.open("r+b" if img.exists() else "wb") as f:
+                    f.truncate(size)
             self._images[name] = img
-            # cache=unsafe: the images are throw-away, so host-side durability is irrelevant; QEMU still
-            # completes guest flushes/FUA in order and writes land in the host page cache, where the host
-            # (disk_image()) reads them.  This keeps emulated I/O as fast as it gets.
+            # cache=unsafe (default): the images are throw-away, so host-side durability is irrelevant; QEMU
+            # still completes guest flushes/FUA in order and writes land in the host page cache, where the
+            # host (disk_image()) reads them.  This keeps emulated I/O as fast as it gets.  Power-cut tests
+            # use cache=none: what the guest did not flush may be lost, what it flushed is in the image.
             drive_args += [
                 "-drive",
-                f"if=none,id=d{i},file={img},format=raw,cache=unsafe,aio=threads,discard=unmap",
+                f"if=none,id=d{i},file={img},format=raw,cache={cache},aio=threads,discard=unmap",
                 "-device",
                 f"virtio-blk-pci,drive=d{i},serial={name}",
             ]
@@ -808,6 +815,12 @@ class Guest:
         finally:
             self._kill()
             self._finalizer()
+
+    def power_cut(self) -> None:
+        """Kill QEMU at once (SIGKILL): the guest stops as if its power failed; its disk images stay."""
+        self._dead = "power cut"
+        self._kill()
+        self.close()
 
     def _kill(self) -> None:
         if self._proc.poll() is None:
