@@ -53,9 +53,13 @@ venv: .stamps/venv
 
 build: deps module
 
+# W=1, and a compiler warning fails the build (the module must build warning-free against the 6.12 headers)
 module: apt
 	@test -n "$(KVER)" || { echo "no 6.12 kernel headers found: run make deps" >&2; exit 1; }
-	$(MAKE) -C /lib/modules/$(KVER)/build M=$(CURDIR)/kernel W=1 modules
+	@mkdir -p .stamps
+	$(MAKE) -C /lib/modules/$(KVER)/build M=$(CURDIR)/kernel W=1 modules 2>&1 | tee .stamps/module.log; \
+	  test $${PIPESTATUS[0]} -eq 0
+	@if grep -q 'warning:' .stamps/module.log; then echo "the bdr module build has warnings (see above)" >&2; exit 1; fi
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench scripts

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .conftest import DEV, Lab, Writer
+from .conftest import DEV, Daemon, Lab, Writer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -291,3 +291,57 @@ def test_client_killed_and_restarted_resumes_from_the_ring(lab: Lab) -> None:
     log = cli2.log()
     assert re.search(r"quick resume at seq \d+", log), log
     assert "scan 2" not in log and log.count("scan 1 (") == 1  # no scan after the restart
+
+
+def test_a_burst_that_overflows_the_ring_is_resynced_by_scanning_only_its_regions(lab: Lab) -> None:
+    lab.images(src_random=True)
+    prod = lab.make_producer(slots=64)
+    srv = lab.server()
+    srv.wait_log("listening on")
+    cli = lab.client()
+    cli.wait_log("in sync at ring position")
+    rnd = random.Random(8)
+    burst = (8 << 20, 2 << 20)  # 2 MiB of the 32 MiB device, written much faster than 64 slots drain
+    for _ in range(1500):
+        off = burst[0] + rnd.randrange(0, burst[1] // 4096) * 4096
+        prod.write(off, rnd.randbytes(4096))
+    assert prod.dropped > 0
+    lab.wait_drained()
+    assert cli.stop() == 0
+    assert srv.stop() == 0
+    assert lab.identical()
+    scans = [
+        (int(m.group(1)), int(m.group(2)))
+        for m in re.finditer(r"scan (\d+) \(hash\) of .*\((\d+) bytes\)", cli.log())
+    ]
+    assert scans[0] == (1, DEV), scans  # the start-up scan: the whole device
+    # then each overflow (there may be several) rescans only the burst's dirty regions, never the device
+    assert scans[1:] and all(n <= burst[1] for _, n in scans[1:]), scans
+
+
+def test_both_daemons_started_from_config_files_only(lab: Lab) -> None:
+    lab.images(src_random=True)
+    prod = lab.make_producer()
+    sconf, cconf = lab.tmp / "server.toml", lab.tmp / "client.toml"
+    sconf.write_text(
+        f'address = "127.0.0.1"\nport = {lab.port}\ntarget-device = "{lab.replica}"\njournal = "{lab.journal}"\n'
+        "verbose = true\n"
+    )
+    cconf.write_text(
+        f'address = "127.0.0.1"\nport = {lab.port}\ncontrol-device = "{lab.ring}"\nsource-device = "{lab.src}"\n'
+        "verbose = true\n"
+    )
+    srv = Daemon("server", ["bdr.server", "--config", str(sconf)], lab.tmp).start()
+    cli = Daemon("client", ["bdr.client", "--config", str(cconf)], lab.tmp).start()
+    lab.daemons += [srv, cli]
+    srv.wait_log("listening on 127.0.0.1")
+    Writer(prod, 1000, seed=11).join()
+    lab.wait_drained()
+    assert cli.stop() == 0 and srv.stop() == 0
+    assert lab.identical()
+    # an invalid config names the file, the key and why
+    bad = lab.tmp / "bad.toml"
+    bad.write_text('address = "127.0.0.1"\nport = "seven"\n')
+    d = Daemon("server-bad", ["bdr.server", "--config", str(bad)], lab.tmp).start()
+    assert d.wait() == 2
+    assert re.search(rf"{re.escape(str(bad))}: .*port.*", d.log()), d.log()

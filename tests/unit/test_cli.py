@@ -92,3 +92,49 @@ def test_secret_writes_a_private_random_file(tmp_path) -> None:  # type: ignore[
     assert len(secret) == 64 and warning is None
     assert cli.main(["secret", str(f)]) == 1  # no silent overwrite
     assert cli.main(["secret", str(f), "--force"]) == 0 and auth.load_secret(f)[0] != secret
+
+
+@pytest.fixture
+def blockdev(tmp_path):  # type: ignore[no-untyped-def]
+    import os
+    import stat
+
+    dev = tmp_path / "fakeblk"
+    os.mknod(dev, stat.S_IFBLK | 0o600, os.makedev(7, 200))  # a block device node nobody uses
+    return str(dev)
+
+
+def test_setup_refuses_without_the_module(blockdev: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "module_loaded", lambda: False)
+    with pytest.raises(cli.SetupError, match=r"bdr kernel module is not loaded: run 'modprobe bdr'"):
+        cli.check_plan(cli.SetupPlan(blockdev, "m", "c", 10))
+
+
+def test_setup_refuses_a_taken_name_and_bad_names(blockdev: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    monkeypatch.setattr(cli, "module_loaded", lambda: True)
+    monkeypatch.setattr(cli.shutil, "which", lambda name: f"/sbin/{name}")
+    calls: list[list[str]] = []
+
+    def run(cmd):  # type: ignore[no-untyped-def]
+        calls.append(list(cmd))
+        return subprocess.CompletedProcess(cmd, 0 if cmd[:3] == ["dmsetup", "info", "taken"] else 1, "", "")
+
+    monkeypatch.setattr(cli, "_run", run)
+    with pytest.raises(cli.SetupError, match="a device-mapper device named 'taken' already exists"):
+        cli.check_plan(cli.SetupPlan(blockdev, "taken", "c", 10))
+    assert ["dmsetup", "info", "taken"] in calls
+    with pytest.raises(cli.SetupError, match="invalid chardev name"):
+        cli.check_plan(cli.SetupPlan(blockdev, "free", "../evil", 10))
+    cli.check_plan(cli.SetupPlan(blockdev, "free", "c_free", 10))  # all good
+
+
+def test_setup_asks_each_value_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = iter(["/dev/sdb1", "", "mychar", "1G"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
+    monkeypatch.setattr(cli.sys.stdin, "isatty", lambda: True)
+    planned: list[cli.SetupPlan] = []
+    monkeypatch.setattr(cli, "setup", planned.append)
+    assert cli.main(["setup"]) == 0
+    assert planned == [cli.SetupPlan("/dev/sdb1", "bdr_mapper", "mychar", 2**30 // abi.SLOT_BYTES)]
