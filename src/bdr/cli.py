@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ from typing import Any
 
 from bdr import abi
 from bdr import status as daemon_status
+from bdr.progress import Progress  # tqdm on a terminal, log lines otherwise
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,31}$")
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -283,10 +285,6 @@ def control_socket(name: str, run_dir: Path) -> Path:
 
 def verify(name: str, run_dir: Path, as_json: bool) -> int:
     """Ask the client daemon of ``name`` for a verification pass; 0: identical, 1: mismatches, 2: not verified."""
-    import logging
-
-    from bdr.progress import Progress  # tqdm on a terminal, log lines otherwise
-
     sock = control_socket(name, run_dir)
     result: dict[str, Any] | None = None
     prog: Progress | None = None
@@ -348,6 +346,17 @@ def interactive_plan() -> SetupPlan:
     return SetupPlan(device, name, chardev, parse_buffer(buffer))
 
 
+def _daemon_options(p: argparse.ArgumentParser, json_help: str) -> None:
+    """--json and --run-dir, for the commands that ask the daemons."""
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=daemon_status.RUN_DIR,
+        help=f"where the daemons' control sockets are (default {daemon_status.RUN_DIR})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bdr", description="Administer BDR replicated devices.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -374,13 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser(
         "status", help="show the bdr targets", description="State and counters of each target."
     )
-    st.add_argument("--json", action="store_true", help="machine-readable output")
-    st.add_argument(
-        "--run-dir",
-        type=Path,
-        default=daemon_status.RUN_DIR,
-        help=f"where the daemons' control sockets are (default {daemon_status.RUN_DIR})",
-    )
+    _daemon_options(st, "machine-readable output")
     v = sub.add_parser(
         "verify",
         help="compare source and replica online, report differing ranges",
@@ -390,13 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         "2 the pass could not be done. Suitable for cron.",
     )
     v.add_argument("name", help="mapper name or chardev name of the target (or the path of a control socket)")
-    v.add_argument("--json", action="store_true", help="print the result as JSON")
-    v.add_argument(
-        "--run-dir",
-        type=Path,
-        default=daemon_status.RUN_DIR,
-        help=f"where the daemons' control sockets are (default {daemon_status.RUN_DIR})",
-    )
+    _daemon_options(v, "print the result as JSON")
     c = sub.add_parser(
         "certs",
         help="create a CA and TLS certificates for a server and a client",

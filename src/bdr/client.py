@@ -598,7 +598,7 @@ class ClientSession:
         view = c.scan_buf[:ln]
         self._read_source(view, off)
         diff = scan.differing_blocks(view, off, rep.hashes, job.block_size)
-        written = self.ring.written(pos, self.ring.head())[0] if diff else []
+        written = self.ring.written(pos, self.ring.head()) if diff else []
         job.record(off, ln, look, diff, written)
 
     # -- scans ----------------------------------------------------------------------------------------------------
@@ -870,7 +870,7 @@ class Client:
         t0, b0 = self._rate
         if now - t0 >= 1.0:
             self.throughput, self._rate = (st.bytes - b0) / (now - t0), (now, st.bytes)
-        _, lag_bytes = ring.written(tail, head) if head > tail else ([], 0)
+        lag_bytes = ring.data_bytes(tail, head)
         kstate = ring.state()
         snap: dict[str, object] = {
             "role": "client",
@@ -1054,6 +1054,7 @@ class Client:
             self.session = sess
             self.publish(force=True)
             refused = False
+            clean = False  # the session ended as we wanted (stop, one-shot done): not an error
             try:
                 log.info("connected to %s", self.server_text)
                 sess.start()
@@ -1061,9 +1062,11 @@ class Client:
                 if self.oneshot:
                     sess.drain()
                     log.warning("one-shot sync of %s done: the replica is identical", self.args.source_device)
+                    clean = True
                     return EXIT_OK
                 sess.stream()
             except Stopping:
+                clean = True
                 sess.drain()
             except SourceError as exc:
                 log.error(
@@ -1120,7 +1123,7 @@ class Client:
                 self.resync_progress = None
                 if self.verify is not None:
                     self.end_verify(self.verify, "the connection to the server ended during the pass")
-                self.errors += 0 if self.stopping else 1
+                self.errors += 0 if clean else 1
                 self.publish(force=True)
             if not self.stopping:
                 self.sleep(AUTH_BACKOFF if refused else backoff)

@@ -31,6 +31,7 @@ import stat
 import sys
 import time
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from select import POLLIN, poll
@@ -335,23 +336,38 @@ class RingConsumer:
 
     # -- records -------------------------------------------------------------------------------------------------
 
-    def written(self, start: int, end: int) -> tuple[list[tuple[int, int]], int]:
-        """The records at positions [start, end): the byte extents they change (writes, discards, write-zeroes)
-        and the bytes of write data they carry."""
+    def _chunks(self, start: int, end: int) -> Iterator[memoryview]:
+        """The descriptors of the records at positions [start, end), in at most two views (wrap-around)."""
         nr = self.geometry.nr_slots
-        extents: list[tuple[int, int]] = []
-        data = 0
         while start < end:
             slot = start % nr
             k = min(end - start, nr - slot)
             with self._desc[slot * RECORD_SIZE : (slot + k) * RECORD_SIZE] as dv:
-                f = record_fields(dv)
-            for sector, ln, op in zip(f.sectors, f.lens, f.ops, strict=True):
-                if op != abi.Op.FLUSH and ln:
-                    extents.append((sector * 512, ln))
-                    data += ln if op == OP_WRITE else 0
+                yield dv
             start += k
-        return extents, data
+
+    def written(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The byte extents that the records at positions [start, end) change (writes, discards, write-zeroes)."""
+        extents: list[tuple[int, int]] = []
+        for dv in self._chunks(start, end):
+            f = record_fields(dv)
+            extents += [
+                (sector * 512, ln)
+                for sector, ln, op in zip(f.sectors, f.lens, f.ops, strict=True)
+                if op != abi.Op.FLUSH and ln
+            ]
+        return extents
+
+    def data_bytes(self, start: int, end: int) -> int:
+        """Bytes of write data the records at positions [start, end) carry (a few ms for 256 Ki records)."""
+        total = 0
+        for dv in self._chunks(start, end):
+            f = _batch_fields(dv)
+            if f.ops.count(OP_WRITE) == len(f.ops):
+                total += sum(f.lens)
+            else:
+                total += sum(ln for ln, op in zip(f.lens, f.ops, strict=True) if op == OP_WRITE)
+        return total
 
     def batch(self, start: int, max_records: int, head: int | None = None) -> Batch | None:
         """Records from position start up to head (at most max_records), without copying their data."""

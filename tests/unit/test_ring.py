@@ -314,7 +314,11 @@ def test_written_extents_and_data_bytes_across_the_wrap(ring: tuple[RingProducer
     prod.discard(1 << 20, 65536)
     prod.write_zeroes(2 << 20, 8192)
     prod.write(3 << 20, blk(2))  # positions 5..9 (write, flush, discard, zeroes, write): slots 5, 6, 7, 0, 1
-    extents, data = cons.written(5, cons.head())
-    assert extents == [(65536, 512), (1 << 20, 65536), (2 << 20, 8192), (3 << 20, 4096)]
-    assert data == 512 + 4096  # discards and write-zeroes carry no data; a flush changes nothing
-    assert cons.written(7, 9) == ([(1 << 20, 65536), (2 << 20, 8192)], 0) and cons.written(6, 7) == ([], 0)
+    assert cons.written(5, cons.head()) == [(65536, 512), (1 << 20, 65536), (2 << 20, 8192), (3 << 20, 4096)]
+    assert cons.data_bytes(5, cons.head()) == 512 + 4096  # discards and write-zeroes carry no data
+    assert cons.written(7, 9) == [(1 << 20, 65536), (2 << 20, 8192)] and cons.written(6, 7) == []  # a flush
+    assert cons.data_bytes(7, 9) == 0 and cons.data_bytes(9, 10) == 4096 and cons.data_bytes(3, 3) == 0
+    for i in range(3):  # a full ring of full writes: the fast path
+        prod.write(i * 4096, blk(i))
+    cons.release(10)
+    assert cons.data_bytes(10, cons.head()) == 3 * 4096
