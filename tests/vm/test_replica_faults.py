@@ -1,6 +1,3 @@
-"""A replica device that starts failing writes (dm-flakey under the replica): the server stops with a clear
-error and marks the replica inconsistent in its metadata; it does not silently diverge."""
-
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,3 +48,45 @@ def test_failing_replica_stops_the_server_and_marks_it_inconsistent(guest: Guest
     p.stop()
     p.remove()
     g.run("dmsetup remove replica; rmmod bdr", check=False)
+
+
+def test_failing_journal_stops_the_server_and_a_restart_converges(guest: Guest, bdr_ko: Path) -> None:
+    g = guest
+    jnl = g.disk("jnl")
+    table = f"0 $(blockdev --getsz {jnl}) flakey {jnl} 0"
+    g.run(
+        f"""set -e
+        modprobe dm-mod && modprobe dm-flakey && insmod {bdr_ko}
+        blkdiscard -z {jnl}
+        echo "{table} 3600 0" | dmsetup create journal
+        """
+    )
+    p = Pair(g, g.disk("src"), g.disk("dst"), "/dev/mapper/journal", name="rep2", chardev="bdr_rep2")
+    p.setup()
+    p.start_server()
+    p.start_client()
+    g.run(f"dd if=/dev/urandom of={p.mapper} bs=64K count=16 oflag=direct status=none && sync")
+    p.wait_synced()
+    # the journal device starts failing writes: the next durability point cannot be recorded
+    g.run(
+        f'dmsetup suspend journal && echo "{table} 0 3600 1 error_writes" | dmsetup load journal && dmsetup resume journal'
+    )
+    g.run(f"dd if=/dev/urandom of={p.mapper} bs=64K count=16 seek=200 oflag=direct status=none && sync")
+    g.run(
+        "for i in $(seq 300); do pgrep -f bin/bdr_server >/dev/null || exit 0; sleep 0.2; done;"
+        f" tail -20 {p.server_log}; exit 1",
+        timeout=120,
+    )
+    log = p.tail(p.server_log, 60)
+    assert "stopped on a storage error" in log and "journal" in log.lower(), log
+    # the client keeps its ring and waits for the server; the device is repaired and the server restarted
+    g.run(
+        f'dmsetup suspend journal && echo "{table} 3600 0" | dmsetup load journal && dmsetup resume journal'
+    )
+    g.run(f": > {p.server_log}; : > {p.client_log}")  # wait for lines of the restarted server only
+    p.start_server()
+    p.wait_log(p.client_log, "in sync at ring position", 180)
+    p.wait_synced()
+    assert p.identical()
+    p.remove()
+    g.run("dmsetup remove journal; rmmod bdr", check=False)
