@@ -1,3 +1,7 @@
+"""Storage faults under the server (dm-flakey): a replica device that starts failing writes stops the server
+with a clear error and marks the replica inconsistent in its metadata, it does not silently diverge; a journal
+device that starts failing writes stops the server too, and once repaired a restart converges."""
+
 from __future__ import annotations
 
 from pathlib import Path
