@@ -381,7 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("remove", help="remove a bdr target", description="Remove /dev/mapper/NAME.")
     r.add_argument("name")
     st = sub.add_parser(
-        "status", help="show the bdr targets", description="State and counters of each target."
+        "status",
+        help="show the bdr targets and daemons",
+        description="State of each bdr target of this host (the kernel's counters joined with what its "
+        "bdr_client reports: state, ring fill, lag, durable sequence, throughput) and of each bdr_server.",
     )
     _daemon_options(st, "machine-readable output")
     v = sub.add_parser(

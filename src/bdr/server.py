@@ -896,7 +896,8 @@ class ServerSession:
 
     def _scan_request(self, r: p.ScanRequest) -> bytes:
         verify = r.scan_id == p.VERIFY_SCAN_ID and self.scan is None and self.conn.phase is p.Phase.STREAMING
-        block_size = p.VERIFY_BLOCK_SIZE if verify else self._check_scan(r.scan_id).block_size
+        sc = None if verify else self._check_scan(r.scan_id)  # None: an online verify request (bdr verify)
+        block_size = p.VERIFY_BLOCK_SIZE if sc is None else sc.block_size
         assert self.hello is not None
         if r.offset % block_size or r.offset + r.length > self.hello.device_size:
             raise p.RemoteProtocolError(
@@ -914,10 +915,10 @@ class ServerSession:
             assert self.applier.area is not None
             self.applier.area.overlay(view, r.offset)  # hash what the replica will be after the commit
         digests = scan.hash_window(view, r.offset, block_size)
-        if verify:
+        if sc is None:
             self.verified += r.length
         else:
-            self._check_scan(r.scan_id).hashed += r.length
+            sc.hashed += r.length
         return self.conn.send(p.ScanHashes(r.scan_id, r.offset, digests))
 
     def _scan_data(self, d: p.ScanData) -> bytes:
