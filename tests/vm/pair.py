@@ -3,6 +3,7 @@ bdr_client, both on the guest's loopback.  Used by the VM replication tests and 
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 from pathlib import Path
@@ -100,15 +101,31 @@ class Pair:
         fields = self.g.run(f"dmsetup status {self.name}").output.split()[3:]
         return dict(kv.split("=", 1) for kv in fields)
 
+    def client_in_sync(self) -> bool:
+        """The client's own word (bdr status): connected, no scan running, everything captured durable."""
+        out = self.g.run(f"{BIN}/bdr status --json", check=False).output
+        try:
+            targets = json.loads(out)["targets"]
+        except (ValueError, KeyError):
+            return False
+        client = next((t["client"] for t in targets if t["name"] == self.name), None) or {}
+        return bool(client.get("in_sync")) and not client.get("resync", {}).get("active", True)
+
     def wait_synced(self, timeout: float = 300) -> dict[str, str]:
         """Until the ring is empty and stays so: every captured write is acknowledged durable by the server
-        (the client releases a slot only then) and no resync is pending."""
+        (the client releases a slot only then), no resync is pending or running (a scan of a quiet device
+        leaves the ring empty too: the client must say it is in sync)."""
         deadline = time.monotonic() + timeout
         stable, last = 0, ""
         st: dict[str, str] = {}
         while time.monotonic() < deadline:
             st = self.status()
-            if st["fill"].split("/")[0] == "0" and st["state"] == "capturing" and st["records"] == last:
+            if (
+                st["fill"].split("/")[0] == "0"
+                and st["state"] == "capturing"
+                and st["records"] == last
+                and self.client_in_sync()
+            ):
                 stable += 1
                 if stable >= 3:
                     return st
