@@ -155,9 +155,20 @@ class Pair:
         )
 
     def stop_server(self, signal: str = "TERM") -> None:
+        self.g.run(f"pkill -{signal} -f 'bin/bdr_server .*{self.port}'")
+        self.wait_server_exit(10)
+
+    def stop_client(self, signal: str = "TERM") -> None:
         self.g.run(
-            f"pkill -{signal} -f 'bin/bdr_server .*{self.port}';"
-            " for i in $(seq 100); do pgrep -f bin/bdr_server >/dev/null || exit 0; sleep 0.1; done; exit 1"
+            f"pkill -{signal} -f 'bin/bdr_client .*{self.chardev}'; while pgrep -f bin/bdr_client; do sleep 0.2; done"
+        )
+
+    def wait_server_exit(self, seconds: float = 60) -> None:
+        """Until bdr_server has exited (by itself, or after a signal); its log tail if it does not."""
+        self.g.run(
+            f"for i in $(seq {int(seconds * 10)}); do pgrep -f bin/bdr_server >/dev/null || exit 0; sleep 0.1; done;"
+            f" tail -20 {self.server_log}; exit 1",
+            timeout=seconds + 60,
         )
 
     def remove(self) -> None:

@@ -29,6 +29,11 @@ def sha(g: Guest, dev: str) -> str:
     return g.run(f"sha256sum {dev}").output.split()[0]
 
 
+def boot_on(images: dict[str, Path], kver: str) -> Guest:
+    """A guest on kept disk images (cache=none): a second one booted on them sees what the first left."""
+    return lab.boot(disks=VM_DISKS, memory=VM_MEMORY, kver=kver, images=images, cache="none")
+
+
 def make_pair(g: Guest, bdr_ko: Path) -> Pair:
     g.run(f"modprobe dm-mod && insmod {bdr_ko}")
     p = Pair(g, g.disk("src"), g.disk("dst"), g.disk("jnl"), buffer="2M")
@@ -46,7 +51,7 @@ def pending_resync(p: Pair, seek: int) -> tuple[str, str]:
     client start resyncs the dirty regions through the journal.  (old, new) checksums of the replica."""
     g = p.g
     p.wait_synced()
-    g.run(f"pkill -TERM -f 'bin/bdr_client .*{p.chardev}'; while pgrep -f bin/bdr_client; do sleep 0.2; done")
+    p.stop_client()
     g.run(f"dd if=/dev/urandom of={p.mapper} bs=64K count=256 seek={seek} oflag=direct status=none")
     assert p.status()["state"] == "overflow"
     p.stop_server()
@@ -78,10 +83,8 @@ def test_server_killed_during_a_journal_resync(pair: Pair, point: str) -> None:
     old, new = pending_resync(pair, seek={"receive": 100, "commit": 700, "apply": 1300}[point])
     assert old != new
     crash_server_at(pair, point)
-    g.run("for i in $(seq 100); do pgrep -f bin/bdr_server >/dev/null || exit 0; sleep 0.1; done; exit 1")
-    g.run(
-        f"pkill -KILL -f 'bin/bdr_client .*{pair.chardev}'; while pgrep -f bin/bdr_client; do sleep 0.2; done"
-    )
+    pair.wait_server_exit(10)
+    pair.stop_client("KILL")
     now = sha(g, pair.dst)
     if point == "apply":
         assert now not in (old, new)  # killed half-way through the apply: a mix until the journal replay
@@ -103,7 +106,7 @@ def test_server_killed_during_a_journal_resync(pair: Pair, point: str) -> None:
 
 def test_guest_killed_during_the_journal_apply(tmp_path: Path, lab_kernel: str, bdr_ko: Path) -> None:
     images = {name: tmp_path / f"{name}.img" for name in VM_DISKS}
-    with lab.boot(disks=VM_DISKS, memory=VM_MEMORY, kver=lab_kernel, images=images, cache="none") as g1:
+    with boot_on(images, lab_kernel) as g1:
         p = make_pair(g1, bdr_ko)
         p.start_server()
         p.start_client()
@@ -115,7 +118,7 @@ def test_guest_killed_during_the_journal_apply(tmp_path: Path, lab_kernel: str, 
         crash_server_at(p, "apply", "pause")  # the server stops half-way through the apply, synced
         g1.check_kernel_log()
         g1.power_cut()
-    with lab.boot(disks=VM_DISKS, memory=VM_MEMORY, kver=lab_kernel, images=images, cache="none") as g2:
+    with boot_on(images, lab_kernel) as g2:
         p = make_pair(g2, bdr_ko)
         mid = sha(g2, p.dst)
         assert mid not in (old, new)  # the replica itself is a mix of both ...
@@ -138,7 +141,7 @@ def test_acknowledged_flush_survives_a_power_cut(tmp_path: Path, lab_kernel: str
     server's fdatasync from writeback; the ordering itself (fdatasync before the acknowledgement) is checked by
     the server's unit tests."""
     images = {name: tmp_path / f"{name}.img" for name in VM_DISKS}
-    with lab.boot(disks=VM_DISKS, memory=VM_MEMORY, kver=lab_kernel, images=images, cache="none") as g1:
+    with boot_on(images, lab_kernel) as g1:
         p = make_pair(g1, bdr_ko)
         p.start_server()
         p.start_client()
@@ -156,7 +159,7 @@ def test_acknowledged_flush_survives_a_power_cut(tmp_path: Path, lab_kernel: str
             f" {p.client_log} && exit 0; sleep 0.1; done; tail {p.client_log}; exit 1"
         )
         g1.power_cut()  # the daemons never stop: nothing after the acknowledgement helps
-    with lab.boot(disks=VM_DISKS, memory=VM_MEMORY, kver=lab_kernel, images=images, cache="none") as g2:
+    with boot_on(images, lab_kernel) as g2:
         back = g2.run(
             f"dd if={g2.disk('dst')} bs=4096 skip=5000 count=16 iflag=direct status=none | sha256sum"
         )

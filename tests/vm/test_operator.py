@@ -122,9 +122,7 @@ def test_status_and_metrics_during_replication_and_after_an_overflow(pair: Pair)
         sm["bdr_server_applied_records_total"] == s["applied"]["records"] and sm["bdr_server_connected"] == 1
     )
     # a forced overflow: no client while 16 MiB is written through a 2 MiB ring
-    g.run(
-        f"pkill -TERM -f 'bin/bdr_client .*{pair.chardev}'; while pgrep -f bin/bdr_client; do sleep 0.2; done"
-    )
+    pair.stop_client()
     g.run(f"dd if=/dev/urandom of={pair.mapper} bs=64K count=256 seek=300 oflag=direct status=none")
     st = status(g)
     t = target(st)

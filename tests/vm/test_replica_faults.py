@@ -39,11 +39,7 @@ def test_failing_replica_stops_the_server_and_marks_it_inconsistent(guest: Guest
     )
     g.run(f"dd if=/dev/urandom of={p.mapper} bs=64K count=16 seek=100 oflag=direct status=none && sync")
     # the server must stop by itself with a clear message
-    g.run(
-        "for i in $(seq 300); do pgrep -f bin/bdr_server >/dev/null || exit 0; sleep 0.2; done;"
-        f" tail -20 {p.server_log}; exit 1",
-        timeout=120,
-    )
+    p.wait_server_exit()
     log = p.tail(p.server_log, 60)
     assert "Input/output error" in log or "I/O error" in log, log
     assert "replica" in log.lower(), log
@@ -76,11 +72,7 @@ def test_failing_journal_stops_the_server_and_a_restart_converges(guest: Guest, 
         f'dmsetup suspend journal && echo "{table} 0 3600 1 error_writes" | dmsetup load journal && dmsetup resume journal'
     )
     g.run(f"dd if=/dev/urandom of={p.mapper} bs=64K count=16 seek=200 oflag=direct status=none && sync")
-    g.run(
-        "for i in $(seq 300); do pgrep -f bin/bdr_server >/dev/null || exit 0; sleep 0.2; done;"
-        f" tail -20 {p.server_log}; exit 1",
-        timeout=120,
-    )
+    p.wait_server_exit()
     log = p.tail(p.server_log, 60)
     assert "stopped on a storage error" in log and "journal" in log.lower(), log
     # the client keeps its ring and waits for the server; the device is repaired and the server restarted
