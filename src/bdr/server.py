@@ -1340,9 +1340,9 @@ class Server:
                         self._refuse_busy(self.listener, peer)
                     elif fd == sock.fileno():
                         last_rx = time.monotonic()
-                        if self.tls_ctx is None and self._splice(sess, sock):
+                        if isinstance(sock, socket.socket) and self._splice(sess, sock):
                             continue
-                        n = _receive(sock, sess.conn.writable(1 << 20))
+                        n = sock.recv_into(sess.conn.writable(1 << 20))
                         sess.conn.commit(n)
                         if n == 0:
                             raise SessionClosed(
@@ -1412,11 +1412,11 @@ class Server:
             msg = f"stalled in the middle of a frame: no data for {FRAME_TIMEOUT:.0f}s"
             raise SessionClosed(f"refused: {msg}", p.encode(p.Error(p.ErrorCode.TRUNCATED, msg)))
 
-    def _secure(self, raw: socket.socket, peer: str, deadline: float) -> socket.socket | None:
+    def _secure(self, raw: socket.socket, peer: str, deadline: float) -> socket.socket | tls.ServerTls | None:
         """The TLS handshake of a new connection (the plain socket without TLS); None when refused (logged)."""
         if self.tls_ctx is None:
             return raw
-        ssock: ssl.SSLSocket | None = None
+        ssock: tls.ServerTls | None = None
         try:
             first = self._peek(raw, deadline)
             if first is None:
@@ -1431,8 +1431,8 @@ class Server:
                 log.warning("client %s: refused: a plaintext connection to a TLS server", peer)
                 _close_gently(raw)
                 return None
-            ssock = self.tls_ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
-            tls.handshake(ssock, max(0.0, deadline - time.monotonic()), lambda: self.stopping)
+            ssock = tls.ServerTls(raw, self.tls_ctx)
+            ssock.handshake(max(0.0, deadline - time.monotonic()), lambda: self.stopping)
         except InterruptedError:
             return None
         except (OSError, ssl.SSLError) as exc:
@@ -1615,36 +1615,21 @@ def load_security(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, byte
     return ctx, secret, binding
 
 
-def _receive(sock: socket.socket, view: memoryview) -> int:
-    """recv_into; over TLS, as many records as are already there (one SSL read returns one 16 KiB record, and
-    a trip round the loop per record would cost more than the decryption)."""
-    n = sock.recv_into(view)
-    if not isinstance(sock, ssl.SSLSocket) or n == 0:
-        return n
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    while n < len(view) and (sock.pending() or poller.poll(0)):
-        k = sock.recv_into(view[n:])
-        if k == 0:
-            break
-        n += k
-    return n
-
-
-def _close_gently(sock: socket.socket, linger: float = 0.5) -> None:
+def _close_gently(sock: socket.socket | tls.ServerTls, linger: float = 0.5) -> None:
     """Close a refused connection so that what we sent last (an ERROR, a TLS alert) reaches the peer: FIN
     first, then read what the peer still sends for a moment (closing with unread bytes would send a reset,
     and a reset can overtake the last bytes)."""
+    raw = sock.raw if isinstance(sock, tls.ServerTls) else sock
     try:
-        socket.socket.shutdown(sock, socket.SHUT_WR)
-        sock.settimeout(linger)
+        raw.shutdown(socket.SHUT_WR)
+        raw.settimeout(linger)
         deadline = time.monotonic() + linger
-        while time.monotonic() < deadline and socket.socket.recv(sock, 65536):
+        while time.monotonic() < deadline and raw.recv(65536):
             pass
     except OSError:
         pass
     finally:
-        sock.close()
+        raw.close()
 
 
 def _keepalive(sock: socket.socket) -> None:
