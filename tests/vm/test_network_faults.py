@@ -1,19 +1,21 @@
 """Replication across a lossy, slow and interrupted link: two network namespaces made by the test in the
-guest, joined by a veth pair with netem (5 % loss, 50 ms delay each way), the server authenticating the
-client with a shared secret.  Addresses are from the documentation range, inside the guest only.
+guest, joined by a veth pair with netem (5 % loss, 50 ms delay each way), the daemons on mutual TLS (made
+by `bdr certs` in the guest) and a shared secret, as on a real network.  Addresses are from the
+documentation range, inside the guest only.
 
 TCP over 5 % loss and a 100 ms round trip carries well under 100 KB/s, so the workloads are small (a few
 MiB): enough to be mid-stream when the link drops, small enough to keep the suite fast."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.vm.lab import Guest
-from tests.vm.pair import Pair
+from tests.vm.pair import BIN, Pair
 
 VM_DISKS = {"src": "128M", "dst": "128M", "jnl": "32M"}
 VM_MEMORY = "2048M"
@@ -34,7 +36,8 @@ def pair(guest: Guest, bdr_ko: Path) -> Iterator[Pair]:
         ip -n bsrc link set vsrc up && ip -n bdst link set vdst up
         tc -n bsrc qdisc add dev vsrc root netem loss 5% delay 50ms
         tc -n bdst qdisc add dev vdst root netem loss 5% delay 50ms
-        head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > /tmp/secret && chmod 600 /tmp/secret
+        {BIN}/bdr secret --force /tmp/secret
+        {BIN}/bdr certs --force --out /tmp/pki --server-name {SERVER_IP}
         """
     )
     p = Pair(
@@ -45,8 +48,10 @@ def pair(guest: Guest, bdr_ko: Path) -> Iterator[Pair]:
         address=SERVER_IP,
         server_ns="bdst",
         client_ns="bsrc",
-        server_args="--secret-file /tmp/secret",
-        client_args="--secret-file /tmp/secret",
+        server_args="--secret-file /tmp/secret --tls-cert /tmp/pki/server.pem --tls-key /tmp/pki/server.key"
+        " --tls-ca /tmp/pki/ca.pem",
+        client_args="--secret-file /tmp/secret --tls-ca /tmp/pki/ca.pem --tls-cert /tmp/pki/client.pem"
+        " --tls-key /tmp/pki/client.key",
     )
     p.setup()
     p.start_server()
@@ -67,6 +72,9 @@ def test_lossy_slow_link_ends_identical(pair: Pair) -> None:
     )
     pair.wait_synced(timeout=400)
     assert pair.identical(), "replica differs after replication over the lossy link"
+    log = pair.g.run(f"cat {pair.server_log}").output
+    assert "security: TLS, client certificates checked" in log and "+ shared secret" in log
+    assert re.search(r"client 192\.0\.2\.1:\d+: TLS TLSv1\.3, client certificate 'bdr-client'", log), log
 
 
 def test_link_cut_for_ten_seconds_mid_replication(pair: Pair) -> None:
