@@ -24,6 +24,7 @@ import fcntl
 import ipaddress
 import logging
 import os
+import queue
 import select
 import signal
 import socket
@@ -31,6 +32,7 @@ import ssl
 import stat
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,11 +55,16 @@ F_SETPIPE_SZ = 1031
 SPLICE_MIN = 256 * 1024  # DATA payloads from this size on go socket -> pipe -> replica
 IO_TIMEOUT = 60.0
 # Time from accept to a finished handshake (TLS, authentication, HELLO/WELCOME): a few round trips, even over
-# a lossy long-distance link; a peer that has not finished by then holds the only client slot for nothing.
+# a lossy long-distance link; a peer that has not finished by then is dropped.
 HANDSHAKE_TIMEOUT = 30.0
 # A frame started but not finished: no byte for this long means a stalled peer (a live TCP connection keeps
 # delivering retransmissions well within this, even at 5% loss).
 FRAME_TIMEOUT = 60.0
+# Connections are authenticated (TLS handshake, shared secret) on threads of their own, before they may become
+# the session: a peer that connects and stalls holds no slot the real client needs.  At most this many at once,
+# and this many from one host; more are closed at once.
+MAX_PENDING = 16
+MAX_PENDING_PER_HOST = 4
 EXIT_USAGE, EXIT_STORAGE = 2, 4
 ACK_EVERY = 32 << 20  # applied bytes after which an ACK goes out even while more input is waiting
 
@@ -575,15 +582,16 @@ class ServerSession:
 
     # -- input ------------------------------------------------------------------------------------------------
 
-    def receive(self, idle: bool = True) -> bytes:
-        """Process every complete frame buffered in ``conn``; return the bytes to send back.
+    def receive(self, idle: bool = True, authenticating: bool = False) -> bytes:
+        """Process every complete frame buffered in ``conn``; return the bytes to send back.  ``authenticating``:
+        stop once the shared-secret exchange is over (what follows is for the session, not the gate).
 
         ACK policy: at once when the durable sequence number moved (the client waits for it to release ring
         slots) or after ACK_EVERY bytes; otherwise only once the input is ``idle`` (the caller saw no more bytes
         waiting), so a busy stream is not slowed down by one ACK per frame.
         Raises SessionClosed when the conversation is over (its reply must still be sent)."""
         out: list[bytes] = []
-        while True:
+        while not (authenticating and self.conn.phase is not p.Phase.AUTH):
             try:
                 ev = self.conn.next_event()
                 if ev is p.NEED_DATA:
@@ -1092,6 +1100,14 @@ class Server:
         self.metrics: status.MetricsEndpoint | None = None
         self._busy_logged = -1e9
         self._busy_quiet = 0
+        # the gate: connections in their handshake by host, and those through it, waiting for the session slot
+        self._gate_lock = threading.Lock()
+        self._pending: dict[str, int] = {}
+        self._full_logged = -1e9
+        self._full_quiet = 0
+        self._admitted: queue.SimpleQueue[tuple[socket.socket | tls.ServerTls, ServerSession, str, float]] = (
+            queue.SimpleQueue()
+        )
         if hasattr(os, "splice") and os.environ.get("BDR_NO_SPLICE") != "1":
             with contextlib.suppress(OSError):
                 self.pipe = Pipe()
@@ -1226,15 +1242,19 @@ class Server:
                 if fd == self._wake_r.fileno():
                     self._drain_wakeup()
                 elif fd == lst.fileno():
-                    try:
-                        sock, addr = lst.accept()
-                    except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                        continue
-                    except OSError as exc:  # out of file descriptors or memory: retry later
-                        log.error("accept failed: %s", exc)
-                        time.sleep(0.1)
-                        continue
-                    self._serve(sock, f"{addr[0]}:{addr[1]}")
+                    self._accept()
+            while not self.stopping:
+                try:
+                    admitted = self._admitted.get_nowait()
+                except queue.Empty:
+                    break
+                self._serve(*admitted)
+        while True:  # connections that got through the gate as we stopped
+            try:
+                admitted = self._admitted.get_nowait()
+            except queue.Empty:
+                break
+            admitted[0].close()
         if self.failed is not None:
             log.error(
                 "bdr_server stopped on a storage error (%s): fix the device, then start the server again; "
@@ -1264,46 +1284,166 @@ class Server:
     def _seq_text(seq: int) -> str:
         return "none" if seq == p.NO_SEQ else str(seq)
 
-    def _refuse_busy(self, lst: socket.socket, current: str) -> None:
-        try:
-            sock, addr = lst.accept()
-        except OSError:
-            return
-        now = time.monotonic()
-        if now - self._busy_logged >= 5.0:  # a flood of connections does not flood the log
-            more = f" ({self._busy_quiet} more refused since the last report)" if self._busy_quiet else ""
-            log.warning(
-                "refusing connection from %s:%d: already serving %s%s", addr[0], addr[1], current, more
-            )
-            self._busy_logged, self._busy_quiet = now, 0
-        else:
-            self._busy_quiet += 1
-        if self.tls_ctx is None:  # a TLS client could not read a plaintext ERROR: it just sees the close
-            try:
-                sock.settimeout(1.0)
-                sock.sendall(
-                    p.encode(p.Error(p.ErrorCode.BUSY, f"server already serves a client ({current})"))
-                )
-            except OSError:
-                pass
-        sock.close()
+    # -- the gate: authentication before a connection may become the session -------------------------------------
 
-    def _serve(self, raw: socket.socket, peer: str) -> None:
-        log.warning("client %s connected", peer)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _keepalive(raw)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            with contextlib.suppress(OSError):
-                raw.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-        deadline = time.monotonic() + HANDSHAKE_TIMEOUT
-        secured = self._secure(raw, peer, deadline)
-        if secured is None:
+    def _accept(self) -> None:
+        """A new connection: authenticated on a thread of its own (bounded in number, in total and per host)."""
+        assert self.listener is not None
+        try:
+            raw, addr = self.listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:  # out of file descriptors or memory: retry later
+            log.error("accept failed: %s", exc)
+            time.sleep(0.1)
+            return
+        host, peer = addr[0], f"{addr[0]}:{addr[1]}"
+        with self._gate_lock:
+            total, mine = sum(self._pending.values()), self._pending.get(host, 0)
+            full = total >= MAX_PENDING or mine >= MAX_PENDING_PER_HOST
+            if not full:
+                self._pending[host] = mine + 1
+            elif self._may_log_full(time.monotonic()):
+                log.warning(
+                    "refusing connection from %s: %d connections already authenticating (%d from %s)%s",
+                    peer,
+                    total,
+                    mine,
+                    host,
+                    f"; {self._full_quiet} more refused since the last report" if self._full_quiet else "",
+                )
+                self._full_quiet = 0
+        if full:
             raw.close()
             return
-        sock = secured
+        threading.Thread(
+            target=self._gate, args=(raw, host, peer), name=f"bdr-gate-{peer}", daemon=True
+        ).start()
+
+    def handle(self, raw: socket.socket, peer: str) -> None:
+        """One connection from start to end on the calling thread: the gate, then the session if it gets
+        through (what the daemon does with each connection, without the listener)."""
+        self._admit(raw, peer)
+        with contextlib.suppress(queue.Empty):
+            self._serve(*self._admitted.get_nowait())
+
+    def _may_log_full(self, now: float) -> bool:
+        """A flood of connections does not flood the log: one line per 5 s (with the lock held)."""
+        if now - self._full_logged >= 5.0:
+            self._full_logged = now
+            return True
+        self._full_quiet += 1
+        return False
+
+    def _gate(self, raw: socket.socket, host: str, peer: str) -> None:
+        try:
+            self._admit(raw, peer)
+        finally:
+            with self._gate_lock:
+                self._pending[host] -= 1
+                if not self._pending[host]:
+                    del self._pending[host]
+
+    def _admit(self, raw: socket.socket, peer: str) -> None:
+        """TLS handshake and shared-secret proof within HANDSHAKE_TIMEOUT; then the connection waits for the
+        main loop, which makes it the session or refuses it as busy."""
+        try:
+            log.warning("client %s connected", peer)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keepalive(raw)
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    raw.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+            deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+            sock = self._secure(raw, peer, deadline)
+            if sock is None:
+                raw.close()
+                return
+            server_auth = auth.ServerAuth(self.secret, self.binding) if self.secret is not None else None
+            sess = ServerSession(self.replica, self.journal, self.applier, peer, server_auth)
+            if server_auth is not None and not self._authenticate(sock, sess, peer, deadline):
+                return
+            if self.session is not None:
+                self._refuse_busy(sock, peer)
+                return
+            self._admitted.put((sock, sess, peer, deadline))
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"a")
+        except Exception:  # a thread's death must not go unnoticed
+            log.exception("client %s: unexpected error while authenticating", peer)
+            raw.close()
+
+    def _authenticate(
+        self, sock: socket.socket | tls.ServerTls, sess: ServerSession, peer: str, deadline: float
+    ) -> bool:
+        """The shared-secret exchange (AUTH_BEGIN ... AUTH_OK); False when refused (logged, closed)."""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        try:
+            while sess.conn.phase is p.Phase.AUTH:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    msg = f"no complete handshake within {HANDSHAKE_TIMEOUT:.0f}s"
+                    raise SessionClosed(f"refused: {msg}", p.encode(p.Error(p.ErrorCode.UNEXPECTED, msg)))
+                if self.stopping:
+                    raise SessionClosed("server shutting down")
+                if not tls.pending(sock) and not poller.poll(int(min(left, 0.2) * 1000) + 1):
+                    continue
+                sock.settimeout(max(left, 0.1))
+                n = sock.recv_into(sess.conn.writable(65536))
+                sess.conn.commit(n)
+                if n == 0:
+                    raise SessionClosed("connection lost: closed by the client during authentication")
+                reply = sess.receive(authenticating=True)
+                if reply:
+                    sock.sendall(reply)
+            return True
+        except SessionClosed as exc:
+            log.warning("client %s: %s", peer, exc.reason)
+            if exc.reply:
+                with contextlib.suppress(OSError):
+                    sock.settimeout(1.0)
+                    sock.sendall(exc.reply)
+                _close_gently(sock)
+            else:
+                sock.close()
+        except (OSError, p.RemoteProtocolError) as exc:
+            reason = tls.describe(exc) if isinstance(exc, ssl.SSLError) else str(exc)
+            log.warning("client %s: connection lost during authentication: %s", peer, reason)
+            sock.close()
+        return False
+
+    def _refuse_busy(self, sock: socket.socket | tls.ServerTls, peer: str) -> None:
+        """An authenticated client while another is served: ERROR BUSY, then the close."""
+        current = self.session.peer if self.session is not None else "another client"
+        with self._gate_lock:
+            now = time.monotonic()
+            if now - self._busy_logged >= 5.0:
+                more = f" ({self._busy_quiet} more refused since the last report)" if self._busy_quiet else ""
+                log.warning("refusing connection from %s: already serving %s%s", peer, current, more)
+                self._busy_logged, self._busy_quiet = now, 0
+            else:
+                self._busy_quiet += 1
+        with contextlib.suppress(OSError):
+            sock.settimeout(1.0)
+            sock.sendall(p.encode(p.Error(p.ErrorCode.BUSY, f"server already serves a client ({current})")))
+        _close_gently(sock)
+
+    def _refuse_admitted(self) -> None:
+        """Connections through the gate while a session runs: refused as busy, each on a thread (the close
+        lingers a moment)."""
+        while True:
+            try:
+                sock, _, peer, _ = self._admitted.get_nowait()
+            except queue.Empty:
+                return
+            threading.Thread(target=self._refuse_busy, args=(sock, peer), daemon=True).start()
+
+    def _serve(
+        self, sock: socket.socket | tls.ServerTls, sess: ServerSession, peer: str, deadline: float
+    ) -> None:
+        """One session, from the HELLO (the gate has authenticated the client) to the close."""
         sock.settimeout(60.0)
-        server_auth = auth.ServerAuth(self.secret, self.binding) if self.secret is not None else None
-        sess = ServerSession(self.replica, self.journal, self.applier, peer, server_auth)
         self.session = sess
         self.connections += 1
         self.publish(force=True)
@@ -1317,7 +1457,13 @@ class Server:
         clean = False  # the session ended as agreed (GOODBYE, or our shutdown)
         last_rx = time.monotonic()
         try:
+            reply = (
+                sess.receive()
+            )  # frames that came in with the authentication (a HELLO sent right after it)
+            if reply:
+                sock.sendall(reply)
             while True:
+                self._refuse_admitted()
                 if self.stopping:
                     reason = "server shutting down"
                     clean = True
@@ -1337,7 +1483,7 @@ class Server:
                     if fd == self._wake_r.fileno():
                         self._drain_wakeup()
                     elif fd == self.listener.fileno():
-                        self._refuse_busy(self.listener, peer)
+                        self._accept()
                     elif fd == sock.fileno():
                         last_rx = time.monotonic()
                         if isinstance(sock, socket.socket) and self._splice(sess, sock):

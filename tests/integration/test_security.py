@@ -6,6 +6,7 @@ unauthenticated peer reached it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import socket
@@ -255,18 +256,70 @@ def test_garbage_oversized_frames_and_a_second_client_are_refused(lab: Lab, pki:
         s.sendall(frame)
         err = _read_error(s)
         assert err.code is p.ErrorCode.UNEXPECTED, err
-    # an authenticating connection holds the slot: a second one is refused as busy, with a logged reason
-    first = _connect(lab)
-    first.sendall(p.encode(p.AuthBegin(1, p.AuthFlag.NONE, 1, b"n" * 32)))
-    time.sleep(0.3)
-    with _connect(lab) as second:
-        assert _read_error(second).code is p.ErrorCode.BUSY
-    srv.wait_log(r"refusing connection from 127\.0\.0\.1:\d+: already serving")
+    # a client that authenticated holds the slot: a second one is refused as busy, with a logged reason
+    (first, _), (second, conn) = _authenticated(lab, pki["secret"]), _authenticated(lab, pki["secret"])
+    with second:
+        assert _error_after(second, conn).code is p.ErrorCode.BUSY
+    srv.wait_log(r"refusing connection from 127\.0\.0\.1:\d+: already serving 127\.0\.0\.1:\d+")
     first.close()
-    srv.wait_log(r"client 127\.0\.0\.1:\d+ disconnected", count=4)
+    srv.wait_log(r"client 127\.0\.0\.1:\d+ disconnected", count=1)
     assert srv.proc is not None and srv.proc.poll() is None  # still serving
     assert srv.stop() == 0
     assert digest(lab.replica) == before
+
+
+def _authenticated(lab: Lab, secret: Path) -> tuple[socket.socket, p.Connection]:
+    """A connection that proved the shared secret (AUTH_OK received), and no further; and its protocol state
+    (which may hold what the server sent next)."""
+    from bdr import auth as authmod
+
+    s = _connect(lab)
+    c = p.Connection(p.Role.CLIENT, auth=True)
+    ca = authmod.ClientAuth(secret.read_bytes().strip())
+    s.sendall(c.send(ca.begin()))
+    for expect in (p.AuthChallenge, p.AuthOk):
+        while (ev := c.next_event()) is p.NEED_DATA:
+            c.feed(s.recv(4096))
+        assert isinstance(ev, expect), ev
+        if isinstance(ev, p.AuthChallenge):
+            s.sendall(c.send(ca.on_challenge(ev)))
+    return s, c
+
+
+def test_stalled_and_flooding_peers_do_not_lock_out_the_client(lab: Lab, pki: dict[str, Path]) -> None:
+    """Unauthenticated connections are handled beside the session, a few per host: a peer that connects
+    and stalls, or floods the port, keeps the real client out neither before nor during its session."""
+    lab.images(src_random=True, seed=16)
+    prod = lab.make_producer()
+    srv = lab.server("--secret-file", str(pki["secret"]))
+    srv.wait_log("listening on")
+    stalled = []
+    for _ in range(4):  # from another loopback address: the per-host limit is the flooder's alone
+        s = socket.create_connection(("127.0.0.1", lab.port), timeout=5, source_address=("127.0.0.2", 0))
+        s.sendall(p.encode(p.AuthBegin(1, p.AuthFlag.NONE, 1, b"n" * 32)))  # and never proves anything
+        stalled.append(s)
+    srv.wait_log(r"client 127\.0\.0\.2:\d+ connected", count=4)
+    for _ in range(20):  # the flood beyond the limit is closed at once (recv would time out otherwise)
+        with (
+            socket.create_connection(
+                ("127.0.0.1", lab.port), timeout=5, source_address=("127.0.0.2", 0)
+            ) as s,
+            contextlib.suppress(ConnectionResetError),
+        ):
+            assert s.recv(100) == b""
+    srv.wait_log(
+        r"refusing connection from 127\.0\.0\.2:\d+: 4 connections already authenticating \(4 from 127\.0\.0\.2\)"
+    )
+    assert srv.log().count("already authenticating") == 1  # the flood is one line in the log
+    cli = lab.client("--secret-file", str(pki["secret"]))  # while the stalled ones still hold their sockets
+    Writer(prod, 800, seed=17).join()
+    lab.wait_drained()
+    for s in stalled:
+        s.close()
+    assert cli.stop() == 0
+    assert srv.stop() == 0
+    assert lab.identical()
+    assert "authenticated (shared secret)" in cli.log() and "already serves" not in cli.log()
 
 
 # -- timeouts of the daemon's loop, in process (shortened) -------------------------------------------------------

@@ -267,7 +267,7 @@ def test_daemon_loop_refuses_fuzzed_streams(daemon: tuple[Server, bytes], wire: 
     with socket.create_server(("127.0.0.1", 0)) as lst:  # a loopback TCP pair, as the daemon gets
         a = socket.create_connection(lst.getsockname())
         b, _ = lst.accept()
-    t = threading.Thread(target=server._serve, args=(b, "fuzz"), daemon=True)
+    t = threading.Thread(target=server.handle, args=(b, "fuzz"), daemon=True)
     t.start()
     try:
         a.settimeout(5)

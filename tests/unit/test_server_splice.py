@@ -53,7 +53,7 @@ def test_daemon_loop_applies_large_frames(
     with socket.create_server(("127.0.0.1", 0)) as lst:
         a = socket.create_connection(lst.getsockname()[:2])
         b, _ = lst.accept()
-    t = threading.Thread(target=server._serve, args=(b, "test"), daemon=True)
+    t = threading.Thread(target=server.handle, args=(b, "test"), daemon=True)
     t.start()
     image = bytearray(DEV)
     rnd = random.Random(1)
