@@ -1327,6 +1327,13 @@ class Server:
         with contextlib.suppress(queue.Empty):
             self._serve(*self._admitted.get_nowait())
 
+    def _refused(self, peer: str, reason: str) -> None:
+        """A connection the gate let not through: logged, and counted in the status (errors, last error)."""
+        log.warning("client %s: %s", peer, reason)
+        with self._gate_lock:
+            self.errors += 1
+            self.last_error = f"client {peer}: {reason}"
+
     def _may_log_full(self, now: float) -> bool:
         """A flood of connections does not flood the log: one line per 5 s (with the lock held)."""
         if now - self._full_logged >= 5.0:
@@ -1399,7 +1406,7 @@ class Server:
                     sock.sendall(reply)
             return True
         except SessionClosed as exc:
-            log.warning("client %s: %s", peer, exc.reason)
+            self._refused(peer, exc.reason)
             if exc.reply:
                 with contextlib.suppress(OSError):
                     sock.settimeout(1.0)
@@ -1409,7 +1416,7 @@ class Server:
                 sock.close()
         except (OSError, p.RemoteProtocolError) as exc:
             reason = tls.describe(exc) if isinstance(exc, ssl.SSLError) else str(exc)
-            log.warning("client %s: connection lost during authentication: %s", peer, reason)
+            self._refused(peer, f"connection lost during authentication: {reason}")
             sock.close()
         return False
 
@@ -1574,7 +1581,7 @@ class Server:
                     with contextlib.suppress(OSError):
                         raw.settimeout(1.0)
                         raw.sendall(p.encode(p.Error(p.ErrorCode.AUTH_REQUIRED, msg)))
-                log.warning("client %s: refused: a plaintext connection to a TLS server", peer)
+                self._refused(peer, "refused: a plaintext connection to a TLS server")
                 _close_gently(raw)
                 return None
             ssock = tls.ServerTls(raw, self.tls_ctx)
@@ -1582,7 +1589,7 @@ class Server:
         except InterruptedError:
             return None
         except (OSError, ssl.SSLError) as exc:
-            log.warning("client %s: refused: TLS handshake failed: %s", peer, tls.describe(exc))
+            self._refused(peer, f"refused: TLS handshake failed: {tls.describe(exc)}")
             if ssock is not None and not isinstance(exc, TimeoutError):
                 _close_gently(ssock)  # the TLS alert reaches the client before the close
             return None

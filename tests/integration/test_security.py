@@ -382,7 +382,7 @@ def _closed_with(port: int, send: p.Message | None) -> tuple[p.Error, float]:
 
 
 def test_silent_peer_is_dropped_after_the_handshake_timeout(inproc) -> None:  # type: ignore[no-untyped-def]
-    _, port, img = inproc
+    server, port, img = inproc
     before = img.read_bytes()
     err, took = _closed_with(port, None)  # connects, says nothing
     assert err.code is p.ErrorCode.UNEXPECTED and "no complete handshake within 1s" in err.message
@@ -390,6 +390,10 @@ def test_silent_peer_is_dropped_after_the_handshake_timeout(inproc) -> None:  # 
     err, took = _closed_with(port, p.AuthBegin(1, p.AuthFlag.NONE, 1, b"n" * 32))  # and never proves
     assert err.code is p.ErrorCode.UNEXPECTED and "no complete handshake" in err.message
     assert 0.9 < took < 5
+    assert server.errors == 2  # what bdr status shows of the refusals
+    assert re.fullmatch(
+        r"client 127\.0\.0\.1:\d+: refused: no complete handshake within 1s", server.last_error
+    )
     assert img.read_bytes() == before
 
 
