@@ -1464,9 +1464,8 @@ class Server:
         clean = False  # the session ended as agreed (GOODBYE, or our shutdown)
         last_rx = time.monotonic()
         try:
-            reply = (
-                sess.receive()
-            )  # frames that came in with the authentication (a HELLO sent right after it)
+            # frames that came in with the authentication (a HELLO sent right after it)
+            reply = sess.receive()
             if reply:
                 sock.sendall(reply)
             while True:
