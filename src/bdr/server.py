@@ -34,7 +34,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -1064,6 +1064,24 @@ METRICS = [
 ]
 
 
+class Throttle:
+    """One log line per ``interval`` seconds for an event that may come in a flood; the others are counted."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self._last = -1e9
+        self._quiet = 0
+
+    def due(self) -> int | None:
+        """None: stay quiet; otherwise log now, with this many events kept quiet since the last line."""
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._quiet += 1
+            return None
+        quiet, self._last, self._quiet = self._quiet, now, 0
+        return quiet
+
+
 class Server:
     """Listens, serves one client at a time, turns SIGTERM / SIGINT into a clean stop."""
 
@@ -1098,13 +1116,11 @@ class Server:
         self._published = 0.0
         self.control: status.ControlSocket | None = None
         self.metrics: status.MetricsEndpoint | None = None
-        self._busy_logged = -1e9
-        self._busy_quiet = 0
+        self._busy_log = Throttle()  # a flood of connections does not flood the log
         # the gate: connections in their handshake by host, and those through it, waiting for the session slot
         self._gate_lock = threading.Lock()
         self._pending: dict[str, int] = {}
-        self._full_logged = -1e9
-        self._full_quiet = 0
+        self._full_log = Throttle()
         self._admitted: queue.SimpleQueue[tuple[socket.socket | tls.ServerTls, ServerSession, str, float]] = (
             queue.SimpleQueue()
         )
@@ -1243,17 +1259,12 @@ class Server:
                     self._drain_wakeup()
                 elif fd == lst.fileno():
                     self._accept()
-            while not self.stopping:
-                try:
-                    admitted = self._admitted.get_nowait()
-                except queue.Empty:
-                    break
-                self._serve(*admitted)
-        while True:  # connections that got through the gate as we stopped
-            try:
-                admitted = self._admitted.get_nowait()
-            except queue.Empty:
-                break
+            for admitted in self._take_admitted():
+                if self.stopping:  # through the gate as we stop
+                    admitted[0].close()
+                else:
+                    self._serve(*admitted)
+        for admitted in self._take_admitted():
             admitted[0].close()
         if self.failed is not None:
             log.error(
@@ -1303,16 +1314,15 @@ class Server:
             full = total >= MAX_PENDING or mine >= MAX_PENDING_PER_HOST
             if not full:
                 self._pending[host] = mine + 1
-            elif self._may_log_full(time.monotonic()):
+            elif (quiet := self._full_log.due()) is not None:
                 log.warning(
                     "refusing connection from %s: %d connections already authenticating (%d from %s)%s",
                     peer,
                     total,
                     mine,
                     host,
-                    f"; {self._full_quiet} more refused since the last report" if self._full_quiet else "",
+                    f"; {quiet} more refused since the last report" if quiet else "",
                 )
-                self._full_quiet = 0
         if full:
             raw.close()
             return
@@ -1324,8 +1334,16 @@ class Server:
         """One connection from start to end on the calling thread: the gate, then the session if it gets
         through (what the daemon does with each connection, without the listener)."""
         self._admit(raw, peer)
-        with contextlib.suppress(queue.Empty):
-            self._serve(*self._admitted.get_nowait())
+        for admitted in self._take_admitted():
+            self._serve(*admitted)
+
+    def _take_admitted(self) -> Iterator[tuple[socket.socket | tls.ServerTls, ServerSession, str, float]]:
+        """The connections through the gate, waiting for the main loop, until there are none."""
+        while True:
+            try:
+                yield self._admitted.get_nowait()
+            except queue.Empty:
+                return
 
     def _refused(self, peer: str, reason: str) -> None:
         """A connection the gate let not through: logged, and counted in the status (errors, last error)."""
@@ -1333,14 +1351,6 @@ class Server:
         with self._gate_lock:
             self.errors += 1
             self.last_error = f"client {peer}: {reason}"
-
-    def _may_log_full(self, now: float) -> bool:
-        """A flood of connections does not flood the log: one line per 5 s (with the lock held)."""
-        if now - self._full_logged >= 5.0:
-            self._full_logged = now
-            return True
-        self._full_quiet += 1
-        return False
 
     def _gate(self, raw: socket.socket, host: str, peer: str) -> None:
         try:
@@ -1424,13 +1434,9 @@ class Server:
         """An authenticated client while another is served: ERROR BUSY, then the close."""
         current = self.session.peer if self.session is not None else "another client"
         with self._gate_lock:
-            now = time.monotonic()
-            if now - self._busy_logged >= 5.0:
-                more = f" ({self._busy_quiet} more refused since the last report)" if self._busy_quiet else ""
+            if (quiet := self._busy_log.due()) is not None:
+                more = f" ({quiet} more refused since the last report)" if quiet else ""
                 log.warning("refusing connection from %s: already serving %s%s", peer, current, more)
-                self._busy_logged, self._busy_quiet = now, 0
-            else:
-                self._busy_quiet += 1
         with contextlib.suppress(OSError):
             sock.settimeout(1.0)
             sock.sendall(p.encode(p.Error(p.ErrorCode.BUSY, f"server already serves a client ({current})")))
@@ -1439,11 +1445,7 @@ class Server:
     def _refuse_admitted(self) -> None:
         """Connections through the gate while a session runs: refused as busy, each on a thread (the close
         lingers a moment)."""
-        while True:
-            try:
-                sock, _, peer, _ = self._admitted.get_nowait()
-            except queue.Empty:
-                return
+        for sock, _, peer, _ in self._take_admitted():
             threading.Thread(target=self._refuse_busy, args=(sock, peer), daemon=True).start()
 
     def _serve(

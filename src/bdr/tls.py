@@ -226,9 +226,7 @@ class ServerTls:
                 continue
             if self._fill():
                 continue
-            if self._in.eof:
-                return n
-            if n:
+            if n or self._in.eof:
                 return n
             if not self._wait(select.POLLIN, None if deadline is None else deadline - time.monotonic()):
                 raise TimeoutError(f"no data for {self.timeout:.0f}s")

@@ -41,6 +41,15 @@ def make_pair(g: Guest, bdr_ko: Path) -> Pair:
     return p
 
 
+def synced_pair(g: Guest, bdr_ko: Path) -> Pair:
+    """A pair with both daemons running and the replica in sync."""
+    p = make_pair(g, bdr_ko)
+    p.start_server()
+    p.start_client()
+    p.wait_synced()
+    return p
+
+
 def restart_logs(p: Pair) -> None:
     """Empty both logs, so that waiting for a line sees only the daemons started next."""
     p.g.run(f": > {p.server_log}; : > {p.client_log}")
@@ -107,10 +116,7 @@ def test_server_killed_during_a_journal_resync(pair: Pair, point: str) -> None:
 def test_guest_killed_during_the_journal_apply(tmp_path: Path, lab_kernel: str, bdr_ko: Path) -> None:
     images = {name: tmp_path / f"{name}.img" for name in VM_DISKS}
     with boot_on(images, lab_kernel) as g1:
-        p = make_pair(g1, bdr_ko)
-        p.start_server()
-        p.start_client()
-        p.wait_synced()
+        p = synced_pair(g1, bdr_ko)
         # a base the replica has, then a resync due
         g1.run(f"dd if=/dev/urandom of={p.mapper} bs=1M count=32 seek=8 oflag=direct status=none")
         old, new = pending_resync(p, seek=900)
@@ -142,10 +148,7 @@ def test_acknowledged_flush_survives_a_power_cut(tmp_path: Path, lab_kernel: str
     the server's unit tests."""
     images = {name: tmp_path / f"{name}.img" for name in VM_DISKS}
     with boot_on(images, lab_kernel) as g1:
-        p = make_pair(g1, bdr_ko)
-        p.start_server()
-        p.start_client()
-        p.wait_synced()
+        p = synced_pair(g1, bdr_ko)
         data_sha = g1.run(
             f"""set -e
             dd if=/dev/urandom of=/tmp/flushdata bs=4096 count=16 status=none
