@@ -53,6 +53,8 @@ there; the crash-safety integration tests use it.  Nothing else reads it.
 from __future__ import annotations
 
 import enum
+import errno
+import heapq
 import logging
 import os
 import signal
@@ -64,7 +66,7 @@ from typing import Protocol
 
 import xxhash
 
-from .journal import HEADER_AREA, HEADER_BLOCK, JournalError
+from .journal import HEADER_AREA, HEADER_BLOCK, JournalError, JournalIOError
 
 log = logging.getLogger("bdr.journal")
 
@@ -99,7 +101,16 @@ class RecType(enum.IntEnum):
 
 
 class JournalFull(JournalError):
-    """The record area cannot hold this resync."""
+    """The record area cannot hold this resync, even with each staged byte kept once."""
+
+    def __init__(self, message: str, needed: int = 0, capacity: int = 0) -> None:
+        super().__init__(message)
+        self.needed = needed  # bytes of records the resync needs at least (its live records)
+        self.capacity = capacity  # bytes the record area holds
+
+
+# a full file system or quota under a journal file: a journal condition (the resync does not fit), not a failure
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class JournalCorrupt(JournalError):
@@ -223,6 +234,8 @@ class RecordArea:
         self.extents: list[tuple[int, int, int]] = []
         self.buckets: dict[int, list[int]] = {}  # bucket -> indices into extents, ascending
         self.staged_bytes = 0
+        self.peak = 0  # the most bytes of records the area held during this resync
+        self.compactions = 0
 
     @property
     def is_open(self) -> bool:
@@ -267,28 +280,156 @@ class RecordArea:
         self.extents = []
         self.buckets = {}
         self.staged_bytes = 0
+        self.peak = 0
+        self.compactions = 0
         self._set_state(AreaState.OPEN, epoch=self.state.epoch + 1, commit_off=0, records=0)
 
     def _append(self, rec: Record) -> int:
-        """Write a record; returns the position of its data."""
+        """Write a record; returns the position of its data.  When the area is full, the staged records are
+        compacted first (each staged byte kept once, its newest version); JournalFull when even that fails."""
         size = rec.size
-        if self.limit is not None and self.pos + size + REC_HEADER > self.limit:
-            raise JournalFull(
-                f"journal {self.path} is too small for this resync: {self.pos - RECORDS_AT} bytes staged, the "
-                f"record area holds {self.limit - RECORDS_AT} bytes"
-            )
+        if self._fits(size):
+            try:
+                return self._write_record(rec)
+            except OSError as exc:
+                if exc.errno not in _FULL_ERRNOS:
+                    raise self._io_error(exc) from exc
+                log.warning("journal %s: %s while staging; compacting the staged resync", self.path, exc.strerror)
+        if rec.type is RecType.COMMIT or not self.compact(rec.offset, rec.length) or not self._fits(size):
+            raise self._full(size)
+        rec = Record(rec.type, rec.epoch, self.index, rec.offset, rec.length, rec.data)  # renumbered
+        try:
+            return self._write_record(rec)
+        except OSError as exc:
+            if exc.errno in _FULL_ERRNOS:
+                raise self._full(size) from exc
+            raise self._io_error(exc) from exc
+
+    def _fits(self, size: int) -> bool:
+        return self.limit is None or self.pos + size + REC_HEADER <= self.limit
+
+    def _full(self, size: int) -> JournalFull:
+        live = self.pos - RECORDS_AT + size + REC_HEADER
+        cap = (self.limit if self.limit is not None else self.pos) - RECORDS_AT
+        return JournalFull(
+            f"journal {self.path} is too small for this resync: {live} bytes of records needed with each "
+            f"staged block kept once, the record area holds {cap} bytes",
+            live,
+            cap,
+        )
+
+    def _io_error(self, exc: OSError) -> JournalIOError:
+        return JournalIOError(exc.errno or errno.EIO, f"journal {self.path}: I/O error: {exc.strerror or exc}")
+
+    def _write_record(self, rec: Record) -> int:
         buf = rec.pack()
-        done = 0
-        while done < len(buf):
-            n = os.pwrite(self.fd, memoryview(buf)[done:], self.pos + done)
-            if n <= 0:
-                raise OSError(f"short write to journal {self.path}")
-            done += n
+        self._pwrite_all(buf, self.pos)
         self.checksums.update(buf[_REC.size : _REC.size + 8])
         data_at = self.pos + REC_HEADER
-        self.pos += size
+        self.pos += len(buf)
         self.index += 1
+        self.peak = max(self.peak, self.pos - RECORDS_AT)
         return data_at
+
+    def _pwrite_all(self, buf: bytes, at: int) -> None:
+        done = 0
+        while done < len(buf):
+            n = os.pwrite(self.fd, memoryview(buf)[done:], at + done)
+            if n <= 0:
+                raise OSError(errno.EIO, f"short write to journal {self.path}")
+            done += n
+
+    # -- compaction ------------------------------------------------------------------------------------------
+
+    def live_pieces(self, next_offset: int = 0, next_length: int = 0) -> list[tuple[int, int, int]]:
+        """The staged bytes that the apply would leave on the replica, as disjoint (offset, length, data position
+        or -1 for zeros), in staging order of the records they come from: bytes a later record overwrote are
+        gone, and so are those the record about to be staged (``next_offset``, ``next_length``) replaces.  A
+        sweep over the extents by offset; the newest extent covering a point owns it."""
+        ext = self.extents
+        if next_length:
+            ext = [*ext, (next_offset, next_length, -2)]  # -2: owns its bytes, keeps none
+        if not ext:
+            return []
+        order = sorted(range(len(ext)), key=lambda i: ext[i][0])
+        points = sorted({o for o, _, _ in ext} | {o + n for o, n, _ in ext})
+        heap: list[tuple[int, int]] = []  # (-index, end): the newest extent on top
+        pieces: list[tuple[int, int, int]] = []  # (owner, start, end)
+        j = 0
+        for k in range(len(points) - 1):
+            x, nxt = points[k], points[k + 1]
+            while j < len(order) and ext[order[j]][0] <= x:
+                i = order[j]
+                heapq.heappush(heap, (-i, ext[i][0] + ext[i][1]))
+                j += 1
+            while heap and heap[0][1] <= x:
+                heapq.heappop(heap)
+            if not heap:
+                continue
+            owner = -heap[0][0]
+            if pieces and pieces[-1][0] == owner and pieces[-1][2] == x:
+                pieces[-1] = (owner, pieces[-1][1], nxt)
+            else:
+                pieces.append((owner, x, nxt))
+        pieces.sort()  # by owner (staging order, so by position in the area), then offset
+        out = []
+        for owner, lo, hi in pieces:
+            off, _, at = ext[owner]
+            if at == -2:
+                continue
+            out.append((lo, hi - lo, -1 if at < 0 else at + lo - off))
+        return out
+
+    def compact(self, next_offset: int = 0, next_length: int = 0) -> bool:
+        """Rewrite the open staging so that every staged byte is there once, with its newest data; the state of
+        the replica after the apply is the same.  Records move only towards the start of the area: a live
+        piece of a data record never takes more room than the record (a piece ends where a later record
+        overwrote at least a sector, which is more than a record header and its padding), so no data is
+        overwritten before it is read; ZERO records, which hold no data, are written after all data.  A crash meanwhile leaves an OPEN area, discarded at the next start as always.
+        Returns False when nothing would be freed."""
+        assert self.is_open
+        pieces = self.live_pieces(next_offset, next_length)
+        live = sum(_aligned(REC_HEADER + (0 if at < 0 else n)) for _, n, at in pieces)
+        used = self.pos - RECORDS_AT
+        if live >= used:
+            return False
+        # zero pieces last: they have no data to read, and a ZERO record that later writes cut into pieces takes
+        # more room than it did
+        plan = [x for x in pieces if x[2] >= 0] + [x for x in pieces if x[2] < 0]
+        pos = RECORDS_AT
+        for k, (_, n, at) in enumerate(plan):  # each write must end before the next data still to be read
+            pos += _aligned(REC_HEADER + (0 if at < 0 else n))
+            nxt = plan[k + 1][2] if k + 1 < len(plan) else -1
+            if nxt >= 0 and pos > nxt:
+                log.warning("journal %s: the staged records cannot be compacted in place", self.path)
+                return False
+        t0 = time.monotonic()
+        epoch = self.state.epoch
+        self.pos = RECORDS_AT
+        self.index = 0
+        self.checksums = xxhash.xxh3_64()
+        self.extents = []
+        self.buckets = {}
+        for off, n, at in plan:
+            if at < 0:
+                rec = Record(RecType.ZERO, epoch, self.index, off, n)
+            else:
+                data = os.pread(self.fd, n, at)
+                if len(data) != n:
+                    raise OSError(errno.EIO, f"short read from journal {self.path}")
+                rec = Record(RecType.BLOCK, epoch, self.index, off, n, data)
+            new_at = self._write_record(rec)
+            self._index(off, n, new_at if at >= 0 else -1)
+        self.compactions += 1
+        log.info(
+            "journal %s: compacted the staged resync from %d to %d bytes in %.1f s (the record area holds %s)",
+            self.path,
+            used,
+            self.pos - RECORDS_AT,
+            time.monotonic() - t0,
+            "no limit" if self.limit is None else f"{self.limit - RECORDS_AT} bytes",
+        )
+        return True
 
     def stage_write(self, data: bytes | memoryview, offset: int) -> None:
         assert self.is_open
