@@ -261,7 +261,10 @@ def print_status(report: dict[str, list[dict[str, object]]]) -> None:
         )
         rs = c.get("resync") or {}
         if rs.get("active"):
-            print(f"{'':<16} resync {_size(rs['done_bytes'])} of {_size(rs['total_bytes'])}")
+            direct = ", direct writes: the replica is inconsistent until it ends" if rs.get("direct") else ""
+            print(f"{'':<16} resync {_size(rs['done_bytes'])} of {_size(rs['total_bytes'])}{direct}")
+        if rs.get("journal_full"):
+            print(f"{'':<16} the server's journal is too small for resyncs: {rs['journal_full']}")
     for srv in servers:
         print(
             f"server {srv.get('listen')}: {srv.get('state')}, replica {srv.get('replica')} "

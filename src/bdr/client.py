@@ -99,6 +99,12 @@ METRICS = [
     status.Spec("resync_total_bytes", "gauge", "bytes the running scan covers", ("resync", "total_bytes")),
     status.Spec("scans_total", "counter", "scans (resyncs) started", ("resync", "scans")),
     status.Spec(
+        "resync_direct",
+        "gauge",
+        "1 while a resync writes the replica directly (inconsistent until it ends), e.g. the journal is too small",
+        ("resync", "direct"),
+    ),
+    status.Spec(
         "dirty_regions", "gauge", "dirty regions taken from the ring, not yet resynced", ("dirty_regions",)
     ),
     status.Spec("connected", "gauge", "1 while connected to the server", ("connected",)),
@@ -627,8 +633,12 @@ class ClientSession:
         )
         t0 = time.monotonic()
         flags = p.ScanFlag.WHOLE_DEVICE if whole else p.ScanFlag.NONE
+        if c.journal_full is not None and not direct:
+            direct = True
+            log.warning("scan %d writes the replica directly: the server's journal is too small for it", sid)
         if direct:
             flags |= p.ScanFlag.DIRECT  # --full-scan: the server writes the replica directly
+        c.resync_direct = direct
         bs = c.scan_block
         self._send(self.conn.send(p.ScanBegin(sid, mode, flags, bs)))
         wins = list(scan.windows(extents, c.dev_size, bs))
@@ -688,6 +698,7 @@ class ClientSession:
                 self.pump()
         prog.close()
         c.resync_progress = None
+        c.resync_direct = False
         # ring records from start_pos on follow the scan; the replica is consistent again once the server has
         # applied them up to what the ring holds now (writes during the scan may be half-read by the scan)
         head = self.ring.head()
@@ -703,6 +714,9 @@ class ClientSession:
         self.wait_for("SCAN_DONE", lambda: self.scan_done is not None, timeout=300)
         # consistent once the records captured during the scan are applied (the next ones, in order)
         c.replica_consistent = not eflags & p.ScanEndFlag.MORE_TO_COME
+        if c.journal_full is not None and c.replica_consistent:
+            log.warning("direct resync complete: the next resyncs are staged in the server's journal again")
+            c.journal_full = None
         self.sent = start_pos
         # records before start_pos were applied and synced before SCAN_BEGIN or are covered by the scan: they
         # are durable now even when the server could not name a resume sequence number
@@ -791,6 +805,10 @@ class Client:
         self.pending_dirty: DirtyMap | None = None
         self.server_durable = p.NO_SEQ  # as last acknowledged, on any connection
         self.force_scan = False
+        # the server's journal could not stage a resync (its message): with --journal-full direct, resyncs
+        # write the replica directly until one has completed
+        self.journal_full: str | None = None
+        self.resync_direct = False  # the running scan writes the replica directly
         self.scan_id = 0
         self.scan_buf = memoryview(bytearray(scan.WINDOW))
         # scan block: the dirty-bitmap region with a ring; 4 KiB in one-shot mode (only changed pages travel)
@@ -907,6 +925,8 @@ class Client:
                 "scans": len(st.scans),
                 "last_scan_bytes": sum(n for _, n in st.scans[-1].extents) if st.scans else 0,
                 "differing_blocks": sum(sc.differing for sc in st.scans),
+                "direct": self.resync_direct,
+                "journal_full": self.journal_full,
             },
             "dirty_regions": self.pending_dirty.nr_dirty if self.pending_dirty is not None else 0,
             "metrics_url": self.metrics.url if self.metrics is not None else None,
@@ -1081,6 +1101,23 @@ class Client:
             except p.PeerError as exc:
                 if exc.code in AUTH_CODES:
                     refused = self._refused(f"server {self.server_text} refused us: {exc.message}")
+                elif exc.code is p.ErrorCode.JOURNAL_FULL:
+                    if self.args.journal_full == "stop":
+                        log.error(
+                            "server %s cannot stage this resync: %s; stopping (--journal-full stop)",
+                            self.server_text,
+                            exc.message,
+                        )
+                        sock.close()
+                        return EXIT_REFUSED
+                    self.journal_full = exc.message
+                    log.error(
+                        "server %s cannot stage this resync in its journal: %s. Resyncing with direct writes "
+                        "(--journal-full direct): the replica is inconsistent until the scan completes",
+                        self.server_text,
+                        exc.message,
+                    )
+                    backoff = BACKOFF_MIN
                 elif exc.code in FATAL_CODES:
                     log.error("server %s refused us: %s", self.server_text, exc.message)
                     sock.close()
@@ -1239,6 +1276,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-replication",
         action="store_true",
         help="at start, skip the initial scan and only stream new writes (the replica must already equal the source)",
+    )
+    ap.add_argument(
+        "--journal-full",
+        choices=("direct", "stop"),
+        default="direct",
+        help="when the server's journal is too small to stage a resync (the replica would stay the old "
+        "consistent state until the commit): 'direct' (default) resyncs again writing the replica directly, so "
+        "it converges but is inconsistent until the scan ends; 'stop' exits with status 3 and leaves the "
+        "replica as it is",
     )
     ap.add_argument(
         "--no-print", action="store_true", help="disable standard output (errors still go to stderr)"

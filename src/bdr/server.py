@@ -690,10 +690,17 @@ class ServerSession:
             return self._handle(msg)
         except JournalFull as exc:
             self.applier.abort_staging()
+            log.warning(
+                "journal resync from %s dropped, the replica is untouched: %s (peak %d bytes staged)",
+                self.peer,
+                exc,
+                exc.needed,
+            )
             raise p.LocalProtocolError(
-                p.ErrorCode.SIZE_MISMATCH,
-                f"{exc}. Give the server a larger --journal / --journal-size, or restart bdr_client with "
-                "--full-scan (writes directly; the replica is inconsistent until it completes)",
+                p.ErrorCode.JOURNAL_FULL,
+                f"{exc}. Give the server a larger --journal / --journal-size (the range a resync covers plus "
+                "2 %), or resync with direct writes (bdr_client --journal-full direct, or --full-scan once: the "
+                "replica is inconsistent until it completes)",
             ) from exc
 
     def _handle(self, msg: p.Message) -> bytes | None:

@@ -95,7 +95,7 @@ def test_journal_too_small_is_refused_with_the_full_scan_fallback(lab: Lab) -> N
     lab.make_producer()
     srv = lab.server("--journal-size", str(2 << 20))  # 1 MiB of records for 32 MiB of differing blocks
     srv.wait_log("listening on")
-    cli = lab.client()
+    cli = lab.client("--journal-full", "stop")
     assert cli.wait(30) == 3
     assert "journal" in cli.log() and "too small for this resync" in cli.log()
     assert "--full-scan" in cli.log()
@@ -176,3 +176,42 @@ def test_a_replica_of_another_source_is_refused_unless_replaced_on_purpose(lab: 
         prod2.close()
     assert srv.stop() == 0
     assert digest(lab.replica) == digest(other)
+
+
+def test_journal_too_small_falls_back_to_a_direct_resync(lab: Lab) -> None:
+    """--journal-full direct (the default): the refused journal resync is followed at once by a direct one;
+    the client's status names the state and the remedy while it runs, and the replica converges."""
+    differing_replica(lab, every=1)
+    lab.make_producer()
+    srv = lab.server("--journal-size", str(2 << 20))
+    srv.wait_log("listening on")
+    cli = lab.client()
+    cli.wait_log("cannot stage this resync in its journal: .*too small for this resync.*Resyncing with direct")
+    cli.wait_log("writes the replica directly: the server's journal is too small for it")
+    srv.wait_log("writes the replica directly: the replica is inconsistent until it completes")
+    lab.wait_drained()
+    cli.wait_log("direct resync complete")
+    assert cli.proc is not None and cli.proc.poll() is None
+    assert cli.stop() == 0
+    assert srv.stop() == 0
+    assert lab.identical()
+    assert os.path.getsize(lab.journal) <= 2 << 20
+
+
+def test_rewritten_blocks_fit_a_journal_as_large_as_the_device(lab: Lab) -> None:
+    """Ring writes staged with a journal scan overwrite blocks the scan staged: each is staged once, so a journal
+    barely larger than the device holds a resync of the whole device however often its blocks are rewritten."""
+    differing_replica(lab, every=1)
+    prod = lab.make_producer(slots=16384)
+    rng = random.Random(5)
+    for _ in range(192):  # 48 MiB of rewrites in the ring, staged after the scan's 32 MiB: 2.3 x the journal
+        prod.write(rng.randrange(DEV // 262144) * 262144, os.urandom(262144))
+    srv = lab.server("--journal-size", str(DEV + DEV // 16 + (1 << 20)))
+    srv.wait_log("listening on")
+    cli = lab.client("--journal-full", "stop")
+    lab.wait_drained(timeout=60)
+    assert "compacted the staged resync" in srv.log()
+    assert "too small" not in cli.log()
+    assert cli.stop() == 0
+    assert srv.stop() == 0
+    assert lab.identical()
