@@ -294,7 +294,9 @@ class RecordArea:
             except OSError as exc:
                 if exc.errno not in _FULL_ERRNOS:
                     raise self._io_error(exc) from exc
-                log.warning("journal %s: %s while staging; compacting the staged resync", self.path, exc.strerror)
+                log.warning(
+                    "journal %s: %s while staging; compacting the staged resync", self.path, exc.strerror
+                )
         if rec.type is RecType.COMMIT or not self.compact(rec.offset, rec.length) or not self._fits(size):
             raise self._full(size)
         rec = Record(rec.type, rec.epoch, self.index, rec.offset, rec.length, rec.data)  # renumbered
@@ -319,7 +321,9 @@ class RecordArea:
         )
 
     def _io_error(self, exc: OSError) -> JournalIOError:
-        return JournalIOError(exc.errno or errno.EIO, f"journal {self.path}: I/O error: {exc.strerror or exc}")
+        return JournalIOError(
+            exc.errno or errno.EIO, f"journal {self.path}: I/O error: {exc.strerror or exc}"
+        )
 
     def _write_record(self, rec: Record) -> int:
         buf = rec.pack()

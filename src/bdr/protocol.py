@@ -150,7 +150,9 @@ class ErrorCode(enum.IntEnum):
     WRONG_SOURCE = (
         21  # the replica mirrors another source: replacing it takes --full-scan / --full-replication
     )
-    JOURNAL_FULL = 22  # the server's journal cannot stage this resync (the client falls back per --journal-full)
+    JOURNAL_FULL = (
+        22  # the server's journal cannot stage this resync (the client falls back per --journal-full)
+    )
 
 
 class Feature(enum.IntFlag):

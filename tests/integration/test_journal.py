@@ -186,7 +186,9 @@ def test_journal_too_small_falls_back_to_a_direct_resync(lab: Lab) -> None:
     srv = lab.server("--journal-size", str(2 << 20))
     srv.wait_log("listening on")
     cli = lab.client()
-    cli.wait_log("cannot stage this resync in its journal: .*too small for this resync.*Resyncing with direct")
+    cli.wait_log(
+        "cannot stage this resync in its journal: .*too small for this resync.*Resyncing with direct"
+    )
     cli.wait_log("writes the replica directly: the server's journal is too small for it")
     srv.wait_log("writes the replica directly: the replica is inconsistent until it completes")
     lab.wait_drained()

@@ -292,7 +292,7 @@ def test_rewriting_the_same_blocks_does_not_grow_the_staging(paths: tuple[Path, 
     area = open_area(jpath, limit=jr.RECORDS_AT + (264 << 10))  # 256 KiB range: 64 records of 4 KiB + headers
     area.begin()
     expect = bytearray(rpath.read_bytes())
-    for rnd in range(10):  # 10 x the area in staged bytes
+    for _ in range(10):  # 10 x the area in staged bytes
         for blk in range(64):
             data = os.urandom(4096)
             area.stage_write(data, blk * 4096)
