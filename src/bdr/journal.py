@@ -53,8 +53,27 @@ class JournalError(Exception):
     """The journal path cannot be used: missing directory, too small, corrupt, or from a newer version."""
 
 
-class JournalIOError(OSError):
-    """Writing or syncing the journal failed (device error, file system full)."""
+class StorageError(OSError):
+    """An I/O error of one of the server's devices.  ``role`` says which one (replica, journal), ``device`` its
+    path; ``strerror`` is the whole message for the log."""
+
+    role = "storage"
+
+    def __init__(self, err: int | None, message: str, device: str = "") -> None:
+        super().__init__(err or errno.EIO, message)
+        self.device = device
+
+
+class JournalIOError(StorageError):
+    """Writing, reading or syncing the journal failed (device error, file system full)."""
+
+    role = "journal"
+
+
+class ReplicaIOError(StorageError):
+    """Writing, reading or syncing the replica failed."""
+
+    role = "replica"
 
 
 class JFlag(enum.IntFlag):
@@ -183,7 +202,9 @@ class Journal:
                 raise OSError(errno.EIO, f"short write ({n} of {len(data)} bytes)")
             os.fdatasync(self._fd)
         except OSError as exc:
-            raise JournalIOError(exc.errno, f"journal {self.path}: I/O error: {exc.strerror or exc}") from exc
+            raise JournalIOError(
+                exc.errno, f"journal {self.path}: I/O error: {exc.strerror or exc}", str(self.path)
+            ) from exc
         self.header = new
         return new
 

@@ -54,19 +54,21 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import heapq
 import logging
 import os
 import signal
+import stat
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ParamSpec, Protocol, TypeVar
 
 import xxhash
 
-from .journal import HEADER_AREA, HEADER_BLOCK, JournalError, JournalIOError
+from .journal import HEADER_AREA, HEADER_BLOCK, JournalError, JournalIOError, StorageError
 
 log = logging.getLogger("bdr.journal")
 
@@ -201,6 +203,27 @@ class StateBlock:
         return cls(AreaState(state), gen, epoch, commit_off, records)
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _journal_io(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """A RecordArea method whose OSErrors are the journal's (JournalIOError); the replica's pass as they are."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        except StorageError:
+            raise
+        except OSError as exc:
+            area = args[0]
+            assert isinstance(area, RecordArea)
+            raise area._io_error(exc) from exc
+
+    return wrapper
+
+
 def _crash_here(point: str) -> None:
     if os.environ.get(CRASH_ENV) != point:
         return
@@ -226,6 +249,12 @@ class RecordArea:
         self.fd = fd
         self.path = path
         self.limit = limit
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            # both state copies allocated now: ending a resync on a full file system must not need new blocks
+            try:
+                os.posix_fallocate(fd, STATE_AT, 2 * HEADER_BLOCK)
+            except OSError as exc:
+                raise JournalError(f"cannot allocate journal {path}: {exc.strerror}") from exc
         self.state = self._load()
         self.pos = RECORDS_AT  # where the next record goes
         self.index = 0
@@ -272,6 +301,7 @@ class RecordArea:
 
     # -- staging ---------------------------------------------------------------------------------------------
 
+    @_journal_io
     def begin(self) -> None:
         """Start staging a new resync (a new epoch: records of older resyncs can never be taken for ours)."""
         self.pos = RECORDS_AT
@@ -435,6 +465,7 @@ class RecordArea:
         )
         return True
 
+    @_journal_io
     def stage_write(self, data: bytes | memoryview, offset: int) -> None:
         assert self.is_open
         at = self._append(Record(RecType.BLOCK, self.state.epoch, self.index, offset, len(data), bytes(data)))
@@ -443,6 +474,7 @@ class RecordArea:
         if self.staged_bytes >= CRASH_RECEIVE_AFTER:
             _crash_here("receive")
 
+    @_journal_io
     def stage_zeroes(self, offset: int, length: int) -> None:
         assert self.is_open
         self._append(Record(RecType.ZERO, self.state.epoch, self.index, offset, length))
@@ -454,9 +486,11 @@ class RecordArea:
         for b in range(offset >> BUCKET_SHIFT, ((offset + max(length, 1) - 1) >> BUCKET_SHIFT) + 1):
             self.buckets.setdefault(b, []).append(i)
 
+    @_journal_io
     def sync(self) -> None:
         os.fdatasync(self.fd)
 
+    @_journal_io
     def overlay(self, buf: memoryview, offset: int) -> None:
         """Replace the bytes of buf (the replica at offset) by what the staged records wrote there."""
         end = offset + len(buf)
@@ -480,6 +514,7 @@ class RecordArea:
 
     # -- commit and apply ------------------------------------------------------------------------------------
 
+    @_journal_io
     def commit(self) -> None:
         """Write the COMMIT record and make the resync committed (durable): from here it will be applied."""
         assert self.is_open
@@ -531,6 +566,7 @@ class RecordArea:
         """Every record of the committed resync, checked before anything is applied."""
         return list(self.records())
 
+    @_journal_io
     def apply(self, replica: ReplicaTarget, size_limit: int | None = None) -> int:
         """Apply the committed resync to the replica (idempotent), sync it, mark the area CLEAN.  Returns the
         number of records applied.  Raises JournalCorrupt (nothing applied) when a record fails its checksum."""
@@ -555,6 +591,7 @@ class RecordArea:
         self.buckets = {}
         return len(recs)
 
+    @_journal_io
     def discard(self) -> None:
         """Forget an uncommitted resync (the replica was never touched by it)."""
         self.extents = []
@@ -566,6 +603,7 @@ class RecordArea:
             os.close(self.fd)
             self.fd = -1
 
+    @_journal_io
     def recover(self, replica: ReplicaTarget, size_limit: int | None = None) -> str:
         """At server start: replay a committed resync, discard an uncommitted one.  Returns what was done."""
         st = self.state.state

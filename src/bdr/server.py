@@ -41,7 +41,7 @@ from typing import Protocol
 
 from . import __version__, auth, config, scan, status, tls
 from . import protocol as p
-from .journal import JFlag, Journal, JournalError, JournalIOError
+from .journal import JFlag, Journal, JournalError, ReplicaIOError, StorageError
 from .journal_records import JournalFull, RecordArea, StagingTarget
 from .log import BenchClock, setup_logging
 
@@ -122,13 +122,26 @@ class Replica:
         self._zeros = memoryview(bytes(ZERO_CHUNK))
         self.bytes_written = 0
 
+    def error(self, exc: OSError, offset: int | None = None) -> ReplicaIOError:
+        """The replica's I/O error, with its path (the byte it happened at goes to the debug log)."""
+        if isinstance(exc, ReplicaIOError):
+            return exc
+        if offset is not None:
+            log.debug("replica %s: I/O error at byte %d", self.path, offset)
+        return ReplicaIOError(
+            exc.errno, f"replica {self.path}: I/O error: {exc.strerror or exc}", str(self.path)
+        )
+
     def write(self, data: memoryview, offset: int) -> None:
         done = 0
-        while done < len(data):
-            n = os.pwritev(self.fd, [data[done:]], offset + done)
-            if n <= 0:
-                raise OSError(f"short write to {self.path} at byte {offset + done}")
-            done += n
+        try:
+            while done < len(data):
+                n = os.pwritev(self.fd, [data[done:]], offset + done)
+                if n <= 0:
+                    raise OSError(errno.EIO, "short write")
+                done += n
+        except OSError as exc:
+            raise self.error(exc, offset + done) from exc
         self.bytes_written += done
         self.known_zero = False
 
@@ -137,12 +150,21 @@ class Replica:
         fd, pwrite = self.fd, os.pwrite
         total = 0
         for data, offset in runs:
-            n = pwrite(fd, data, offset)
+            try:
+                n = pwrite(fd, data, offset)
+            except OSError as exc:
+                raise self.error(exc, offset) from exc
             total += n
             if n != len(data):
                 self.write(data[n:], offset + n)
         self.bytes_written += total
         self.known_zero = False
+
+    def read(self, view: memoryview, offset: int) -> None:
+        try:
+            scan.read_exact(self.fd, view, offset)
+        except OSError as exc:
+            raise self.error(exc, offset) from exc
 
     def note_written(self, n: int) -> None:
         """Bytes written behind our back (splice)."""
@@ -157,7 +179,10 @@ class Replica:
             offset += n
 
     def sync(self) -> None:
-        os.fdatasync(self.fd)
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise self.error(exc) from exc
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -235,7 +260,7 @@ class SpliceSource:
                     continue
                 except OSError as exc:
                     if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                        raise
+                        raise self.replica.error(exc, offset + done) from exc
                     self.pipe.splice_out = False
             data = os.read(self.pipe.r, k - done)
             self.replica.write(memoryview(data), offset + done)
@@ -664,10 +689,10 @@ class ServerSession:
     def storage_failed(self, exc: OSError, reply: bytes = b"") -> SessionClosed:
         """The replica or the journal failed: mark the replica inconsistent on disk (the next client start
         rescans the whole device) and end the session with an IO_ERROR the daemon treats as fatal."""
-        if isinstance(exc, JournalIOError):
+        if isinstance(exc, StorageError):
             msg = exc.strerror or str(exc)
-        else:
-            msg = f"replica {self.replica.path}: I/O error: {exc.strerror or exc}"
+        else:  # not raised by a device we know: say so rather than blame the replica
+            msg = f"I/O error: {exc.strerror or exc}"
         try:
             flags = (self.journal.header.flags | JFlag.SCANNING | JFlag.IO_ERROR) & ~JFlag.CONSISTENT
             self.journal.commit(flags=flags)
@@ -925,7 +950,7 @@ class ServerSession:
                 )
             self._hash_buf = memoryview(bytearray(r.length))
         view = self._hash_buf[: r.length]
-        scan.read_exact(self.replica.fd, view, r.offset)
+        self.replica.read(view, r.offset)
         if self.applier.staging:
             assert self.applier.area is not None
             self.applier.area.overlay(view, r.offset)  # hash what the replica will be after the commit

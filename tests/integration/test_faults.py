@@ -83,6 +83,33 @@ def test_journal_on_a_full_file_system_is_refused_at_start(lab: Lab) -> None:
         assert "cannot allocate journal" in srv.log() and "No space left on device" in srv.log(), srv.log()
 
 
+def test_journal_file_system_filling_up_during_a_journal_scan_is_a_journal_condition(lab: Lab) -> None:
+    """ENOSPC while staging a resync in a file journal: the resync does not fit the journal (JOURNAL_FULL, the
+    client resyncs with direct writes), never a replica failure (no IO_ERROR mark, no exit 4)."""
+    lab.images(src_random=True, seed=23)
+    data = bytearray(lab.src.read_bytes())
+    for b in range(0, DEV // 65536, 4):  # 8 MiB of differing blocks
+        data[b * 65536 : (b + 1) * 65536] = os.urandom(65536)
+    lab.replica.write_bytes(bytes(data))
+    lab.make_producer()
+    with tiny_fs(lab.tmp / "small", "5m") as small:
+        lab.journal = small / "journal"  # grows as needed, until the file system is full
+        srv = lab.server()
+        srv.wait_log("listening on")
+        cli = lab.client()
+        cli.wait_log("cannot stage this resync in its journal: .*too small for this resync")
+        lab.wait_drained()
+        log = srv.log()
+        assert "No space left on device while staging" in log, log
+        assert "marked inconsistent" not in log and "storage error" not in log, log
+        assert srv.proc is not None and srv.proc.poll() is None
+        assert cli.stop() == 0
+        assert srv.stop() == 0
+        h = Journal(lab.journal).header
+        assert not h.flags & JFlag.IO_ERROR and h.flags & JFlag.CONSISTENT
+    assert lab.identical()
+
+
 def test_source_read_error_during_a_scan_is_reported_and_stops_the_client(lab: Lab) -> None:
     lab.images(src_random=True, seed=22)
     lab.make_producer()
