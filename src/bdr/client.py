@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import functools
 import logging
+import mmap
 import os
 import select
 import signal
@@ -193,6 +194,7 @@ class ClientStats:
     records: int = 0
     bytes: int = 0
     frames: int = 0
+    discarded: int = 0  # bytes of DISCARD records
     # sent -> acknowledged durable, per batch, since the last --benchmark line
     lag_sum: float = 0.0
     lag_n: int = 0
@@ -463,6 +465,7 @@ class ClientSession:
 
     def send_batch(self, b: Batch, sync: bool) -> None:
         self.in_sync = False
+        self._check_discards(b)
         hdr = self.conn.send_data_header(b.count, b.data_len, sync)
         try:
             self._sendv([hdr, *b.desc, *b.data])
@@ -484,6 +487,40 @@ class ClientSession:
             b.data_len,
             " +sync" if sync else "",
         )
+
+    def _check_discards(self, b: Batch) -> None:
+        """A discard is a hint: the source may read zeros, its old data or anything there afterwards.  Read
+        each discarded range back from the source (O_DIRECT, no network): zeros -- the DISCARD goes as is and
+        the replica is zeroed; anything else -- the record goes flagged UNZEROED (the replica is left as it is)
+        and the range is resynced by checksums after it, once the server has recorded that a resync is due."""
+        c = self.client
+        for k, dv in enumerate(b.desc):
+            ops = dv.cast("H")[10::16].tolist()
+            if p.OP_DISCARD not in ops:
+                continue
+            copy: bytearray | None = None
+            q, i32 = dv.cast("Q"), dv.cast("I")
+            for i, op in enumerate(ops):
+                if op != p.OP_DISCARD:
+                    continue
+                off, ln = q[i * 4 + 1] * p.SECTOR, i32[i * 8 + 4]
+                c.stats.discarded += ln
+                if c.reads_zeros(off, ln):
+                    continue
+                if copy is None:
+                    copy = bytearray(dv)
+                copy[i * p.RECORD_SIZE + 22] |= p.REC_UNZEROED
+                if not c.unzeroed:
+                    acks = self.acks
+                    self._send(self.conn.send(p.ResyncPending()))
+                    self.wait_for("ACK of RESYNC_PENDING", functools.partial(self._acks_above, acks))
+                c.unzeroed.append((off, ln))
+                log.info("discard of [%d, +%d) left data on the source: that range is resynced", off, ln)
+            if copy is not None:
+                q.release()
+                i32.release()
+                dv.release()
+                b.desc[k] = memoryview(copy)
 
     def stream(self) -> None:
         self.streaming = True
@@ -528,6 +565,16 @@ class ClientSession:
                 if extents:
                     self.resync(p.ScanMode.HASH, extents, whole=False, why="dirty regions")
                 self.client.pending_dirty = None  # only now: a lost connection before this redoes the scan
+                continue
+            if self.client.unzeroed:
+                extents = sorted(self.client.unzeroed)  # scan.windows aligns them and skips overlaps
+                self.resync(
+                    p.ScanMode.HASH,
+                    extents,
+                    whole=False,
+                    why="discarded ranges the source does not read as zeros",
+                )
+                self.client.unzeroed = []
                 continue
             if self.inflight and self.sync_pending is None:
                 self._send(self.conn.send(p.Sync()))
@@ -776,6 +823,13 @@ class Client:
         except OSError as exc:
             raise ClientError(f"cannot open source device {src}: {exc.strerror}") from exc
         self.dev_size = device_size(self.source_fd)
+        try:  # discarded ranges are read back past the page cache, which may still hold what was there
+            self.direct_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError:
+            self.direct_fd = -1  # a file system without O_DIRECT (tmpfs): its page cache is the file
+        self.direct_buf = mmap.mmap(-1, 1 << 20)  # page-aligned, for O_DIRECT
+        # discarded ranges the source did not read as zeros: resynced by checksums (the server knows one is due)
+        self.unzeroed: list[tuple[int, int]] = []
         if self.dev_size == 0 or self.dev_size % 512:
             raise ClientError(
                 f"source device {src} has {self.dev_size} bytes, not a positive multiple of 512"
@@ -916,7 +970,13 @@ class Client:
                 "seconds": round(now - self.lag_since, 3) if self.lag_since is not None else 0.0,
             },
             "durable_seq": None if self.server_durable == p.NO_SEQ else self.server_durable,
-            "replicated": {"bytes": st.bytes, "records": st.records, "frames": st.frames},
+            "replicated": {
+                "bytes": st.bytes,
+                "records": st.records,
+                "frames": st.frames,
+                "discarded_bytes": st.discarded,
+                "scan_bytes": sum(sc.bytes_sent for sc in st.scans),
+            },
             "throughput_bytes_per_s": round(self.throughput, 1),
             "resync": {
                 "active": self.resync_progress is not None,
@@ -1173,6 +1233,27 @@ class Client:
         log.error("%s; retrying in %.0fs", message, AUTH_BACKOFF)
         return True
 
+    def reads_zeros(self, offset: int, length: int) -> bool:
+        """Does the source read zeros in [offset, +length)?  Read from the device, past the page cache."""
+        fd = self.direct_fd if self.direct_fd >= 0 else self.source_fd
+        buf = memoryview(self.direct_buf)
+        end = offset + length
+        try:
+            while offset < end:
+                n = min(len(buf), end - offset)
+                view = buf[:n]
+                scan.read_exact(fd, view, offset)
+                if scan.digest(view) != scan.zero_digest(n):
+                    return False
+                offset += n
+        except OSError as exc:
+            raise SourceError(
+                f"cannot read source device {self.args.source_device} at byte {offset}: {exc.strerror or exc}"
+            ) from exc
+        finally:
+            buf.release()
+        return True
+
     def report_bench(self, sess: ClientSession | None, final: bool = False) -> None:
         if self.bench is None:
             return
@@ -1198,6 +1279,8 @@ class Client:
             self.metrics.close()
         self.ring.close()
         os.close(self.source_fd)
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
         self._wake_r.close()
         self._wake_w.close()
 

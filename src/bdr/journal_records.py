@@ -629,5 +629,8 @@ class StagingTarget:
     def write_zeroes(self, offset: int, length: int) -> None:
         self.area.stage_zeroes(offset, length)
 
+    def discard(self, offset: int, length: int) -> None:
+        self.area.stage_zeroes(offset, length)
+
     def sync(self) -> None:
         self.area.sync()

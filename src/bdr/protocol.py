@@ -570,7 +570,8 @@ class Stream:
 #
 # Records are consecutive sequence numbers.  WRITE: len bytes of data follow in the data area (multiple of 512).
 # FLUSH: len 0, a durability point.  DISCARD / WRITE_ZEROES: len bytes of range, no data.  FUA on a WRITE makes
-# that write a durability point as well.
+# that write a durability point as well.  A DISCARD means the source reads zeros there (the client checked; the
+# replica is zeroed and may give the space back), unless flagged UNZEROED (the replica is left as it is).
 
 DATA_HEAD = struct.Struct("<II")
 RECORD = struct.Struct("<QQIHHQ")
@@ -581,7 +582,10 @@ OP_FLUSH: Final = 2
 OP_DISCARD: Final = 3
 OP_WRITE_ZEROES: Final = 4
 REC_FUA: Final = 1 << 0
-REC_KNOWN_FLAGS: Final = 0x7  # FUA | CONT | MORE
+# on the wire only (the kernel never sets it): a DISCARD whose range the source does not read as zeros; the
+# server leaves the replica's bytes as they are, and the client resyncs the range by checksums
+REC_UNZEROED: Final = 1 << 3
+REC_KNOWN_FLAGS: Final = 0xF  # FUA | CONT | MORE | UNZEROED
 
 
 @dataclass(frozen=True, slots=True)
@@ -635,6 +639,12 @@ def validate_records(f: RecordFields, device_size: int | None) -> int:
         raise _fail(ErrorCode.BAD_RECORD, f"record op {bad} unknown")
     if max(f.flags) > REC_KNOWN_FLAGS and functools.reduce(operator.or_, f.flags) & ~REC_KNOWN_FLAGS:
         raise _fail(ErrorCode.BAD_RECORD, "record flags have unknown bits")
+    if max(f.flags) & REC_UNZEROED:
+        for fl, op in zip(f.flags, f.ops, strict=True):
+            if fl & REC_UNZEROED and op != OP_DISCARD:
+                raise _fail(
+                    ErrorCode.BAD_RECORD, "record flags have unknown bits (UNZEROED on a non-DISCARD)"
+                )
     if any(f.reserved):
         raise _fail(ErrorCode.BAD_FIELD, "record reserved field is not zero")
     if functools.reduce(operator.or_, f.lens) & (SECTOR - 1):

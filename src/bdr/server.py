@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import errno
 import fcntl
 import ipaddress
@@ -51,6 +52,23 @@ DEFAULT_PORT = 7788
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
 ZERO_CHUNK = 1 << 20
+BLKDISCARD = 0x1277
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """fallocate(PUNCH_HOLE | KEEP_SIZE): the range reads as zeros and its space is freed (a file's blocks; on a
+    block device, a write-zeroes that may unmap, never a fallback to writing zeros).  False: not supported."""
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
 F_SETPIPE_SZ = 1031
 SPLICE_MIN = 256 * 1024  # DATA payloads from this size on go socket -> pipe -> replica
 IO_TIMEOUT = 60.0
@@ -90,6 +108,7 @@ class Target(Protocol):
 
     def write_runs(self, runs: list[tuple[memoryview, int]]) -> None: ...
     def write_zeroes(self, offset: int, length: int) -> None: ...
+    def discard(self, offset: int, length: int) -> None: ...
     def sync(self) -> None: ...
 
 
@@ -121,6 +140,9 @@ class Replica:
         self.known_zero = not self.is_block and st.st_blocks == 0
         self._zeros = memoryview(bytes(ZERO_CHUNK))
         self.bytes_written = 0
+        self.bytes_discarded = 0
+        self.can_punch = True  # fallocate(PUNCH_HOLE) works here until it fails once
+        self.can_blkdiscard = True
 
     def error(self, exc: OSError, offset: int | None = None) -> ReplicaIOError:
         """The replica's I/O error, with its path (the byte it happened at goes to the debug log)."""
@@ -177,6 +199,43 @@ class Replica:
             n = min(ZERO_CHUNK, end - offset)
             self.write(self._zeros[:n], offset)
             offset += n
+
+    def discard(self, offset: int, length: int) -> None:
+        """Make [offset, +length) read as zeros, giving the space back where the device can (a thin or sparse
+        replica): zero-with-unmap (fallocate PUNCH_HOLE), else a discard checked by reading it back, else
+        zeros written."""
+        try:
+            punched = self.can_punch and _punch_hole(self.fd, offset, length)
+        except OSError as exc:
+            raise self.error(exc, offset) from exc
+        if not punched:
+            self.can_punch = False
+            if not self.is_block or not self._discard_checked(offset, length):
+                self.write_zeroes(offset, length)
+                return
+        self.bytes_discarded += length
+
+    def _discard_checked(self, offset: int, length: int) -> bool:
+        """BLKDISCARD, then read the range back and write zeros where the device did not zero it."""
+        if self.can_blkdiscard:
+            try:
+                fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("QQ", offset, length))
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY):
+                    raise self.error(exc, offset) from exc
+                self.can_blkdiscard = exc.errno == errno.EINVAL  # misaligned: try the next one
+                return False
+        else:
+            return False
+        buf = memoryview(bytearray(min(ZERO_CHUNK, length)))
+        end = offset + length
+        while offset < end:
+            n = min(len(buf), end - offset)
+            self.read(buf[:n], offset)
+            if buf[:n] != self._zeros[:n]:
+                self.write(self._zeros[:n], offset)
+            offset += n
+        return True
 
     def sync(self) -> None:
         try:
@@ -441,8 +500,12 @@ class Applier:
                 if runs:
                     self._write_runs(src, runs)
                     runs = []
-                if op != p.OP_FLUSH:
-                    # DISCARD / WRITE_ZEROES: the source reads zeros there now, so does the replica
+                if op == p.OP_DISCARD:
+                    # the client checked that the source reads zeros there: so does the replica, and it may
+                    # give the space back; UNZEROED: the source kept data there, the client resyncs the range
+                    if not f.flags[i] & p.REC_UNZEROED:
+                        self.target.discard(sectors[i] * sector, ln)
+                elif op == p.OP_WRITE_ZEROES:
                     self.target.write_zeroes(sectors[i] * sector, ln)
             if i == last_point:
                 if run_len:
@@ -691,8 +754,8 @@ class ServerSession:
         rescans the whole device) and end the session with an IO_ERROR the daemon treats as fatal."""
         if isinstance(exc, StorageError):
             msg = exc.strerror or str(exc)
-        else:  # not raised by a device we know: say so rather than blame the replica
-            msg = f"I/O error: {exc.strerror or exc}"
+        else:  # the journal's errors are all JournalIOError (or JournalFull, not a failure): the replica's
+            msg = self.replica.error(exc).strerror or str(exc)
         try:
             flags = (self.journal.header.flags | JFlag.SCANNING | JFlag.IO_ERROR) & ~JFlag.CONSISTENT
             self.journal.commit(flags=flags)

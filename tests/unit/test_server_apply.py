@@ -28,6 +28,9 @@ class FakeTarget:
     def write_zeroes(self, offset: int, length: int) -> None:
         self.log.append(("zero", offset, length))
 
+    def discard(self, offset: int, length: int) -> None:
+        self.log.append(("zero", offset, length))  # reads as zeros (and may free the space)
+
     def sync(self) -> None:
         self.log.append(("fdatasync",))
 
@@ -114,6 +117,13 @@ CASES = [
         [[(0, 0, 512, W, 0), (1, 0, 4096, D, 0), (2, 16, 1024, Z, 0), (3, 1, 512, W, 0)]],
         [("write", 0, pat(0, 512)), ("zero", 0, 4096), ("zero", 8192, 1024), ("write", 512, pat(3, 512))],
         3,
+        p.NO_SEQ,
+    ),
+    (
+        "a discard the source does not read as zeros leaves the replica as it is",
+        [[(0, 0, 512, W, 0), (1, 0, 4096, D, p.REC_UNZEROED), (2, 1, 512, W, 0)]],
+        [("write", 0, pat(0, 512)), ("write", 512, pat(2, 512))],
+        2,
         p.NO_SEQ,
     ),
     (
