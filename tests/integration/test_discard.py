@@ -11,7 +11,7 @@ import pytest
 
 from bdr import abi
 
-from .conftest import DEV, Lab
+from .conftest import Lab
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
