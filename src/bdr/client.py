@@ -19,6 +19,7 @@ and retried slowly (``AUTH_BACKOFF``): the operator fixes one side, the client c
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import contextlib
 import fcntl
@@ -63,6 +64,7 @@ AUTH_CODES = frozenset({p.ErrorCode.AUTH_REQUIRED, p.ErrorCode.AUTH_FAILED})
 DRAIN_SECONDS = 5.0
 SCAN_INFLIGHT = 4  # SCAN_REQUEST windows in flight
 BLKGETSIZE64 = 0x80081272
+DISCARD_BLOCK = 512  # granularity of the check of a discarded range that does not read as zeros (a sector)
 FATAL_CODES = frozenset({p.ErrorCode.SIZE_MISMATCH, p.ErrorCode.BAD_VERSION, p.ErrorCode.WRONG_SOURCE})
 
 PUBLISH_INTERVAL = 0.25  # seconds between status snapshots (bdr status, metrics)
@@ -200,6 +202,24 @@ class ClientStats:
     lag_n: int = 0
     lag_max: float = 0.0
     scans: list[scan.ScanStats] = field(default_factory=list)
+
+
+class _Extents:
+    """Byte extents merged for containment look-ups."""
+
+    def __init__(self, extents: list[tuple[int, int]]) -> None:
+        merged: list[list[int]] = []
+        for off, n in sorted(extents):
+            if merged and off <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], off + n)
+            else:
+                merged.append([off, off + n])
+        self.starts = [a for a, _ in merged]
+        self.ends = [e for _, e in merged]
+
+    def covers(self, off: int, n: int) -> bool:
+        i = bisect.bisect_right(self.starts, off) - 1
+        return i >= 0 and self.ends[i] >= off + n
 
 
 class ClientSession:
@@ -494,8 +514,10 @@ class ClientSession:
         the replica is zeroed; anything else -- the record goes flagged UNZEROED (the replica is left as it is)
         and the range is resynced by checksums after it, once the server has recorded that a resync is due."""
         c = self.client
+        pos = b.start
         for k, dv in enumerate(b.desc):
             ops = dv.cast("H")[10::16].tolist()
+            first, pos = pos, pos + len(ops)
             if p.OP_DISCARD not in ops:
                 continue
             copy: bytearray | None = None
@@ -505,7 +527,11 @@ class ClientSession:
                     continue
                 off, ln = q[i * 4 + 1] * p.SECTOR, i32[i * 8 + 4]
                 c.stats.discarded += ln
-                if c.reads_zeros(off, ln):
+                nonzero = c.nonzero_blocks(off, ln)
+                if nonzero:  # data written after the discard explains what it covers
+                    later = _Extents(self.ring.written(first + i + 1, self.ring.head()))
+                    nonzero = [(o, n) for o, n in nonzero if not later.covers(o, n)]
+                if not nonzero:
                     continue
                 if copy is None:
                     copy = bytearray(dv)
@@ -1233,18 +1259,23 @@ class Client:
         log.error("%s; retrying in %.0fs", message, AUTH_BACKOFF)
         return True
 
-    def reads_zeros(self, offset: int, length: int) -> bool:
-        """Does the source read zeros in [offset, +length)?  Read from the device, past the page cache."""
+    def nonzero_blocks(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The sectors of [offset, +length) where the source does not read zeros, as (offset, length).
+        Read from the device, past the page cache."""
         fd = self.direct_fd if self.direct_fd >= 0 else self.source_fd
         buf = memoryview(self.direct_buf)
         end = offset + length
+        out: list[tuple[int, int]] = []
         try:
             while offset < end:
                 n = min(len(buf), end - offset)
                 view = buf[:n]
                 scan.read_exact(fd, view, offset)
                 if scan.digest(view) != scan.zero_digest(n):
-                    return False
+                    for o in range(0, n, DISCARD_BLOCK):
+                        k = min(DISCARD_BLOCK, n - o)
+                        if scan.digest(view[o : o + k]) != scan.zero_digest(k):
+                            out.append((offset + o, k))
                 offset += n
         except OSError as exc:
             raise SourceError(
@@ -1252,7 +1283,7 @@ class Client:
             ) from exc
         finally:
             buf.release()
-        return True
+        return out
 
     def report_bench(self, sess: ClientSession | None, final: bool = False) -> None:
         if self.bench is None:

@@ -266,15 +266,16 @@ class DataSource(Protocol):
 
 
 class BufferSource:
-    """Data already in memory (the receive buffer)."""
+    """Data already in memory (the receive buffer), written to the applier's target at the time of each write: a
+    durability point inside the batch may commit a staged resync, after which the rest goes to the replica."""
 
-    def __init__(self, target: Target, data: memoryview) -> None:
-        self.target = target
+    def __init__(self, applier: Applier, data: memoryview) -> None:
+        self.applier = applier
         self.data = data
 
     def write_runs(self, runs: list[tuple[int, int, int]]) -> None:
         data = self.data
-        self.target.write_runs([(data[s : s + n], off) for s, n, off in runs])
+        self.applier.target.write_runs([(data[s : s + n], off) for s, n, off in runs])
 
     def finish(self) -> None:
         pass
@@ -416,7 +417,7 @@ class Applier:
             self.applied = self.durable = (seq - 1) & p.SEQ_MASK
 
     def apply(self, msg: p.Data) -> None:
-        self.apply_from(msg.fields(), BufferSource(self.target, memoryview(msg.data)), msg.sync)
+        self.apply_from(msg.fields(), BufferSource(self, memoryview(msg.data)), msg.sync)
 
     def apply_from(self, f: p.RecordFields, src: DataSource, sync: bool) -> None:
         """Apply a batch whose data comes from ``src`` (consumed in order, to its end)."""

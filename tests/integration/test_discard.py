@@ -49,7 +49,9 @@ def test_discard_on_a_source_that_keeps_its_data_keeps_the_replica(lab: Lab) -> 
     prod._single(abi.Op.DISCARD, 4 << 20, 1 << 20, False)  # like a disk that ignores discards
     prod.write(6 << 20, os.urandom(65536))
     cli.wait_log(r"discard of \[4194304, \+1048576\) left data on the source")
-    cli.wait_log(r"scan \d+ \(hash\) of 1 dirty extents .*: discarded ranges the source does not read as zeros")
+    cli.wait_log(
+        r"scan \d+ \(hash\) of 1 dirty extents .*: discarded ranges the source does not read as zeros"
+    )
     lab.wait_drained()
     assert cli.stop() == 0
     assert srv.stop() == 0

@@ -1,7 +1,8 @@
 """Fixtures of the QEMU test lab (see tests/vm/lab.py).
 
 - `guest`: one booted Guest per test module.  A module sets `VM_DISKS` (name -> size, default
-  {"src": "64M", "dst": "64M"}) and `VM_MEMORY` (default "1536M") to shape it.
+  {"src": "64M", "dst": "64M"}), `VM_MEMORY` (default "1536M") and `VM_DISCARD` (name -> QEMU discard mode,
+  default "unmap") to shape it.
 - `bdr_ko`: the bdr module, built once per session against the 6.12 headers; its path is the same on the
   host and in the guest.
 - After every test that used the guest, the guest kernel log is checked: an oops, BUG or WARN since the
@@ -54,8 +55,9 @@ def bdr_ko(lab_kernel: str) -> Path:
 def guest(request: pytest.FixtureRequest, lab_kernel: str) -> Iterator[lab.Guest]:
     disks = getattr(request.module, "VM_DISKS", DEFAULT_DISKS)
     memory = getattr(request.module, "VM_MEMORY", DEFAULT_MEMORY)
+    discard = getattr(request.module, "VM_DISCARD", None)
     try:
-        g = lab.boot(disks=disks, memory=memory, kver=lab_kernel)
+        g = lab.boot(disks=disks, memory=memory, kver=lab_kernel, discard=discard)
     except lab.LabSetupError as exc:
         problem = f"VM test lab unavailable: {exc}"
     except lab.GuestError as exc:

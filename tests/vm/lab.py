@@ -642,8 +642,11 @@ class Guest:
         append: Iterable[str] = (),
         images: Mapping[str, Path] | None = None,
         cache: str = "unsafe",
+        discard: Mapping[str, str] | None = None,
     ) -> None:
-        """``images``: host files to use for the named disks instead of throw-away ones (created at the size
+        """``discard``: QEMU's discard mode of the named disks ("unmap", the default: a discard punches a hole
+        in the image, which then reads zeros; "ignore": the guest still sees discard support, the image keeps
+        its data).  ``images``: host files to use for the named disks instead of throw-away ones (created at the size
         asked if missing, kept as they are otherwise, never removed): a second Guest booted on them sees what
         the first one wrote, e.g. after ``power_cut()``.  ``cache``: QEMU's cache mode of every disk."""
         self.kver = kver or check_prerequisites()
@@ -688,7 +691,8 @@ class Guest:
             # use cache=none: what the guest did not flush may be lost, what it flushed is in the image.
             drive_args += [
                 "-drive",
-                f"if=none,id=d{i},file={img},format=raw,cache={cache},aio=threads,discard=unmap",
+                f"if=none,id=d{i},file={img},format=raw,cache={cache},aio=threads,"
+                f"discard={(discard or {}).get(name, 'unmap')}",
                 "-device",
                 f"virtio-blk-pci,drive=d{i},serial={name}",
             ]
