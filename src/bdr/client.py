@@ -22,6 +22,7 @@ import argparse
 import bisect
 import collections
 import contextlib
+import errno
 import fcntl
 import functools
 import logging
@@ -812,7 +813,7 @@ class ClientSession:
 
     def _read_source(self, view: memoryview, off: int) -> None:
         try:
-            scan.read_exact(self.client.source_fd, view, off)
+            self.client.read_source(view, off)
         except OSError as exc:
             raise SourceError(
                 f"cannot read source device {self.client.args.source_device} at byte {off} "
@@ -890,7 +891,7 @@ class Client:
         self.journal_full: str | None = None
         self.resync_direct = False  # the running scan writes the replica directly
         self.scan_id = 0
-        self.scan_buf = memoryview(bytearray(scan.WINDOW))
+        self.scan_buf = memoryview(mmap.mmap(-1, scan.WINDOW))  # page-aligned, for O_DIRECT
         # scan block: the dirty-bitmap region with a ring; 4 KiB in one-shot mode (only changed pages travel)
         self.scan_block = scan.ONESHOT_BLOCK_SIZE if self.oneshot else scan.BLOCK_SIZE
         self.stopping = False
@@ -1259,10 +1260,22 @@ class Client:
         log.error("%s; retrying in %.0fs", message, AUTH_BACKOFF)
         return True
 
+    def read_source(self, view: memoryview, offset: int) -> None:
+        """Read the source past the page cache: a file system mounted on the source writes file data to the
+        device directly, so cached pages of the block device may be stale (O_DIRECT where the source allows it;
+        an unaligned request falls back to a cached read)."""
+        if self.direct_fd >= 0:
+            try:
+                scan.read_exact(self.direct_fd, view, offset)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+        scan.read_exact(self.source_fd, view, offset)
+
     def nonzero_blocks(self, offset: int, length: int) -> list[tuple[int, int]]:
         """The sectors of [offset, +length) where the source does not read zeros, as (offset, length).
         Read from the device, past the page cache."""
-        fd = self.direct_fd if self.direct_fd >= 0 else self.source_fd
         buf = memoryview(self.direct_buf)
         end = offset + length
         out: list[tuple[int, int]] = []
@@ -1270,7 +1283,7 @@ class Client:
             while offset < end:
                 n = min(len(buf), end - offset)
                 view = buf[:n]
-                scan.read_exact(fd, view, offset)
+                self.read_source(view, offset)
                 if scan.digest(view) != scan.zero_digest(n):
                     for o in range(0, n, DISCARD_BLOCK):
                         k = min(DISCARD_BLOCK, n - o)
