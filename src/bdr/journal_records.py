@@ -525,7 +525,15 @@ class RecordArea:
         os.fdatasync(self.fd)
         _crash_here("commit")
         self._set_state(AreaState.COMMITTED, commit_off=commit_at, records=count)
-        log.info("journal: resync committed (%d records, %d bytes of data)", count, self.staged_bytes)
+        log.info(
+            "journal: resync committed (%d records, %d bytes of data; at most %d bytes of records staged, %d "
+            "compactions, record area %s)",
+            count,
+            self.staged_bytes,
+            self.peak,
+            self.compactions,
+            "unlimited" if self.limit is None else f"{self.limit - RECORDS_AT} bytes",
+        )
 
     def records(self) -> Iterator[tuple[Record, int]]:
         """The records of the committed resync, verified, with the position of their data (no data read)."""
