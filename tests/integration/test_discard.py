@@ -10,24 +10,27 @@ import os
 import pytest
 
 from bdr import abi
+from bdr.ring import RingProducer
 
-from .conftest import Lab
+from .conftest import Daemon, Lab
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
-def synced(lab: Lab) -> None:
+def synced(lab: Lab) -> tuple[RingProducer, Daemon, Daemon]:
+    """Source and replica equal, the daemons replicating: (producer, server, client)."""
     lab.images(src_random=True, seed=31)
     lab.replica.write_bytes(lab.src.read_bytes())
-
-
-def test_discard_on_a_source_that_zeroes_zeroes_and_frees_the_replica(lab: Lab) -> None:
-    synced(lab)
     prod = lab.make_producer()
     srv = lab.server()
     srv.wait_log("listening on")
     cli = lab.client()
     lab.wait_drained()
+    return prod, srv, cli
+
+
+def test_discard_on_a_source_that_zeroes_zeroes_and_frees_the_replica(lab: Lab) -> None:
+    prod, srv, cli = synced(lab)
     blocks = os.stat(lab.replica).st_blocks
     prod.discard(4 << 20, 8 << 20)  # the source image reads zeros there now
     lab.wait_drained()
@@ -40,12 +43,7 @@ def test_discard_on_a_source_that_zeroes_zeroes_and_frees_the_replica(lab: Lab) 
 
 
 def test_discard_on_a_source_that_keeps_its_data_keeps_the_replica(lab: Lab) -> None:
-    synced(lab)
-    prod = lab.make_producer()
-    srv = lab.server()
-    srv.wait_log("listening on")
-    cli = lab.client()
-    lab.wait_drained()
+    prod, srv, cli = synced(lab)
     prod._single(abi.Op.DISCARD, 4 << 20, 1 << 20, False)  # like a disk that ignores discards
     prod.write(6 << 20, os.urandom(65536))
     cli.wait_log(r"discard of \[4194304, \+1048576\) left data on the source")

@@ -141,6 +141,14 @@ class Pair:
     def tail(self, log: str, lines: int = 40) -> str:
         return self.g.run(f"tail -n {lines} {log}", check=False).output
 
+    def same_on_disk(self) -> bool:
+        """Source and replica disks hold the same bytes, read past the page cache (O_DIRECT)."""
+        out = self.g.run(
+            f"n=$(blockdev --getsize64 {self.src}); for d in {self.src} {self.dst};"
+            " do dd if=$d iflag=direct,count_bytes bs=1M count=$n status=none | sha256sum; done"
+        ).output.split()
+        return out[0] == out[2]
+
     def identical(self) -> bool:
         res = self.g.run(f"cmp -n $(blockdev --getsize64 {self.src}) {self.mapper} {self.dst}", check=False)
         return res.rc == 0

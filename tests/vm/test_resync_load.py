@@ -23,13 +23,6 @@ FIO = (
 )
 
 
-def same_on_disk(g: Guest, a: str, b: str) -> bool:
-    out = g.run(
-        f"for d in {a} {b}; do dd if=$d iflag=direct bs=1M count=64 status=none | sha256sum; done"
-    ).output.split()
-    return out[0] == out[2]
-
-
 def load_with_reloads(p: Pair, tag: str, secs: int = 60) -> None:
     """fio on the mapper for ``secs``; the client starts meanwhile; five suspend / reload / resume cycles."""
     g = p.g
@@ -59,7 +52,7 @@ def test_resync_under_load_fits_a_journal_twice_the_device(loaded: Guest) -> Non
         p.start_server()
         load_with_reloads(p, "big")
         p.wait_synced(timeout=600)
-        assert same_on_disk(g, p.src, p.dst), "replica differs after the load"
+        assert p.same_on_disk(), "replica differs after the load"
         log = g.run(f"cat {p.server_log}").output
         peaks = [int(x) for x in re.findall(r"at most (\d+) bytes of records staged", log)]
         print(f"journal {128 * MiB} bytes (device {64 * MiB}): peak staged per resync {peaks}")
@@ -79,7 +72,7 @@ def test_resync_under_load_with_a_small_journal_falls_back_to_direct(loaded: Gue
         p.start_server()
         load_with_reloads(p, "small", secs=45)
         p.wait_synced(timeout=600)
-        assert same_on_disk(g, p.src, p.dst), "replica differs after the load"
+        assert p.same_on_disk(), "replica differs after the load"
         client = g.run(f"cat {p.client_log}").output
         assert "Resyncing with direct writes" in client, client[-3000:]
         server = g.run(f"cat {p.server_log}").output
