@@ -169,7 +169,7 @@ def test_source_read_error_during_a_scan_is_reported(tmp_path: Path, monkeypatch
     monkeypatch.setattr(client_mod.scan, "read_exact", failing)
     server = MemServer(tmp_path)
     client = client_for(tmp_path)
-    source_fds.append(client.source_fd)
+    source_fds += [client.source_fd, client.direct_fd]  # cached and O_DIRECT reads
     run = Run(client, server)
     run.thread.join(20)
     assert isinstance(run.error, client_mod.SourceError), run.error
