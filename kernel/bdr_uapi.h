@@ -32,7 +32,18 @@
  *    acknowledged remotely does not wake up for records it already has.
  *  - instance is a random number drawn when the ring is created; sequence
  *    numbers are meaningful only together with it (a new target restarts
- *    them at 0, a table reload keeps the ring and its instance).
+ *    them at 0, a table reload keeps the ring and its instance; a reload
+ *    onto another device is refused).
+ *  - next_seq is the sequence number of the record at head: the first one
+ *    not yet published.  Records being copied behind head have no effect
+ *    on it.
+ *  - One consumer: the chardev can be open for writing by one file at a
+ *    time (a second writable open fails with EBUSY); read-only opens may
+ *    use BDR_IOC_INFO and BDR_IOC_STATUS.  Only the writable file may take
+ *    the dirty bitmap.  The kernel never reads back the fields it writes
+ *    in bdr_ring_ctl; it reads only tail and seen, and checks them.
+ *  - A bio is split so that it never needs more than min(nr_slots, 256)
+ *    slots: every write fits in an empty ring.
  *  - A record is published only after its write completed successfully; a
  *    failed write is never published, its region is marked dirty instead.
  *    Writes that overlap an in-flight write are held back until it completes,
@@ -80,7 +91,7 @@ enum bdr_op {
  *   |  seq  | sector|  len  |op |flg|  rsvd |
  *   +-------+-------+-------+---+---+-------+
  *
- * seq: sequence number, +1 per record, never reused while the module lives.
+ * seq: sequence number, +1 per record, never reused while the ring lives.
  * sector: first 512-byte sector on the device.  len: bytes covered (for a
  * write also the bytes of data in the slot; 0 for a flush).
  */
@@ -130,7 +141,8 @@ struct bdr_info {
 	__u64 data_offset;
 	__u64 mmap_size;
 	__u64 dev_sectors;		/* size of the mapped device */
-	__u32 region_sectors;		/* dirty bitmap granularity */
+	__u32 region_sectors;		/* dirty bitmap granularity, grown so
+					 * that nr_regions <= 2^25 */
 	__u32 reserved0;
 	__u64 nr_regions;		/* bits in the dirty bitmap */
 	__u64 bitmap_bytes;		/* bytes BDR_IOC_TAKE_DIRTY copies out */
@@ -157,6 +169,11 @@ struct bdr_status {
  * the overflow state and re-arm the ring.  Every write completed before the
  * call is either in the ring before ring_head or in the returned bitmap;
  * every write after it is in the ring from ring_head on or in a later bitmap.
+ * Every record before ring_head is published when the call returns (it waits
+ * for copies still running): the consumer may read up to ring_head, then
+ * scan the bitmap's regions, and no record it reads later is older than the
+ * scan.  next_seq is the sequence number of the record at ring_head.
+ * Requires the chardev open for writing (EBADF otherwise).
  * bitmap is a user pointer to bitmap_bytes (>= bdr_info.bitmap_bytes) bytes;
  * bit r (little-endian bit order within 64-bit words) covers sectors
  * [r * region_sectors, (r + 1) * region_sectors).
@@ -164,7 +181,7 @@ struct bdr_status {
 struct bdr_dirty {
 	__u64 bitmap;			/* in: user pointer */
 	__u64 bitmap_bytes;		/* in: size of that buffer */
-	__u64 ring_head;		/* out: head at the handover */
+	__u64 ring_head;		/* out: handover position, published */
 	__u64 next_seq;			/* out: first sequence number after it */
 	__u64 nr_dirty;			/* out: bits set in the copied bitmap */
 	__u64 state;			/* out: state before the handover */

@@ -6,7 +6,8 @@
  * every write that completed successfully into a ring shared with a
  * userspace client (mmap of /dev/<chardev_name>), which ships the writes to
  * a replica.  The ABI (ring layout, record format, ioctls) and its ordering
- * rules are described in bdr_uapi.h.
+ * rules are described in bdr_uapi.h; the table line, status fields and
+ * module parameters in docs/dm-bdr.md.
  *
  * Rules of the I/O path:
  *  - It never waits for userspace.  When the ring is full the target enters
@@ -17,30 +18,48 @@
  *    a failed write is never shipped as if it had succeeded; its region is
  *    marked dirty instead, because the device may hold part of it.
  *  - A write, discard or write-zeroes that overlaps one still in flight is
- *    held back until that one completed and was published.  Overlapping
+ *    held back until that one completed and reserved its slots.  Overlapping
  *    writes therefore reach the disk and the ring in the same order, and a
  *    replay of the ring equals the device.
- *  - Slots are copied under the ring lock, so records appear in the ring in
- *    completion order and head is published with release semantics.
+ *  - Publishing has three steps.  Under the ring lock, in completion order,
+ *    end_io reserves the record's slots (O(1): a position, counters, one
+ *    reservation word).  Without the lock, the descriptors are filled and
+ *    the data is copied: inline for small bios, on an unbound workqueue for
+ *    large ones, which holds the bio (DM_ENDIO_INCOMPLETE) until its copy is
+ *    done, so that the copies of several bios run on several CPUs while the
+ *    completion path stays short.  Under the lock again the reservation is
+ *    marked done and head moves over every done reservation at its front,
+ *    published with release semantics.  Ring order is reservation order.
+ *  - The sequence number of the record at ring position p is p: a new ring
+ *    starts both at 0, and a reload keeps the ring.
  *
  * Lifetime: the ring (struct bdr_ring) embeds the struct device of the
  * chardev and is refcounted through it.  Targets (a table reload gives two
  * at once for the same mapped device), open files and thus mappings each
  * hold a reference; "dmsetup remove" with the chardev open or mapped only
  * marks the ring dead, the memory goes when the last file is closed.
+ *
+ * The kernel never reads back what it wrote into the control page: the
+ * client can write to all of it.  It reads only the consumer fields there
+ * (tail, seen), and checks them.
  */
 
 #include <linux/bio.h>
 #include <linux/bitmap.h>
 #include <linux/cdev.h>
 #include <linux/ctype.h>
+#include <linux/delay.h>
 #include <linux/device-mapper.h>
 #include <linux/fs.h>
 #include <linux/idr.h>
 #include <linux/init.h>
+#include <linux/kernel.h>
 #include <linux/list.h>
+#include <linux/math64.h>
 #include <linux/mm.h>
 #include <linux/module.h>
+#include <linux/namei.h>
+#include <linux/overflow.h>
 #include <linux/poll.h>
 #include <linux/random.h>
 #include <linux/slab.h>
@@ -56,7 +75,19 @@
 
 #define BDR_MINORS		1024
 #define BDR_MAX_REGION_SECTORS	(1U << 24)
+/* Dirty bitmap: at most 2^25 bits (4 MiB); larger devices get larger regions. */
+#define BDR_MAX_REGIONS		(1U << 25)
+#define BDR_SLOT_SECTORS	(BDR_SLOT_DATA >> SECTOR_SHIFT)
+/* A bio of more slots than this is copied on the copy workqueue. */
+#define BDR_INLINE_SLOTS	4U
 #define BDR_RESV_DONE		(1U << 31)
+
+static unsigned int copy_delay_ms;
+module_param(copy_delay_ms, uint, 0644);
+MODULE_PARM_DESC(copy_delay_ms,
+		 "Testing only: sleep this many ms before copying a bio of more than 4 slots (default 0)");
+
+static struct workqueue_struct *bdr_copy_wq;
 
 struct bdr_ring {
 	struct device dev;		/* refcount of the whole ring */
@@ -64,15 +95,20 @@ struct bdr_ring {
 	struct list_head node;		/* in bdr_rings while targets use it */
 	char name[BDR_NAME_MAX];
 	struct mapped_device *md;	/* owner: only its tables may share */
+	dev_t lower;			/* the <device> of those tables */
 	unsigned int targets;		/* targets using the ring, bdr_lock */
 	bool registered;		/* chardev visible, bdr_lock */
+	atomic_t writers;		/* writable opens: the consumer, 0 or 1 */
 
-	/* fixed geometry */
+	/* fixed geometry, the kernel's own copies of what ctl shows */
 	u32 nr_slots;
 	u32 region_shift;
 	sector_t dev_sectors;
-	u64 nr_regions;
+	u32 nr_regions;
 	size_t bitmap_bytes;
+	size_t desc_offset;
+	size_t data_offset;
+	u64 instance;
 	void *mem;			/* vmalloc_user: ctl | desc | data */
 	size_t mem_size;
 	struct bdr_ring_ctl *ctl;
@@ -83,11 +119,12 @@ struct bdr_ring {
 	spinlock_t lock;
 	u64 head;			/* published: slots before it are complete */
 	u64 reserve;			/* reserved: slots before it have an owner */
+	u32 head_slot;			/* head % nr_slots */
+	u32 reserve_slot;		/* reserve % nr_slots */
 	u32 *resv;			/* per slot: length of the reservation
 					 * starting there, | BDR_RESV_DONE once
 					 * its slots are filled */
 	u64 tail;			/* last tail validated from ctl */
-	u64 next_seq;
 	u64 state;
 	unsigned long *bitmap;		/* dirty regions, active */
 	u64 records, bytes, dropped, failed, overflows;
@@ -96,10 +133,11 @@ struct bdr_ring {
 	struct mutex take_lock;		/* serialises BDR_IOC_TAKE_DIRTY */
 	unsigned long *spare;		/* zeroed bitmap swapped in by take */
 
-	wait_queue_head_t wq;
+	wait_queue_head_t wq;		/* poll() and the handover wait here */
 };
 
-struct bdr_target {
+/* Per-target context. */
+struct bdr_c {
 	struct dm_dev *dev;
 	struct bdr_ring *ring;
 
@@ -116,7 +154,14 @@ struct bdr_io {
 	struct list_head list;
 	sector_t start, end;		/* [start, end) on the device */
 	struct bvec_iter iter;		/* data of the clone, saved at map */
+	struct work_struct copy_work;	/* deferred copy of a large bio */
+	struct bdr_c *bc;
+	u64 pos;			/* first reserved ring position */
+	u32 slot;			/* pos % nr_slots */
+	u16 op;				/* enum bdr_op, 0: not published */
+	u16 flags;			/* BDR_REC_FUA, from the bio at map time */
 	bool tracked;			/* on inflight or waiting */
+	bool copied;			/* the deferred copy is done */
 };
 
 static DEFINE_MUTEX(bdr_lock);		/* bdr_rings, ring->targets */
@@ -131,6 +176,13 @@ static const struct class bdr_class = {
 /* ---------------------------------------------------------------------- */
 /* Ring: producer side                                                     */
 
+static u32 bdr_slot_add(const struct bdr_ring *r, u32 slot, u32 n)
+{
+	slot += n;		/* slot < nr_slots <= 2^24 and n <= nr_slots */
+	return slot >= r->nr_slots ? slot - r->nr_slots : slot;
+}
+
+/* Mark the regions of [start, end) dirty.  Under r->lock. */
 static void bdr_mark_dirty(struct bdr_ring *r, sector_t start, sector_t end)
 {
 	u64 first, last;
@@ -143,7 +195,8 @@ static void bdr_mark_dirty(struct bdr_ring *r, sector_t start, sector_t end)
 		last = r->nr_regions - 1;
 	if (first > last)
 		return;
-	bitmap_set(r->bitmap, first, last - first + 1);
+	/* nr_regions <= BDR_MAX_REGIONS: the bitmap API's unsigned int holds it */
+	bitmap_set(r->bitmap, (unsigned int)first, (unsigned int)(last - first + 1));
 	r->state |= BDR_STATE_DIRTY;
 }
 
@@ -159,36 +212,91 @@ static u64 bdr_consumer_tail(struct bdr_ring *r)
 
 static void bdr_set_state(struct bdr_ring *r, u64 state)
 {
-	r->state = state;
+	WRITE_ONCE(r->state, state);
 	WRITE_ONCE(r->ctl->state, state);
 }
 
-static void bdr_fill_slot(struct bdr_ring *r, u64 pos, u16 op, u16 flags,
-			  sector_t sector, u32 len)
+/* Move head over the done reservations at its front.  Under r->lock. */
+static void bdr_advance_head(struct bdr_ring *r)
 {
-	struct bdr_record *rec = &r->desc[pos % r->nr_slots];
+	u64 head = r->head;
 
-	rec->seq = r->next_seq++;
-	rec->sector = sector;
-	rec->len = len;
-	rec->op = op;
-	rec->flags = flags;
-	rec->reserved = 0;
+	while (head != r->reserve) {
+		u32 *resv = &r->resv[r->head_slot];
+		u32 n = *resv & ~BDR_RESV_DONE;
+
+		if (!(*resv & BDR_RESV_DONE))
+			break;
+		*resv = 0;
+		head += n;
+		r->head_slot = bdr_slot_add(r, r->head_slot, n);
+	}
+	if (head != r->head) {
+		WRITE_ONCE(r->head, head);
+		/* The sequence number of the record at position p is p. */
+		WRITE_ONCE(r->ctl->next_seq, head);
+		/* Slots before head are complete: pairs with the consumer's acquire. */
+		smp_store_release(&r->ctl->head, head);
+	}
 }
 
-/* Copy the clone's data into nslots consecutive slots starting at pos. */
-static void bdr_copy_data(struct bdr_ring *r, struct bio *bio,
-			  struct bdr_io *io, u64 pos)
+static void bdr_wake(struct bdr_ring *r)
 {
+	/* wq_has_sleeper() has the barrier that pairs with bdr_poll()'s. */
+	if (wq_has_sleeper(&r->wq))
+		wake_up(&r->wq);
+}
+
+/*
+ * Fill the descriptors of io's reservation and copy its data into the slots.
+ * Runs without the lock: the slots are io's until it is marked done, and the
+ * consumer cannot see them before head moves over them.
+ */
+static void bdr_fill(struct bdr_ring *r, struct bio *bio, struct bdr_io *io)
+{
+	u32 bytes = io->iter.bi_size;
+	struct bdr_record *rec;
 	struct bvec_iter iter;
 	struct bio_vec bv;
+	u32 slot = io->slot;
 	u32 off = 0;		/* offset inside the current slot */
+	u32 i, nslots;
 
+	if (io->op != BDR_OP_WRITE) {
+		rec = &r->desc[slot];
+		rec->seq = io->pos;
+		rec->sector = io->start;
+		rec->len = io->op == BDR_OP_FLUSH ? 0 : bytes;
+		rec->op = io->op;
+		rec->flags = 0;
+		rec->reserved = 0;
+		return;
+	}
+
+	nslots = DIV_ROUND_UP(bytes, BDR_SLOT_DATA);
+	for (i = 0; i < nslots; i++) {
+		u16 f = io->flags;
+
+		if (i)
+			f |= BDR_REC_CONT;
+		if (i + 1 < nslots)
+			f |= BDR_REC_MORE;
+		rec = &r->desc[slot];
+		rec->seq = io->pos + i;
+		rec->sector = io->start + (sector_t)i * BDR_SLOT_SECTORS;
+		rec->len = min_t(u32, bytes - i * BDR_SLOT_DATA, BDR_SLOT_DATA);
+		rec->op = BDR_OP_WRITE;
+		rec->flags = f;
+		rec->reserved = 0;
+		slot = bdr_slot_add(r, slot, 1);
+	}
+
+	slot = io->slot;
 	__bio_for_each_segment(bv, bio, iter, io->iter) {
 		u32 done = 0;
 
 		while (done < bv.bv_len) {
-			u8 *dst = r->data + (size_t)(pos % r->nr_slots) * BDR_SLOT_DATA + off;
+			u8 *dst = r->data + (size_t)slot * BDR_SLOT_DATA + off;
 			u32 n = min(bv.bv_len - done, BDR_SLOT_DATA - off);
 			void *src = bvec_kmap_local(&bv);
 
@@ -198,72 +306,40 @@ static void bdr_copy_data(struct bdr_ring *r, struct bio *bio,
 			off += n;
 			if (off == BDR_SLOT_DATA) {
 				off = 0;
-				pos++;
+				slot = bdr_slot_add(r, slot, 1);
 			}
 		}
 	}
 }
 
-/* Move head over the reservations whose slots are filled.  Under r->lock. */
-static void bdr_advance_head(struct bdr_ring *r)
+/* io's slots are filled: let head move over them. */
+static void bdr_complete(struct bdr_ring *r, struct bdr_io *io)
 {
-	u64 head = r->head;
+	unsigned long irqflags;
 
-	while (head != r->reserve) {
-		u32 *resv = &r->resv[head % r->nr_slots];
-
-		if (!(*resv & BDR_RESV_DONE))
-			break;
-		head += *resv & ~BDR_RESV_DONE;
-		*resv = 0;
-	}
-	if (head != r->head) {
-		r->head = head;
-		WRITE_ONCE(r->ctl->next_seq, r->next_seq);
-		/* Slots before head are complete: pairs with the consumer's acquire. */
-		smp_store_release(&r->ctl->head, head);
-	}
+	spin_lock_irqsave(&r->lock, irqflags);
+	r->resv[io->slot] |= BDR_RESV_DONE;
+	bdr_advance_head(r);
+	spin_unlock_irqrestore(&r->lock, irqflags);
+	bdr_wake(r);
 }
 
+enum bdr_reserved { BDR_NOT_PUBLISHED, BDR_RESERVED };
+
 /*
- * Publish the completed clone, or send it to the bitmap.  Called from end_io
- * (any context) with nothing held.  Descriptors are filled and slots reserved
- * under the lock, in completion order; the data is copied without the lock so
- * that completions on several CPUs copy in parallel, and head only moves over
- * reservations whose copy is done.
+ * Reserve slots for the completed clone, or send it to the bitmap.  Called
+ * from end_io (any context) with nothing held; O(1) under the lock but for
+ * the bitmap update of a dropped or failed write.
  */
-static void bdr_publish(struct bdr_ring *r, struct bio *bio, struct bdr_io *io,
-			blk_status_t status)
+static enum bdr_reserved bdr_reserve(struct bdr_ring *r, struct bdr_io *io,
+				     blk_status_t status)
 {
 	u32 bytes = io->iter.bi_size;
-	u16 op, flags = 0;
 	unsigned long irqflags;
-	u32 nslots, i;
-	u64 pos;
+	bool overflowed = false;
+	u32 nslots;
 
-	switch (bio_op(bio)) {
-	case REQ_OP_WRITE:
-		if (!bytes) {
-			op = BDR_OP_FLUSH;
-			nslots = 1;
-		} else {
-			op = BDR_OP_WRITE;
-			nslots = DIV_ROUND_UP(bytes, BDR_SLOT_DATA);
-			if (bio->bi_opf & REQ_FUA)
-				flags |= BDR_REC_FUA;
-		}
-		break;
-	case REQ_OP_DISCARD:
-		op = BDR_OP_DISCARD;
-		nslots = 1;
-		break;
-	case REQ_OP_WRITE_ZEROES:
-		op = BDR_OP_WRITE_ZEROES;
-		nslots = 1;
-		break;
-	default:
-		return;
-	}
+	nslots = io->op == BDR_OP_WRITE ? DIV_ROUND_UP(bytes, BDR_SLOT_DATA) : 1;
 
 	spin_lock_irqsave(&r->lock, irqflags);
 	if (unlikely(status != BLK_STS_OK)) {
@@ -271,80 +347,101 @@ static void bdr_publish(struct bdr_ring *r, struct bio *bio, struct bdr_io *io,
 		r->failed++;
 		bdr_mark_dirty(r, io->start, io->end);
 		bdr_set_state(r, r->state);
-		goto unlock;
+		spin_unlock_irqrestore(&r->lock, irqflags);
+		DMWARN_LIMIT("%s: a write of %u bytes at sector %llu failed (%d): its regions will be resynced",
+			     r->name, bytes, (unsigned long long)io->start,
+			     blk_status_to_errno(status));
+		bdr_wake(r);
+		return BDR_NOT_PUBLISHED;
 	}
 	if (r->state & BDR_STATE_OVERFLOW)
 		goto drop;
 	if (r->nr_slots - (r->reserve - bdr_consumer_tail(r)) < nslots) {
 		r->overflows++;
+		overflowed = true;
 		bdr_set_state(r, r->state | BDR_STATE_OVERFLOW);
 		goto drop;
 	}
 
-	pos = r->reserve;
+	io->pos = r->reserve;
+	io->slot = r->reserve_slot;
 	r->reserve += nslots;
+	r->reserve_slot = bdr_slot_add(r, r->reserve_slot, nslots);
+	r->resv[io->slot] = nslots;
 	r->records += nslots;
-	if (op != BDR_OP_WRITE) {
-		bdr_fill_slot(r, pos, op, flags, io->start,
-			      op == BDR_OP_FLUSH ? 0 : bytes);
-		r->resv[pos % r->nr_slots] = 1 | BDR_RESV_DONE;
-		bdr_advance_head(r);
-		goto unlock;
-	}
-	for (i = 0; i < nslots; i++) {
-		u32 len = min_t(u32, bytes - i * BDR_SLOT_DATA, BDR_SLOT_DATA);
-		u16 f = flags;
-
-		if (i)
-			f |= BDR_REC_CONT;
-		if (i + 1 < nslots)
-			f |= BDR_REC_MORE;
-		bdr_fill_slot(r, pos + i, op, f,
-			      io->start + ((sector_t)i << (PAGE_SHIFT - SECTOR_SHIFT)), len);
-	}
-	r->bytes += bytes;
-	r->resv[pos % r->nr_slots] = nslots;
+	if (io->op == BDR_OP_WRITE)
+		r->bytes += bytes;
 	spin_unlock_irqrestore(&r->lock, irqflags);
-
-	/* The slots are ours: the consumer cannot see them before head moves. */
-	bdr_copy_data(r, bio, io, pos);
-
-	spin_lock_irqsave(&r->lock, irqflags);
-	r->resv[pos % r->nr_slots] |= BDR_RESV_DONE;
-	bdr_advance_head(r);
-	goto unlock;
+	return BDR_RESERVED;
 
 drop:
 	r->dropped++;
 	bdr_mark_dirty(r, io->start, io->end);
 	bdr_set_state(r, r->state);
-unlock:
 	spin_unlock_irqrestore(&r->lock, irqflags);
-	if (wq_has_sleeper(&r->wq))
-		wake_up_interruptible(&r->wq);
+	if (overflowed)
+		DMWARN_LIMIT("%s: ring full (%u slots): writes go to the dirty bitmap until the client takes it",
+			     r->name, r->nr_slots);
+	bdr_wake(r);
+	return BDR_NOT_PUBLISHED;
+}
+
+static void bdr_copy_work(struct work_struct *work)
+{
+	struct bdr_io *io = container_of(work, struct bdr_io, copy_work);
+	struct bio *bio = dm_bio_from_per_bio_data(io, sizeof(*io));
+	struct bdr_ring *r = io->bc->ring;
+	unsigned int delay = READ_ONCE(copy_delay_ms);
+
+	if (unlikely(delay))
+		msleep(delay);
+	bdr_fill(r, bio, io);
+	bdr_complete(r, io);
+	io->copied = true;
+	/* Back through clone_endio into bdr_end_io, which now says done. */
+	bio_endio(bio);
 }
 
 /* ---------------------------------------------------------------------- */
 /* Ring: allocation and lifetime                                           */
+
+/* What the table line asks for, as the ring needs it. */
+struct bdr_geometry {
+	const char *name;
+	u32 nr_slots;
+	u32 region_sectors;		/* after growing to fit BDR_MAX_REGIONS */
+	sector_t dev_sectors;
+	dev_t lower;
+	struct mapped_device *md;
+};
+
+static void bdr_ring_free_mem(struct bdr_ring *r)
+{
+	vfree(r->mem);
+	kvfree(r->resv);
+	kvfree(r->bitmap);
+	kvfree(r->spare);
+}
 
 static void bdr_ring_release(struct device *dev)
 {
 	struct bdr_ring *r = container_of(dev, struct bdr_ring, dev);
 
 	ida_free(&bdr_minor_ida, MINOR(dev->devt));
-	vfree(r->mem);
-	kvfree(r->resv);
-	bitmap_free(r->bitmap);
-	bitmap_free(r->spare);
+	bdr_ring_free_mem(r);
 	kfree(r);
 }
 
-static struct bdr_ring *bdr_ring_alloc(const char *name, u32 nr_slots,
-				       u32 region_sectors, sector_t dev_sectors,
-				       struct mapped_device *md, char **error)
+static unsigned long *bdr_bitmap_alloc(u32 nbits)
 {
-	size_t desc_bytes = PAGE_ALIGN((size_t)nr_slots * sizeof(struct bdr_record));
-	size_t data_bytes = (size_t)nr_slots * BDR_SLOT_DATA;
+	return kvcalloc(BITS_TO_LONGS(nbits), sizeof(unsigned long), GFP_KERNEL);
+}
+
+/* A new ring, not yet visible.  Called without bdr_lock: it may sleep long. */
+static struct bdr_ring *bdr_ring_alloc(const struct bdr_geometry *geo, char **error)
+{
+	size_t desc_bytes = PAGE_ALIGN(array_size(geo->nr_slots, sizeof(struct bdr_record)));
+	size_t data_bytes = array_size(geo->nr_slots, BDR_SLOT_DATA);
 	struct bdr_ring *r;
 	int minor, ret;
 
@@ -353,39 +450,44 @@ static struct bdr_ring *bdr_ring_alloc(const char *name, u32 nr_slots,
 		*error = "Cannot allocate ring state";
 		return ERR_PTR(-ENOMEM);
 	}
-	strscpy(r->name, name, sizeof(r->name));
-	r->md = md;
-	r->nr_slots = nr_slots;
-	r->region_shift = ilog2(region_sectors);
-	r->dev_sectors = dev_sectors;
-	r->nr_regions = max_t(u64, 1, DIV_ROUND_UP_ULL(dev_sectors, region_sectors));
+	strscpy(r->name, geo->name, sizeof(r->name));
+	r->md = geo->md;
+	r->lower = geo->lower;
+	r->nr_slots = geo->nr_slots;
+	r->region_shift = ilog2(geo->region_sectors);
+	r->dev_sectors = geo->dev_sectors;
+	r->nr_regions = max_t(u64, 1, DIV_ROUND_UP_ULL(geo->dev_sectors, geo->region_sectors));
 	r->bitmap_bytes = BITS_TO_LONGS(r->nr_regions) * sizeof(unsigned long);
+	r->desc_offset = PAGE_SIZE;
+	r->data_offset = PAGE_SIZE + desc_bytes;
+	r->instance = get_random_u64();
+	atomic_set(&r->writers, 0);
 	spin_lock_init(&r->lock);
 	mutex_init(&r->take_lock);
 	init_waitqueue_head(&r->wq);
 	INIT_LIST_HEAD(&r->node);
 
-	r->mem_size = PAGE_SIZE + desc_bytes + data_bytes;
+	r->mem_size = size_add(r->data_offset, data_bytes);
 	r->mem = vmalloc_user(r->mem_size);
-	r->bitmap = bitmap_zalloc(r->nr_regions, GFP_KERNEL);
-	r->spare = bitmap_zalloc(r->nr_regions, GFP_KERNEL);
-	r->resv = kvcalloc(nr_slots, sizeof(*r->resv), GFP_KERNEL);
+	r->bitmap = bdr_bitmap_alloc(r->nr_regions);
+	r->spare = bdr_bitmap_alloc(r->nr_regions);
+	r->resv = kvcalloc(geo->nr_slots, sizeof(*r->resv), GFP_KERNEL);
 	if (!r->mem || !r->bitmap || !r->spare || !r->resv) {
-		*error = "Cannot allocate ring buffer";
+		*error = r->mem ? "Cannot allocate the dirty bitmap" : "Cannot allocate ring buffer";
 		ret = -ENOMEM;
 		goto free_mem;
 	}
 	r->ctl = r->mem;
-	r->desc = r->mem + PAGE_SIZE;
-	r->data = r->mem + PAGE_SIZE + desc_bytes;
+	r->desc = r->mem + r->desc_offset;
+	r->data = r->mem + r->data_offset;
 	r->ctl->magic = BDR_MAGIC;
 	r->ctl->abi_version = BDR_ABI_VERSION;
-	r->ctl->nr_slots = nr_slots;
+	r->ctl->nr_slots = r->nr_slots;
 	r->ctl->slot_data = BDR_SLOT_DATA;
-	r->ctl->desc_offset = PAGE_SIZE;
-	r->ctl->data_offset = PAGE_SIZE + desc_bytes;
+	r->ctl->desc_offset = r->desc_offset;
+	r->ctl->data_offset = r->data_offset;
 	r->ctl->mmap_size = r->mem_size;
-	r->ctl->instance = get_random_u64();
+	r->ctl->instance = r->instance;
 
 	minor = ida_alloc_max(&bdr_minor_ida, BDR_MINORS - 1, GFP_KERNEL);
 	if (minor < 0) {
@@ -398,7 +500,7 @@ static struct bdr_ring *bdr_ring_alloc(const char *name, u32 nr_slots,
 	r->dev.class = &bdr_class;
 	r->dev.devt = MKDEV(MAJOR(bdr_devt), minor);
 	r->dev.release = bdr_ring_release;
-	ret = dev_set_name(&r->dev, "%s", name);
+	ret = dev_set_name(&r->dev, "%s", geo->name);
 	if (ret) {
 		*error = "Cannot name the character device";
 		put_device(&r->dev);
@@ -407,34 +509,35 @@ static struct bdr_ring *bdr_ring_alloc(const char *name, u32 nr_slots,
 	return r;
 
 free_mem:
-	vfree(r->mem);
-	kvfree(r->resv);
-	bitmap_free(r->bitmap);
-	bitmap_free(r->spare);
+	bdr_ring_free_mem(r);
 	kfree(r);
 	return ERR_PTR(ret);
 }
 
 static const struct file_operations bdr_fops;
 
-/* Find or create the ring named @name for @md.  Called under bdr_lock. */
-static struct bdr_ring *bdr_ring_get(const char *name, u32 nr_slots,
-				     u32 region_sectors, sector_t dev_sectors,
-				     struct mapped_device *md, char **error)
+/*
+ * The live ring named geo->name, with a new target reference, or NULL if
+ * there is none.  Only a reload of the same mapped device onto the same
+ * device with the same geometry may share a ring.  Called under bdr_lock.
+ */
+static struct bdr_ring *bdr_ring_find(const struct bdr_geometry *geo, char **error)
 {
 	struct bdr_ring *r;
-	int ret;
 
 	list_for_each_entry(r, &bdr_rings, node) {
-		if (strcmp(r->name, name))
+		if (strcmp(r->name, geo->name))
 			continue;
-		if (r->md != md) {
+		if (r->md != geo->md) {
 			*error = "Character device name already in use by another bdr target";
 			return ERR_PTR(-EBUSY);
 		}
-		/* A reload of the same device keeps its ring and records. */
-		if (r->nr_slots != nr_slots || r->region_shift != ilog2(region_sectors) ||
-		    r->dev_sectors != dev_sectors) {
+		if (r->lower != geo->lower) {
+			*error = "A reload cannot change <device>: the ring holds its writes; remove and create the target";
+			return ERR_PTR(-EINVAL);
+		}
+		if (r->nr_slots != geo->nr_slots || r->region_shift != ilog2(geo->region_sectors) ||
+		    r->dev_sectors != geo->dev_sectors) {
 			*error = "Ring geometry cannot change on reload: remove and create the target";
 			return ERR_PTR(-EINVAL);
 		}
@@ -442,22 +545,63 @@ static struct bdr_ring *bdr_ring_get(const char *name, u32 nr_slots,
 		get_device(&r->dev);
 		return r;
 	}
+	return NULL;
+}
 
-	r = bdr_ring_alloc(name, nr_slots, region_sectors, dev_sectors, md, error);
-	if (IS_ERR(r))
+/* Is /dev/<name> taken by something else (a device node, "mapper", ...)? */
+static bool bdr_dev_name_taken(const char *name)
+{
+	char path[sizeof("/dev/") + BDR_NAME_MAX];
+	struct path p;
+
+	snprintf(path, sizeof(path), "/dev/%s", name);
+	if (kern_path(path, 0, &p))
+		return false;
+	path_put(&p);
+	return true;
+}
+
+/* Find the ring of a reloaded table, or create and register a new one. */
+static struct bdr_ring *bdr_ring_get(const struct bdr_geometry *geo, char **error)
+{
+	struct bdr_ring *r, *fresh;
+	int ret;
+
+	mutex_lock(&bdr_lock);
+	r = bdr_ring_find(geo, error);
+	mutex_unlock(&bdr_lock);
+	if (r)
 		return r;
-	cdev_init(&r->cdev, &bdr_fops);
-	r->cdev.owner = THIS_MODULE;
-	ret = cdev_device_add(&r->cdev, &r->dev);
+
+	if (bdr_dev_name_taken(geo->name)) {
+		*error = "Invalid chardev_name: /dev/<chardev_name> already exists";
+		return ERR_PTR(-EEXIST);
+	}
+	fresh = bdr_ring_alloc(geo, error);
+	if (IS_ERR(fresh))
+		return fresh;
+
+	mutex_lock(&bdr_lock);
+	r = bdr_ring_find(geo, error);	/* created meanwhile by another table? */
+	if (r) {
+		mutex_unlock(&bdr_lock);
+		put_device(&fresh->dev);
+		return r;
+	}
+	cdev_init(&fresh->cdev, &bdr_fops);
+	fresh->cdev.owner = THIS_MODULE;
+	ret = cdev_device_add(&fresh->cdev, &fresh->dev);
 	if (ret) {
+		mutex_unlock(&bdr_lock);
 		*error = "Cannot register the character device";
-		put_device(&r->dev);
+		put_device(&fresh->dev);
 		return ERR_PTR(ret);
 	}
-	r->registered = true;
-	r->targets = 1;
-	list_add(&r->node, &bdr_rings);
-	return r;
+	fresh->registered = true;
+	fresh->targets = 1;
+	list_add(&fresh->node, &bdr_rings);
+	mutex_unlock(&bdr_lock);
+	return fresh;
 }
 
 static void bdr_ring_put_target(struct bdr_ring *r)
@@ -468,10 +612,10 @@ static void bdr_ring_put_target(struct bdr_ring *r)
 	if (--r->targets == 0) {
 		list_del_init(&r->node);
 		spin_lock_irqsave(&r->lock, irqflags);
-		r->dead = true;
+		WRITE_ONCE(r->dead, true);
 		bdr_set_state(r, r->state | BDR_STATE_DEAD);
 		spin_unlock_irqrestore(&r->lock, irqflags);
-		wake_up_interruptible(&r->wq);
+		wake_up_all(&r->wq);
 		cdev_device_del(&r->cdev, &r->dev);
 		r->registered = false;
 	}
@@ -486,6 +630,9 @@ static int bdr_open(struct inode *inode, struct file *file)
 {
 	struct bdr_ring *r = container_of(inode->i_cdev, struct bdr_ring, cdev);
 
+	/* One consumer: the only file that may write tail or take the bitmap. */
+	if ((file->f_mode & FMODE_WRITE) && atomic_cmpxchg(&r->writers, 0, 1) != 0)
+		return -EBUSY;
 	/* chrdev_open holds the cdev, whose parent is r->dev: r is alive. */
 	get_device(&r->dev);
 	file->private_data = r;
@@ -496,6 +643,8 @@ static int bdr_release(struct inode *inode, struct file *file)
 {
 	struct bdr_ring *r = file->private_data;
 
+	if (file->f_mode & FMODE_WRITE)
+		atomic_set(&r->writers, 0);
 	put_device(&r->dev);
 	return 0;
 }
@@ -516,14 +665,19 @@ static __poll_t bdr_poll(struct file *file, poll_table *wait)
 	u64 head, tail, seen;
 
 	poll_wait(file, &r->wq, wait);
-	head = smp_load_acquire(&r->ctl->head);
+	/*
+	 * Pairs with the barrier in bdr_wake()'s wq_has_sleeper(): either the
+	 * producer sees us on the queue, or we see its new head and state.
+	 */
+	smp_mb();
+	head = READ_ONCE(r->head);
 	tail = READ_ONCE(r->ctl->tail);
 	seen = READ_ONCE(r->ctl->seen);
 	/* The consumer's read position: seen if it lies in [tail, head]. */
 	if (seen - tail > head - tail)
 		seen = tail;
 	if (head != seen ||
-	    (READ_ONCE(r->ctl->state) & (BDR_STATE_OVERFLOW | BDR_STATE_DIRTY)))
+	    (READ_ONCE(r->state) & (BDR_STATE_OVERFLOW | BDR_STATE_DIRTY)))
 		mask |= EPOLLIN | EPOLLRDNORM;
 	if (READ_ONCE(r->dead))
 		mask |= EPOLLHUP;
@@ -537,14 +691,14 @@ static long bdr_ioctl_info(struct bdr_ring *r, void __user *arg)
 		.abi_version = BDR_ABI_VERSION,
 		.nr_slots = r->nr_slots,
 		.slot_data = BDR_SLOT_DATA,
-		.desc_offset = r->ctl->desc_offset,
-		.data_offset = r->ctl->data_offset,
+		.desc_offset = r->desc_offset,
+		.data_offset = r->data_offset,
 		.mmap_size = r->mem_size,
 		.dev_sectors = r->dev_sectors,
 		.region_sectors = 1U << r->region_shift,
 		.nr_regions = r->nr_regions,
 		.bitmap_bytes = r->bitmap_bytes,
-		.instance = r->ctl->instance,
+		.instance = r->instance,
 	};
 
 	strscpy(info.name, r->name, sizeof(info.name));
@@ -558,7 +712,7 @@ static void bdr_snapshot(struct bdr_ring *r, struct bdr_status *st)
 	spin_lock_irqsave(&r->lock, irqflags);
 	st->head = r->head;
 	st->tail = bdr_consumer_tail(r);
-	st->next_seq = r->next_seq;
+	st->next_seq = r->head;
 	st->state = r->state;
 	st->records = r->records;
 	st->bytes = r->bytes;
@@ -570,13 +724,33 @@ static void bdr_snapshot(struct bdr_ring *r, struct bdr_status *st)
 	st->dirty_regions = bitmap_weight(r->bitmap, r->nr_regions);
 }
 
-static long bdr_ioctl_take_dirty(struct bdr_ring *r, void __user *arg)
+/* Every slot reserved before pos is published. */
+static bool bdr_published(struct bdr_ring *r, u64 pos)
+{
+	return (s64)(READ_ONCE(r->head) - pos) >= 0;
+}
+
+/* Give taken regions back to the active bitmap: nothing may be lost. */
+static void bdr_untake(struct bdr_ring *r, unsigned long *taken)
+{
+	unsigned long irqflags;
+
+	spin_lock_irqsave(&r->lock, irqflags);
+	bitmap_or(r->bitmap, r->bitmap, taken, r->nr_regions);
+	bdr_set_state(r, r->state | BDR_STATE_DIRTY);
+	spin_unlock_irqrestore(&r->lock, irqflags);
+}
+
+static long bdr_ioctl_take_dirty(struct bdr_ring *r, struct file *file, void __user *arg)
 {
 	struct bdr_dirty d;
 	unsigned long irqflags;
 	unsigned long *taken;
 	long ret = 0;
+	u64 pos;
 
+	if (!(file->f_mode & FMODE_WRITE))
+		return -EBADF;	/* only the consumer takes the bitmap */
 	if (copy_from_user(&d, arg, sizeof(d)))
 		return -EFAULT;
 	if (d.bitmap_bytes < r->bitmap_bytes)
@@ -587,22 +761,26 @@ static long bdr_ioctl_take_dirty(struct bdr_ring *r, void __user *arg)
 	taken = r->bitmap;
 	r->bitmap = r->spare;		/* zeroed */
 	d.state = r->state;
-	/* Reserved slots completed before the handover: they count as before it. */
-	d.ring_head = r->reserve;
-	d.next_seq = r->next_seq;
+	/* Writes that reserved slots before the handover count as before it. */
+	pos = r->reserve;
 	bdr_set_state(r, r->state & ~(BDR_STATE_OVERFLOW | BDR_STATE_DIRTY));
 	spin_unlock_irqrestore(&r->lock, irqflags);
 
+	/* ... and are published before the handover returns (bdr_uapi.h). */
+	if (wait_event_killable(r->wq, bdr_published(r, pos))) {
+		bdr_untake(r, taken);
+		ret = -EINTR;
+		goto out;
+	}
+	d.ring_head = pos;
+	d.next_seq = pos;
 	d.nr_dirty = bitmap_weight(taken, r->nr_regions);
 	if (copy_to_user(u64_to_user_ptr(d.bitmap), taken, r->bitmap_bytes) ||
 	    copy_to_user(arg, &d, sizeof(d))) {
-		/* Nothing may be lost: give the regions back. */
-		spin_lock_irqsave(&r->lock, irqflags);
-		bitmap_or(r->bitmap, r->bitmap, taken, r->nr_regions);
-		bdr_set_state(r, r->state | BDR_STATE_DIRTY);
-		spin_unlock_irqrestore(&r->lock, irqflags);
+		bdr_untake(r, taken);
 		ret = -EFAULT;
 	}
+out:
 	bitmap_zero(taken, r->nr_regions);
 	r->spare = taken;
 	mutex_unlock(&r->take_lock);
@@ -622,7 +800,7 @@ static long bdr_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		bdr_snapshot(r, &st);
 		return copy_to_user(uarg, &st, sizeof(st)) ? -EFAULT : 0;
 	case BDR_IOC_TAKE_DIRTY:
-		return bdr_ioctl_take_dirty(r, uarg);
+		return bdr_ioctl_take_dirty(r, file, uarg);
 	default:
 		return -ENOTTY;
 	}
@@ -654,16 +832,16 @@ static bool bdr_overlaps(struct list_head *list, struct bdr_io *io)
 
 static void bdr_submit_work(struct work_struct *work)
 {
-	struct bdr_target *bt = container_of(work, struct bdr_target, submit_work);
+	struct bdr_c *bc = container_of(work, struct bdr_c, submit_work);
 	struct bdr_io *io;
 
 	/* Move one io at a time so that it is always on a list new bios check. */
 	for (;;) {
-		spin_lock_irq(&bt->io_lock);
-		io = list_first_entry_or_null(&bt->ready, struct bdr_io, list);
+		spin_lock_irq(&bc->io_lock);
+		io = list_first_entry_or_null(&bc->ready, struct bdr_io, list);
 		if (io)
-			list_move_tail(&io->list, &bt->inflight);
-		spin_unlock_irq(&bt->io_lock);
+			list_move_tail(&io->list, &bc->inflight);
+		spin_unlock_irq(&bc->io_lock);
 		if (!io)
 			break;
 		dm_submit_bio_remap(dm_bio_from_per_bio_data(io, sizeof(*io)), NULL);
@@ -674,28 +852,28 @@ static void bdr_submit_work(struct work_struct *work)
  * Remove a completed io and release the waiters it no longer blocks, in
  * arrival order: a waiter also waits for earlier waiters it overlaps.
  */
-static void bdr_io_done(struct bdr_target *bt, struct bdr_io *io)
+static void bdr_io_done(struct bdr_c *bc, struct bdr_io *io)
 {
 	struct bdr_io *w, *tmp;
 	unsigned long irqflags;
 	bool kick = false;
 	LIST_HEAD(blocked);
 
-	spin_lock_irqsave(&bt->io_lock, irqflags);
+	spin_lock_irqsave(&bc->io_lock, irqflags);
 	list_del(&io->list);
-	list_for_each_entry_safe(w, tmp, &bt->waiting, list) {
-		if (bdr_overlaps(&bt->inflight, w) || bdr_overlaps(&bt->ready, w) ||
+	list_for_each_entry_safe(w, tmp, &bc->waiting, list) {
+		if (bdr_overlaps(&bc->inflight, w) || bdr_overlaps(&bc->ready, w) ||
 		    bdr_overlaps(&blocked, w)) {
 			list_move_tail(&w->list, &blocked);
 			continue;
 		}
-		list_move_tail(&w->list, &bt->ready);
+		list_move_tail(&w->list, &bc->ready);
 		kick = true;
 	}
-	list_splice(&blocked, &bt->waiting);
-	spin_unlock_irqrestore(&bt->io_lock, irqflags);
+	list_splice(&blocked, &bc->waiting);
+	spin_unlock_irqrestore(&bc->io_lock, irqflags);
 	if (kick)
-		queue_work(bt->wq, &bt->submit_work);
+		queue_work(bc->wq, &bc->submit_work);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -714,91 +892,171 @@ static bool bdr_valid_name(const char *name)
 	return true;
 }
 
+/* The next argument as a number in [min, max] (kstrtouint: no wrap-around). */
+static int bdr_read_uint(struct dm_arg_set *as, unsigned int min, unsigned int max,
+			 unsigned int *value)
+{
+	const char *arg = dm_shift_arg(as);
+
+	if (!arg || kstrtouint(arg, 10, value) || *value < min || *value > max)
+		return -EINVAL;
+	return 0;
+}
+
+static int bdr_read_region(struct dm_arg_set *as, u32 *region_sectors, char **error)
+{
+	if (bdr_read_uint(as, 8, BDR_MAX_REGION_SECTORS, region_sectors) ||
+	    !is_power_of_2(*region_sectors)) {
+		*error = "Invalid region_sectors: a power of two from 8 to 16777216";
+		return -EINVAL;
+	}
+	return 0;
+}
+
+/* [<#feature_args> [region_sectors <n>]], or the older form: [<region_sectors>] */
+static int bdr_parse_features(struct dm_arg_set *as, u32 *region_sectors, char **error)
+{
+	unsigned int nr;
+	const char *key;
+
+	if (!as->argc)
+		return 0;
+	if (as->argc == 1) {
+		if (!strcmp(as->argv[0], "0"))
+			return 0;
+		return bdr_read_region(as, region_sectors, error);
+	}
+	if (bdr_read_uint(as, 1, 2, &nr) || nr != as->argc) {
+		*error = "Invalid argument count: <device> <chardev_name> <buffer_size_in_writes> [<#feature_args> [region_sectors <n>]]";
+		return -EINVAL;
+	}
+	while (as->argc) {
+		key = dm_shift_arg(as);
+		if (!strcasecmp(key, "region_sectors") && as->argc) {
+			if (bdr_read_region(as, region_sectors, error))
+				return -EINVAL;
+			continue;
+		}
+		*error = "Unrecognised feature argument: expected region_sectors <n>";
+		return -EINVAL;
+	}
+	return 0;
+}
+
 /*
- * Construct a bdr mapping:
+ * Construct a bdr mapping (docs/dm-bdr.md):
  *
- *   <device> <chardev_name> <buffer_size_in_writes> [<region_sectors>]
+ *   <device> <chardev_name> <buffer_size_in_writes> [<#feature_args> [<feature>...]]
  *
- * device:                the device to replicate, mapped 1:1 from sector 0
- * chardev_name:          /dev/<chardev_name> gives the client the ring
+ * device:                the device to replicate, mapped 1:1 from sector 0;
+ *                        bdr is the only target of its table
+ * chardev_name:          /dev/<chardev_name> gives the client the ring; a
+ *                        name that exists in /dev is refused
  * buffer_size_in_writes: ring slots, one 4 KiB write each
- *                        (BDR_SLOT_DATA + sizeof(struct bdr_record) bytes)
- * region_sectors:        dirty bitmap granularity, a power of two >= 8
- *                        (default BDR_DEFAULT_REGION_SECTORS)
+ *                        (BDR_SLOT_DATA + sizeof(struct bdr_record) bytes),
+ *                        1 to 16777216 and at most a quarter of the memory
+ * features:
+ *   region_sectors <n>   dirty bitmap granularity, a power of two from 8 to
+ *                        2^24 (default BDR_DEFAULT_REGION_SECTORS); grown to
+ *                        the smallest power of two that covers the device in
+ *                        at most BDR_MAX_REGIONS regions
+ *
+ * A fourth argument alone is the region size (the older form of the line).
+ * I/O is split at min(buffer_size_in_writes, 256) slots, so that every bio
+ * fits in the ring.
  */
 static int bdr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 {
-	u32 region_sectors = BDR_DEFAULT_REGION_SECTORS;
-	struct bdr_target *bt;
+	struct dm_arg_set as = { .argc = argc, .argv = argv };
+	struct bdr_geometry geo = { .region_sectors = BDR_DEFAULT_REGION_SECTORS };
+	u32 asked_region;
+	const char *device;
+	u64 ring_bytes;
+	struct bdr_c *bc;
 	struct bdr_ring *r;
-	unsigned long long slots_ram;
-	u32 nr_slots;
-	char dummy;
 	int ret;
 
-	if (argc != 3 && argc != 4) {
-		ti->error = "Invalid argument count: <device> <chardev_name> <buffer_size_in_writes> [<region_sectors>]";
+	if (argc < 3) {
+		ti->error = "Invalid argument count: <device> <chardev_name> <buffer_size_in_writes> [<#feature_args> [region_sectors <n>]]";
 		return -EINVAL;
 	}
-	if (!bdr_valid_name(argv[1])) {
+	if (ti->begin) {
+		ti->error = "bdr must map its table from sector 0";
+		return -EINVAL;
+	}
+	device = dm_shift_arg(&as);
+	geo.name = dm_shift_arg(&as);
+	if (!bdr_valid_name(geo.name)) {
 		ti->error = "Invalid chardev_name: 1-31 characters of [A-Za-z0-9_.-]";
 		return -EINVAL;
 	}
-	if (sscanf(argv[2], "%u%c", &nr_slots, &dummy) != 1 || !nr_slots ||
-	    nr_slots > BDR_MAX_SLOTS) {
+	if (bdr_read_uint(&as, 1, BDR_MAX_SLOTS, &geo.nr_slots)) {
 		ti->error = "Invalid buffer_size_in_writes: a number from 1 to 16777216";
 		return -EINVAL;
 	}
-	/* Refuse a ring larger than half of RAM rather than fail vmalloc. */
-	slots_ram = (unsigned long long)totalram_pages() << PAGE_SHIFT;
-	if ((unsigned long long)nr_slots * (BDR_SLOT_DATA + sizeof(struct bdr_record)) >
-	    slots_ram / 2) {
-		ti->error = "buffer_size_in_writes needs more than half of the memory";
+	/* Refuse a ring larger than a quarter of RAM rather than fail vmalloc. */
+	ring_bytes = (u64)geo.nr_slots * (BDR_SLOT_DATA + sizeof(struct bdr_record));
+	if (ring_bytes > ((u64)totalram_pages() << PAGE_SHIFT) / 4) {
+		ti->error = "buffer_size_in_writes needs more than a quarter of the memory";
 		return -ENOMEM;
 	}
-	if (argc == 4 &&
-	    (sscanf(argv[3], "%u%c", &region_sectors, &dummy) != 1 ||
-	     region_sectors < 8 || region_sectors > BDR_MAX_REGION_SECTORS ||
-	     !is_power_of_2(region_sectors))) {
-		ti->error = "Invalid region_sectors: a power of two from 8 to 16777216";
-		return -EINVAL;
+	ret = bdr_parse_features(&as, &geo.region_sectors, &ti->error);
+	if (ret)
+		return ret;
+	asked_region = geo.region_sectors;
+	while (DIV_ROUND_UP_ULL(ti->len, geo.region_sectors) > BDR_MAX_REGIONS) {
+		if (geo.region_sectors >= BDR_MAX_REGION_SECTORS) {
+			ti->error = "Device too large for the dirty bitmap";
+			return -EINVAL;
+		}
+		geo.region_sectors <<= 1;
 	}
+	if (geo.region_sectors != asked_region)
+		DMINFO("%s: region_sectors %u -> %u, so that %llu sectors fit in at most %u regions",
+		       geo.name, asked_region, geo.region_sectors,
+		       (unsigned long long)ti->len, BDR_MAX_REGIONS);
+	geo.dev_sectors = ti->len;
+	geo.md = dm_table_get_md(ti->table);
 
-	bt = kzalloc(sizeof(*bt), GFP_KERNEL);
-	if (!bt) {
+	bc = kzalloc(sizeof(*bc), GFP_KERNEL);
+	if (!bc) {
 		ti->error = "Cannot allocate target context";
 		return -ENOMEM;
 	}
-	spin_lock_init(&bt->io_lock);
-	INIT_LIST_HEAD(&bt->inflight);
-	INIT_LIST_HEAD(&bt->waiting);
-	INIT_LIST_HEAD(&bt->ready);
-	INIT_WORK(&bt->submit_work, bdr_submit_work);
+	spin_lock_init(&bc->io_lock);
+	INIT_LIST_HEAD(&bc->inflight);
+	INIT_LIST_HEAD(&bc->waiting);
+	INIT_LIST_HEAD(&bc->ready);
+	INIT_WORK(&bc->submit_work, bdr_submit_work);
 
-	ret = dm_get_device(ti, argv[0], dm_table_get_mode(ti->table), &bt->dev);
+	ret = dm_get_device(ti, device, dm_table_get_mode(ti->table), &bc->dev);
 	if (ret) {
 		ti->error = "Device lookup failed";
-		goto free_bt;
+		goto free_bc;
+	}
+	geo.lower = bc->dev->bdev->bd_dev;
+
+	ret = dm_set_target_max_io_len(ti, (sector_t)min(geo.nr_slots, 256U) * BDR_SLOT_SECTORS);
+	if (ret) {
+		ti->error = "Cannot set the maximum I/O length";
+		goto put_dev;
 	}
 
-	bt->wq = alloc_workqueue("bdr_%s", WQ_MEM_RECLAIM | WQ_UNBOUND, 1, argv[1]);
-	if (!bt->wq) {
+	bc->wq = alloc_workqueue("bdr_%s", WQ_MEM_RECLAIM | WQ_UNBOUND, 1, geo.name);
+	if (!bc->wq) {
 		ti->error = "Cannot allocate workqueue";
 		ret = -ENOMEM;
 		goto put_dev;
 	}
 
-	mutex_lock(&bdr_lock);
-	r = bdr_ring_get(argv[1], nr_slots, region_sectors, ti->len,
-			 dm_table_get_md(ti->table), &ti->error);
-	mutex_unlock(&bdr_lock);
+	r = bdr_ring_get(&geo, &ti->error);
 	if (IS_ERR(r)) {
 		ret = PTR_ERR(r);
 		goto destroy_wq;
 	}
-	bt->ring = r;
+	bc->ring = r;
 
-	ti->private = bt;
+	ti->private = bc;
 	ti->num_flush_bios = 1;
 	ti->flush_supported = true;
 	ti->num_discard_bios = 1;
@@ -807,78 +1065,105 @@ static int bdr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	return 0;
 
 destroy_wq:
-	destroy_workqueue(bt->wq);
+	destroy_workqueue(bc->wq);
 put_dev:
-	dm_put_device(ti, bt->dev);
-free_bt:
-	kfree(bt);
+	dm_put_device(ti, bc->dev);
+free_bc:
+	kfree(bc);
 	return ret;
 }
 
 static void bdr_dtr(struct dm_target *ti)
 {
-	struct bdr_target *bt = ti->private;
+	struct bdr_c *bc = ti->private;
 
-	/* dm drained all I/O; the queue may still hold a finished kick. */
-	destroy_workqueue(bt->wq);
-	WARN_ON_ONCE(!list_empty(&bt->inflight) || !list_empty(&bt->waiting));
-	bdr_ring_put_target(bt->ring);
-	dm_put_device(ti, bt->dev);
-	kfree(bt);
+	/* dm drained all I/O (deferred copies included); the queue may still hold a finished kick. */
+	destroy_workqueue(bc->wq);
+	WARN_ON_ONCE(!list_empty(&bc->inflight) || !list_empty(&bc->waiting));
+	bdr_ring_put_target(bc->ring);
+	dm_put_device(ti, bc->dev);
+	kfree(bc);
 }
 
-static bool bdr_changes_data(struct bio *bio)
+/* The record a bio becomes once it completed, 0 for none. */
+static u16 bdr_record_op(struct bio *bio)
 {
 	switch (bio_op(bio)) {
 	case REQ_OP_WRITE:
-		return bio_sectors(bio) != 0;
+		return bio_sectors(bio) ? BDR_OP_WRITE : BDR_OP_FLUSH;
 	case REQ_OP_DISCARD:
+		return BDR_OP_DISCARD;
 	case REQ_OP_WRITE_ZEROES:
-		return true;
+		return BDR_OP_WRITE_ZEROES;
 	default:
-		return false;
+		return 0;
 	}
 }
 
 static int bdr_map(struct dm_target *ti, struct bio *bio)
 {
-	struct bdr_target *bt = ti->private;
+	struct bdr_c *bc = ti->private;
 	struct bdr_io *io = dm_per_bio_data(bio, sizeof(*io));
 	unsigned long irqflags;
 	bool wait;
 
-	bio_set_dev(bio, bt->dev->bdev);
+	bio_set_dev(bio, bc->dev->bdev);
 	if (bio_sectors(bio) || op_is_zone_mgmt(bio_op(bio)))
 		bio->bi_iter.bi_sector = dm_target_offset(ti, bio->bi_iter.bi_sector);
 
+	io->bc = bc;
 	io->tracked = false;
+	io->copied = false;
 	io->iter = bio->bi_iter;
 	io->start = bio->bi_iter.bi_sector;
 	io->end = bio_end_sector(bio);
-	if (!bdr_changes_data(bio))
+	io->op = bdr_record_op(bio);
+	/*
+	 * Read the flags now: the block layer clears REQ_FUA on the clone when
+	 * the lower device has no volatile cache, and the record must still
+	 * say that the source asked for a durability point.
+	 */
+	io->flags = io->op == BDR_OP_WRITE && (bio->bi_opf & REQ_FUA) ? BDR_REC_FUA : 0;
+	if (!io->op || io->op == BDR_OP_FLUSH)
 		return DM_MAPIO_REMAPPED;
 
 	INIT_LIST_HEAD(&io->list);
 	io->tracked = true;
-	spin_lock_irqsave(&bt->io_lock, irqflags);
-	wait = bdr_overlaps(&bt->inflight, io) || bdr_overlaps(&bt->waiting, io) ||
-	       bdr_overlaps(&bt->ready, io);
-	list_add_tail(&io->list, wait ? &bt->waiting : &bt->inflight);
-	spin_unlock_irqrestore(&bt->io_lock, irqflags);
+	spin_lock_irqsave(&bc->io_lock, irqflags);
+	wait = bdr_overlaps(&bc->inflight, io) || bdr_overlaps(&bc->waiting, io) ||
+	       bdr_overlaps(&bc->ready, io);
+	list_add_tail(&io->list, wait ? &bc->waiting : &bc->inflight);
+	spin_unlock_irqrestore(&bc->io_lock, irqflags);
 	return wait ? DM_MAPIO_SUBMITTED : DM_MAPIO_REMAPPED;
 }
 
 static int bdr_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *error)
 {
-	struct bdr_target *bt = ti->private;
+	struct bdr_c *bc = ti->private;
 	struct bdr_io *io = dm_per_bio_data(bio, sizeof(*io));
+	struct bdr_ring *r = bc->ring;
+	bool defer;
 
-	if (!op_is_write(bio_op(bio)))
+	if (io->copied || !io->op)
 		return DM_ENDIO_DONE;
-	/* Publish before releasing overlapping waiters: ring order = disk order. */
-	bdr_publish(bt->ring, bio, io, *error);
+	if (bdr_reserve(r, io, *error) == BDR_NOT_PUBLISHED) {
+		if (io->tracked)
+			bdr_io_done(bc, io);
+		return DM_ENDIO_DONE;
+	}
+	/* Reserved: a write that overlaps this one now comes after it in the ring. */
 	if (io->tracked)
-		bdr_io_done(bt, io);
+		bdr_io_done(bc, io);
+	defer = io->op == BDR_OP_WRITE &&
+		io->iter.bi_size > BDR_INLINE_SLOTS * BDR_SLOT_DATA;
+	if (defer) {
+		/* bdr_copy_work() ends the bio again once its data is in the ring. */
+		INIT_WORK(&io->copy_work, bdr_copy_work);
+		queue_work(bdr_copy_wq, &io->copy_work);
+		return DM_ENDIO_INCOMPLETE;
+	}
+	bdr_fill(r, bio, io);
+	bdr_complete(r, io);
 	return DM_ENDIO_DONE;
 }
 
@@ -894,8 +1179,8 @@ static const char *bdr_state_name(u64 state)
 static void bdr_status(struct dm_target *ti, status_type_t type,
 		       unsigned int status_flags, char *result, unsigned int maxlen)
 {
-	struct bdr_target *bt = ti->private;
-	struct bdr_ring *r = bt->ring;
+	struct bdr_c *bc = ti->private;
+	struct bdr_ring *r = bc->ring;
 	struct bdr_status st;
 	unsigned int sz = 0;
 
@@ -908,13 +1193,13 @@ static void bdr_status(struct dm_target *ti, status_type_t type,
 		       st.dirty_regions, st.overflows, st.next_seq);
 		break;
 	case STATUSTYPE_TABLE:
-		DMEMIT("%s %s %u %u", bt->dev->name, r->name, r->nr_slots,
+		DMEMIT("%s %s %u 2 region_sectors %u", bc->dev->name, r->name, r->nr_slots,
 		       1U << r->region_shift);
 		break;
 	case STATUSTYPE_IMA:
 		DMEMIT_TARGET_NAME_VERSION(ti->type);
-		DMEMIT(",device_name=%s,chardev_name=%s,buffer_size_in_writes=%u;",
-		       bt->dev->name, r->name, r->nr_slots);
+		DMEMIT(",device_name=%s,chardev_name=%s,buffer_size_in_writes=%u,region_sectors=%u;",
+		       bc->dev->name, r->name, r->nr_slots, 1U << r->region_shift);
 		break;
 	}
 }
@@ -922,9 +1207,9 @@ static void bdr_status(struct dm_target *ti, status_type_t type,
 static int bdr_iterate_devices(struct dm_target *ti,
 			       iterate_devices_callout_fn fn, void *data)
 {
-	struct bdr_target *bt = ti->private;
+	struct bdr_c *bc = ti->private;
 
-	return fn(ti, bt->dev, 0, ti->len, data);
+	return fn(ti, bc->dev, 0, ti->len, data);
 }
 
 static void bdr_io_hints(struct dm_target *ti, struct queue_limits *limits)
@@ -935,7 +1220,8 @@ static void bdr_io_hints(struct dm_target *ti, struct queue_limits *limits)
 
 static struct target_type bdr_target = {
 	.name = "bdr",
-	.version = {1, 0, 0},
+	.version = {1, 1, 0},
+	.features = DM_TARGET_SINGLETON,
 	.module = THIS_MODULE,
 	.ctr = bdr_ctr,
 	.dtr = bdr_dtr,
@@ -950,9 +1236,13 @@ static int __init dm_bdr_init(void)
 {
 	int ret;
 
+	/* Copies of large bios: any CPU, and progress under memory pressure. */
+	bdr_copy_wq = alloc_workqueue("bdr_copy", WQ_MEM_RECLAIM | WQ_UNBOUND | WQ_HIGHPRI, 0);
+	if (!bdr_copy_wq)
+		return -ENOMEM;
 	ret = alloc_chrdev_region(&bdr_devt, 0, BDR_MINORS, "bdr");
 	if (ret)
-		return ret;
+		goto destroy_wq;
 	ret = class_register(&bdr_class);
 	if (ret)
 		goto unregister_region;
@@ -965,6 +1255,8 @@ unregister_class:
 	class_unregister(&bdr_class);
 unregister_region:
 	unregister_chrdev_region(bdr_devt, BDR_MINORS);
+destroy_wq:
+	destroy_workqueue(bdr_copy_wq);
 	return ret;
 }
 
@@ -974,11 +1266,12 @@ static void __exit dm_bdr_exit(void)
 	class_unregister(&bdr_class);
 	unregister_chrdev_region(bdr_devt, BDR_MINORS);
 	ida_destroy(&bdr_minor_ida);
+	destroy_workqueue(bdr_copy_wq);
 }
 
 module_init(dm_bdr_init);
 module_exit(dm_bdr_exit);
 
 MODULE_DESCRIPTION(DM_NAME " target capturing writes for block device replication");
-MODULE_AUTHOR("BDR developers");
 MODULE_LICENSE("GPL");
+MODULE_ALIAS("dm-bdr");
