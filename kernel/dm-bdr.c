@@ -653,7 +653,8 @@ static int bdr_mmap(struct file *file, struct vm_area_struct *vma)
 {
 	struct bdr_ring *r = file->private_data;
 
-	if (!(vma->vm_flags & VM_SHARED))
+	/* MAP_SHARED; a read-only file's shared mapping has only VM_MAYSHARE. */
+	if (!(vma->vm_flags & VM_MAYSHARE))
 		return -EINVAL;
 	return remap_vmalloc_range(vma, r->mem, vma->vm_pgoff);
 }
@@ -932,13 +933,16 @@ static int bdr_parse_features(struct dm_arg_set *as, u32 *region_sectors, char *
 	}
 	while (as->argc) {
 		key = dm_shift_arg(as);
-		if (!strcasecmp(key, "region_sectors") && as->argc) {
-			if (bdr_read_region(as, region_sectors, error))
-				return -EINVAL;
-			continue;
+		if (strcasecmp(key, "region_sectors")) {
+			*error = "Unrecognised feature argument: expected region_sectors <n>";
+			return -EINVAL;
 		}
-		*error = "Unrecognised feature argument: expected region_sectors <n>";
-		return -EINVAL;
+		if (!as->argc) {
+			*error = "Invalid argument count: region_sectors takes a value";
+			return -EINVAL;
+		}
+		if (bdr_read_region(as, region_sectors, error))
+			return -EINVAL;
 	}
 	return 0;
 }

@@ -13,6 +13,10 @@ header's rules, not against our own consumer.
     ringtool.py seen CHARDEV [POS]           store seen = POS (default head); print poll readiness and the instance
     ringtool.py diff A B                     JSON list of the 4 KiB blocks that differ between two files/devices
     ringtool.py release CHARDEV STOP         consume without reading (tail = head) until STOP exists (benchmarks)
+    ringtool.py watch CHARDEV SECS READY     read-only: create READY, then print the distinct (head, next_seq)
+                                             pairs seen in SECS seconds, sampled every 10 ms
+    ringtool.py scribble CHARDEV             write garbage over the kernel's ctl fields; print what INFO and poll say
+    ringtool.py opens CHARDEV                what a second writable open, a read-only open and its handover get
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import mmap
 import os
 import select
+import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -33,12 +38,19 @@ REC = ctypes.sizeof(abi.Record)
 
 
 class Ring:
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDWR)
+    def __init__(self, path: str, writable: bool = True) -> None:
+        self.fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         self.info = abi.Info()
         fcntl.ioctl(self.fd, abi.BDR_IOC_INFO, self.info)
-        self.mm = mmap.mmap(self.fd, self.info.mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.ctl = abi.RingCtl.from_buffer(self.mm)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        self.mm = mmap.mmap(self.fd, self.info.mmap_size, mmap.MAP_SHARED, prot)
+        # a read-only mapping has no ctypes view (from_buffer needs a writable buffer): see field()
+        self.ctl = abi.RingCtl.from_buffer(self.mm) if writable else abi.RingCtl()
+
+    def field(self, name: str) -> int:
+        """One 64-bit field of the control page, read from the mapping itself."""
+        value: int = struct.unpack_from("=Q", self.mm, getattr(abi.RingCtl, name).offset)[0]
+        return value
 
     def close(self) -> None:
         del self.ctl
@@ -126,7 +138,9 @@ def main(argv: list[str]) -> int:
         buf = ctypes.create_string_buffer(ring.info.bitmap_bytes)
         d = abi.Dirty(bitmap=ctypes.addressof(buf), bitmap_bytes=ring.info.bitmap_bytes)
         fcntl.ioctl(ring.fd, abi.BDR_IOC_TAKE_DIRTY, d)
+        head_after = ring.ctl.head  # what the consumer can read right after the handover
         out = {k: getattr(d, k) for k, _ in abi.Dirty._fields_ if k != "bitmap"}
+        out["head_after"] = head_after
         out["region_sectors"] = ring.info.region_sectors
         out["regions"] = regions(buf.raw)
         print(json.dumps(out))
@@ -177,6 +191,66 @@ def main(argv: list[str]) -> int:
             p.poll(20)
         print(json.dumps({"released": released, "takes": takes}))
         ring.close()
+    elif cmd == "watch":
+        ring = Ring(argv[1], writable=False)
+        pairs: list[tuple[int, int]] = []
+        open(argv[3], "w").close()
+        end = time.monotonic() + float(argv[2])
+        while time.monotonic() < end:
+            pair = (ring.field("head"), ring.field("next_seq"))
+            if not pairs or pairs[-1] != pair:
+                pairs.append(pair)
+            time.sleep(0.01)
+        print(json.dumps(pairs))
+        ring.close()
+    elif cmd == "scribble":
+        ring = Ring(argv[1])
+        before = (ring.info.instance, ring.info.desc_offset, ring.info.data_offset)
+        ring.ctl.seen = ring.ctl.head
+        ring.ctl.head += 5
+        ring.ctl.instance ^= 0xFFFF
+        ring.ctl.desc_offset = 12345
+        ring.ctl.data_offset = 0
+        ring.ctl.state |= abi.State.OVERFLOW
+        info = abi.Info()
+        fcntl.ioctl(ring.fd, abi.BDR_IOC_INFO, info)
+        p = select.poll()
+        p.register(ring.fd, select.POLLIN)
+        print(
+            json.dumps(
+                {
+                    "before": before,
+                    "after": (info.instance, info.desc_offset, info.data_offset),
+                    "readable": bool(p.poll(0)),
+                }
+            )
+        )
+        ring.close()
+    elif cmd == "opens":
+        out: dict[str, object] = {}
+        first = Ring(argv[1])
+        try:
+            os.close(os.open(argv[1], os.O_RDWR))
+            out["second_rw"] = 0
+        except OSError as exc:
+            out["second_rw"] = exc.errno
+        ro = Ring(argv[1], writable=False)
+        out["ro_instance_ok"] = ro.info.instance == first.info.instance
+        buf = ctypes.create_string_buffer(ro.info.bitmap_bytes)
+        d = abi.Dirty(bitmap=ctypes.addressof(buf), bitmap_bytes=ro.info.bitmap_bytes)
+        try:
+            fcntl.ioctl(ro.fd, abi.BDR_IOC_TAKE_DIRTY, d)
+            out["ro_take"] = 0
+        except OSError as exc:
+            out["ro_take"] = exc.errno
+        ro.close()
+        first.close()
+        try:
+            Ring(argv[1]).close()
+            out["rw_after_close"] = 0
+        except OSError as exc:
+            out["rw_after_close"] = exc.errno
+        print(json.dumps(out))
     else:
         print(__doc__, file=sys.stderr)
         return 2
