@@ -8,12 +8,13 @@ header's rules, not against our own consumer.
     ringtool.py replay RECORDS IMAGE         apply RECORDS to IMAGE (discard / write-zeroes as zeros)
     ringtool.py list RECORDS                 records as JSON lines (seq, sector, len, op, flags)
     ringtool.py status CHARDEV               BDR_IOC_STATUS as JSON
-    ringtool.py take CHARDEV                 BDR_IOC_TAKE_DIRTY: JSON with the dirty regions
+    ringtool.py take CHARDEV [RECORDS READY] BDR_IOC_TAKE_DIRTY: JSON with the dirty regions; with RECORDS, create
+                                             READY, wait until that many records were counted, then take
     ringtool.py hold CHARDEV READY STOP      open + mmap, create READY, wait for STOP, then read ctl and close
     ringtool.py seen CHARDEV [POS]           store seen = POS (default head); print poll readiness and the instance
     ringtool.py diff A B                     JSON list of the 4 KiB blocks that differ between two files/devices
     ringtool.py release CHARDEV STOP         consume without reading (tail = head) until STOP exists (benchmarks)
-    ringtool.py watch CHARDEV SECS READY     read-only: create READY, then print the distinct (head, next_seq)
+    ringtool.py watch CHARDEV SECS READY     create READY, then print the distinct (head, next_seq)
                                              pairs seen in SECS seconds, sampled every 10 ms
     ringtool.py scribble CHARDEV             write garbage over the kernel's ctl fields; print what INFO and poll say
     ringtool.py opens CHARDEV                what a second writable open, a read-only open and its handover get
@@ -27,7 +28,6 @@ import json
 import mmap
 import os
 import select
-import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -44,13 +44,8 @@ class Ring:
         fcntl.ioctl(self.fd, abi.BDR_IOC_INFO, self.info)
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         self.mm = mmap.mmap(self.fd, self.info.mmap_size, mmap.MAP_SHARED, prot)
-        # a read-only mapping has no ctypes view (from_buffer needs a writable buffer): see field()
+        # a read-only mapping has no ctypes view (from_buffer needs a writable buffer)
         self.ctl = abi.RingCtl.from_buffer(self.mm) if writable else abi.RingCtl()
-
-    def field(self, name: str) -> int:
-        """One 64-bit field of the control page, read from the mapping itself."""
-        value: int = struct.unpack_from("=Q", self.mm, getattr(abi.RingCtl, name).offset)[0]
-        return value
 
     def close(self) -> None:
         del self.ctl
@@ -135,6 +130,10 @@ def main(argv: list[str]) -> int:
         ring.close()
     elif cmd == "take":
         ring = Ring(argv[1])
+        if len(argv) > 2:
+            open(argv[3], "w").close()
+            while ring.status().records < int(argv[2]):
+                time.sleep(0.005)
         buf = ctypes.create_string_buffer(ring.info.bitmap_bytes)
         d = abi.Dirty(bitmap=ctypes.addressof(buf), bitmap_bytes=ring.info.bitmap_bytes)
         fcntl.ioctl(ring.fd, abi.BDR_IOC_TAKE_DIRTY, d)
@@ -192,12 +191,12 @@ def main(argv: list[str]) -> int:
         print(json.dumps({"released": released, "takes": takes}))
         ring.close()
     elif cmd == "watch":
-        ring = Ring(argv[1], writable=False)
+        ring = Ring(argv[1])
         pairs: list[tuple[int, int]] = []
         open(argv[3], "w").close()
         end = time.monotonic() + float(argv[2])
         while time.monotonic() < end:
-            pair = (ring.field("head"), ring.field("next_seq"))
+            pair = (ring.ctl.head, ring.ctl.next_seq)
             if not pairs or pairs[-1] != pair:
                 pairs.append(pair)
             time.sleep(0.01)

@@ -135,19 +135,21 @@ def test_handover_position_is_published(g: Any) -> None:
     dirty regions first and apply that older record over the newer data afterwards."""
     a = g.disk("a")
     create(g, "ho", a, "bdr_ho", 4096)
-    g.run(f"echo 2000 > {DELAY}")
+    g.run(f"echo 3000 > {DELAY}")
     try:
-        g.run("(dd if=/dev/urandom of=/dev/mapper/ho bs=1M count=1 oflag=direct status=none &)")
+        # the handover is asked for as soon as the write counted its records, while its copy sleeps
         g.run(
-            "for i in $(seq 100); do dmsetup status ho | grep -q 'records=256 ' && break; sleep 0.05; done;"
-            " dmsetup status ho | grep -q 'records=256 '"
+            f"rm -f /tmp/take.out /tmp/take.ready; ({TOOL} take /dev/bdr_ho 256 /tmp/take.ready > /tmp/take.out 2>&1 &);"
+            " for i in $(seq 200); do test -e /tmp/take.ready && break; sleep 0.05; done;"
+            " dd if=/dev/urandom of=/dev/mapper/ho bs=1M count=1 oflag=direct status=none;"
+            " for i in $(seq 200); do test -s /tmp/take.out && break; sleep 0.05; done"
         )
-        took = jrun(g, f"{TOOL} take /dev/bdr_ho")
+        took = json.loads(g.run("cat /tmp/take.out").output)
         assert took["ring_head"] == 256, "the write reserved its slots before the handover"
         assert took["head_after"] >= took["ring_head"], took
         assert took["next_seq"] == took["ring_head"], took
     finally:
-        g.run(f"echo 0 > {DELAY}; sleep 2.5; dmsetup remove ho")
+        g.run(f"echo 0 > {DELAY}; dmsetup remove ho")
 
 
 def test_next_seq_is_the_seq_at_head_while_copies_run(g: Any) -> None:
