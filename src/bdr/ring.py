@@ -167,7 +167,12 @@ class RingConsumer:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
-            raise RingError(f"cannot open control device {self.path}: {exc.strerror}") from exc
+            why = exc.strerror or str(exc)
+            if exc.errno == errno.EBUSY:
+                why += (
+                    " (another consumer, e.g. a running bdr_client, has it open: the ring has one consumer)"
+                )
+            raise RingError(f"cannot open control device {self.path}: {why}") from exc
         self._fd = fd
         self._dirty_fd = -1
         self._dirty_map: mmap.mmap | None = None
