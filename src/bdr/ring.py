@@ -159,20 +159,15 @@ def _batch_fields(desc: memoryview) -> _Cols:
     return _Cols(f.lens, f.ops, f.flags)
 
 
+BUSY_WAIT = 5.0  # seconds an open waits for another consumer of the ring to close it
+
+
 class RingConsumer:
     """The client's side of the ring: read published records, release slots, take the dirty bitmap."""
 
     def __init__(self, path: str | os.PathLike[str], dev_size: int | None = None) -> None:
         self.path = Path(path)
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
-            why = exc.strerror or str(exc)
-            if exc.errno == errno.EBUSY:
-                why += (
-                    " (another consumer, e.g. a running bdr_client, has it open: the ring has one consumer)"
-                )
-            raise RingError(f"cannot open control device {self.path}: {why}") from exc
+        fd = self._open_exclusive()
         self._fd = fd
         self._dirty_fd = -1
         self._dirty_map: mmap.mmap | None = None
@@ -201,6 +196,22 @@ class RingConsumer:
             raise RingError(
                 "the ring is host byte order and the wire is little-endian: big-endian hosts unsupported"
             )
+
+    def _open_exclusive(self) -> int:
+        """Open the ring as its one consumer.  The kernel refuses a second writable open (EBUSY); a consumer
+        that is still exiting (a restart right after a kill) gets BUSY_WAIT seconds to let go."""
+        deadline = time.monotonic() + BUSY_WAIT
+        while True:
+            try:
+                return os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno == errno.EBUSY and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                why = exc.strerror or str(exc)
+                if exc.errno == errno.EBUSY:
+                    why += " (another consumer, e.g. a running bdr_client, has it open: the ring has one consumer)"
+                raise RingError(f"cannot open control device {self.path}: {why}") from exc
 
     # -- geometry ------------------------------------------------------------------------------------------------
 

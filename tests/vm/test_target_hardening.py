@@ -238,6 +238,16 @@ def test_one_writable_consumer(g: Any) -> None:
     try:
         got = jrun(g, f"{TOOL} opens /dev/bdr_cons")
         assert got == {"second_rw": 16, "ro_instance_ok": True, "ro_take": 9, "rw_after_close": 0}, got
+        # a client started while another consumer holds the ring says so, and writes nothing anywhere
+        g.run(f"rm -f /tmp/ready /tmp/stop; ({TOOL} hold /dev/bdr_cons /tmp/ready /tmp/stop > /dev/null &)")
+        g.run("for i in $(seq 100); do test -e /tmp/ready && break; sleep 0.1; done; test -e /tmp/ready")
+        res = g.run(
+            f"{REPO}/.venv/bin/bdr_client --control-device /dev/bdr_cons --source-device /dev/mapper/cons"
+            " --address 127.0.0.1 --port 9",
+            check=False,
+        )
+        g.run("touch /tmp/stop")
+        assert res.rc != 0 and "the ring has one consumer" in res.output, res.output
     finally:
         g.run("dmsetup remove cons")
 
