@@ -5,11 +5,13 @@ SHELL := /bin/bash
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 APT_PKGS := linux-image-6.12-amd64 linux-headers-6.12-amd64 qemu-system-x86 busybox-static \
-            dmsetup kmod cpio xz-utils fio e2fsprogs util-linux iproute2 rsync build-essential
+            dmsetup kmod cpio xz-utils zstd fio e2fsprogs util-linux iproute2 rsync build-essential debootstrap dkms
 # The 6.12 kernel whose headers build the module (and whose image the VM lab boots).
 KVER     = $(shell ls -d /lib/modules/6.12.*/build 2>/dev/null | sort -V | tail -n1 | cut -d/ -f4)
+# The lab's second kernel: a Debian trixie chroot with the newest trixie-backports kernel and its compiler.
+LAB_CHROOT := tests/vm/.lab/trixie
 
-.PHONY: help deps apt venv build module package test unit integration vm lint demo bench fuzz clean install uninstall
+.PHONY: help deps apt venv lab-chroot build module package test unit integration vm lint demo bench fuzz clean install uninstall
 
 # make install / make uninstall (PREFIX and DESTDIR as usual; WITH_DKMS=no skips the kernel module)
 VERSION  := 0.1.0
@@ -27,6 +29,7 @@ help:
 	@echo "make deps   install apt packages (6.12 kernel + headers, qemu, busybox) and the Python venv"
 	@echo "make build  build the kernel module (against 6.12 headers) and the Python package"
 	@echo "make test   lint + unit + integration + VM tests (real kernel in QEMU)"
+	@echo "make lab-chroot   the VM lab's second kernel: a trixie chroot with the trixie-backports kernel ($(LAB_CHROOT))"
 	@echo "make demo   replicate a real workload inside the VM lab and compare source and replica"
 	@echo "make bench  print throughput figures with same-run baselines and ratios"
 	@echo "make fuzz   fuzz the frame decoder and the server session for longer (FUZZ_EXAMPLES=$(FUZZ_EXAMPLES))"
@@ -36,7 +39,7 @@ help:
 deps: apt venv
 
 apt: .stamps/apt
-.stamps/apt:
+.stamps/apt: Makefile
 	@missing=$$(for p in $(APT_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing: $$missing"; \
@@ -50,6 +53,10 @@ venv: .stamps/venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	@mkdir -p .stamps && touch $@
+
+# Made once (about 2 minutes), then kept: remove the directory to make it again.
+lab-chroot: apt
+	tests/vm/mkchroot.sh $(LAB_CHROOT)
 
 build: deps module
 
@@ -66,7 +73,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check src tests bench scripts
 	$(VENV)/bin/mypy
 
-test: build lint
+test: build lint lab-chroot
 	$(VENV)/bin/pytest tests
 
 unit: venv
@@ -75,7 +82,7 @@ unit: venv
 integration: venv
 	$(VENV)/bin/pytest tests/integration
 
-vm: build
+vm: build lab-chroot
 	$(VENV)/bin/pytest tests/vm
 
 demo: build

@@ -1,4 +1,5 @@
-"""BDR test lab: boots the installed 6.12 kernel in QEMU and runs shell commands in it.
+"""BDR test lab: boots the installed 6.12 kernel (or the newest kernel of the lab's trixie chroot) in QEMU and
+runs shell commands in it.
 
 The guest is a small busybox initramfs that mounts the host root read-only over 9p and chroots into it for
 every command, so the host's dmsetup, fio, Python and this repository (at the same path) are all available in
@@ -16,6 +17,11 @@ Usage (no pytest needed, so demo scripts can use it too):
     with Guest(disks={"src": "64M", "dst": "64M"}) as g:
         g.run(f"blockdev --getsize64 {g.disk('src')}")
         g.check_kernel_log()
+
+The second kernel (``check_prerequisites(NEWER_SERIES)``, series "7.x") comes from a Debian trixie chroot with
+the newest trixie-backports kernel, its headers and compiler (tests/vm/mkchroot.sh, `make lab-chroot`): the guest
+boots its image, the initramfs takes its modules, the guest sees its /lib/modules in place of the host's, and
+modules for it are built inside the chroot.
 
 Only TCG is used: KVM hangs guests on the development machines.
 """
@@ -47,11 +53,19 @@ from types import TracebackType
 REPO = Path(__file__).resolve().parents[2]
 LAB_DIR = Path(__file__).resolve().parent / ".lab"
 KERNEL_SERIES = "6.12"
+# The lab's second kernel: the newest 7.x kernel (else the newest one that is not 6.12) of the trixie chroot.
+NEWER_SERIES = "7.x"
+LAB_SERIES = (KERNEL_SERIES, NEWER_SERIES)
+CHROOT = LAB_DIR / "trixie"
+CHROOT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+# A directory laid out like kernel/ whose module the lab builds and tests instead of the repository's kernel/.
+MODULE_SRC_ENV = "BDR_LAB_MODULE_SRC"
 # Modules the initramfs needs (their dependencies are added from modules.dep).
 INITRAMFS_MODULES = ("virtio_blk", "netfs", "9pnet", "9pnet_virtio", "9p")
 # Bump when the initramfs layout changes in a way the cache key would not see.
 INITRAMFS_FORMAT = 2
 DEPS_HINT = "run `make deps` to install the 6.12 kernel, its headers, qemu-system-x86 and busybox-static"
+CHROOT_HINT = "run `make lab-chroot` to make the trixie chroot with the newest trixie-backports kernel"
 # Where the writable share appears inside the chroot: the first of these that is an empty directory on the
 # host (the host root is read-only in the guest, so the mount point must already exist), else a tmpfs path.
 SHARE_MOUNT_CANDIDATES = ("/media", "/srv")
@@ -70,7 +84,7 @@ class LabError(Exception):
 
 
 class LabSetupError(LabError):
-    """The host lacks something the lab needs (QEMU, the 6.12 kernel or its headers, busybox)."""
+    """The host lacks something the lab needs (QEMU, the 6.12 kernel or its headers, busybox, the chroot)."""
 
 
 class BuildError(LabError):
@@ -178,8 +192,59 @@ def find_kernel() -> str:
     return max(found, key=_version_key)
 
 
+def find_newer_kernel() -> str:
+    """Newest kernel of the trixie chroot with an image, modules and headers: the newest 7.x one, or with none,
+    the newest one that is not 6.12."""
+    found = []
+    for mod_dir in (CHROOT / "lib" / "modules").glob("*"):
+        ver = mod_dir.name
+        if ver.startswith(f"{KERNEL_SERIES}."):
+            continue
+        if (
+            (CHROOT / "boot" / f"vmlinuz-{ver}").is_file()
+            and (mod_dir / "modules.dep").is_file()
+            and kernel_headers(ver).is_dir()
+        ):
+            found.append(ver)
+    if not found:
+        raise LabSetupError(
+            f"no kernel with image, modules and headers in the lab chroot {CHROOT}: {CHROOT_HINT}"
+        )
+    major = NEWER_SERIES.split(".")[0] + "."
+    return max([v for v in found if v.startswith(major)] or found, key=_version_key)
+
+
+def kernel_root(kver: str) -> Path:
+    """Root of kver's image, modules and headers: the host's root, or the lab chroot for its kernels."""
+    if not (Path("/boot") / f"vmlinuz-{kver}").exists() and (CHROOT / "boot" / f"vmlinuz-{kver}").exists():
+        return CHROOT
+    return Path("/")
+
+
+def _in_chroot(kver: str) -> bool:
+    return kernel_root(kver) != Path("/")
+
+
 def kernel_image(kver: str) -> Path:
-    return Path("/boot") / f"vmlinuz-{kver}"
+    return kernel_root(kver) / "boot" / f"vmlinuz-{kver}"
+
+
+def modules_dir(kver: str) -> Path:
+    """kver's /lib/modules/<kver>, seen from the host."""
+    return kernel_root(kver) / "lib" / "modules" / kver
+
+
+def kernel_headers(kver: str) -> Path:
+    """kver's /lib/modules/<kver>/build, seen from the host (a chroot's absolute link is followed in the chroot)."""
+    root = kernel_root(kver)
+    build = root / "lib" / "modules" / kver / "build"
+    if root != Path("/") and build.is_symlink() and os.readlink(build).startswith("/"):
+        return root / os.readlink(build).lstrip("/")
+    return build
+
+
+def _hint(kver: str) -> str:
+    return CHROOT_HINT if _in_chroot(kver) else DEPS_HINT
 
 
 def _find_busybox() -> Path:
@@ -202,15 +267,42 @@ def _is_static_elf(path: Path) -> bool:
     return all(struct.unpack_from("<I", table, i * phentsize)[0] != 3 for i in range(phnum))
 
 
-def check_prerequisites() -> str:
-    """Check QEMU, busybox, the 6.12 kernel and headers; return the kernel version or raise LabSetupError."""
+def check_prerequisites(series: str = KERNEL_SERIES) -> str:
+    """Check QEMU, busybox and a kernel of ``series`` (one of LAB_SERIES) with its headers; return the kernel
+    version or raise LabSetupError."""
+    if series not in LAB_SERIES:
+        raise ValueError(f"unknown kernel series {series!r} (the lab has {', '.join(LAB_SERIES)})")
     if shutil.which("qemu-system-x86_64") is None:
         raise LabSetupError(f"qemu-system-x86_64 not found: {DEPS_HINT}")
     _find_busybox()
-    kver = find_kernel()
-    if not (Path("/lib/modules") / kver / "modules.dep").is_file():
-        raise LabSetupError(f"/lib/modules/{kver}/modules.dep missing: {DEPS_HINT}")
+    kver = find_kernel() if series == KERNEL_SERIES else find_newer_kernel()
+    if not (modules_dir(kver) / "modules.dep").is_file():
+        raise LabSetupError(f"{modules_dir(kver)}/modules.dep missing: {_hint(kver)}")
     return kver
+
+
+def chroot_command(
+    cmd: Iterable[str], root: Path = CHROOT, env: Mapping[str, str] | None = None
+) -> list[str]:
+    """``cmd`` run in ``root`` with a clean environment (plus ``env``) and a /proc of its own (objtool reads it):
+    the proc mount lives in private mount and PID namespaces, so it is gone with the command, however that ends."""
+    return [
+        "unshare",
+        "--fork",
+        "--kill-child",
+        "--pid",
+        "--mount",
+        f"--mount-proc={root}/proc",
+        "chroot",
+        str(root),
+        "/usr/bin/env",
+        "-i",
+        f"PATH={CHROOT_PATH}",
+        "HOME=/root",
+        "LANG=C.UTF-8",
+        *(f"{k}={v}" for k, v in (env or {}).items()),
+        *cmd,
+    ]
 
 
 @contextlib.contextmanager
@@ -224,33 +316,106 @@ def _lock(name: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def build_kmod(src_dir: Path, kver: str | None = None, timeout: float = 540) -> str:
-    """`make -C /lib/modules/<kver>/build M=<src_dir> W=1 modules`; return make's output or raise BuildError."""
+def build_kmod(
+    src_dir: Path, kver: str | None = None, timeout: float = 540, *, fatal_warnings: bool = False
+) -> str:
+    """`make -C /lib/modules/<kver>/build M=<src_dir> W=1 modules`; return make's output or raise BuildError.
+
+    For a kernel of the lab chroot, src_dir must be inside the chroot, and make runs there (with the compiler
+    that built that kernel).  ``fatal_warnings``: a compiler warning fails the build, and the objects are
+    removed so that the next build compiles again."""
     kver = kver or find_kernel()
     src_dir = Path(src_dir).resolve()
     if not any((src_dir / name).is_file() for name in ("Kbuild", "Makefile")):
         raise BuildError(f"cannot build kernel module: no Kbuild or Makefile in {src_dir}")
     cmd = ["make", "-C", f"/lib/modules/{kver}/build", f"M={src_dir}", "W=1", "modules"]
+    if _in_chroot(kver):
+        root = kernel_root(kver).resolve()
+        if not src_dir.is_relative_to(root):
+            raise BuildError(f"cannot build for {kver}: {src_dir} is not inside its chroot {root}")
+        cmd = chroot_command([*cmd[:3], f"M=/{src_dir.relative_to(root)}", *cmd[4:]], root)
     with _lock("build"):
         try:
             proc = subprocess.run(
                 cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False
             )
         except FileNotFoundError as exc:
-            raise BuildError(f"cannot run make ({exc}): {DEPS_HINT}") from exc
+            raise BuildError(f"cannot run make ({exc}): {_hint(kver)}") from exc
         except subprocess.TimeoutExpired as exc:
             out = exc.stdout if isinstance(exc.stdout, str) else (exc.stdout or b"").decode(errors="replace")
             raise BuildError(f"{shlex.join(cmd)} timed out after {timeout}s:\n{_tail(out, 80)}") from exc
     if proc.returncode != 0:
         raise BuildError(f"{shlex.join(cmd)} failed (rc={proc.returncode}):\n{_tail(proc.stdout, 80)}")
+    if fatal_warnings and re.search(r"\bwarning:", proc.stdout):
+        for built in (*src_dir.glob("*.o"), *src_dir.glob("*.ko")):
+            built.unlink(missing_ok=True)
+        raise BuildError(f"{shlex.join(cmd)} has compiler warnings:\n{_tail(proc.stdout, 80)}")
     return proc.stdout
 
 
-def build_module(repo: Path | str = REPO, kver: str | None = None) -> Path:
-    """Build (incrementally) the bdr module in <repo>/kernel against the 6.12 headers; return bdr.ko's path."""
-    kdir = Path(repo).resolve() / "kernel"
-    output = build_kmod(kdir, kver)
-    ko = kdir / "bdr.ko"
+def _is_source(f: Path) -> bool:
+    """A module source: *.c (not kbuild's *.mod.c), *.h, Kbuild or Makefile."""
+    if not f.is_file() or f.name.endswith(".mod.c"):
+        return False
+    return f.suffix in (".c", ".h") or f.name in ("Kbuild", "Makefile")
+
+
+def _mirror_sources(src: Path, dst: Path) -> None:
+    """Make dst's module sources (*.c, *.h, Kbuild, Makefile) those of src; build products stay (make is
+    incremental), a file is rewritten only when it changed."""
+    dst.mkdir(parents=True, exist_ok=True)
+    wanted = {f.name: f for f in src.iterdir() if _is_source(f)}
+    for f in dst.iterdir():
+        if _is_source(f) and f.name not in wanted:
+            f.unlink()
+    for name, f in wanted.items():
+        data = f.read_bytes()
+        target = dst / name
+        if not target.exists() or target.read_bytes() != data:
+            tmp = target.with_name(f".{name}.tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            tmp.rename(target)
+
+
+def _build_dir(name: str, kver: str) -> Path:
+    """Where a module is built for kver: under .lab/build/, or for a chroot kernel under the chroot's /build/."""
+    return (kernel_root(kver) if _in_chroot(kver) else LAB_DIR) / "build" / f"{name}-{kver}"
+
+
+def module_sources() -> Path:
+    """The bdr module's source directory the lab tests: $BDR_LAB_MODULE_SRC if set, else <repo>/kernel."""
+    return Path(os.environ.get(MODULE_SRC_ENV) or REPO / "kernel").resolve()
+
+
+def module_build_dir(kdir: Path, kver: str) -> Path:
+    """Where build_module builds a copy of the module of kdir for kver."""
+    name = "bdr" if kdir == REPO / "kernel" else f"bdr-{hashlib.sha256(bytes(kdir)).hexdigest()[:8]}"
+    return _build_dir(name, kver)
+
+
+def build_module(
+    repo: Path | str = REPO, kver: str | None = None, *, kernel_dir: Path | str | None = None
+) -> Path:
+    """Build (incrementally) the bdr module of <repo>/kernel (or of ``kernel_dir``); return bdr.ko's path.
+
+    For the 6.12 kernel, <repo>/kernel is built in place.  Another ``kernel_dir``, and any module for a kernel of
+    the lab chroot, is built in a copy under the lab's build directory (inside the chroot for its kernels), where
+    the guest sees it; for a chroot kernel a compiler warning fails the build (as `make module` does for 6.12)."""
+    kdir = Path(kernel_dir).resolve() if kernel_dir is not None else Path(repo).resolve() / "kernel"
+    kver = kver or find_kernel()
+    if not _in_chroot(kver) and kdir == Path(repo).resolve() / "kernel":
+        output = build_kmod(kdir, kver)
+        ko = kdir / "bdr.ko"
+    else:
+        if not any((kdir / name).is_file() for name in ("Kbuild", "Makefile")):
+            raise BuildError(f"cannot build kernel module: no Kbuild or Makefile in {kdir}")
+        build_dir = module_build_dir(kdir, kver)
+        _mirror_sources(kdir, build_dir)
+        try:
+            output = build_kmod(build_dir, kver, fatal_warnings=_in_chroot(kver))
+        except BuildError as exc:
+            raise BuildError(f"building {kdir} for {kver} (in {build_dir}):\n{exc}") from exc
+        ko = build_dir / "bdr.ko"
     if not ko.is_file():
         raise BuildError(f"make succeeded but {ko} was not produced:\n{_tail(output, 40)}")
     return ko
@@ -259,13 +424,8 @@ def build_module(repo: Path | str = REPO, kver: str | None = None) -> Path:
 def build_helper_module(name: str, kver: str | None = None) -> Path:
     """Build the helper module in tests/vm/<name>/ (a copy under .lab/, so the tree stays clean); return .ko."""
     src = Path(__file__).resolve().parent / name
-    dst = LAB_DIR / "build" / f"{name}-{kver or find_kernel()}"
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.suffix in (".c", ".h") or f.name == "Kbuild":
-            target = dst / f.name
-            if not target.exists() or target.read_bytes() != f.read_bytes():
-                shutil.copyfile(f, target)
+    dst = _build_dir(name, kver or find_kernel())
+    _mirror_sources(src, dst)
     build_kmod(dst, kver)
     kos = sorted(dst.glob("*.ko"))
     if len(kos) != 1:
@@ -297,6 +457,7 @@ for arg in $(cat /proc/cmdline); do
     case "$arg" in
         lab.share=*) GS="${arg#lab.share=}" ;;
         lab.repo=*) REPO="${arg#lab.repo=}" ;;
+        lab.modules=*) KMODS="${arg#lab.modules=}" ;;
     esac
 done
 [ -n "$GS" ] || fail "no lab.share= on the kernel command line"
@@ -323,6 +484,10 @@ for d in tmp var/tmp; do
     mount -t tmpfs -o mode=1777 tmpfs $H/$d || fail "mount $H/$d"
 done
 mount -t tmpfs -o mode=755 tmpfs $H/run || fail "mount $H/run"
+if [ -n "$KMODS" ]; then
+    # A kernel of the lab chroot: its /lib/modules (from the host's view) where modprobe looks.
+    mount -o bind "/ro$KMODS" $H/lib/modules || fail "bind the kernel's modules $KMODS"
+fi
 mkdir -p $H/run/lock && chmod 1777 $H/run/lock
 case "$REPO" in
     /tmp/*|/var/tmp/*|/run/*)
@@ -387,7 +552,7 @@ done
 
 def _modules_dep(kver: str) -> dict[str, list[str]]:
     deps: dict[str, list[str]] = {}
-    for line in (Path("/lib/modules") / kver / "modules.dep").read_text().splitlines():
+    for line in (modules_dir(kver) / "modules.dep").read_text().splitlines():
         if ":" in line:
             mod, rest = line.split(":", 1)
             deps[mod] = rest.split()
@@ -403,7 +568,7 @@ def _initramfs_modules(kver: str) -> list[str]:
     """Relative paths (as in modules.dep) of the needed modules and their dependencies, in load order."""
     deps = _modules_dep(kver)
     by_name = {_mod_name(p): p for p in deps}
-    builtin_file = Path("/lib/modules") / kver / "modules.builtin"
+    builtin_file = modules_dir(kver) / "modules.builtin"
     builtin = {_mod_name(p) for p in builtin_file.read_text().split()} if builtin_file.is_file() else set()
     order: list[str] = []
 
@@ -418,7 +583,7 @@ def _initramfs_modules(kver: str) -> list[str]:
         if name.replace("-", "_") in builtin:
             continue
         if name.replace("-", "_") not in by_name:
-            raise LabSetupError(f"module {name} not found in /lib/modules/{kver}/modules.dep: {DEPS_HINT}")
+            raise LabSetupError(f"module {name} not found in {modules_dir(kver)}/modules.dep: {_hint(kver)}")
         visit(by_name[name.replace("-", "_")])
     return order
 
@@ -470,7 +635,7 @@ def initramfs(kver: str | None = None) -> Path:
     kver = kver or find_kernel()
     busybox = _find_busybox()
     mod_paths = _initramfs_modules(kver)
-    mod_root = Path("/lib/modules") / kver
+    mod_root = modules_dir(kver)
     names = [_mod_name(p) for p in mod_paths]
     init = _INIT_SCRIPT.replace("@MODULES@", " ".join(names)).replace("@GUEST_PATH@", GUEST_PATH)
     key = hashlib.sha256()
@@ -511,7 +676,7 @@ def initramfs(kver: str | None = None) -> Path:
         tmp = out.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(cpio.finish())
         tmp.rename(out)
-        for old in LAB_DIR.glob("initramfs-*.cpio"):
+        for old in LAB_DIR.glob(f"initramfs-{kver}-*.cpio"):
             if old != out:
                 old.unlink(missing_ok=True)
     return out
@@ -628,7 +793,8 @@ def _choose_share_mount() -> str:
 
 
 class Guest:
-    """One QEMU guest running the 6.12 kernel; use as a context manager (or call close())."""
+    """One QEMU guest running a lab kernel (the 6.12 one unless ``kver`` says otherwise); use as a context
+    manager (or call close())."""
 
     def __init__(
         self,
@@ -706,6 +872,7 @@ class Guest:
             "sysctl.kernel.hung_task_timeout_secs=60",
             f"lab.share={self.guest_share}",
             f"lab.repo={REPO}",
+            *([f"lab.modules={modules_dir(self.kver).parent.resolve()}"] if _in_chroot(self.kver) else []),
             *append,
         ]
         self.qemu_cmd = [

@@ -124,7 +124,7 @@ def main(argv: list[str]) -> int:
         for rec, _ in read_records(argv[1]):
             print(json.dumps({k: getattr(rec, k) for k in ("seq", "sector", "len", "op", "flags")}))
     elif cmd == "status":
-        ring = Ring(argv[1])
+        ring = Ring(argv[1], writable=False)  # beside the one writable consumer (a running client)
         st = ring.status()
         print(json.dumps({k: getattr(st, k) for k, _ in abi.Status._fields_}))
         ring.close()

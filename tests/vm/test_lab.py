@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -270,3 +271,52 @@ def test_close_powers_off_and_cleans_up() -> None:
     with pytest.raises(lab.GuestDied, match="closed"):
         g.run("true")
     g.close()  # idempotent
+
+
+def _fake_kernel(root: Path, ver: str, headers: bool = True) -> None:
+    (root / "boot").mkdir(parents=True, exist_ok=True)
+    (root / "boot" / f"vmlinuz-{ver}").write_bytes(b"")
+    mod_dir = root / "lib" / "modules" / ver
+    mod_dir.mkdir(parents=True)
+    (mod_dir / "modules.dep").write_text("")
+    if headers:  # absolute in the chroot, as Debian's linux-headers packages make it
+        (root / "usr" / "src" / f"linux-headers-{ver}").mkdir(parents=True)
+        (mod_dir / "build").symlink_to(f"/usr/src/linux-headers-{ver}")
+
+
+def test_the_newer_kernel_is_the_chroots_newest_7x(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "chroot"
+    monkeypatch.setattr(lab, "CHROOT", root)
+    with pytest.raises(lab.LabSetupError, match="make lab-chroot"):
+        lab.find_newer_kernel()
+    for ver in ("6.12.99+deb13-amd64", "8.1.0+deb14-amd64"):
+        _fake_kernel(root, ver)
+    assert lab.find_newer_kernel() == "8.1.0+deb14-amd64", "with no 7.x, the newest other than 6.12"
+    for ver in ("7.2.9+deb13-amd64", "7.10.1+deb13-amd64"):
+        _fake_kernel(root, ver)
+    _fake_kernel(root, "7.11.0+deb13-amd64", headers=False)
+    kver = lab.find_newer_kernel()
+    assert kver == "7.10.1+deb13-amd64", "the newest 7.x with image, modules and headers"
+    assert lab.kernel_root(kver) == root
+    assert lab.kernel_image(kver) == root / "boot" / f"vmlinuz-{kver}"
+    assert lab.kernel_headers(kver) == root / "usr" / "src" / f"linux-headers-{kver}"
+    assert lab.kernel_root(lab.find_kernel()) == Path("/")
+
+
+def test_a_warning_fails_the_newer_kernel_build_every_time(tmp_path: Path) -> None:
+    kver = lab.check_prerequisites(lab.NEWER_SERIES)
+    kdir = tmp_path / "kernel"
+    kdir.mkdir()
+    (kdir / "Kbuild").write_text("obj-m := bdr.o\n")
+    (kdir / "bdr.c").write_text(
+        "#include <linux/module.h>\n"
+        "static int __init lab_init(void) { int lab_unused; return 0; }\n"
+        'module_init(lab_init);\nMODULE_LICENSE("GPL");\n'
+    )
+    try:
+        for _ in range(2):  # the second, incremental build must not pass on the first one's objects
+            with pytest.raises(lab.BuildError, match="has compiler warnings") as info:
+                lab.build_module(tmp_path, kver)
+            assert "lab_unused" in str(info.value)
+    finally:
+        shutil.rmtree(lab.module_build_dir(kdir, kver), ignore_errors=True)

@@ -1,5 +1,6 @@
-"""Real-time replication end to end in the 6.12 guest: bdr target, bdr_client and bdr_server over loopback,
-real workloads, then the replica compared with the source and checked with fsck."""
+"""Real-time replication end to end in a guest of each lab kernel (6.12 and the newest trixie-backports one):
+bdr target, bdr_client and bdr_server over loopback, real workloads, then the replica compared with the source
+and checked with fsck."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from tests.vm.pair import Pair
 
 VM_DISKS = {"src": "256M", "dst": "256M", "jnl": "32M"}
 VM_MEMORY = "2048M"
+VM_KERNELS = ("6.12", "7.x")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
-"""The bdr device-mapper target in a real 6.12 kernel: exact capture, operations, failures, overflow,
-concurrency, lifecycle and table parsing.  Each test checks the ring against the device with
-tests/vm/ringtool.py, an independent reader of the ABI header's ring."""
+"""The bdr device-mapper target in real kernels (6.12 and the newest trixie-backports one): exact capture,
+operations, failures, overflow, concurrency, lifecycle and table parsing.  Each test checks the ring against the
+device with tests/vm/ringtool.py, an independent reader of the ABI header's ring."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ WORKLOAD = f"{PY} {REPO}/tests/vm/workload.py"
 
 VM_DISKS = {"a": "64M", "b": "64M"}
 VM_MEMORY = "1536M"
+VM_KERNELS = ("6.12", "7.x")
 
 pytestmark = pytest.mark.vm
 
