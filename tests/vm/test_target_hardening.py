@@ -16,6 +16,7 @@ PY = f"{REPO}/.venv/bin/python"
 TOOL = f"{PY} {REPO}/tests/vm/ringtool.py"
 
 VM_DISKS = {"a": "64M", "b": "64M", "cow": "64M", "cow2": "64M"}
+VM_KERNELS = ("6.12", "7.x")
 VM_MEMORY = "1536M"
 TIB_SECTORS = 1 << 31  # 512-byte sectors in a TiB
 DELAY = "/sys/module/bdr/parameters/copy_delay_ms"
