@@ -36,7 +36,9 @@
  *    onto another device is refused).
  *  - next_seq is the sequence number of the record at head: the first one
  *    not yet published.  Records being copied behind head have no effect
- *    on it.
+ *    on it.  The kernel stores head, then next_seq: a consumer that loads
+ *    next_seq (acquire) and then head sees next_seq <= the sequence
+ *    number at head, and equal unless head moved in between.
  *  - One consumer: the chardev can be open for writing by one file at a
  *    time (a second writable open fails with EBUSY); read-only opens may
  *    use BDR_IOC_INFO and BDR_IOC_STATUS.  Only the writable file may take

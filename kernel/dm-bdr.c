@@ -233,10 +233,14 @@ static void bdr_advance_head(struct bdr_ring *r)
 	}
 	if (head != r->head) {
 		WRITE_ONCE(r->head, head);
-		/* The sequence number of the record at position p is p. */
-		WRITE_ONCE(r->ctl->next_seq, head);
 		/* Slots before head are complete: pairs with the consumer's acquire. */
 		smp_store_release(&r->ctl->head, head);
+		/*
+		 * The sequence number of the record at position p is p.  Stored
+		 * after head, so that a consumer that loads next_seq and then
+		 * head never sees next_seq ahead of head (bdr_uapi.h).
+		 */
+		smp_store_release(&r->ctl->next_seq, head);
 	}
 }
 
@@ -740,6 +744,7 @@ static void bdr_untake(struct bdr_ring *r, unsigned long *taken)
 	bitmap_or(r->bitmap, r->bitmap, taken, r->nr_regions);
 	bdr_set_state(r, r->state | BDR_STATE_DIRTY);
 	spin_unlock_irqrestore(&r->lock, irqflags);
+	bdr_wake(r);	/* a poller may have gone to sleep on the cleared state */
 }
 
 static long bdr_ioctl_take_dirty(struct bdr_ring *r, struct file *file, void __user *arg)

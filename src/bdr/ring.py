@@ -332,9 +332,12 @@ class RingConsumer:
 
     def find_seq(self, seq: int) -> int | None:
         """The position in [tail, head] of the record with ``seq`` (head if seq is the next one), or None."""
+        # next_seq before head: the producer stores head first, so a record published in between never makes
+        # next_seq look ahead of an empty [tail, head) (bdr_uapi.h)
+        nseq = self.next_seq()
         tail, head = self.tail, self.head()
         if tail == head:
-            return head if seq == self.next_seq() else None
+            return head if seq == nseq else None
         first = self.seq_at(tail)
         pos = tail + ((seq - first) & ((1 << 64) - 1))
         if pos == head and seq == (self.seq_at(head - 1) + 1) & ((1 << 64) - 1):
@@ -504,7 +507,7 @@ class RingProducer:
     """Creates a ring file and appends records the way the kernel target does (test and bench helper).
 
     A write is first applied to the source image (when one is given), then its records are published: slots
-    filled, ``next_seq`` stored, ``head`` stored last.  When the ring is full the producer does not wait
+    filled, ``head`` stored, then ``next_seq``, as the kernel does.  When the ring is full the producer does not wait
     (unless ``block=True``): it enters the overflow state and marks the written regions in the ``.dirty`` side
     file until the consumer takes the bitmap.
     """
@@ -582,8 +585,8 @@ class RingProducer:
         self._seq += 1
 
     def _publish(self, new_head: int) -> None:
-        self._ctl.next_seq = self._seq
-        self._ctl.head = new_head  # last: makes the slots visible (release on x86-64)
+        self._ctl.head = new_head  # makes the slots visible (release on x86-64)
+        self._ctl.next_seq = self._seq  # after head, as the kernel stores them
 
     def _mark_dirty(self, offset: int, length: int) -> None:
         first = offset // self.region_bytes

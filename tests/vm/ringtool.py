@@ -196,7 +196,8 @@ def main(argv: list[str]) -> int:
         open(argv[3], "w").close()
         end = time.monotonic() + float(argv[2])
         while time.monotonic() < end:
-            pair = (ring.ctl.head, ring.ctl.next_seq)
+            seq = ring.ctl.next_seq  # next_seq before head, as bdr_uapi.h says a consumer reads them
+            pair = (ring.ctl.head, seq)
             if not pairs or pairs[-1] != pair:
                 pairs.append(pair)
             time.sleep(0.01)
