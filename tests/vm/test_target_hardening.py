@@ -113,12 +113,11 @@ def test_multi_tib_devices_capture_overflow_and_resync_near_the_end(g: Any, tib:
         assert max(dirty["regions"]) == (sectors - 1) // region_sectors, dirty
         # 3: resync: the ring replayed, then each dirty region copied from the source
         g.run(f"{TOOL} replay /tmp/big.rec {dst}")
-        for reg in dirty["regions"]:
-            mib = region_sectors * 512
-            g.run(
-                f"dd if=/dev/mapper/bigm of={dst} bs={mib} count=1 skip={reg} seek={reg}"
-                " iflag=direct oflag=direct conv=notrunc status=none"
-            )
+        regions = " ".join(map(str, dirty["regions"]))
+        g.run(
+            f"for r in {regions}; do dd if=/dev/mapper/bigm of={dst} bs={region_sectors * 512} count=1 skip=$r"
+            " seek=$r iflag=direct oflag=direct conv=notrunc status=none || exit 1; done"
+        )
         tail = f"bs=1M count=8 skip={(end >> 20) - 8} iflag=direct status=none"
         same = g.run(f"cmp <(dd if=/dev/mapper/bigm {tail}) <(dd if={dst} {tail})", check=False)
         assert same.rc == 0, same.output
