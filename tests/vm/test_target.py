@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-PY = f"{REPO}/.venv/bin/python"
-TOOL = f"{PY} {REPO}/tests/vm/ringtool.py"
+from tests.vm.targets import PY, REPO, TOOL, create, jrun, status_fields
+
 WORKLOAD = f"{PY} {REPO}/tests/vm/workload.py"
 
 VM_DISKS = {"a": "64M", "b": "64M"}
@@ -26,20 +25,6 @@ pytestmark = pytest.mark.vm
 def g(guest: Any, bdr_ko: Path) -> Any:
     guest.run(f"modprobe dm-mod && modprobe dm-flakey && insmod {bdr_ko} && grep -q '^bdr ' /proc/modules")
     return guest
-
-
-def create(g: Any, name: str, dev: str, chardev: str, slots: int, extra: str = "") -> None:
-    g.run(f'echo "0 $(blockdev --getsz {dev}) bdr {dev} {chardev} {slots} {extra}" | dmsetup create {name}')
-
-
-def jrun(g: Any, cmd: str) -> Any:
-    return json.loads(g.run(cmd).output.strip().splitlines()[-1])
-
-
-def status_fields(g: Any, name: str) -> dict[str, str]:
-    out = g.run(f"dmsetup status {name}").output.split()
-    assert out[2] == "bdr", out
-    return dict(kv.split("=", 1) for kv in out[3:])
 
 
 def test_exact_capture_replays_to_device(g: Any) -> None:

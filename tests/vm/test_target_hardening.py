@@ -11,9 +11,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-PY = f"{REPO}/.venv/bin/python"
-TOOL = f"{PY} {REPO}/tests/vm/ringtool.py"
+from tests.vm.targets import REPO, TOOL, create, jrun, status_fields
 
 VM_DISKS = {"a": "64M", "b": "64M", "cow": "64M", "cow2": "64M"}
 VM_KERNELS = ("6.12", "7.x")
@@ -28,19 +26,6 @@ pytestmark = pytest.mark.vm
 def g(guest: Any, bdr_ko: Path) -> Any:
     guest.run(f"modprobe dm-mod && modprobe dm-snapshot && insmod {bdr_ko} && grep -q '^bdr ' /proc/modules")
     return guest
-
-
-def create(g: Any, name: str, dev: str, chardev: str, slots: int, extra: str = "") -> None:
-    g.run(f'echo "0 $(blockdev --getsz {dev}) bdr {dev} {chardev} {slots} {extra}" | dmsetup create {name}')
-
-
-def jrun(g: Any, cmd: str) -> Any:
-    return json.loads(g.run(cmd).output.strip().splitlines()[-1])
-
-
-def status_fields(g: Any, name: str) -> dict[str, str]:
-    out = g.run(f"dmsetup status {name}").output.split()
-    return dict(kv.split("=", 1) for kv in out[3:])
 
 
 def refused(g: Any, cmd: str, message: str) -> None:
