@@ -464,9 +464,8 @@ class ClientSession:
                 self.ring.head() - pos,
             )
         elif first and c.args.no_replication:
-            tail = self.ring.tail
-            seq = self.ring.seq_at(tail) if self.ring.head() > tail else self.ring.next_seq()
-            self._send(self.conn.send(p.Stream(seq, p.StreamFlag.ASSUME_IN_SYNC)))
+            tail = self.ring.tail  # ours: it does not move while we read the sequence number there
+            self._send(self.conn.send(p.Stream(self.ring.tail_seq(), p.StreamFlag.ASSUME_IN_SYNC)))
             self.sent = tail
             log.warning("--no-replication: no initial scan, the replica is assumed to equal the source")
         else:

@@ -52,6 +52,9 @@ class NoRing(RingConsumer):
     def seq_at(self, pos: int) -> int:
         return 0
 
+    def tail_seq(self) -> int:
+        return 0
+
     def find_seq(self, seq: int) -> int | None:
         return None
 

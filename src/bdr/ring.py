@@ -330,15 +330,23 @@ class RingConsumer:
         slot = pos % self.geometry.nr_slots
         return int.from_bytes(self._desc[slot * RECORD_SIZE : slot * RECORD_SIZE + 8], "little")
 
-    def find_seq(self, seq: int) -> int | None:
-        """The position in [tail, head] of the record with ``seq`` (head if seq is the next one), or None."""
-        # next_seq before head: the producer stores head first, so a record published in between never makes
-        # next_seq look ahead of an empty [tail, head) (bdr_uapi.h)
+    def _tail_head_seq(self) -> tuple[int, int, int]:
+        """tail, head, and the sequence number at tail (next_seq when the ring is empty).  next_seq is loaded
+        before head: the producer stores head first, so a record published in between never makes next_seq
+        look ahead of an empty [tail, head) (bdr_uapi.h)."""
         nseq = self.next_seq()
         tail, head = self.tail, self.head()
+        return tail, head, self.seq_at(tail) if head > tail else nseq
+
+    def tail_seq(self) -> int:
+        """The sequence number of the record at tail, or of the next one published if the ring is empty."""
+        return self._tail_head_seq()[2]
+
+    def find_seq(self, seq: int) -> int | None:
+        """The position in [tail, head] of the record with ``seq`` (head if seq is the next one), or None."""
+        tail, head, first = self._tail_head_seq()
         if tail == head:
-            return head if seq == nseq else None
-        first = self.seq_at(tail)
+            return head if seq == first else None
         pos = tail + ((seq - first) & ((1 << 64) - 1))
         if pos == head and seq == (self.seq_at(head - 1) + 1) & ((1 << 64) - 1):
             return head
