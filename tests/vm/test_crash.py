@@ -21,7 +21,7 @@ from tests.vm.pair import BIN, Pair
 
 RINGTOOL = f"{BIN}/python {Path(__file__).resolve().parent / 'ringtool.py'}"
 
-VM_DISKS = {"src": "128M", "dst": "128M", "jnl": "48M"}
+VM_DISKS = {"src": "64M", "dst": "64M", "jnl": "48M"}
 VM_MEMORY = "2048M"
 
 
@@ -89,7 +89,7 @@ def pair(guest: Guest, bdr_ko: Path) -> Iterator[Pair]:
 @pytest.mark.parametrize("point", ["receive", "commit", "apply"])
 def test_server_killed_during_a_journal_resync(pair: Pair, point: str) -> None:
     g = pair.g
-    old, new = pending_resync(pair, seek={"receive": 100, "commit": 700, "apply": 1300}[point])
+    old, new = pending_resync(pair, seek={"receive": 100, "commit": 400, "apply": 700}[point])
     assert old != new
     crash_server_at(pair, point)
     pair.wait_server_exit(10)
@@ -119,7 +119,7 @@ def test_guest_killed_during_the_journal_apply(tmp_path: Path, lab_kernel: str, 
         p = synced_pair(g1, bdr_ko)
         # a base the replica has, then a resync due
         g1.run(f"dd if=/dev/urandom of={p.mapper} bs=1M count=32 seek=8 oflag=direct status=none")
-        old, new = pending_resync(p, seek=900)
+        old, new = pending_resync(p, seek=700)
         assert old != new
         crash_server_at(p, "apply", "pause")  # the server stops half-way through the apply, synced
         g1.check_kernel_log()

@@ -17,7 +17,7 @@ import pytest
 from tests.vm.lab import Guest
 from tests.vm.pair import BIN, Pair
 
-VM_DISKS = {"src": "128M", "dst": "128M", "jnl": "32M"}
+VM_DISKS = {"src": "64M", "dst": "64M", "jnl": "32M"}
 VM_MEMORY = "2048M"
 SERVER_IP = "192.0.2.2"
 
@@ -65,7 +65,7 @@ def test_lossy_slow_link_ends_identical(pair: Pair) -> None:
     pair.g.run(
         f"""set -e
         dd if=/dev/urandom of={pair.mapper} bs=64K count=24 seek=100 oflag=direct status=none
-        dd if=/dev/urandom of={pair.mapper} bs=4K count=100 seek=20000 status=none
+        dd if=/dev/urandom of={pair.mapper} bs=4K count=100 seek=12000 status=none
         sync
         """,
         timeout=300,

@@ -13,7 +13,7 @@ import pytest
 from tests.vm.lab import Guest
 from tests.vm.pair import Pair
 
-VM_DISKS = {"src": "256M", "dst": "256M", "jnl": "32M"}
+VM_DISKS = {"src": "128M", "dst": "128M", "jnl": "32M"}
 VM_MEMORY = "2048M"
 VM_KERNELS = ("6.12", "7.x")
 
@@ -35,7 +35,7 @@ def test_workloads_replicate_identically(pair: Pair) -> None:
     g = pair.g
     g.run(
         f"""set -e
-        dd if=/dev/urandom of={pair.mapper} bs=1M count=48 seek=100 oflag=direct status=none
+        dd if=/dev/urandom of={pair.mapper} bs=1M count=48 seek=60 oflag=direct status=none
         mkfs.ext4 -q -F {pair.mapper}
         mkdir -p /tmp/m && mount {pair.mapper} /tmp/m
         cp -a /usr/include/linux /tmp/m/

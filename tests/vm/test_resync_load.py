@@ -1,5 +1,5 @@
 """Resyncs under a sustained write load in the 6.12 guest: the client starts while fio (2 jobs, 4k-256k random
-writes, O_DIRECT) writes the mapper for a minute, and the target is suspended, reloaded with its own table and
+writes, O_DIRECT) writes the mapper for half a minute, and the target is suspended, reloaded with its own table and
 resumed five times meanwhile.  With a journal twice the device size the staged resync fits (each block is staged
 once) and the replica ends identical; with a journal smaller than the device the client falls back to a direct
 resync (--journal-full direct, the default) and the replica ends identical too."""
@@ -23,7 +23,7 @@ FIO = (
 )
 
 
-def load_with_reloads(p: Pair, tag: str, secs: int = 60) -> None:
+def load_with_reloads(p: Pair, tag: str, secs: int = 30) -> None:
     """fio on the mapper for ``secs``; the client starts meanwhile; five suspend / reload / resume cycles."""
     g = p.g
     g.run(f"nohup {FIO.format(dev=p.mapper, secs=secs, tag=tag)} > /dev/null 2>&1 & echo $! > /tmp/fio.pid")
@@ -70,7 +70,7 @@ def test_resync_under_load_with_a_small_journal_falls_back_to_direct(loaded: Gue
     p.setup()
     try:
         p.start_server()
-        load_with_reloads(p, "small", secs=45)
+        load_with_reloads(p, "small", secs=24)
         p.wait_synced(timeout=600)
         assert p.same_on_disk(), "replica differs after the load"
         client = g.run(f"cat {p.client_log}").output
