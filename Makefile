@@ -48,10 +48,10 @@ apt: .stamps/apt
 	@mkdir -p .stamps && touch $@
 
 venv: .stamps/venv
-.stamps/venv: pyproject.toml
+.stamps/venv: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	@mkdir -p .stamps && touch $@
 
 # Made once (about 2 minutes), then kept: remove the directory to make it again.
@@ -103,7 +103,7 @@ clean:
 install:
 	@set -e; \
 	python3 -m venv --clear "$(DESTDIR)$(LIBDIR)"; \
-	"$(DESTDIR)$(LIBDIR)/bin/pip" install -q --disable-pip-version-check "$(CURDIR)"; \
+	"$(DESTDIR)$(LIBDIR)/bin/pip" install -q --disable-pip-version-check -c "$(CURDIR)/constraints.txt" "$(CURDIR)"; \
 	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(DOCDIR)"; \
 	for p in $(PROGRAMS); do ln -sfn "$(LIBDIR)/bin/$$p" "$(DESTDIR)$(BINDIR)/$$p"; done; \
 	for u in $(UNITS); do \
