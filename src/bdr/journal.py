@@ -38,7 +38,7 @@ from pathlib import Path
 
 import xxhash
 
-from .protocol import NO_SEQ
+from .seq import NO_SEQ
 
 MAGIC = b"BDRJRNL\x00"
 VERSION = 1
@@ -193,7 +193,11 @@ class Journal:
 
     def commit(self, **changes: object) -> Header:
         """Write the header with ``changes`` applied as the next generation, and make it durable."""
-        new = dataclasses.replace(self.header, generation=self.header.generation + 1, **changes)  # type: ignore[arg-type]
+        return self.store(dataclasses.replace(self.header, **changes))  # type: ignore[arg-type]
+
+    def store(self, header: Header) -> Header:
+        """Write ``header`` (a transition of ``replica_state``) as the next generation, and make it durable."""
+        new = dataclasses.replace(header, generation=self.header.generation + 1)
         slot = new.generation % 2
         data = new.pack()
         try:

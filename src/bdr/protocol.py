@@ -59,6 +59,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
+from .seq import NO_SEQ as NO_SEQ
+from .seq import SEQ_MASK as SEQ_MASK
+from .seq import next_seq as next_seq
+
 # --------------------------------------------------------------------------------------------------------------
 # Limits.  A DATA frame carries at most MAX_BATCH_RECORDS ring records of at most BDR_SLOT_DATA (4 KiB) each
 # from the kernel; the payload cap leaves room for those plus their 32-byte descriptors and the batch header.
@@ -84,16 +88,9 @@ MAC_SIZE: Final = 32  # HMAC-SHA256 in AUTH_PROOF / AUTH_OK
 # Until the handshake is over no frame may be larger than this: the largest handshake frame is an ERROR with
 # 1 KiB of text; everything else is under 100 bytes.
 HANDSHAKE_MAX_PAYLOAD: Final = 4096
-SEQ_MASK: Final = (1 << 64) - 1
-NO_SEQ: Final = SEQ_MASK  # "no record yet": next_seq(NO_SEQ) == 0
 HASH_SIZE: Final = 16  # xxh3_128 digest
 
 _LITTLE = sys.byteorder == "little"
-
-
-def next_seq(seq: int) -> int:
-    """The sequence number after ``seq`` (``NO_SEQ`` is followed by 0)."""
-    return (seq + 1) & SEQ_MASK
 
 
 class MsgType(enum.IntEnum):

@@ -40,11 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from . import __version__, auth, config, scan, status, tls
+from . import __version__, auth, config, replica_state, scan, status, tls
 from . import protocol as p
-from .journal import JFlag, Journal, JournalError, ReplicaIOError, StorageError
+from .journal import Journal, JournalError, ReplicaIOError, StorageError
 from .journal_records import JournalFull, RecordArea, StagingTarget
 from .log import BenchClock, setup_logging
+from .seq import prev_seq, seq_after, seq_distance, seq_le
 
 log = logging.getLogger("bdr.server")
 
@@ -89,13 +90,6 @@ ACK_EVERY = 32 << 20  # applied bytes after which an ACK goes out even while mor
 
 class ServerError(Exception):
     """Configuration problem the operator must fix (paths, sizes): the daemon exits with a message."""
-
-
-def _seq_le(a: int, b: int) -> bool:
-    """a <= b where NO_SEQ means 'none yet' (before everything)."""
-    if a == p.NO_SEQ:
-        return True
-    return b != p.NO_SEQ and a <= b
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -401,10 +395,10 @@ class Applier:
         self.staging = False
         self.commit_ready = False
         self.commit_at: int | None = None
-        h = journal.header
-        self.durable = h.durable_seq if h.flags & JFlag.SEQ_VALID else p.NO_SEQ
+        resume = replica_state.resume_point(journal.header)
+        self.durable = p.NO_SEQ if resume is None else resume
         self.applied = self.durable
-        self.expect: int | None = p.next_seq(self.durable) if h.flags & JFlag.SEQ_VALID else None
+        self.expect: int | None = None if resume is None else p.next_seq(resume)
         self.stats = ApplyStats()
         self._dirty = False  # applied but not yet synced
 
@@ -414,7 +408,7 @@ class Applier:
         """Streaming (re)starts at seq (None: at the first record that arrives)."""
         self.expect = seq
         if seq is not None:
-            self.applied = self.durable = (seq - 1) & p.SEQ_MASK
+            self.applied = self.durable = prev_seq(seq)
 
     def apply(self, msg: p.Data) -> None:
         self.apply_from(msg.fields(), BufferSource(self, memoryview(msg.data)), msg.sync)
@@ -441,8 +435,8 @@ class Applier:
         first = f.seqs[0]
         if self.expect is None:
             self.expect = first
-            self.applied = (first - 1) & p.SEQ_MASK
-        d = (self.expect - first) & p.SEQ_MASK
+            self.applied = prev_seq(first)
+        d = seq_distance(first, self.expect)
         if d >= 1 << 63:
             raise p.RemoteProtocolError(
                 p.ErrorCode.SEQ_GAP,
@@ -559,12 +553,9 @@ class Applier:
         """Commit the staged resync, record the new consistent state in the header, apply it to the replica."""
         assert self.area is not None
         self.area.commit()
-        h = self.journal.header
-        flags = (h.flags | JFlag.HAS_DATA | JFlag.CONSISTENT) & ~(JFlag.SCANNING | JFlag.IO_ERROR)
-        if self.expect is not None:
-            flags |= JFlag.SEQ_VALID
-        durable = self.applied if self.expect is not None else h.durable_seq
-        self.journal.commit(flags=flags, durable_seq=durable, consistent_seq=p.NO_SEQ)
+        self.journal.store(
+            replica_state.staged_resync_committed(self.journal.header, self.applied, self.expect is not None)
+        )
         self.target = self.replica_target
         self.staging = False
         n = self.area.apply(self.replica_target)
@@ -578,9 +569,7 @@ class Applier:
         if (
             self.staging
             and self.commit_ready
-            and (
-                self.commit_at is None or (self.expect is not None and _seq_le(self.commit_at, self.applied))
-            )
+            and (self.commit_at is None or (self.expect is not None and seq_le(self.commit_at, self.applied)))
         ):
             self.target.sync()
             self._commit_staged()
@@ -589,20 +578,10 @@ class Applier:
             return
         t0 = time.monotonic()
         self.target.sync()
-        h = self.journal.header
-        flags = h.flags | JFlag.HAS_DATA
-        if self.expect is not None:
-            flags |= JFlag.SEQ_VALID
-        consistent_seq = h.consistent_seq
-        if (
-            not flags & (JFlag.CONSISTENT | JFlag.SCANNING)
-            and consistent_seq != p.NO_SEQ
-            and _seq_le(consistent_seq, self.applied)
-        ):
-            flags |= JFlag.CONSISTENT
-            consistent_seq = p.NO_SEQ
+        was = self.journal.header
+        now = self.journal.store(replica_state.durable_point(was, self.applied, self.expect is not None))
+        if replica_state.is_consistent(now) and not replica_state.is_consistent(was):
             log.info("replica is consistent again at seq %d", self.applied)
-        self.journal.commit(flags=flags, durable_seq=self.applied, consistent_seq=consistent_seq)
         self.durable = self.applied
         self._dirty = False
         self.stats.syncs += 1
@@ -758,8 +737,7 @@ class ServerSession:
         else:  # the journal's errors are all JournalIOError (or JournalFull, not a failure): the replica's
             msg = self.replica.error(exc).strerror or str(exc)
         try:
-            flags = (self.journal.header.flags | JFlag.SCANNING | JFlag.IO_ERROR) & ~JFlag.CONSISTENT
-            self.journal.commit(flags=flags)
+            self.journal.store(replica_state.storage_failed(self.journal.header))
             marked = "the replica is marked inconsistent"
         except OSError as exc2:
             marked = f"and the journal cannot record it ({exc2.strerror or exc2})"
@@ -815,8 +793,7 @@ class ServerSession:
             return self._scan_end(msg)
         if isinstance(msg, p.ResyncPending):
             self.applier.sync()
-            flags = (self.journal.header.flags | JFlag.SCANNING) & ~JFlag.CONSISTENT
-            self.journal.commit(flags=flags)
+            self.journal.store(replica_state.writes_lost(self.journal.header))
             self.resync_owned = True
             log.info("client %s: the ring lost writes; replica marked for resync", self.peer)
             return self.take_ack()
@@ -853,23 +830,8 @@ class ServerSession:
             )
         self.hello = h
         jh = self.journal.header
-        self.ids_match = bool(
-            jh.flags & JFlag.SOURCE_KNOWN
-            and jh.source_id == h.source_id
-            and jh.ring_id == h.ring_id
-            and jh.source_size == h.device_size
-        )
-        flags = p.WelcomeFlag.NONE
-        if jh.flags & JFlag.SEQ_VALID:
-            flags |= p.WelcomeFlag.SEQ_VALID
-        if jh.flags & JFlag.CONSISTENT:
-            flags |= p.WelcomeFlag.CONSISTENT
-        if jh.flags & JFlag.SCANNING:
-            flags |= p.WelcomeFlag.SCANNING
-        if not jh.flags & JFlag.HAS_DATA:
-            flags |= p.WelcomeFlag.FRESH
-            if self.replica.known_zero:
-                flags |= p.WelcomeFlag.KNOWN_ZERO
+        self.ids_match = replica_state.mirrors(jh, self._source())
+        flags = replica_state.welcome_flags(jh, self.replica.known_zero)
         durable = self.applier.durable
         log.info(
             "client %s: source %s size %d, replica %s, durable seq %s%s",
@@ -878,7 +840,7 @@ class ServerSession:
             h.device_size,
             "same source" if self.ids_match else "different or unknown source",
             "none" if durable == p.NO_SEQ else durable,
-            ", interrupted scan" if jh.flags & JFlag.SCANNING else "",
+            ", interrupted scan" if replica_state.resync_interrupted(jh) else "",
         )
         return self.conn.send(
             p.Welcome(
@@ -893,18 +855,15 @@ class ServerSession:
             )
         )
 
-    def _adopt_source(self, extra: JFlag, clear: JFlag, **changes: object) -> None:
+    def _source(self) -> replica_state.Source:
+        """The source the client announced, and this replica's size."""
         assert self.hello is not None
         h = self.hello
-        flags = (self.journal.header.flags | JFlag.SOURCE_KNOWN | extra) & ~clear
-        self.journal.commit(
-            flags=flags,
-            source_id=h.source_id,
-            ring_id=h.ring_id,
-            source_size=h.device_size,
-            replica_size=self.replica.size,
-            **changes,
-        )
+        return replica_state.Source(h.source_id, h.ring_id, h.device_size, self.replica.size)
+
+    def _adopt_source(self, new: replica_state.Header) -> None:
+        """Store a transition that makes the replica mirror the client's source."""
+        self.journal.store(new)
         self.ids_match = True
 
     def _stream(self, s: p.Stream) -> bytes | None:
@@ -914,23 +873,18 @@ class ServerSession:
             )
             self.applier.abort_staging()  # an unfinished journal resync is moot: the operator vouches for the replica
             self.applier.sync()
-            self._adopt_source(
-                JFlag.SEQ_VALID | JFlag.CONSISTENT,
-                JFlag.SCANNING,
-                durable_seq=(s.from_seq - 1) & p.SEQ_MASK,
-                consistent_seq=p.NO_SEQ,
-            )
+            self._adopt_source(replica_state.assumed_in_sync(self.journal.header, self._source(), s.from_seq))
             self.applier.restart_at(s.from_seq)
             return None
         jh = self.journal.header
         why = None
         if not self.ids_match:
             why = "the replica mirrors a different source or capture ring"
-        elif jh.flags & JFlag.SCANNING:
+        elif replica_state.resync_interrupted(jh):
             why = "a resync was interrupted"
         elif self.applier.expect is None:
             why = "the replica has no resume point"
-        elif (s.from_seq - self.applier.expect) & p.SEQ_MASK < 1 << 63 and s.from_seq != self.applier.expect:
+        elif seq_after(s.from_seq, self.applier.expect):
             why = f"records {self.applier.expect}..{s.from_seq - 1} would be missing"
         if why:
             raise p.LocalProtocolError(
@@ -945,10 +899,8 @@ class ServerSession:
         assert self.hello is not None
         whole = bool(b.flags & p.ScanFlag.WHOLE_DEVICE)
         jh, h = self.journal.header, self.hello
-        if (
-            jh.flags & JFlag.SOURCE_KNOWN
-            and (jh.source_id != h.source_id or jh.source_size != h.device_size)
-            and not (b.mode is p.ScanMode.FULL or b.flags & p.ScanFlag.DIRECT)
+        if replica_state.mirrors_another_source(jh, self._source()) and not (
+            b.mode is p.ScanMode.FULL or b.flags & p.ScanFlag.DIRECT
         ):
             raise p.LocalProtocolError(
                 p.ErrorCode.WRONG_SOURCE,
@@ -957,7 +909,7 @@ class ServerSession:
                 "refusing to turn it into a copy of this source; to replace it on purpose, start bdr_client "
                 "with --full-scan or --full-replication",
             )
-        interrupted = self.journal.header.flags & JFlag.SCANNING and not self.resync_owned
+        interrupted = replica_state.resync_interrupted(self.journal.header) and not self.resync_owned
         if not whole and (not self.ids_match or interrupted):
             raise p.LocalProtocolError(
                 p.ErrorCode.IDENTITY_MISMATCH,
@@ -970,14 +922,13 @@ class ServerSession:
         if journaled:
             # the replica is not touched until the commit: it stays what it was (consistent if it was, and
             # if it mirrors this source); SCANNING makes an interrupted resync end in a new scan
-            keep = self.ids_match and bool(self.journal.header.flags & JFlag.CONSISTENT)
             if whole or not self.applier.staging:
                 self.applier.begin_staging()
             self.applier.commit_ready = False
-            self._adopt_source(JFlag.SCANNING, JFlag.NONE if keep else JFlag.CONSISTENT)
+            self._adopt_source(replica_state.staged_resync_begun(self.journal.header, self._source()))
         else:
             self.applier.abort_staging()
-            self._adopt_source(JFlag.SCANNING, JFlag.CONSISTENT)
+            self._adopt_source(replica_state.direct_resync_begun(self.journal.header, self._source()))
             log.warning(
                 "scan %d writes the replica directly: the replica is inconsistent until it completes",
                 b.scan_id,
@@ -1051,20 +1002,12 @@ class ServerSession:
         if self.applier.staging:
             return self._scan_end_staged(sc, e)
         self.replica.sync()
-        flags = self.journal.header.flags & ~(
-            JFlag.SCANNING | JFlag.CONSISTENT | JFlag.SEQ_VALID | JFlag.IO_ERROR
-        )
-        flags |= JFlag.HAS_DATA
         resume = e.resume_seq if e.flags & p.ScanEndFlag.HAS_RESUME_SEQ else None
-        consistent_seq = p.NO_SEQ
-        if e.flags & p.ScanEndFlag.HAS_CONSISTENT_SEQ:
-            consistent_seq = e.consistent_seq
-        elif not e.flags & p.ScanEndFlag.MORE_TO_COME:
-            flags |= JFlag.CONSISTENT
-        if resume is not None:
-            flags |= JFlag.SEQ_VALID
-        durable = (resume - 1) & p.SEQ_MASK if resume is not None else p.NO_SEQ
-        self.journal.commit(flags=flags, durable_seq=durable, consistent_seq=consistent_seq)
+        consistent_seq = e.consistent_seq if e.flags & p.ScanEndFlag.HAS_CONSISTENT_SEQ else None
+        more = bool(e.flags & p.ScanEndFlag.MORE_TO_COME)
+        self.journal.store(
+            replica_state.direct_resync_ended(self.journal.header, resume, consistent_seq, more)
+        )
         self.applier.restart_at(resume)
         took = time.monotonic() - sc.started
         log.info(
@@ -1084,12 +1027,8 @@ class ServerSession:
         too) up to the consistent sequence number, then the whole resync is committed and applied."""
         assert self.applier.area is not None
         self.applier.area.sync()
-        flags = (self.journal.header.flags | JFlag.HAS_DATA) & ~JFlag.SEQ_VALID
         resume = e.resume_seq if e.flags & p.ScanEndFlag.HAS_RESUME_SEQ else None
-        if resume is not None:
-            flags |= JFlag.SEQ_VALID
-        durable = (resume - 1) & p.SEQ_MASK if resume is not None else p.NO_SEQ
-        self.journal.commit(flags=flags, durable_seq=durable)
+        self.journal.store(replica_state.staged_scan_ended(self.journal.header, resume))
         self.applier.restart_at(resume)
         more = bool(e.flags & p.ScanEndFlag.MORE_TO_COME)
         self.applier.commit_at = e.consistent_seq if e.flags & p.ScanEndFlag.HAS_CONSISTENT_SEQ else None
@@ -1288,7 +1227,7 @@ class Server:
                 "replica": str(self.replica.path),
                 "replica_bytes": self.replica.size,
                 "journal": str(self.journal.path),
-                "consistent": bool(jh.flags & JFlag.CONSISTENT and not jh.flags & JFlag.SCANNING),
+                "consistent": replica_state.is_consistent(jh),
                 "applied_seq": None if ap.applied == p.NO_SEQ else ap.applied,
                 "durable_seq": None if ap.durable == p.NO_SEQ else ap.durable,
                 "applied": {"bytes": ap.stats.bytes, "records": ap.stats.records, "syncs": ap.stats.syncs},
@@ -1336,12 +1275,13 @@ class Server:
             "none" if self.applier.durable == p.NO_SEQ else self.applier.durable,
         )
         log.warning("security: %s", self.security_text())
-        if jh.flags & JFlag.IO_ERROR:
+        cond = replica_state.condition(jh)
+        if cond is replica_state.Condition.IO_ERROR:
             log.warning(
                 "the replica is inconsistent: the server stopped on an I/O error; the next client start "
                 "rescans the whole device"
             )
-        elif jh.flags & JFlag.SCANNING:
+        elif cond is replica_state.Condition.RESYNCING:
             log.warning(
                 "the replica is inconsistent: a resync was interrupted; the next client start rescans"
             )

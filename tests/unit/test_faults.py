@@ -118,10 +118,10 @@ class FullJournal(Journal):
 
     full = False
 
-    def commit(self, **changes: object):  # type: ignore[no-untyped-def]
+    def store(self, header):  # type: ignore[no-untyped-def]
         if self.full:
             raise JournalIOError(errno.ENOSPC, f"journal {self.path}: I/O error: No space left on device")
-        return super().commit(**changes)
+        return super().store(header)
 
 
 def test_journal_write_error_is_fatal_and_named(tmp_path: Path) -> None:
