@@ -330,7 +330,7 @@ def inproc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pki: dict[str, Path]
     import argparse
     import threading
 
-    from bdr import server as srvmod
+    from bdr.server import daemon as srvmod
 
     monkeypatch.setattr(srvmod, "HANDSHAKE_TIMEOUT", 1.0)
     monkeypatch.setattr(srvmod, "FRAME_TIMEOUT", 1.5)

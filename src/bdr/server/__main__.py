@@ -1,0 +1,7 @@
+"""python -m bdr.server"""
+
+import sys
+
+from .options import main
+
+sys.exit(main())

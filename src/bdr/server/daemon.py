@@ -1,0 +1,736 @@
+"""The bdr_server daemon: listening socket, one client at a time, signals as events on the poll loop, the
+authentication gate, status and metrics."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import queue
+import select
+import signal
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+
+from .. import __version__, auth, replica_state, status, tls
+from .. import protocol as p
+from ..journal import Journal, JournalError
+from ..journal_records import RecordArea
+from ..log import BenchClock
+from .applier import Applier
+from .errors import EXIT_STORAGE, ServerError
+from .replica import Replica
+from .security import load_security
+from .session import ServerSession, SessionClosed
+from .splice import SPLICE_MIN, Pipe, _long_runs
+
+log = logging.getLogger("bdr.server")
+
+
+# Time from accept to a finished handshake (TLS, authentication, HELLO/WELCOME): a few round trips, even over
+# a lossy long-distance link; a peer that has not finished by then is dropped.
+HANDSHAKE_TIMEOUT = 30.0
+# A frame started but not finished: no byte for this long means a stalled peer (a live TCP connection keeps
+# delivering retransmissions well within this, even at 5% loss).
+FRAME_TIMEOUT = 60.0
+# Connections are authenticated (TLS handshake, shared secret) on threads of their own, before they may become
+# the session: a peer that connects and stalls holds no slot the real client needs.  At most this many at once,
+# and this many from one host; more are closed at once.
+MAX_PENDING = 16
+MAX_PENDING_PER_HOST = 4
+
+
+PUBLISH_INTERVAL = 0.25  # seconds between status snapshots (bdr status, metrics)
+STATES = ("listening", "replicating", "resyncing", "stopping", "failed")
+# Prometheus metrics of the server: each is a value of the status snapshot (bdr.status)
+METRICS = [
+    status.Spec("applied_bytes_total", "counter", "write data applied to the replica", ("applied", "bytes")),
+    status.Spec(
+        "applied_records_total", "counter", "ring records applied to the replica", ("applied", "records")
+    ),
+    status.Spec(
+        "syncs_total", "counter", "fdatasync calls of the replica (durability points)", ("applied", "syncs")
+    ),
+    status.Spec("applied_seq", "gauge", "last sequence number applied", ("applied_seq",)),
+    status.Spec("durable_seq", "gauge", "last sequence number durable on the replica", ("durable_seq",)),
+    status.Spec(
+        "consistent",
+        "gauge",
+        "1 while the replica is a prefix-consistent copy of the source",
+        ("consistent",),
+    ),
+    status.Spec("connected", "gauge", "1 while a client is connected", ("connected",)),
+    status.Spec(
+        "resync_hashed_bytes", "gauge", "replica bytes hashed by the running scan", ("resync", "hashed_bytes")
+    ),
+    status.Spec(
+        "resync_received_bytes", "gauge", "bytes received by the running scan", ("resync", "received_bytes")
+    ),
+    status.Spec("connections_total", "counter", "client connections served", ("connections",)),
+    status.Spec("errors_total", "counter", "connections that ended with an error", ("errors",)),
+]
+
+
+class Throttle:
+    """One log line per ``interval`` seconds for an event that may come in a flood; the others are counted."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self._last = -1e9
+        self._quiet = 0
+
+    def due(self) -> int | None:
+        """None: stay quiet; otherwise log now, with this many events kept quiet since the last line."""
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._quiet += 1
+            return None
+        quiet, self._last, self._quiet = self._quiet, now, 0
+        return quiet
+
+
+class Server:
+    """Listens, serves one client at a time, turns SIGTERM / SIGINT into a clean stop."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        # security first: a server that must not start touches neither the replica nor the journal
+        self.tls_ctx, self.secret, self.binding = load_security(args)
+        self.replica = Replica(args.target_device)
+        try:
+            self.journal = Journal(args.journal)
+        except JournalError as exc:
+            raise ServerError(str(exc)) from exc
+        if os.path.samefile(args.journal, args.target_device):
+            raise ServerError("the journal and the target device must be different")
+        self.area = open_record_area(self.journal, self.replica, getattr(args, "journal_size", None))
+        self.applier = Applier(self.replica, self.journal, self.area)
+        self.stopping = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.bench = BenchClock() if args.benchmark else None
+        self.listener: socket.socket | None = None
+        self.pipe: Pipe | None = None
+        self.spliced_frames = 0
+        self._no_splice = -1  # decoder frame number that goes the ordinary way
+        self.failed: str | None = None  # the storage error the daemon stops on
+        # what bdr status and the metrics show (bdr.status), published by the main loop
+        self.board = status.Board()
+        self.session: ServerSession | None = None
+        self.connections = self.errors = 0
+        self.last_error: str | None = None
+        self._published = 0.0
+        self.control: status.ControlSocket | None = None
+        self.metrics: status.MetricsEndpoint | None = None
+        self._busy_log = Throttle()  # a flood of connections does not flood the log
+        # the gate: connections in their handshake by host, and those through it, waiting for the session slot
+        self._gate_lock = threading.Lock()
+        self._pending: dict[str, int] = {}
+        self._full_log = Throttle()
+        self._admitted: queue.SimpleQueue[tuple[socket.socket | tls.ServerTls, ServerSession, str, float]] = (
+            queue.SimpleQueue()
+        )
+        if hasattr(os, "splice") and os.environ.get("BDR_NO_SPLICE") != "1":
+            with contextlib.suppress(OSError):
+                self.pipe = Pipe()
+
+    # -- signals ----------------------------------------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        def on_signal(signum: int, frame: object) -> None:
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while self._wake_r.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- status and metrics (bdr.status) ---------------------------------------------------------------------------
+
+    def open_status(self) -> None:
+        """The control socket (bdr status) and, with --metrics-address, the Prometheus endpoint."""
+        assert self.listener is not None
+        self.publish(force=True)
+        port = self.listener.getsockname()[1]
+        self.control = status.open_control(
+            getattr(self.args, "status_socket", None), status.RUN_DIR / f"server-{port}.sock", self.board, {}
+        )
+        address = getattr(self.args, "metrics_address", None)
+        if address:
+            try:
+                self.metrics = status.MetricsEndpoint(address, self.board, METRICS, STATES, "bdr_server")
+            except (OSError, ValueError) as exc:
+                raise ServerError(f"--metrics-address {address}: {exc}") from exc
+
+    def publish(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._published < PUBLISH_INTERVAL:
+            return
+        self._published = now
+        sess, ap, jh = self.session, self.applier, self.journal.header
+        sc = sess.scan if sess is not None else None
+        if self.failed is not None:
+            state = "failed"
+        elif self.stopping:
+            state = "stopping"
+        elif sess is None:
+            state = "listening"
+        elif sc is not None or ap.staging:
+            state = "resyncing"
+        else:
+            state = "replicating"
+        listen = self.listener.getsockname()[:2] if self.listener is not None else None
+        self.board.publish(
+            {
+                "role": "server",
+                "version": __version__,
+                "pid": os.getpid(),
+                "state": state,
+                "listen": f"{listen[0]}:{listen[1]}" if listen else None,
+                "peer": sess.peer if sess is not None else None,
+                "connected": sess is not None,
+                "replica": str(self.replica.path),
+                "replica_bytes": self.replica.size,
+                "journal": str(self.journal.path),
+                "consistent": replica_state.is_consistent(jh),
+                "applied_seq": None if ap.applied == p.NO_SEQ else ap.applied,
+                "durable_seq": None if ap.durable == p.NO_SEQ else ap.durable,
+                "applied": {"bytes": ap.stats.bytes, "records": ap.stats.records, "syncs": ap.stats.syncs},
+                "resync": {
+                    "active": sc is not None,
+                    "hashed_bytes": sc.hashed if sc is not None else 0,
+                    "received_bytes": sc.bytes if sc is not None else 0,
+                },
+                "verified_bytes": sess.verified if sess is not None else 0,
+                "metrics_url": self.metrics.url if self.metrics is not None else None,
+                "connections": self.connections,
+                "errors": self.errors,
+                "last_error": self.last_error,
+            }
+        )
+
+    # -- main loop ----------------------------------------------------------------------------------------------
+
+    def listen(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.args.address else socket.AF_INET
+        try:
+            self.listener = socket.create_server(
+                (self.args.address, self.args.port), family=family, backlog=4
+            )
+        except OSError as exc:
+            raise ServerError(
+                f"cannot listen on {self.args.address}:{self.args.port}: {exc.strerror}"
+            ) from exc
+        self.listener.setblocking(False)
+        return self.listener
+
+    def run(self) -> int:
+        lst = self.listener or self.listen()
+        host, port = lst.getsockname()[:2]
+        jh = self.journal.header
+        log.warning(
+            "bdr_server %s listening on %s:%d, replica %s (%d bytes), journal %s (%s, durable seq %s)",
+            __version__,
+            host,
+            port,
+            self.replica.path,
+            self.replica.size,
+            self.journal.path,
+            "new" if self.journal.created or self.journal.fresh else "existing",
+            "none" if self.applier.durable == p.NO_SEQ else self.applier.durable,
+        )
+        log.warning("security: %s", self.security_text())
+        cond = replica_state.condition(jh)
+        if cond is replica_state.Condition.IO_ERROR:
+            log.warning(
+                "the replica is inconsistent: the server stopped on an I/O error; the next client start "
+                "rescans the whole device"
+            )
+        elif cond is replica_state.Condition.RESYNCING:
+            log.warning(
+                "the replica is inconsistent: a resync was interrupted; the next client start rescans"
+            )
+        poller = select.poll()
+        poller.register(lst, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self.stopping:
+            self.publish()
+            for fd, _ in poller.poll(1000):
+                if fd == self._wake_r.fileno():
+                    self._drain_wakeup()
+                elif fd == lst.fileno():
+                    self._accept()
+            for admitted in self._take_admitted():
+                if self.stopping:  # through the gate as we stop
+                    admitted[0].close()
+                else:
+                    self._serve(*admitted)
+        for admitted in self._take_admitted():
+            admitted[0].close()
+        if self.failed is not None:
+            log.error(
+                "bdr_server stopped on a storage error (%s): fix the device, then start the server again; "
+                "the replica is marked inconsistent and the next client start rescans the whole device",
+                self.failed,
+            )
+            return EXIT_STORAGE
+        self.applier.sync()
+        self._report_bench(final=True)
+        log.warning("bdr_server stopped (durable seq %s)", self._seq_text(self.applier.durable))
+        return 0
+
+    def security_text(self) -> str:
+        parts = []
+        if self.tls_ctx is not None:
+            ca = self.args.tls_ca
+            parts.append(
+                f"TLS, client certificates checked against {ca}" if ca else "TLS without client certificates"
+            )
+        if self.secret is not None:
+            parts.append("shared secret")
+        if not parts:
+            return "none (plaintext, unauthenticated)" + (", --insecure" if self.args.insecure else "")
+        return " + ".join(parts)
+
+    @staticmethod
+    def _seq_text(seq: int) -> str:
+        return "none" if seq == p.NO_SEQ else str(seq)
+
+    # -- the gate: authentication before a connection may become the session -------------------------------------
+
+    def _accept(self) -> None:
+        """A new connection: authenticated on a thread of its own (bounded in number, in total and per host)."""
+        assert self.listener is not None
+        try:
+            raw, addr = self.listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:  # out of file descriptors or memory: retry later
+            log.error("accept failed: %s", exc)
+            time.sleep(0.1)
+            return
+        host, peer = addr[0], f"{addr[0]}:{addr[1]}"
+        with self._gate_lock:
+            total, mine = sum(self._pending.values()), self._pending.get(host, 0)
+            full = total >= MAX_PENDING or mine >= MAX_PENDING_PER_HOST
+            if not full:
+                self._pending[host] = mine + 1
+            elif (quiet := self._full_log.due()) is not None:
+                log.warning(
+                    "refusing connection from %s: %d connections already authenticating (%d from %s)%s",
+                    peer,
+                    total,
+                    mine,
+                    host,
+                    f"; {quiet} more refused since the last report" if quiet else "",
+                )
+        if full:
+            raw.close()
+            return
+        threading.Thread(
+            target=self._gate, args=(raw, host, peer), name=f"bdr-gate-{peer}", daemon=True
+        ).start()
+
+    def handle(self, raw: socket.socket, peer: str) -> None:
+        """One connection from start to end on the calling thread: the gate, then the session if it gets
+        through (what the daemon does with each connection, without the listener)."""
+        self._admit(raw, peer)
+        for admitted in self._take_admitted():
+            self._serve(*admitted)
+
+    def _take_admitted(self) -> Iterator[tuple[socket.socket | tls.ServerTls, ServerSession, str, float]]:
+        """The connections through the gate, waiting for the main loop, until there are none."""
+        while True:
+            try:
+                yield self._admitted.get_nowait()
+            except queue.Empty:
+                return
+
+    def _refused(self, peer: str, reason: str) -> None:
+        """A connection the gate let not through: logged, and counted in the status (errors, last error)."""
+        log.warning("client %s: %s", peer, reason)
+        with self._gate_lock:
+            self.errors += 1
+            self.last_error = f"client {peer}: {reason}"
+
+    def _gate(self, raw: socket.socket, host: str, peer: str) -> None:
+        try:
+            self._admit(raw, peer)
+        finally:
+            with self._gate_lock:
+                self._pending[host] -= 1
+                if not self._pending[host]:
+                    del self._pending[host]
+
+    def _admit(self, raw: socket.socket, peer: str) -> None:
+        """TLS handshake and shared-secret proof within HANDSHAKE_TIMEOUT; then the connection waits for the
+        main loop, which makes it the session or refuses it as busy."""
+        try:
+            log.warning("client %s connected", peer)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _keepalive(raw)
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    raw.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+            deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+            sock = self._secure(raw, peer, deadline)
+            if sock is None:
+                raw.close()
+                return
+            server_auth = auth.ServerAuth(self.secret, self.binding) if self.secret is not None else None
+            sess = ServerSession(self.replica, self.journal, self.applier, peer, server_auth)
+            if server_auth is not None and not self._authenticate(sock, sess, peer, deadline):
+                return
+            if self.session is not None:
+                self._refuse_busy(sock, peer)
+                return
+            self._admitted.put((sock, sess, peer, deadline))
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"a")
+        except Exception:  # a thread's death must not go unnoticed
+            log.exception("client %s: unexpected error while authenticating", peer)
+            raw.close()
+
+    def _authenticate(
+        self, sock: socket.socket | tls.ServerTls, sess: ServerSession, peer: str, deadline: float
+    ) -> bool:
+        """The shared-secret exchange (AUTH_BEGIN ... AUTH_OK); False when refused (logged, closed)."""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        try:
+            while sess.conn.phase is p.Phase.AUTH:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    msg = f"no complete handshake within {HANDSHAKE_TIMEOUT:.0f}s"
+                    raise SessionClosed(f"refused: {msg}", p.encode(p.Error(p.ErrorCode.UNEXPECTED, msg)))
+                if self.stopping:
+                    raise SessionClosed("server shutting down")
+                if not tls.pending(sock) and not poller.poll(int(min(left, 0.2) * 1000) + 1):
+                    continue
+                sock.settimeout(max(left, 0.1))
+                n = sock.recv_into(sess.conn.writable(65536))
+                sess.conn.commit(n)
+                if n == 0:
+                    raise SessionClosed("connection lost: closed by the client during authentication")
+                reply = sess.receive(authenticating=True)
+                if reply:
+                    sock.sendall(reply)
+            return True
+        except SessionClosed as exc:
+            self._refused(peer, exc.reason)
+            if exc.reply:
+                with contextlib.suppress(OSError):
+                    sock.settimeout(1.0)
+                    sock.sendall(exc.reply)
+                _close_gently(sock)
+            else:
+                sock.close()
+        except (OSError, p.RemoteProtocolError) as exc:
+            reason = tls.describe(exc) if isinstance(exc, ssl.SSLError) else str(exc)
+            self._refused(peer, f"connection lost during authentication: {reason}")
+            sock.close()
+        return False
+
+    def _refuse_busy(self, sock: socket.socket | tls.ServerTls, peer: str) -> None:
+        """An authenticated client while another is served: ERROR BUSY, then the close."""
+        current = self.session.peer if self.session is not None else "another client"
+        with self._gate_lock:
+            if (quiet := self._busy_log.due()) is not None:
+                more = f" ({quiet} more refused since the last report)" if quiet else ""
+                log.warning("refusing connection from %s: already serving %s%s", peer, current, more)
+        with contextlib.suppress(OSError):
+            sock.settimeout(1.0)
+            sock.sendall(p.encode(p.Error(p.ErrorCode.BUSY, f"server already serves a client ({current})")))
+        _close_gently(sock)
+
+    def _refuse_admitted(self) -> None:
+        """Connections through the gate while a session runs: refused as busy, each on a thread (the close
+        lingers a moment)."""
+        for sock, _, peer, _ in self._take_admitted():
+            threading.Thread(target=self._refuse_busy, args=(sock, peer), daemon=True).start()
+
+    def _serve(
+        self, sock: socket.socket | tls.ServerTls, sess: ServerSession, peer: str, deadline: float
+    ) -> None:
+        """One session, from the HELLO (the gate has authenticated the client) to the close."""
+        sock.settimeout(60.0)
+        self.session = sess
+        self.connections += 1
+        self.publish(force=True)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        assert self.listener is not None
+        poller.register(self.listener, select.POLLIN)
+        reason = "?"
+        fatal = gentle = False
+        clean = False  # the session ended as agreed (GOODBYE, or our shutdown)
+        last_rx = time.monotonic()
+        try:
+            # frames that came in with the authentication (a HELLO sent right after it)
+            reply = sess.receive()
+            if reply:
+                sock.sendall(reply)
+            while True:
+                self._refuse_admitted()
+                if self.stopping:
+                    reason = "server shutting down"
+                    clean = True
+                    sock.sendall(sess.goodbye())
+                    break
+                buffered = tls.pending(sock)  # decrypted bytes poll() cannot see
+                events = poller.poll(0 if buffered else 1000)
+                if buffered and not any(fd == sock.fileno() for fd, _ in events):
+                    events.append((sock.fileno(), select.POLLIN))
+                if not any(fd == sock.fileno() for fd, _ in events):
+                    self._check_timeouts(sess, deadline, last_rx)
+                self.publish()
+                if not events:
+                    self._report_bench()
+                    continue
+                for fd, _ in events:
+                    if fd == self._wake_r.fileno():
+                        self._drain_wakeup()
+                    elif fd == self.listener.fileno():
+                        self._accept()
+                    elif fd == sock.fileno():
+                        last_rx = time.monotonic()
+                        if isinstance(sock, socket.socket) and self._splice(sess, sock):
+                            continue
+                        n = sock.recv_into(sess.conn.writable(1 << 20))
+                        sess.conn.commit(n)
+                        if n == 0:
+                            raise SessionClosed(
+                                "connection lost: client closed the connection without GOODBYE"
+                            )
+                        more = bool(tls.pending(sock) or select.select([sock], [], [], 0)[0])
+                        reply = sess.receive(idle=not more)
+                        if reply:
+                            sock.sendall(reply)
+                self._report_bench()
+        except SessionClosed as exc:
+            reason = exc.reason
+            fatal = exc.fatal
+            clean = exc.clean
+            if exc.reply:
+                with contextlib.suppress(OSError):
+                    sock.sendall(exc.reply)
+                gentle = not exc.clean  # a refusal: let the client read why before the connection goes
+            level = logging.INFO if exc.clean else logging.ERROR if exc.fatal else logging.WARNING
+            log.log(level, "client %s: %s", peer, reason)
+        except p.RemoteProtocolError as exc:
+            reason = f"connection lost: {exc.message}"
+            log.warning("client %s: %s", peer, reason)
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            reason = f"connection lost: {tls.describe(exc) if isinstance(exc, ssl.SSLError) else exc}"
+            log.warning("client %s: %s", peer, reason)
+        finally:
+            if not fatal:
+                try:
+                    self.applier.sync()
+                except OSError as exc:
+                    sess.storage_failed(exc)
+                    fatal = True
+            if fatal:
+                self.failed = reason
+                self.stopping = True
+            if not clean:
+                self.errors += 1
+                self.last_error = reason
+            self.session = None
+            self.publish(force=True)
+            if gentle:
+                _close_gently(sock, linger=1.0)
+            else:
+                sock.close()
+            if self.pipe is not None:  # a frame cut short may have left bytes in it: never reuse them
+                self.pipe.close()
+                self.pipe = None
+                with contextlib.suppress(OSError):
+                    self.pipe = Pipe()
+            log.warning(
+                "client %s disconnected (%s); applied seq %s, durable seq %s",
+                peer,
+                reason,
+                self._seq_text(self.applier.applied),
+                self._seq_text(self.applier.durable),
+            )
+
+    @staticmethod
+    def _check_timeouts(sess: ServerSession, deadline: float, last_rx: float) -> None:
+        """Called when the client sent nothing: end a handshake that takes too long, or a frame left unfinished."""
+        now = time.monotonic()
+        if sess.conn.phase in (p.Phase.AUTH, p.Phase.HANDSHAKE) and now > deadline:
+            msg = f"no complete handshake within {HANDSHAKE_TIMEOUT:.0f}s"
+            raise SessionClosed(f"refused: {msg}", p.encode(p.Error(p.ErrorCode.UNEXPECTED, msg)))
+        if sess.conn.decoder.buffered and now - last_rx > FRAME_TIMEOUT:
+            msg = f"stalled in the middle of a frame: no data for {FRAME_TIMEOUT:.0f}s"
+            raise SessionClosed(f"refused: {msg}", p.encode(p.Error(p.ErrorCode.TRUNCATED, msg)))
+
+    def _secure(self, raw: socket.socket, peer: str, deadline: float) -> socket.socket | tls.ServerTls | None:
+        """The TLS handshake of a new connection (the plain socket without TLS); None when refused (logged)."""
+        if self.tls_ctx is None:
+            return raw
+        ssock: tls.ServerTls | None = None
+        try:
+            first = self._peek(raw, deadline)
+            if first is None:
+                log.warning("client %s: closed the connection before the TLS handshake", peer)
+                return None
+            if first[:1] != b"\x16":  # not a TLS handshake record
+                if len(first) >= 5 and first[4] in (p.MsgType.HELLO, p.MsgType.AUTH_BEGIN):
+                    msg = "this server requires TLS: give the client --tls-ca (and --tls-cert, --tls-key)"
+                    with contextlib.suppress(OSError):
+                        raw.settimeout(1.0)
+                        raw.sendall(p.encode(p.Error(p.ErrorCode.AUTH_REQUIRED, msg)))
+                self._refused(peer, "refused: a plaintext connection to a TLS server")
+                _close_gently(raw)
+                return None
+            ssock = tls.ServerTls(raw, self.tls_ctx)
+            ssock.handshake(max(0.0, deadline - time.monotonic()), lambda: self.stopping)
+        except InterruptedError:
+            return None
+        except (OSError, ssl.SSLError) as exc:
+            self._refused(peer, f"refused: TLS handshake failed: {tls.describe(exc)}")
+            if ssock is not None and not isinstance(exc, TimeoutError):
+                _close_gently(ssock)  # the TLS alert reaches the client before the close
+            return None
+        who = tls.peer_subject(ssock)
+        log.info(
+            "client %s: TLS %s, %s",
+            peer,
+            ssock.version(),
+            f"client certificate {who!r}" if who else "no client certificate",
+        )
+        return ssock
+
+    def _peek(self, raw: socket.socket, deadline: float) -> bytes | None:
+        """The first bytes the client sends (left in the socket), None if it closes first."""
+        poller = select.poll()
+        poller.register(raw, select.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"nothing received within {HANDSHAKE_TIMEOUT:.0f}s")
+            if self.stopping:
+                raise InterruptedError("stopping")
+            if poller.poll(int(min(left, 0.2) * 1000) + 1):
+                data = raw.recv(8, socket.MSG_PEEK)
+                return data or None
+
+    def _splice(self, sess: ServerSession, sock: socket.socket) -> bool:
+        """Large DATA frames: read only up to the end of the descriptors, then let the session splice the data
+        section from the socket into the replica.  False: use the ordinary receive path."""
+        if self.pipe is None or sess.conn.phase is not p.Phase.STREAMING or self.applier.staging:
+            return False
+        dec = sess.conn.decoder
+        hdr = dec.peek_header()
+        if hdr is None or hdr[0] != p.MsgType.DATA or not SPLICE_MIN <= hdr[2] <= dec.max_payload:
+            return False
+        prefix = dec.current_payload()
+        if len(prefix) >= hdr[2]:
+            return False  # the whole frame is buffered already
+        need = p.data_head_size(prefix) or p.DATA_HEAD.size
+        if need > hdr[2] or self._no_splice == dec.frames:
+            return False  # malformed (the ordinary path rejects it), or received the ordinary way
+        if len(prefix) < need:
+            view = sess.conn.writable(need - len(prefix))
+            n = sock.recv_into(view[: need - len(prefix)])
+            sess.conn.commit(n)
+            if n == 0:
+                raise SessionClosed("connection lost: client closed the connection without GOODBYE")
+            if len(prefix) + n < need or p.data_head_size(dec.current_payload()) != need:
+                return True  # more to read (or the count just became known): come back
+        if not _long_runs(p.record_fields(dec.current_payload()[p.DATA_HEAD.size : need])):
+            self._no_splice = dec.frames  # small scattered writes: recv + pwrite beat two splices per run
+            return False
+        more = bool(select.select([sock], [], [], 0)[0])
+        self.spliced_frames += 1
+        reply = sess.receive_spliced(sock, self.pipe, idle=not more)
+        if reply:
+            sock.sendall(reply)
+        return True
+
+    def _report_bench(self, final: bool = False) -> None:
+        if self.bench is None:
+            return
+        st = self.applier.stats
+        line = self.bench.report(st.bytes, st.records, final)
+        if line:
+            print(
+                f"bench server: {line} writes={st.writes} syncs={st.syncs} sync_s={st.sync_seconds:.3f} "
+                f"skipped={st.skipped}",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.listener is not None:
+            self.listener.close()
+        self.replica.close()
+        self.area.close()
+        self.journal.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        if self.pipe is not None:
+            self.pipe.close()
+
+
+def open_record_area(journal: Journal, replica: Replica, limit: int | None) -> RecordArea:
+    """The journal's record area, after replaying a committed resync or discarding an uncommitted one."""
+    try:
+        fd = os.open(journal.path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ServerError(f"cannot open journal {journal.path}: {exc.strerror}") from exc
+    if journal.is_block:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        limit = size if limit is None else min(size, limit)
+    try:
+        area = RecordArea(fd, str(journal.path), limit)
+        done = area.recover(replica, replica.size)
+    except JournalError as exc:
+        os.close(fd)
+        raise ServerError(str(exc)) from exc
+    if done:
+        log.warning("journal %s: %s", journal.path, done)
+    return area
+
+
+def _close_gently(sock: socket.socket | tls.ServerTls, linger: float = 0.5) -> None:
+    """Close a refused connection so that what we sent last (an ERROR, a TLS alert) reaches the peer: FIN
+    first, then read what the peer still sends for a moment (closing with unread bytes would send a reset,
+    and a reset can overtake the last bytes)."""
+    raw = sock.raw if isinstance(sock, tls.ServerTls) else sock
+    try:
+        raw.shutdown(socket.SHUT_WR)
+        raw.settimeout(linger)
+        deadline = time.monotonic() + linger
+        while time.monotonic() < deadline and raw.recv(65536):
+            pass
+    except OSError:
+        pass
+    finally:
+        raw.close()
+
+
+def _keepalive(sock: socket.socket) -> None:
+    """Notice a dead peer within ~15 s even when no data flows."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 5)):
+        opt = getattr(socket, name, None)
+        if opt is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, opt, value)

@@ -1,0 +1,487 @@
+"""One client connection as a protocol state machine: handshake checks, streaming, scans.  Bytes in, bytes
+out; no sockets, so tests drive it in memory."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+from .. import auth, replica_state, scan
+from .. import protocol as p
+from ..journal import Journal, StorageError
+from ..journal_records import JournalFull
+from ..seq import seq_after
+from .applier import Applier
+from .replica import Replica
+from .splice import Pipe, SpliceSource
+
+log = logging.getLogger("bdr.server")
+
+ACK_EVERY = 32 << 20  # applied bytes after which an ACK goes out even while more input is waiting
+
+
+@dataclass(slots=True)
+class ScanState:
+    scan_id: int
+    mode: p.ScanMode
+    block_size: int
+    blocks: int = 0
+    bytes: int = 0
+    hashed: int = 0
+    started: float = 0.0
+
+
+class SessionClosed(Exception):
+    """The session is over; ``reply`` holds the last bytes to send (an ERROR or GOODBYE) before closing.
+    ``fatal``: the replica or the journal failed, the daemon must stop."""
+
+    def __init__(self, reason: str, reply: bytes = b"", clean: bool = False, fatal: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.reply = reply
+        self.clean = clean
+        self.fatal = fatal
+
+
+class ServerSession:
+    """The protocol state machine of one client connection on the server side."""
+
+    def __init__(
+        self,
+        replica: Replica,
+        journal: Journal,
+        applier: Applier,
+        peer: str = "memory",
+        auth: auth.ServerAuth | None = None,
+    ) -> None:
+        self.replica = replica
+        self.journal = journal
+        self.applier = applier
+        self.peer = peer
+        self.auth = auth
+        self.conn = p.Connection(p.Role.SERVER, auth=auth is not None)
+        self.hello: p.Hello | None = None
+        self.scan: ScanState | None = None
+        self._hash_buf = memoryview(bytearray(scan.WINDOW))
+        self.ids_match = False
+        self.ack_pending = False
+        self.resync_owned = False  # SCANNING was set by this connection (RESYNC_PENDING), not inherited
+        self.verified = 0  # bytes hashed for online verify requests (bdr verify)
+        self._acked_durable = applier.durable
+        self._acked_bytes = applier.stats.bytes
+
+    # -- input ------------------------------------------------------------------------------------------------
+
+    def receive(self, idle: bool = True, authenticating: bool = False) -> bytes:
+        """Process every complete frame buffered in ``conn``; return the bytes to send back.  ``authenticating``:
+        stop once the shared-secret exchange is over (what follows is for the session, not the gate).
+
+        ACK policy: at once when the durable sequence number moved (the client waits for it to release ring
+        slots) or after ACK_EVERY bytes; otherwise only once the input is ``idle`` (the caller saw no more bytes
+        waiting), so a busy stream is not slowed down by one ACK per frame.
+        Raises SessionClosed when the conversation is over (its reply must still be sent)."""
+        out: list[bytes] = []
+        while not (authenticating and self.conn.phase is not p.Phase.AUTH):
+            try:
+                ev = self.conn.next_event()
+                if ev is p.NEED_DATA:
+                    break
+                assert not isinstance(ev, p.NeedData)
+                reply = self.handle(ev)
+            except p.PeerError as exc:
+                raise SessionClosed(f"client reported {exc.code.name}: {exc.message}", b"".join(out)) from exc
+            except p.RemoteProtocolError as exc:
+                err = p.encode(p.Error(exc.code, exc.message))
+                raise SessionClosed(self._refusal(exc), b"".join(out) + err) from exc
+            except p.LocalProtocolError as exc:
+                err = p.encode(p.Error(exc.code, exc.message))
+                raise SessionClosed(f"refused: {exc.message}", b"".join(out) + err) from exc
+            except OSError as exc:
+                raise self.storage_failed(exc, b"".join(out)) from exc
+            if reply is None:
+                self.ack_pending = True
+            else:
+                out.append(reply)
+                if isinstance(ev, p.Goodbye):
+                    raise SessionClosed("client said goodbye", b"".join(out), clean=True)
+        a = self.applier
+        if self.ack_pending and (
+            idle or a.durable != self._acked_durable or a.stats.bytes - self._acked_bytes >= ACK_EVERY
+        ):
+            out.append(self.take_ack())
+        return b"".join(out)
+
+    def receive_spliced(self, sock: socket.socket, pipe: Pipe, idle: bool) -> bytes:
+        """Apply the DATA frame whose head and descriptors are buffered in ``conn`` while its data is still
+        on the wire: validate the descriptors, then splice the data into the replica.  Returns what to send."""
+        dec = self.conn.decoder
+        hdr = dec.peek_header()
+        assert hdr is not None
+        _, flags, length = hdr
+        try:
+            if flags & ~int(p.FrameFlag.SYNC):
+                raise p.RemoteProtocolError(p.ErrorCode.BAD_FIELD, f"frame flags {flags:#x} has unknown bits")
+            self.conn.expect_data()
+            prefix = dec.current_payload()
+            _, cols, data_len = p.parse_data_head(prefix, length, self.conn.device_size)
+            buffered = prefix[length - data_len :]
+            src = SpliceSource(sock, self.replica, pipe, buffered, data_len)
+            self.applier.apply_from(cols, src, bool(flags & p.FrameFlag.SYNC))
+        except p.RemoteProtocolError as exc:
+            if isinstance(exc, p.ConnectionLost):
+                raise SessionClosed(f"connection lost: {exc.message}") from exc
+            raise SessionClosed(
+                f"protocol error from client: {exc}", p.encode(p.Error(exc.code, exc.message))
+            ) from exc
+        except p.LocalProtocolError as exc:
+            raise SessionClosed(f"refused: {exc.message}", p.encode(p.Error(exc.code, exc.message))) from exc
+        except OSError as exc:
+            raise self.storage_failed(exc) from exc
+        dec.drop_current()
+        self.ack_pending = True
+        return self.receive(idle)
+
+    def _refusal(self, exc: p.RemoteProtocolError) -> str:
+        """Why the client's input was refused, in words for the log."""
+        if exc.code in (p.ErrorCode.AUTH_FAILED, p.ErrorCode.AUTH_REQUIRED):
+            return f"authentication failed: {exc.message}"
+        dec = self.conn.decoder
+        hdr = dec.peek_header()
+        if dec.frames == 0 and hdr is not None and hdr[2] & 0xFFFF == 0x0316:  # 16 03: a TLS record
+            return "the client speaks TLS, this server has no --tls-cert / --tls-key"
+        return f"protocol error from client: {exc}"
+
+    def storage_failed(self, exc: OSError, reply: bytes = b"") -> SessionClosed:
+        """The replica or the journal failed: mark the replica inconsistent on disk (the next client start
+        rescans the whole device) and end the session with an IO_ERROR the daemon treats as fatal."""
+        if isinstance(exc, StorageError):
+            msg = exc.strerror or str(exc)
+        else:  # the journal's errors are all JournalIOError (or JournalFull, not a failure): the replica's
+            msg = self.replica.error(exc).strerror or str(exc)
+        try:
+            self.journal.store(replica_state.storage_failed(self.journal.header))
+            marked = "the replica is marked inconsistent"
+        except OSError as exc2:
+            marked = f"and the journal cannot record it ({exc2.strerror or exc2})"
+        log.error("%s; %s", msg, marked)
+        err = p.encode(p.Error(p.ErrorCode.IO_ERROR, f"{msg} on the server"))
+        return SessionClosed(msg, reply + err, fatal=True)
+
+    def take_ack(self) -> bytes:
+        self.ack_pending = False
+        self._acked_durable = self.applier.durable
+        self._acked_bytes = self.applier.stats.bytes
+        return p.encode(self.applier.ack())
+
+    def handle(self, msg: p.Message) -> bytes | None:
+        """One message in; the reply frame out (None: answered by the ACK sent after the whole read)."""
+        try:
+            return self._handle(msg)
+        except JournalFull as exc:
+            self.applier.abort_staging()
+            log.warning(
+                "journal resync from %s dropped, the replica is untouched: %s (peak %d bytes staged)",
+                self.peer,
+                exc,
+                exc.needed,
+            )
+            raise p.LocalProtocolError(
+                p.ErrorCode.JOURNAL_FULL,
+                f"{exc}. Give the server a larger --journal / --journal-size (the range a resync covers plus "
+                "2 %), or resync with direct writes (bdr_client --journal-full direct, or --full-scan once: the "
+                "replica is inconsistent until it completes)",
+            ) from exc
+
+    def _handle(self, msg: p.Message) -> bytes | None:
+        if isinstance(msg, p.AuthBegin | p.AuthProof):
+            return self._auth(msg)
+        if isinstance(msg, p.Data):
+            self.applier.apply(msg)
+            return None
+        if isinstance(msg, p.Sync):
+            self.applier.sync()
+            return None
+        if isinstance(msg, p.Hello):
+            return self._hello(msg)
+        if isinstance(msg, p.Stream):
+            return self._stream(msg)
+        if isinstance(msg, p.ScanBegin):
+            return self._scan_begin(msg)
+        if isinstance(msg, p.ScanRequest):
+            return self._scan_request(msg)
+        if isinstance(msg, p.ScanData):
+            return self._scan_data(msg)
+        if isinstance(msg, p.ScanEnd):
+            return self._scan_end(msg)
+        if isinstance(msg, p.ResyncPending):
+            self.applier.sync()
+            self.journal.store(replica_state.writes_lost(self.journal.header))
+            self.resync_owned = True
+            log.info("client %s: the ring lost writes; replica marked for resync", self.peer)
+            return self.take_ack()
+        if isinstance(msg, p.Goodbye):
+            self.applier.sync()
+            return p.encode(self.applier.ack())
+        raise p.RemoteProtocolError(p.ErrorCode.UNEXPECTED, f"client sent {msg.TYPE.name}")
+
+    # -- handshake -----------------------------------------------------------------------------------------------
+
+    def _auth(self, msg: p.AuthBegin | p.AuthProof) -> bytes:
+        assert self.auth is not None  # without a secret the Connection refuses AUTH_* (AUTH_FAILED)
+        if isinstance(msg, p.AuthBegin):
+            return self.conn.send(self.auth.on_begin(msg))
+        ok = self.auth.on_proof(msg)
+        log.info(
+            "client %s authenticated (shared secret%s)", self.peer, ", TLS-bound" if self.auth.binding else ""
+        )
+        return self.conn.send(ok)
+
+    def _hello(self, h: p.Hello) -> bytes:
+        if h.device_size > self.replica.size:
+            raise p.LocalProtocolError(
+                p.ErrorCode.SIZE_MISMATCH,
+                f"replica {self.replica.path} has {self.replica.size} bytes, smaller than the source "
+                f"({h.device_size} bytes)",
+            )
+        if h.device_size < self.replica.size:
+            log.warning(
+                "replica is larger than the source (%d > %d bytes): only the first %d bytes are mirrored",
+                self.replica.size,
+                h.device_size,
+                h.device_size,
+            )
+        self.hello = h
+        jh = self.journal.header
+        self.ids_match = replica_state.mirrors(jh, self._source())
+        flags = replica_state.welcome_flags(jh, self.replica.known_zero)
+        durable = self.applier.durable
+        log.info(
+            "client %s: source %s size %d, replica %s, durable seq %s%s",
+            self.peer,
+            h.source_id.hex()[:12],
+            h.device_size,
+            "same source" if self.ids_match else "different or unknown source",
+            "none" if durable == p.NO_SEQ else durable,
+            ", interrupted scan" if replica_state.resync_interrupted(jh) else "",
+        )
+        return self.conn.send(
+            p.Welcome(
+                p.PROTOCOL_VERSION,
+                flags,
+                h.features & p.ALL_FEATURES,
+                self.replica.block_size,
+                self.replica.size,
+                jh.source_id,
+                jh.ring_id,
+                durable,
+            )
+        )
+
+    def _source(self) -> replica_state.Source:
+        """The source the client announced, and this replica's size."""
+        assert self.hello is not None
+        h = self.hello
+        return replica_state.Source(h.source_id, h.ring_id, h.device_size, self.replica.size)
+
+    def _adopt_source(self, new: replica_state.Header) -> None:
+        """Store a transition that makes the replica mirror the client's source."""
+        self.journal.store(new)
+        self.ids_match = True
+
+    def _stream(self, s: p.Stream) -> bytes | None:
+        if s.flags & p.StreamFlag.ASSUME_IN_SYNC:
+            log.warning(
+                "client asserts the replica is in sync (--no-replication): streaming from seq %d", s.from_seq
+            )
+            self.applier.abort_staging()  # an unfinished journal resync is moot: the operator vouches for the replica
+            self.applier.sync()
+            self._adopt_source(replica_state.assumed_in_sync(self.journal.header, self._source(), s.from_seq))
+            self.applier.restart_at(s.from_seq)
+            return None
+        jh = self.journal.header
+        why = None
+        if not self.ids_match:
+            why = "the replica mirrors a different source or capture ring"
+        elif replica_state.resync_interrupted(jh):
+            why = "a resync was interrupted"
+        elif self.applier.expect is None:
+            why = "the replica has no resume point"
+        elif seq_after(s.from_seq, self.applier.expect):
+            why = f"records {self.applier.expect}..{s.from_seq - 1} would be missing"
+        if why:
+            raise p.LocalProtocolError(
+                p.ErrorCode.RESUME_IMPOSSIBLE, f"cannot resume at seq {s.from_seq}: {why}"
+            )
+        log.info("client %s resumes streaming at seq %d", self.peer, s.from_seq)
+        return None
+
+    # -- scans -----------------------------------------------------------------------------------------------
+
+    def _scan_begin(self, b: p.ScanBegin) -> bytes | None:
+        assert self.hello is not None
+        whole = bool(b.flags & p.ScanFlag.WHOLE_DEVICE)
+        jh, h = self.journal.header, self.hello
+        if replica_state.mirrors_another_source(jh, self._source()) and not (
+            b.mode is p.ScanMode.FULL or b.flags & p.ScanFlag.DIRECT
+        ):
+            raise p.LocalProtocolError(
+                p.ErrorCode.WRONG_SOURCE,
+                f"replica {self.replica.path} mirrors another source ({jh.source_id.hex()[:12]}, "
+                f"{jh.source_size} bytes), not this one ({h.source_id.hex()[:12]}, {h.device_size} bytes): "
+                "refusing to turn it into a copy of this source; to replace it on purpose, start bdr_client "
+                "with --full-scan or --full-replication",
+            )
+        interrupted = replica_state.resync_interrupted(self.journal.header) and not self.resync_owned
+        if not whole and (not self.ids_match or interrupted):
+            raise p.LocalProtocolError(
+                p.ErrorCode.IDENTITY_MISMATCH,
+                "a partial scan needs a replica of the same source with no interrupted resync; scan the whole device",
+            )
+        journaled = (
+            b.mode is p.ScanMode.HASH and not b.flags & p.ScanFlag.DIRECT and self.applier.area is not None
+        )
+        self.applier.sync()  # everything streamed before the scan is durable before the resync starts
+        if journaled:
+            # the replica is not touched until the commit: it stays what it was (consistent if it was, and
+            # if it mirrors this source); SCANNING makes an interrupted resync end in a new scan
+            if whole or not self.applier.staging:
+                self.applier.begin_staging()
+            self.applier.commit_ready = False
+            self._adopt_source(replica_state.staged_resync_begun(self.journal.header, self._source()))
+        else:
+            self.applier.abort_staging()
+            self._adopt_source(replica_state.direct_resync_begun(self.journal.header, self._source()))
+            log.warning(
+                "scan %d writes the replica directly: the replica is inconsistent until it completes",
+                b.scan_id,
+            )
+        self.scan = ScanState(b.scan_id, b.mode, b.block_size, started=time.monotonic())
+        log.info(
+            "scan %d started (%s, %s, %d-byte blocks, %s)",
+            b.scan_id,
+            b.mode.name.lower(),
+            "whole device" if whole else "dirty regions",
+            b.block_size,
+            "staged in the journal" if journaled else "direct",
+        )
+        return b""
+
+    def _check_scan(self, scan_id: int) -> ScanState:
+        if self.scan is None or self.scan.scan_id != scan_id:
+            raise p.RemoteProtocolError(p.ErrorCode.BAD_FIELD, f"scan id {scan_id} is not the running scan")
+        return self.scan
+
+    def _scan_request(self, r: p.ScanRequest) -> bytes:
+        verify = r.scan_id == p.VERIFY_SCAN_ID and self.scan is None and self.conn.phase is p.Phase.STREAMING
+        sc = None if verify else self._check_scan(r.scan_id)  # None: an online verify request (bdr verify)
+        block_size = p.VERIFY_BLOCK_SIZE if sc is None else sc.block_size
+        assert self.hello is not None
+        if r.offset % block_size or r.offset + r.length > self.hello.device_size:
+            raise p.RemoteProtocolError(
+                p.ErrorCode.OUT_OF_RANGE, f"scan range [{r.offset}, +{r.length}) invalid"
+            )
+        if r.length > len(self._hash_buf):
+            if r.length > 16 * scan.WINDOW:
+                raise p.RemoteProtocolError(
+                    p.ErrorCode.BAD_LENGTH, f"scan window of {r.length} bytes too large"
+                )
+            self._hash_buf = memoryview(bytearray(r.length))
+        view = self._hash_buf[: r.length]
+        self.replica.read(view, r.offset)
+        if self.applier.staging:
+            assert self.applier.area is not None
+            self.applier.area.overlay(view, r.offset)  # hash what the replica will be after the commit
+        digests = scan.hash_window(view, r.offset, block_size)
+        if sc is None:
+            self.verified += r.length
+        else:
+            sc.hashed += r.length
+        return self.conn.send(p.ScanHashes(r.scan_id, r.offset, digests))
+
+    def _scan_data(self, d: p.ScanData) -> bytes:
+        sc = self._check_scan(d.scan_id)
+        mv = memoryview(d.data)
+        pos = 0
+        area = self.applier.area if self.applier.staging else None
+        for offset, length, bflags in d.blocks:
+            if bflags & p.BlockFlag.ZERO:
+                if area is not None:
+                    area.stage_zeroes(offset, length)
+                else:
+                    self.replica.write_zeroes(offset, length)
+            else:
+                if area is not None:
+                    area.stage_write(mv[pos : pos + length], offset)
+                else:
+                    self.replica.write(mv[pos : pos + length], offset)
+                pos += length
+            sc.blocks += 1
+            sc.bytes += length
+        return b""
+
+    def _scan_end(self, e: p.ScanEnd) -> bytes:
+        sc = self._check_scan(e.scan_id)
+        if self.applier.staging:
+            return self._scan_end_staged(sc, e)
+        self.replica.sync()
+        resume = e.resume_seq if e.flags & p.ScanEndFlag.HAS_RESUME_SEQ else None
+        consistent_seq = e.consistent_seq if e.flags & p.ScanEndFlag.HAS_CONSISTENT_SEQ else None
+        more = bool(e.flags & p.ScanEndFlag.MORE_TO_COME)
+        self.journal.store(
+            replica_state.direct_resync_ended(self.journal.header, resume, consistent_seq, more)
+        )
+        self.applier.restart_at(resume)
+        took = time.monotonic() - sc.started
+        log.info(
+            "scan %d done in %.1fs: %d blocks (%d bytes) written, %d bytes hashed; ring records resume at %s",
+            sc.scan_id,
+            took,
+            sc.blocks,
+            sc.bytes,
+            sc.hashed,
+            "the next record" if resume is None else f"seq {resume}",
+        )
+        self.scan = None
+        return self.conn.send(p.ScanDone(e.scan_id, sc.blocks, sc.bytes))
+
+    def _scan_end_staged(self, sc: ScanState, e: p.ScanEnd) -> bytes:
+        """The end of a journal scan: the blocks are staged; the ring records captured meanwhile follow (staged
+        too) up to the consistent sequence number, then the whole resync is committed and applied."""
+        assert self.applier.area is not None
+        self.applier.area.sync()
+        resume = e.resume_seq if e.flags & p.ScanEndFlag.HAS_RESUME_SEQ else None
+        self.journal.store(replica_state.staged_scan_ended(self.journal.header, resume))
+        self.applier.restart_at(resume)
+        more = bool(e.flags & p.ScanEndFlag.MORE_TO_COME)
+        self.applier.commit_at = e.consistent_seq if e.flags & p.ScanEndFlag.HAS_CONSISTENT_SEQ else None
+        self.applier.commit_ready = not more
+        if not more and self.applier.commit_at is None:
+            self.applier.sync()  # nothing to wait for: commit and apply now
+        took = time.monotonic() - sc.started
+        log.info(
+            "scan %d done in %.1fs: %d blocks (%d bytes) staged, %d bytes hashed; %s",
+            sc.scan_id,
+            took,
+            sc.blocks,
+            sc.bytes,
+            sc.hashed,
+            "another resync follows"
+            if more
+            else "committed and applied"
+            if self.applier.commit_at is None
+            else f"commit after seq {self.applier.commit_at}",
+        )
+        self.scan = None
+        return self.conn.send(p.ScanDone(e.scan_id, sc.blocks, sc.bytes))
+
+    def goodbye(self) -> bytes:
+        """Our side closes the conversation cleanly (server shutdown): final ACK and GOODBYE."""
+        try:
+            self.applier.sync()
+        except OSError as exc:
+            raise self.storage_failed(exc) from exc
+        if self.conn.phase in (p.Phase.HANDSHAKE, p.Phase.CLOSED):
+            return b""
+        return p.encode(self.applier.ack()) + self.conn.send(p.Goodbye(p.GoodbyeReason.SHUTDOWN))

@@ -1,0 +1,123 @@
+"""The DATA fast path: the data section of a large DATA frame goes from the socket into the replica with
+splice(2) through a pipe, one kernel copy and no userspace copy."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import select
+import socket
+
+from .. import protocol as p
+from .replica import Replica
+
+log = logging.getLogger("bdr.server")
+
+
+F_SETPIPE_SZ = 1031
+SPLICE_MIN = 256 * 1024  # DATA payloads from this size on go socket -> pipe -> replica
+IO_TIMEOUT = 60.0
+
+
+class SpliceSource:
+    """The data section of a DATA frame still on the wire: the bytes already buffered are written from memory,
+    the rest goes from the socket into the replica with splice(2) through a pipe, one kernel copy and no
+    userspace copy.  Falls back to read + pwrite where the replica cannot be spliced into."""
+
+    def __init__(
+        self, sock: socket.socket, replica: Replica, pipe: Pipe, buffered: memoryview, total: int
+    ) -> None:
+        self.sock = sock
+        self.replica = replica
+        self.pipe = pipe
+        self.buffered = buffered
+        self.total = total
+        self.pos = 0
+
+    def _from_socket(self, n: int) -> int:
+        """Move up to n bytes from the socket into the pipe."""
+        while True:
+            try:
+                k = os.splice(self.sock.fileno(), self.pipe.w, n)
+            except BlockingIOError:
+                if not select.select([self.sock], [], [], IO_TIMEOUT)[0]:
+                    raise p.ConnectionLost(f"no data from the client for {IO_TIMEOUT:.0f}s") from None
+                continue
+            except OSError as exc:  # the socket's fault (reset, ...): not a replica error
+                raise p.ConnectionLost(f"receive failed: {exc.strerror or exc}") from exc
+            if k == 0:
+                raise p.ConnectionLost("client closed the connection inside a DATA frame")
+            return k
+
+    def _to_replica(self, k: int, offset: int) -> None:
+        done = 0
+        while done < k:
+            if self.pipe.splice_out:
+                try:
+                    done += os.splice(self.pipe.r, self.replica.fd, k - done, offset_dst=offset + done)
+                    continue
+                except OSError as exc:
+                    if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise self.replica.error(exc, offset + done) from exc
+                    self.pipe.splice_out = False
+            data = os.read(self.pipe.r, k - done)
+            self.replica.write(memoryview(data), offset + done)
+            done += len(data)
+        self.replica.note_written(k)
+
+    def _take(self, length: int, offset: int | None) -> None:
+        """Consume the next ``length`` data bytes: to the replica at ``offset``, or discarded (None)."""
+        nbuf = len(self.buffered)
+        if self.pos < nbuf:
+            n = min(length, nbuf - self.pos)
+            if offset is not None:
+                self.replica.write(self.buffered[self.pos : self.pos + n], offset)
+                offset += n
+            self.pos += n
+            length -= n
+        while length > 0:
+            k = self._from_socket(min(length, self.pipe.size))
+            if offset is not None:
+                self._to_replica(k, offset)
+                offset += k
+            else:
+                os.read(self.pipe.r, k)
+            self.pos += k
+            length -= k
+
+    def write_runs(self, runs: list[tuple[int, int, int]]) -> None:
+        for start, length, offset in runs:
+            if start > self.pos:
+                self._take(start - self.pos, None)
+            self._take(length, offset)
+
+    def finish(self) -> None:
+        if self.total > self.pos:
+            self._take(self.total - self.pos, None)
+
+
+class Pipe:
+    """A pipe for splice(2), as large as the system allows."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe2(os.O_CLOEXEC)
+        self.size = 65536
+        with contextlib.suppress(OSError):
+            self.size = fcntl.fcntl(self.w, F_SETPIPE_SZ, 1 << 20)
+        self.splice_out = True
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+def _long_runs(f: p.RecordFields, min_avg: int = 32 * 1024) -> bool:
+    """Whether the writes of a batch coalesce into runs of ``min_avg`` bytes on average (worth splicing)."""
+    s, ln, n = f.sectors, f.lens, len(f.sectors)
+    if n and s[-1] - s[0] == sum(ln[:-1]) // p.SECTOR and f.ops.count(p.OP_WRITE) == n:
+        return True  # the common sequential case, without a loop
+    runs = 1 + sum(1 for i in range(1, n) if s[i] != s[i - 1] + (ln[i - 1] >> 9))
+    return sum(ln) >= runs * min_avg
