@@ -19,10 +19,10 @@ from .applier import Applier as Applier
 from .daemon import Server as Server
 from .daemon import open_record_area as open_record_area
 from .errors import ServerError as ServerError
+from .errors import SessionClosed as SessionClosed
 from .options import build_parser as build_parser
 from .options import main as main
 from .replica import Replica as Replica
 from .security import is_loopback as is_loopback
 from .security import load_security as load_security
 from .session import ServerSession as ServerSession
-from .session import SessionClosed as SessionClosed

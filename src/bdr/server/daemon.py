@@ -7,26 +7,26 @@ import argparse
 import contextlib
 import logging
 import os
-import queue
 import select
 import signal
 import socket
 import ssl
-import threading
 import time
-from collections.abc import Iterator
 
-from .. import __version__, auth, replica_state, status, tls
+from .. import __version__, replica_state, status, tls
 from .. import protocol as p
 from ..journal import Journal, JournalError
 from ..journal_records import RecordArea
 from ..log import BenchClock
 from .applier import Applier
-from .errors import EXIT_STORAGE, ServerError
+from .errors import EXIT_STORAGE, ServerError, SessionClosed
+from .gate import Gate
 from .replica import Replica
+from .runtime import Tally
 from .security import load_security
-from .session import ServerSession, SessionClosed
-from .splice import SPLICE_MIN, Pipe, _long_runs
+from .session import ServerSession
+from .sockets import close_gently
+from .splice import SpliceReceiver
 
 log = logging.getLogger("bdr.server")
 
@@ -75,24 +75,6 @@ METRICS = [
 ]
 
 
-class Throttle:
-    """One log line per ``interval`` seconds for an event that may come in a flood; the others are counted."""
-
-    def __init__(self, interval: float = 5.0) -> None:
-        self.interval = interval
-        self._last = -1e9
-        self._quiet = 0
-
-    def due(self) -> int | None:
-        """None: stay quiet; otherwise log now, with this many events kept quiet since the last line."""
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            self._quiet += 1
-            return None
-        quiet, self._last, self._quiet = self._quiet, now, 0
-        return quiet
-
-
 class Server:
     """Listens, serves one client at a time, turns SIGTERM / SIGINT into a clean stop."""
 
@@ -115,29 +97,30 @@ class Server:
         self._wake_w.setblocking(False)
         self.bench = BenchClock() if args.benchmark else None
         self.listener: socket.socket | None = None
-        self.pipe: Pipe | None = None
-        self.spliced_frames = 0
-        self._no_splice = -1  # decoder frame number that goes the ordinary way
+        self.splicer = SpliceReceiver()
         self.failed: str | None = None  # the storage error the daemon stops on
         # what bdr status and the metrics show (bdr.status), published by the main loop
         self.board = status.Board()
         self.session: ServerSession | None = None
-        self.connections = self.errors = 0
-        self.last_error: str | None = None
+        self.tally = Tally()  # connections served, and those that ended with an error
         self._published = 0.0
         self.control: status.ControlSocket | None = None
         self.metrics: status.MetricsEndpoint | None = None
-        self._busy_log = Throttle()  # a flood of connections does not flood the log
-        # the gate: connections in their handshake by host, and those through it, waiting for the session slot
-        self._gate_lock = threading.Lock()
-        self._pending: dict[str, int] = {}
-        self._full_log = Throttle()
-        self._admitted: queue.SimpleQueue[tuple[socket.socket | tls.ServerTls, ServerSession, str, float]] = (
-            queue.SimpleQueue()
+        self.gate = Gate(
+            self.tls_ctx,
+            self.secret,
+            self.binding,
+            lambda peer, server_auth: ServerSession(
+                self.replica, self.journal, self.applier, peer, server_auth
+            ),
+            lambda: self.session.peer if self.session is not None else None,
+            lambda: self.stopping,
+            self._wake,
+            self.tally,
+            HANDSHAKE_TIMEOUT,
+            MAX_PENDING,
+            MAX_PENDING_PER_HOST,
         )
-        if hasattr(os, "splice") and os.environ.get("BDR_NO_SPLICE") != "1":
-            with contextlib.suppress(OSError):
-                self.pipe = Pipe()
 
     # -- signals ----------------------------------------------------------------------------------------------
 
@@ -148,6 +131,25 @@ class Server:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+
+    @property
+    def errors(self) -> int:
+        """Connections that ended with an error (refusals by the gate included)."""
+        return self.tally.errors
+
+    @property
+    def last_error(self) -> str | None:
+        return self.tally.last_error
+
+    @property
+    def spliced_frames(self) -> int:
+        """DATA frames received by the splice fast path."""
+        return self.splicer.frames
+
+    def _wake(self) -> None:
+        """Wake the main loop (a connection came through the gate)."""
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"a")
 
     def _drain_wakeup(self) -> None:
         try:
@@ -214,9 +216,9 @@ class Server:
                 },
                 "verified_bytes": sess.verified if sess is not None else 0,
                 "metrics_url": self.metrics.url if self.metrics is not None else None,
-                "connections": self.connections,
-                "errors": self.errors,
-                "last_error": self.last_error,
+                "connections": self.tally.connections,
+                "errors": self.tally.errors,
+                "last_error": self.tally.last_error,
             }
         )
 
@@ -270,14 +272,13 @@ class Server:
                 if fd == self._wake_r.fileno():
                     self._drain_wakeup()
                 elif fd == lst.fileno():
-                    self._accept()
-            for admitted in self._take_admitted():
+                    self.gate.accept(lst)
+            for admitted in self.gate.take_admitted():
                 if self.stopping:  # through the gate as we stop
                     admitted[0].close()
                 else:
                     self._serve(*admitted)
-        for admitted in self._take_admitted():
-            admitted[0].close()
+        self.gate.close()
         if self.failed is not None:
             log.error(
                 "bdr_server stopped on a storage error (%s): fix the device, then start the server again; "
@@ -307,158 +308,12 @@ class Server:
     def _seq_text(seq: int) -> str:
         return "none" if seq == p.NO_SEQ else str(seq)
 
-    # -- the gate: authentication before a connection may become the session -------------------------------------
-
-    def _accept(self) -> None:
-        """A new connection: authenticated on a thread of its own (bounded in number, in total and per host)."""
-        assert self.listener is not None
-        try:
-            raw, addr = self.listener.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return
-        except OSError as exc:  # out of file descriptors or memory: retry later
-            log.error("accept failed: %s", exc)
-            time.sleep(0.1)
-            return
-        host, peer = addr[0], f"{addr[0]}:{addr[1]}"
-        with self._gate_lock:
-            total, mine = sum(self._pending.values()), self._pending.get(host, 0)
-            full = total >= MAX_PENDING or mine >= MAX_PENDING_PER_HOST
-            if not full:
-                self._pending[host] = mine + 1
-            elif (quiet := self._full_log.due()) is not None:
-                log.warning(
-                    "refusing connection from %s: %d connections already authenticating (%d from %s)%s",
-                    peer,
-                    total,
-                    mine,
-                    host,
-                    f"; {quiet} more refused since the last report" if quiet else "",
-                )
-        if full:
-            raw.close()
-            return
-        threading.Thread(
-            target=self._gate, args=(raw, host, peer), name=f"bdr-gate-{peer}", daemon=True
-        ).start()
-
     def handle(self, raw: socket.socket, peer: str) -> None:
         """One connection from start to end on the calling thread: the gate, then the session if it gets
         through (what the daemon does with each connection, without the listener)."""
-        self._admit(raw, peer)
-        for admitted in self._take_admitted():
+        self.gate.admit(raw, peer)
+        for admitted in self.gate.take_admitted():
             self._serve(*admitted)
-
-    def _take_admitted(self) -> Iterator[tuple[socket.socket | tls.ServerTls, ServerSession, str, float]]:
-        """The connections through the gate, waiting for the main loop, until there are none."""
-        while True:
-            try:
-                yield self._admitted.get_nowait()
-            except queue.Empty:
-                return
-
-    def _refused(self, peer: str, reason: str) -> None:
-        """A connection the gate let not through: logged, and counted in the status (errors, last error)."""
-        log.warning("client %s: %s", peer, reason)
-        with self._gate_lock:
-            self.errors += 1
-            self.last_error = f"client {peer}: {reason}"
-
-    def _gate(self, raw: socket.socket, host: str, peer: str) -> None:
-        try:
-            self._admit(raw, peer)
-        finally:
-            with self._gate_lock:
-                self._pending[host] -= 1
-                if not self._pending[host]:
-                    del self._pending[host]
-
-    def _admit(self, raw: socket.socket, peer: str) -> None:
-        """TLS handshake and shared-secret proof within HANDSHAKE_TIMEOUT; then the connection waits for the
-        main loop, which makes it the session or refuses it as busy."""
-        try:
-            log.warning("client %s connected", peer)
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _keepalive(raw)
-            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                with contextlib.suppress(OSError):
-                    raw.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-            deadline = time.monotonic() + HANDSHAKE_TIMEOUT
-            sock = self._secure(raw, peer, deadline)
-            if sock is None:
-                raw.close()
-                return
-            server_auth = auth.ServerAuth(self.secret, self.binding) if self.secret is not None else None
-            sess = ServerSession(self.replica, self.journal, self.applier, peer, server_auth)
-            if server_auth is not None and not self._authenticate(sock, sess, peer, deadline):
-                return
-            if self.session is not None:
-                self._refuse_busy(sock, peer)
-                return
-            self._admitted.put((sock, sess, peer, deadline))
-            with contextlib.suppress(OSError):
-                self._wake_w.send(b"a")
-        except Exception:  # a thread's death must not go unnoticed
-            log.exception("client %s: unexpected error while authenticating", peer)
-            raw.close()
-
-    def _authenticate(
-        self, sock: socket.socket | tls.ServerTls, sess: ServerSession, peer: str, deadline: float
-    ) -> bool:
-        """The shared-secret exchange (AUTH_BEGIN ... AUTH_OK); False when refused (logged, closed)."""
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        try:
-            while sess.conn.phase is p.Phase.AUTH:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    msg = f"no complete handshake within {HANDSHAKE_TIMEOUT:.0f}s"
-                    raise SessionClosed(f"refused: {msg}", p.encode(p.Error(p.ErrorCode.UNEXPECTED, msg)))
-                if self.stopping:
-                    raise SessionClosed("server shutting down")
-                if not tls.pending(sock) and not poller.poll(int(min(left, 0.2) * 1000) + 1):
-                    continue
-                sock.settimeout(max(left, 0.1))
-                n = sock.recv_into(sess.conn.writable(65536))
-                sess.conn.commit(n)
-                if n == 0:
-                    raise SessionClosed("connection lost: closed by the client during authentication")
-                reply = sess.receive(authenticating=True)
-                if reply:
-                    sock.sendall(reply)
-            return True
-        except SessionClosed as exc:
-            self._refused(peer, exc.reason)
-            if exc.reply:
-                with contextlib.suppress(OSError):
-                    sock.settimeout(1.0)
-                    sock.sendall(exc.reply)
-                _close_gently(sock)
-            else:
-                sock.close()
-        except (OSError, p.RemoteProtocolError) as exc:
-            reason = tls.describe(exc) if isinstance(exc, ssl.SSLError) else str(exc)
-            self._refused(peer, f"connection lost during authentication: {reason}")
-            sock.close()
-        return False
-
-    def _refuse_busy(self, sock: socket.socket | tls.ServerTls, peer: str) -> None:
-        """An authenticated client while another is served: ERROR BUSY, then the close."""
-        current = self.session.peer if self.session is not None else "another client"
-        with self._gate_lock:
-            if (quiet := self._busy_log.due()) is not None:
-                more = f" ({quiet} more refused since the last report)" if quiet else ""
-                log.warning("refusing connection from %s: already serving %s%s", peer, current, more)
-        with contextlib.suppress(OSError):
-            sock.settimeout(1.0)
-            sock.sendall(p.encode(p.Error(p.ErrorCode.BUSY, f"server already serves a client ({current})")))
-        _close_gently(sock)
-
-    def _refuse_admitted(self) -> None:
-        """Connections through the gate while a session runs: refused as busy, each on a thread (the close
-        lingers a moment)."""
-        for sock, _, peer, _ in self._take_admitted():
-            threading.Thread(target=self._refuse_busy, args=(sock, peer), daemon=True).start()
 
     def _serve(
         self, sock: socket.socket | tls.ServerTls, sess: ServerSession, peer: str, deadline: float
@@ -466,7 +321,7 @@ class Server:
         """One session, from the HELLO (the gate has authenticated the client) to the close."""
         sock.settimeout(60.0)
         self.session = sess
-        self.connections += 1
+        self.tally.connections += 1
         self.publish(force=True)
         poller = select.poll()
         poller.register(sock, select.POLLIN)
@@ -483,7 +338,7 @@ class Server:
             if reply:
                 sock.sendall(reply)
             while True:
-                self._refuse_admitted()
+                self.gate.refuse_admitted()
                 if self.stopping:
                     reason = "server shutting down"
                     clean = True
@@ -503,10 +358,10 @@ class Server:
                     if fd == self._wake_r.fileno():
                         self._drain_wakeup()
                     elif fd == self.listener.fileno():
-                        self._accept()
+                        self.gate.accept(self.listener)
                     elif fd == sock.fileno():
                         last_rx = time.monotonic()
-                        if isinstance(sock, socket.socket) and self._splice(sess, sock):
+                        if isinstance(sock, socket.socket) and self.splicer.receive(sess, sock):
                             continue
                         n = sock.recv_into(sess.conn.writable(1 << 20))
                         sess.conn.commit(n)
@@ -546,19 +401,14 @@ class Server:
                 self.failed = reason
                 self.stopping = True
             if not clean:
-                self.errors += 1
-                self.last_error = reason
+                self.tally.failed(reason)
             self.session = None
             self.publish(force=True)
             if gentle:
-                _close_gently(sock, linger=1.0)
+                close_gently(sock, linger=1.0)
             else:
                 sock.close()
-            if self.pipe is not None:  # a frame cut short may have left bytes in it: never reuse them
-                self.pipe.close()
-                self.pipe = None
-                with contextlib.suppress(OSError):
-                    self.pipe = Pipe()
+            self.splicer.reset()  # a frame cut short may have left bytes in its pipe: never reuse them
             log.warning(
                 "client %s disconnected (%s); applied seq %s, durable seq %s",
                 peer,
@@ -577,90 +427,6 @@ class Server:
         if sess.conn.decoder.buffered and now - last_rx > FRAME_TIMEOUT:
             msg = f"stalled in the middle of a frame: no data for {FRAME_TIMEOUT:.0f}s"
             raise SessionClosed(f"refused: {msg}", p.encode(p.Error(p.ErrorCode.TRUNCATED, msg)))
-
-    def _secure(self, raw: socket.socket, peer: str, deadline: float) -> socket.socket | tls.ServerTls | None:
-        """The TLS handshake of a new connection (the plain socket without TLS); None when refused (logged)."""
-        if self.tls_ctx is None:
-            return raw
-        ssock: tls.ServerTls | None = None
-        try:
-            first = self._peek(raw, deadline)
-            if first is None:
-                log.warning("client %s: closed the connection before the TLS handshake", peer)
-                return None
-            if first[:1] != b"\x16":  # not a TLS handshake record
-                if len(first) >= 5 and first[4] in (p.MsgType.HELLO, p.MsgType.AUTH_BEGIN):
-                    msg = "this server requires TLS: give the client --tls-ca (and --tls-cert, --tls-key)"
-                    with contextlib.suppress(OSError):
-                        raw.settimeout(1.0)
-                        raw.sendall(p.encode(p.Error(p.ErrorCode.AUTH_REQUIRED, msg)))
-                self._refused(peer, "refused: a plaintext connection to a TLS server")
-                _close_gently(raw)
-                return None
-            ssock = tls.ServerTls(raw, self.tls_ctx)
-            ssock.handshake(max(0.0, deadline - time.monotonic()), lambda: self.stopping)
-        except InterruptedError:
-            return None
-        except (OSError, ssl.SSLError) as exc:
-            self._refused(peer, f"refused: TLS handshake failed: {tls.describe(exc)}")
-            if ssock is not None and not isinstance(exc, TimeoutError):
-                _close_gently(ssock)  # the TLS alert reaches the client before the close
-            return None
-        who = tls.peer_subject(ssock)
-        log.info(
-            "client %s: TLS %s, %s",
-            peer,
-            ssock.version(),
-            f"client certificate {who!r}" if who else "no client certificate",
-        )
-        return ssock
-
-    def _peek(self, raw: socket.socket, deadline: float) -> bytes | None:
-        """The first bytes the client sends (left in the socket), None if it closes first."""
-        poller = select.poll()
-        poller.register(raw, select.POLLIN)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"nothing received within {HANDSHAKE_TIMEOUT:.0f}s")
-            if self.stopping:
-                raise InterruptedError("stopping")
-            if poller.poll(int(min(left, 0.2) * 1000) + 1):
-                data = raw.recv(8, socket.MSG_PEEK)
-                return data or None
-
-    def _splice(self, sess: ServerSession, sock: socket.socket) -> bool:
-        """Large DATA frames: read only up to the end of the descriptors, then let the session splice the data
-        section from the socket into the replica.  False: use the ordinary receive path."""
-        if self.pipe is None or sess.conn.phase is not p.Phase.STREAMING or self.applier.staging:
-            return False
-        dec = sess.conn.decoder
-        hdr = dec.peek_header()
-        if hdr is None or hdr[0] != p.MsgType.DATA or not SPLICE_MIN <= hdr[2] <= dec.max_payload:
-            return False
-        prefix = dec.current_payload()
-        if len(prefix) >= hdr[2]:
-            return False  # the whole frame is buffered already
-        need = p.data_head_size(prefix) or p.DATA_HEAD.size
-        if need > hdr[2] or self._no_splice == dec.frames:
-            return False  # malformed (the ordinary path rejects it), or received the ordinary way
-        if len(prefix) < need:
-            view = sess.conn.writable(need - len(prefix))
-            n = sock.recv_into(view[: need - len(prefix)])
-            sess.conn.commit(n)
-            if n == 0:
-                raise SessionClosed("connection lost: client closed the connection without GOODBYE")
-            if len(prefix) + n < need or p.data_head_size(dec.current_payload()) != need:
-                return True  # more to read (or the count just became known): come back
-        if not _long_runs(p.record_fields(dec.current_payload()[p.DATA_HEAD.size : need])):
-            self._no_splice = dec.frames  # small scattered writes: recv + pwrite beat two splices per run
-            return False
-        more = bool(select.select([sock], [], [], 0)[0])
-        self.spliced_frames += 1
-        reply = sess.receive_spliced(sock, self.pipe, idle=not more)
-        if reply:
-            sock.sendall(reply)
-        return True
 
     def _report_bench(self, final: bool = False) -> None:
         if self.bench is None:
@@ -686,8 +452,7 @@ class Server:
         self.journal.close()
         self._wake_r.close()
         self._wake_w.close()
-        if self.pipe is not None:
-            self.pipe.close()
+        self.splicer.close()
 
 
 def open_record_area(journal: Journal, replica: Replica, limit: int | None) -> RecordArea:
@@ -708,29 +473,3 @@ def open_record_area(journal: Journal, replica: Replica, limit: int | None) -> R
     if done:
         log.warning("journal %s: %s", journal.path, done)
     return area
-
-
-def _close_gently(sock: socket.socket | tls.ServerTls, linger: float = 0.5) -> None:
-    """Close a refused connection so that what we sent last (an ERROR, a TLS alert) reaches the peer: FIN
-    first, then read what the peer still sends for a moment (closing with unread bytes would send a reset,
-    and a reset can overtake the last bytes)."""
-    raw = sock.raw if isinstance(sock, tls.ServerTls) else sock
-    try:
-        raw.shutdown(socket.SHUT_WR)
-        raw.settimeout(linger)
-        deadline = time.monotonic() + linger
-        while time.monotonic() < deadline and raw.recv(65536):
-            pass
-    except OSError:
-        pass
-    finally:
-        raw.close()
-
-
-def _keepalive(sock: socket.socket) -> None:
-    """Notice a dead peer within ~15 s even when no data flows."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 5)):
-        opt = getattr(socket, name, None)
-        if opt is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, opt, value)

@@ -12,3 +12,15 @@ EXIT_USAGE, EXIT_STORAGE = 2, 4
 
 class ServerError(Exception):
     """Configuration problem the operator must fix (paths, sizes): the daemon exits with a message."""
+
+
+class SessionClosed(Exception):
+    """The session is over; ``reply`` holds the last bytes to send (an ERROR or GOODBYE) before closing.
+    ``fatal``: the replica or the journal failed, the daemon must stop."""
+
+    def __init__(self, reason: str, reply: bytes = b"", clean: bool = False, fatal: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.reply = reply
+        self.clean = clean
+        self.fatal = fatal

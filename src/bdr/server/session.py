@@ -14,6 +14,7 @@ from ..journal import Journal, StorageError
 from ..journal_records import JournalFull
 from ..seq import seq_after
 from .applier import Applier
+from .errors import SessionClosed
 from .replica import Replica
 from .splice import Pipe, SpliceSource
 
@@ -31,18 +32,6 @@ class ScanState:
     bytes: int = 0
     hashed: int = 0
     started: float = 0.0
-
-
-class SessionClosed(Exception):
-    """The session is over; ``reply`` holds the last bytes to send (an ERROR or GOODBYE) before closing.
-    ``fatal``: the replica or the journal failed, the daemon must stop."""
-
-    def __init__(self, reason: str, reply: bytes = b"", clean: bool = False, fatal: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.reply = reply
-        self.clean = clean
-        self.fatal = fatal
 
 
 class ServerSession:

@@ -10,9 +10,14 @@ import logging
 import os
 import select
 import socket
+from typing import TYPE_CHECKING
 
 from .. import protocol as p
+from .errors import SessionClosed
 from .replica import Replica
+
+if TYPE_CHECKING:
+    from .session import ServerSession
 
 log = logging.getLogger("bdr.server")
 
@@ -121,3 +126,62 @@ def _long_runs(f: p.RecordFields, min_avg: int = 32 * 1024) -> bool:
         return True  # the common sequential case, without a loop
     runs = 1 + sum(1 for i in range(1, n) if s[i] != s[i - 1] + (ln[i - 1] >> 9))
     return sum(ln) >= runs * min_avg
+
+
+class SpliceReceiver:
+    """Decides, frame by frame, whether a DATA frame takes the splice path, and owns the pipe it goes through.
+    BDR_NO_SPLICE=1 in the environment turns the fast path off."""
+
+    def __init__(self) -> None:
+        self.pipe: Pipe | None = None
+        self.frames = 0  # DATA frames received by splice
+        self._no_splice = -1  # decoder frame number that goes the ordinary way
+        if hasattr(os, "splice") and os.environ.get("BDR_NO_SPLICE") != "1":
+            with contextlib.suppress(OSError):
+                self.pipe = Pipe()
+
+    def receive(self, sess: ServerSession, sock: socket.socket) -> bool:
+        """Large DATA frames: read only up to the end of the descriptors, then let the session splice the data
+        section from the socket into the replica.  False: use the ordinary receive path."""
+        if self.pipe is None or sess.conn.phase is not p.Phase.STREAMING or sess.applier.staging:
+            return False
+        dec = sess.conn.decoder
+        hdr = dec.peek_header()
+        if hdr is None or hdr[0] != p.MsgType.DATA or not SPLICE_MIN <= hdr[2] <= dec.max_payload:
+            return False
+        prefix = dec.current_payload()
+        if len(prefix) >= hdr[2]:
+            return False  # the whole frame is buffered already
+        need = p.data_head_size(prefix) or p.DATA_HEAD.size
+        if need > hdr[2] or self._no_splice == dec.frames:
+            return False  # malformed (the ordinary path rejects it), or received the ordinary way
+        if len(prefix) < need:
+            view = sess.conn.writable(need - len(prefix))
+            n = sock.recv_into(view[: need - len(prefix)])
+            sess.conn.commit(n)
+            if n == 0:
+                raise SessionClosed("connection lost: client closed the connection without GOODBYE")
+            if len(prefix) + n < need or p.data_head_size(dec.current_payload()) != need:
+                return True  # more to read (or the count just became known): come back
+        if not _long_runs(p.record_fields(dec.current_payload()[p.DATA_HEAD.size : need])):
+            self._no_splice = dec.frames  # small scattered writes: recv + pwrite beat two splices per run
+            return False
+        more = bool(select.select([sock], [], [], 0)[0])
+        self.frames += 1
+        reply = sess.receive_spliced(sock, self.pipe, idle=not more)
+        if reply:
+            sock.sendall(reply)
+        return True
+
+    def reset(self) -> None:
+        """A new pipe (after a session: a frame cut short may have left bytes in the old one)."""
+        if self.pipe is not None:
+            self.pipe.close()
+            self.pipe = None
+            with contextlib.suppress(OSError):
+                self.pipe = Pipe()
+
+    def close(self) -> None:
+        if self.pipe is not None:
+            self.pipe.close()
+            self.pipe = None
