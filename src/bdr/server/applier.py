@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from .. import protocol as p
 from .. import replica_state
 from ..journal import Journal
-from ..journal_records import RecordArea, StagingTarget
-from ..seq import prev_seq, seq_distance, seq_le
+from ..journal_records import RecordArea
+from ..seq import prev_seq, seq_distance
 from .replica import Target
 
 log = logging.getLogger("bdr.server")
@@ -63,15 +64,15 @@ class Applier:
     """
 
     def __init__(self, target: Target, journal: Journal, area: RecordArea | None = None) -> None:
-        self.target = target
+        self.target = target  # where records are written: the replica, or a staged resync's target
         self.replica_target = target
         self.journal = journal
-        # journal scans: the resync is staged in ``area`` (``target`` is a StagingTarget meanwhile) and committed
-        # once the scan ended (``commit_ready``) and the records up to ``commit_at`` are staged
-        self.area = area
-        self.staging = False
-        self.commit_ready = False
-        self.commit_at: int | None = None
+        self.area = (
+            area  # the journal's record area, where the session may stage a resync (None: no journal scans)
+        )
+        # asked at every durability point: True when the owner of a staged resync committed and applied it there
+        # (the point is then durable: see resync_applied)
+        self.at_durability_point: Callable[[], bool] = lambda: False
         resume = replica_state.resume_point(journal.header)
         self.durable = p.NO_SEQ if resume is None else resume
         self.applied = self.durable
@@ -209,47 +210,25 @@ class Applier:
 
     # -- durability ---------------------------------------------------------------------------------------------
 
-    def begin_staging(self) -> None:
-        """A journal scan starts: from now on scan blocks and ring writes are staged in the journal."""
-        assert self.area is not None
-        self.area.begin()
-        self.target = StagingTarget(self.area)
-        self.staging = True
-        self.commit_ready = False
-        self.commit_at = None
+    @property
+    def staging(self) -> bool:
+        """Records go to a staged resync, not to the replica."""
+        return self.target is not self.replica_target
 
-    def abort_staging(self) -> None:
-        """Forget an uncommitted resync (the replica was not touched; the header still says SCANNING)."""
-        if self.staging:
-            assert self.area is not None
-            self.area.discard()
-            self.target = self.replica_target
-            self.staging = False
+    def stage_into(self, target: Target | None) -> None:
+        """Write records to ``target`` (a staged resync) from now on; None: to the replica again."""
+        self.target = self.replica_target if target is None else target
 
-    def _commit_staged(self) -> None:
-        """Commit the staged resync, record the new consistent state in the header, apply it to the replica."""
-        assert self.area is not None
-        self.area.commit()
-        self.journal.store(
-            replica_state.staged_resync_committed(self.journal.header, self.applied, self.expect is not None)
-        )
+    def resync_applied(self) -> None:
+        """A staged resync was committed and applied at this durability point: everything applied is durable."""
         self.target = self.replica_target
-        self.staging = False
-        n = self.area.apply(self.replica_target)
         self.durable = self.applied
         self._dirty = False
         self.stats.syncs += 1
-        log.info("journal resync applied (%d records); replica consistent at seq %d", n, self.applied)
 
     def sync(self) -> None:
         """Make everything applied durable: replica fdatasync, then the metadata header, then (caller) ACK."""
-        if (
-            self.staging
-            and self.commit_ready
-            and (self.commit_at is None or (self.expect is not None and seq_le(self.commit_at, self.applied)))
-        ):
-            self.target.sync()
-            self._commit_staged()
+        if self.at_durability_point():
             return
         if not self._dirty and self.durable == self.applied:
             return

@@ -17,6 +17,7 @@ from .applier import Applier
 from .errors import SessionClosed
 from .replica import Replica
 from .splice import Pipe, SpliceSource
+from .staging import StagedResync
 
 log = logging.getLogger("bdr.server")
 
@@ -58,6 +59,9 @@ class ServerSession:
         self.ack_pending = False
         self.resync_owned = False  # SCANNING was set by this connection (RESYNC_PENDING), not inherited
         self.verified = 0  # bytes hashed for online verify requests (bdr verify)
+        self.staged: StagedResync | None = (
+            None  # the journal resync of this connection, until applied or dropped
+        )
         self._acked_durable = applier.durable
         self._acked_bytes = applier.stats.bytes
 
@@ -169,7 +173,7 @@ class ServerSession:
         try:
             return self._handle(msg)
         except JournalFull as exc:
-            self.applier.abort_staging()
+            self._drop_staged()
             log.warning(
                 "journal resync from %s dropped, the replica is untouched: %s (peak %d bytes staged)",
                 self.peer,
@@ -228,6 +232,7 @@ class ServerSession:
         return self.conn.send(ok)
 
     def _hello(self, h: p.Hello) -> bytes:
+        self._claim_applier()
         if h.device_size > self.replica.size:
             raise p.LocalProtocolError(
                 p.ErrorCode.SIZE_MISMATCH,
@@ -268,6 +273,46 @@ class ServerSession:
             )
         )
 
+    # -- the staged resync ---------------------------------------------------------------------------------------
+
+    def _claim_applier(self) -> None:
+        """This connection is the session now: the applier reports its durability points here, and writes to
+        the replica until this session stages a resync (an earlier connection's uncommitted resync is void)."""
+        self.applier.at_durability_point = self._durability_point
+        self.applier.stage_into(None)
+
+    def _begin_staged(self) -> None:
+        assert self.applier.area is not None
+        if self.staged is not None:
+            self.staged.superseded()
+        self.staged = StagedResync(self.applier.area)
+        self.applier.stage_into(self.staged.target)
+
+    def _drop_staged(self) -> None:
+        """Forget an uncommitted resync (the replica was not touched; the header still says SCANNING)."""
+        if self.staged is not None:
+            self.staged.discard()
+            self.staged = None
+            self.applier.stage_into(None)
+        elif self.applier.area is not None and self.applier.area.is_open:
+            self.applier.area.discard()  # left open by an earlier connection
+
+    def _durability_point(self) -> bool:
+        """At a durability point of the stream: commit and apply the staged resync if it is due (True)."""
+        st, ap = self.staged, self.applier
+        if st is None or not st.due(ap.applied if ap.expect is not None else None):
+            return False
+        st.sync()
+        st.commit()
+        self.journal.store(
+            replica_state.staged_resync_committed(self.journal.header, ap.applied, ap.expect is not None)
+        )
+        n = st.apply(ap.replica_target)
+        ap.resync_applied()
+        self.staged = None
+        log.info("journal resync applied (%d records); replica consistent at seq %d", n, ap.applied)
+        return True
+
     def _source(self) -> replica_state.Source:
         """The source the client announced, and this replica's size."""
         assert self.hello is not None
@@ -284,7 +329,7 @@ class ServerSession:
             log.warning(
                 "client asserts the replica is in sync (--no-replication): streaming from seq %d", s.from_seq
             )
-            self.applier.abort_staging()  # an unfinished journal resync is moot: the operator vouches for the replica
+            self._drop_staged()  # an unfinished journal resync is moot: the operator vouches for the replica
             self.applier.sync()
             self._adopt_source(replica_state.assumed_in_sync(self.journal.header, self._source(), s.from_seq))
             self.applier.restart_at(s.from_seq)
@@ -335,12 +380,13 @@ class ServerSession:
         if journaled:
             # the replica is not touched until the commit: it stays what it was (consistent if it was, and
             # if it mirrors this source); SCANNING makes an interrupted resync end in a new scan
-            if whole or not self.applier.staging:
-                self.applier.begin_staging()
-            self.applier.commit_ready = False
+            if whole or self.staged is None:
+                self._begin_staged()
+            else:
+                self.staged.extend()  # dirty regions lost again before the commit join the same resync
             self._adopt_source(replica_state.staged_resync_begun(self.journal.header, self._source()))
         else:
-            self.applier.abort_staging()
+            self._drop_staged()
             self._adopt_source(replica_state.direct_resync_begun(self.journal.header, self._source()))
             log.warning(
                 "scan %d writes the replica directly: the replica is inconsistent until it completes",
@@ -379,9 +425,8 @@ class ServerSession:
             self._hash_buf = memoryview(bytearray(r.length))
         view = self._hash_buf[: r.length]
         self.replica.read(view, r.offset)
-        if self.applier.staging:
-            assert self.applier.area is not None
-            self.applier.area.overlay(view, r.offset)  # hash what the replica will be after the commit
+        if self.staged is not None:
+            self.staged.overlay(view, r.offset)  # hash what the replica will be after the commit
         digests = scan.hash_window(view, r.offset, block_size)
         if sc is None:
             self.verified += r.length
@@ -393,16 +438,16 @@ class ServerSession:
         sc = self._check_scan(d.scan_id)
         mv = memoryview(d.data)
         pos = 0
-        area = self.applier.area if self.applier.staging else None
+        staged = self.staged
         for offset, length, bflags in d.blocks:
             if bflags & p.BlockFlag.ZERO:
-                if area is not None:
-                    area.stage_zeroes(offset, length)
+                if staged is not None:
+                    staged.zeroes(offset, length)
                 else:
                     self.replica.write_zeroes(offset, length)
             else:
-                if area is not None:
-                    area.stage_write(mv[pos : pos + length], offset)
+                if staged is not None:
+                    staged.write(mv[pos : pos + length], offset)
                 else:
                     self.replica.write(mv[pos : pos + length], offset)
                 pos += length
@@ -412,8 +457,8 @@ class ServerSession:
 
     def _scan_end(self, e: p.ScanEnd) -> bytes:
         sc = self._check_scan(e.scan_id)
-        if self.applier.staging:
-            return self._scan_end_staged(sc, e)
+        if self.staged is not None:
+            return self._scan_end_staged(sc, self.staged, e)
         self.replica.sync()
         resume = e.resume_seq if e.flags & p.ScanEndFlag.HAS_RESUME_SEQ else None
         consistent_seq = e.consistent_seq if e.flags & p.ScanEndFlag.HAS_CONSISTENT_SEQ else None
@@ -435,18 +480,17 @@ class ServerSession:
         self.scan = None
         return self.conn.send(p.ScanDone(e.scan_id, sc.blocks, sc.bytes))
 
-    def _scan_end_staged(self, sc: ScanState, e: p.ScanEnd) -> bytes:
+    def _scan_end_staged(self, sc: ScanState, staged: StagedResync, e: p.ScanEnd) -> bytes:
         """The end of a journal scan: the blocks are staged; the ring records captured meanwhile follow (staged
         too) up to the consistent sequence number, then the whole resync is committed and applied."""
-        assert self.applier.area is not None
-        self.applier.area.sync()
+        staged.sync()
         resume = e.resume_seq if e.flags & p.ScanEndFlag.HAS_RESUME_SEQ else None
         self.journal.store(replica_state.staged_scan_ended(self.journal.header, resume))
         self.applier.restart_at(resume)
         more = bool(e.flags & p.ScanEndFlag.MORE_TO_COME)
-        self.applier.commit_at = e.consistent_seq if e.flags & p.ScanEndFlag.HAS_CONSISTENT_SEQ else None
-        self.applier.commit_ready = not more
-        if not more and self.applier.commit_at is None:
+        staged.end(e.consistent_seq if e.flags & p.ScanEndFlag.HAS_CONSISTENT_SEQ else None, more)
+        commit_at = staged.commit_at
+        if not more and commit_at is None:
             self.applier.sync()  # nothing to wait for: commit and apply now
         took = time.monotonic() - sc.started
         log.info(
@@ -459,8 +503,8 @@ class ServerSession:
             "another resync follows"
             if more
             else "committed and applied"
-            if self.applier.commit_at is None
-            else f"commit after seq {self.applier.commit_at}",
+            if commit_at is None
+            else f"commit after seq {commit_at}",
         )
         self.scan = None
         return self.conn.send(p.ScanDone(e.scan_id, sc.blocks, sc.bytes))
