@@ -32,8 +32,8 @@ class FailingReplica(Replica):
         self.fail_sync = fail_sync
 
     def _io(self) -> None:
-        if self.good <= 0:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        if self.good <= 0:  # an EIO of the device, as the replica reports it
+            raise self.error(OSError(errno.EIO, os.strerror(errno.EIO)))
         self.good -= 1
 
     def write(self, data: memoryview, offset: int) -> None:
@@ -46,7 +46,7 @@ class FailingReplica(Replica):
 
     def sync(self) -> None:
         if self.fail_sync:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
+            raise self.error(OSError(errno.EIO, os.strerror(errno.EIO)))
         super().sync()
 
 

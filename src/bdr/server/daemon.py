@@ -15,7 +15,7 @@ import time
 
 from .. import __version__, replica_state, status, tls
 from .. import protocol as p
-from ..journal import Journal, JournalError
+from ..journal import Journal, JournalError, StorageError
 from ..journal_records import RecordArea
 from ..log import BenchClock
 from .applier import Applier
@@ -394,7 +394,7 @@ class Server:
             if not fatal:
                 try:
                     self.applier.sync()
-                except OSError as exc:
+                except StorageError as exc:
                     sess.storage_failed(exc)
                     fatal = True
             if fatal:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from .. import protocol as p
+
 log = logging.getLogger("bdr.server")
 
 
@@ -24,3 +26,13 @@ class SessionClosed(Exception):
         self.reply = reply
         self.clean = clean
         self.fatal = fatal
+
+
+class Refusal(Exception):
+    """The server refuses what the client asked, on purpose (another source, a resume point it lacks, a journal
+    too small...): the session ends with an ERROR carrying ``code``, and the daemon goes on serving."""
+
+    def __init__(self, code: p.ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

@@ -40,9 +40,6 @@ def _punch_hole(fd: int, offset: int, length: int) -> bool:
     raise OSError(err, os.strerror(err))
 
 
-ZERO_CHUNK = 1 << 20
-
-
 class Target(Protocol):
     """What the applier needs from the replica."""
 

@@ -14,7 +14,7 @@ from ..journal import Journal, StorageError
 from ..journal_records import JournalFull
 from ..seq import seq_after
 from .applier import Applier
-from .errors import SessionClosed
+from .errors import Refusal, SessionClosed
 from .replica import Replica
 from .splice import Pipe, SpliceSource
 from .staging import StagedResync
@@ -88,10 +88,10 @@ class ServerSession:
             except p.RemoteProtocolError as exc:
                 err = p.encode(p.Error(exc.code, exc.message))
                 raise SessionClosed(self._refusal(exc), b"".join(out) + err) from exc
-            except p.LocalProtocolError as exc:
+            except (Refusal, p.LocalProtocolError) as exc:
                 err = p.encode(p.Error(exc.code, exc.message))
                 raise SessionClosed(f"refused: {exc.message}", b"".join(out) + err) from exc
-            except OSError as exc:
+            except StorageError as exc:
                 raise self.storage_failed(exc, b"".join(out)) from exc
             if reply is None:
                 self.ack_pending = True
@@ -128,9 +128,9 @@ class ServerSession:
             raise SessionClosed(
                 f"protocol error from client: {exc}", p.encode(p.Error(exc.code, exc.message))
             ) from exc
-        except p.LocalProtocolError as exc:
+        except (Refusal, p.LocalProtocolError) as exc:
             raise SessionClosed(f"refused: {exc.message}", p.encode(p.Error(exc.code, exc.message))) from exc
-        except OSError as exc:
+        except StorageError as exc:
             raise self.storage_failed(exc) from exc
         dec.drop_current()
         self.ack_pending = True
@@ -146,13 +146,11 @@ class ServerSession:
             return "the client speaks TLS, this server has no --tls-cert / --tls-key"
         return f"protocol error from client: {exc}"
 
-    def storage_failed(self, exc: OSError, reply: bytes = b"") -> SessionClosed:
-        """The replica or the journal failed: mark the replica inconsistent on disk (the next client start
-        rescans the whole device) and end the session with an IO_ERROR the daemon treats as fatal."""
-        if isinstance(exc, StorageError):
-            msg = exc.strerror or str(exc)
-        else:  # the journal's errors are all JournalIOError (or JournalFull, not a failure): the replica's
-            msg = self.replica.error(exc).strerror or str(exc)
+    def storage_failed(self, exc: StorageError, reply: bytes = b"") -> SessionClosed:
+        """The replica or the journal failed (``exc`` names which): mark the replica inconsistent on disk (the
+        next client start rescans the whole device) and end the session with an IO_ERROR the daemon treats as
+        fatal."""
+        msg = exc.strerror or str(exc)
         try:
             self.journal.store(replica_state.storage_failed(self.journal.header))
             marked = "the replica is marked inconsistent"
@@ -180,7 +178,7 @@ class ServerSession:
                 exc,
                 exc.needed,
             )
-            raise p.LocalProtocolError(
+            raise Refusal(
                 p.ErrorCode.JOURNAL_FULL,
                 f"{exc}. Give the server a larger --journal / --journal-size (the range a resync covers plus "
                 "2 %), or resync with direct writes (bdr_client --journal-full direct, or --full-scan once: the "
@@ -234,7 +232,7 @@ class ServerSession:
     def _hello(self, h: p.Hello) -> bytes:
         self._claim_applier()
         if h.device_size > self.replica.size:
-            raise p.LocalProtocolError(
+            raise Refusal(
                 p.ErrorCode.SIZE_MISMATCH,
                 f"replica {self.replica.path} has {self.replica.size} bytes, smaller than the source "
                 f"({h.device_size} bytes)",
@@ -345,9 +343,7 @@ class ServerSession:
         elif seq_after(s.from_seq, self.applier.expect):
             why = f"records {self.applier.expect}..{s.from_seq - 1} would be missing"
         if why:
-            raise p.LocalProtocolError(
-                p.ErrorCode.RESUME_IMPOSSIBLE, f"cannot resume at seq {s.from_seq}: {why}"
-            )
+            raise Refusal(p.ErrorCode.RESUME_IMPOSSIBLE, f"cannot resume at seq {s.from_seq}: {why}")
         log.info("client %s resumes streaming at seq %d", self.peer, s.from_seq)
         return None
 
@@ -360,7 +356,7 @@ class ServerSession:
         if replica_state.mirrors_another_source(jh, self._source()) and not (
             b.mode is p.ScanMode.FULL or b.flags & p.ScanFlag.DIRECT
         ):
-            raise p.LocalProtocolError(
+            raise Refusal(
                 p.ErrorCode.WRONG_SOURCE,
                 f"replica {self.replica.path} mirrors another source ({jh.source_id.hex()[:12]}, "
                 f"{jh.source_size} bytes), not this one ({h.source_id.hex()[:12]}, {h.device_size} bytes): "
@@ -369,7 +365,7 @@ class ServerSession:
             )
         interrupted = replica_state.resync_interrupted(self.journal.header) and not self.resync_owned
         if not whole and (not self.ids_match or interrupted):
-            raise p.LocalProtocolError(
+            raise Refusal(
                 p.ErrorCode.IDENTITY_MISMATCH,
                 "a partial scan needs a replica of the same source with no interrupted resync; scan the whole device",
             )
@@ -513,7 +509,7 @@ class ServerSession:
         """Our side closes the conversation cleanly (server shutdown): final ACK and GOODBYE."""
         try:
             self.applier.sync()
-        except OSError as exc:
+        except StorageError as exc:
             raise self.storage_failed(exc) from exc
         if self.conn.phase in (p.Phase.HANDSHAKE, p.Phase.CLOSED):
             return b""
