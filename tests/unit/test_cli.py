@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from bdr import abi, cli
+from bdr.cli import app, targets
 
 
 @pytest.mark.parametrize(
@@ -105,7 +106,7 @@ def blockdev(tmp_path):  # type: ignore[no-untyped-def]
 
 
 def test_setup_refuses_without_the_module(blockdev: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "module_loaded", lambda: False)
+    monkeypatch.setattr(targets, "module_loaded", lambda: False)
     with pytest.raises(cli.SetupError, match=r"bdr kernel module is not loaded: run 'modprobe bdr'"):
         cli.check_plan(cli.SetupPlan(blockdev, "m", "c", 10))
 
@@ -113,15 +114,15 @@ def test_setup_refuses_without_the_module(blockdev: str, monkeypatch: pytest.Mon
 def test_setup_refuses_a_taken_name_and_bad_names(blockdev: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import subprocess
 
-    monkeypatch.setattr(cli, "module_loaded", lambda: True)
-    monkeypatch.setattr(cli.shutil, "which", lambda name: f"/sbin/{name}")
+    monkeypatch.setattr(targets, "module_loaded", lambda: True)
+    monkeypatch.setattr(targets.shutil, "which", lambda name: f"/sbin/{name}")
     calls: list[list[str]] = []
 
     def run(cmd):  # type: ignore[no-untyped-def]
         calls.append(list(cmd))
         return subprocess.CompletedProcess(cmd, 0 if cmd[:3] == ["dmsetup", "info", "taken"] else 1, "", "")
 
-    monkeypatch.setattr(cli, "_run", run)
+    monkeypatch.setattr(targets, "run", run)
     with pytest.raises(cli.SetupError, match="a device-mapper device named 'taken' already exists"):
         cli.check_plan(cli.SetupPlan(blockdev, "taken", "c", 10))
     assert ["dmsetup", "info", "taken"] in calls
@@ -133,8 +134,8 @@ def test_setup_refuses_a_taken_name_and_bad_names(blockdev: str, monkeypatch: py
 def test_setup_asks_each_value_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     answers = iter(["/dev/sdb1", "", "mychar", "1G"])
     monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
-    monkeypatch.setattr(cli.sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr(app.sys.stdin, "isatty", lambda: True)
     planned: list[cli.SetupPlan] = []
-    monkeypatch.setattr(cli, "setup", planned.append)
+    monkeypatch.setattr(targets, "setup", planned.append)
     assert cli.main(["setup"]) == 0
     assert planned == [cli.SetupPlan("/dev/sdb1", "bdr_mapper", "mychar", 2**30 // abi.SLOT_BYTES)]

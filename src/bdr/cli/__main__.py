@@ -1,0 +1,7 @@
+"""``python -m bdr.cli``: the ``bdr`` command."""
+
+import sys
+
+from .app import main
+
+sys.exit(main())

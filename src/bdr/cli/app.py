@@ -1,0 +1,139 @@
+"""The ``bdr`` command line: its parser, and main, which dispatches to each command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bdr import abi
+from bdr import status as daemon_status
+
+from . import credentials, status, targets, verify
+from .targets import SetupError, SetupPlan, parse_buffer
+
+
+def _daemon_options(p: argparse.ArgumentParser, json_help: str) -> None:
+    """--json and --run-dir, for the commands that ask the daemons."""
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=daemon_status.RUN_DIR,
+        help=f"where the daemons' control sockets are (default {daemon_status.RUN_DIR})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bdr", description="Administer BDR replicated devices.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser(
+        "setup",
+        help="create a bdr target over a block device",
+        description="Create /dev/mapper/NAME over DEVICE, capturing its writes into a ring at /dev/CHARDEV. "
+        "Run with no flags on a terminal to be asked each value.",
+    )
+    s.add_argument("--device", help="block device to replicate, e.g. /dev/sda1")
+    s.add_argument("--name", help="mapper name: the device appears as /dev/mapper/NAME")
+    s.add_argument("--chardev", help="control device name: /dev/CHARDEV, for bdr_client --control-device")
+    s.add_argument(
+        "--buffer",
+        default="64M",
+        help="ring size as a number of writes (10000) or as memory (64M, 1G); "
+        f"each write costs {abi.SLOT_BYTES} bytes (default: 64M)",
+    )
+    s.add_argument(
+        "--region-size", type=int, help="dirty bitmap region in sectors (power of two, default 128)"
+    )
+    r = sub.add_parser("remove", help="remove a bdr target", description="Remove /dev/mapper/NAME.")
+    r.add_argument("name")
+    st = sub.add_parser(
+        "status",
+        help="show the bdr targets and daemons",
+        description="State of each bdr target of this host (the kernel's counters joined with what its "
+        "bdr_client reports: state, ring fill, lag, durable sequence, throughput) and of each bdr_server.",
+    )
+    _daemon_options(st, "machine-readable output")
+    v = sub.add_parser(
+        "verify",
+        help="compare source and replica online, report differing ranges",
+        description="Ask the running bdr_client of target NAME to compare every block of the source with the "
+        "replica by checksum while replication goes on. Nothing is repaired: differing ranges are printed (a "
+        "restart of bdr_client with --full-scan repairs them). Exit status: 0 identical, 1 ranges differ, "
+        "2 the pass could not be done. Suitable for cron.",
+    )
+    v.add_argument("name", help="mapper name or chardev name of the target (or the path of a control socket)")
+    _daemon_options(v, "print the result as JSON")
+    c = sub.add_parser(
+        "certs",
+        help="create a CA and TLS certificates for a server and a client",
+        description="Create DIR/ca.pem, ca.key, server.pem, server.key, client.pem and client.key: a private CA "
+        "and two certificates it signed, for mutual TLS between bdr_client and bdr_server. If DIR already holds "
+        "ca.pem and ca.key, that CA signs the new certificates. Keys are written with mode 0600.",
+    )
+    c.add_argument("--out", required=True, metavar="DIR", help="directory for the files (created if missing)")
+    c.add_argument(
+        "--server-name",
+        required=True,
+        action="append",
+        metavar="NAME",
+        help="host name or IP address the client connects to (bdr_client --address or --tls-server-name); "
+        "repeat for more names",
+    )
+    c.add_argument("--client-name", default="bdr-client", help="common name of the client certificate")
+    c.add_argument("--days", type=int, default=1825, help="validity of the server and client certificates")
+    c.add_argument("--force", action="store_true", help="replace existing files")
+    sc = sub.add_parser(
+        "secret",
+        help="create a shared-secret file",
+        description="Write 32 random bytes (as 64 hex digits) to FILE with mode 0600, for --secret-file on "
+        "both daemons. Copy the same file to both hosts over a trusted channel.",
+    )
+    sc.add_argument("file", metavar="FILE")
+    sc.add_argument("--force", action="store_true", help="replace an existing file")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "setup":
+            given = [args.device, args.name, args.chardev]
+            if not any(given) and sys.stdin.isatty():
+                plan = targets.interactive_plan()
+            elif not all(given):
+                raise SetupError(
+                    "--device, --name and --chardev are all required (or run on a terminal to be asked)"
+                )
+            else:
+                plan = SetupPlan(
+                    args.device, args.name, args.chardev, parse_buffer(args.buffer), args.region_size
+                )
+            targets.setup(plan)
+        elif args.command == "remove":
+            targets.remove(args.name)
+        elif args.command == "certs":
+            credentials.make_certs(args)
+        elif args.command == "secret":
+            credentials.make_secret(args)
+        elif args.command == "status":
+            report = status.status(args.run_dir)
+            if args.json:
+                print(json.dumps(report, indent=2, sort_keys=True))
+            else:
+                status.print_status(report)
+        elif args.command == "verify":
+            try:
+                return verify.verify(args.name, args.run_dir, args.json)
+            except SetupError as exc:
+                print(f"bdr: {exc}", file=sys.stderr)
+                return 2
+    except SetupError as exc:
+        print(f"bdr: {exc}", file=sys.stderr)
+        return 1
+    except (EOFError, KeyboardInterrupt):
+        print("\nbdr: aborted", file=sys.stderr)
+        return 130
+    return 0
