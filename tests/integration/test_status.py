@@ -76,7 +76,11 @@ def test_status_and_metrics_follow_replication(lab: Lab) -> None:
     cli = lab.client("--metrics-address", f"127.0.0.1:{cport}")
     st = wait_for("a resync or its end", lambda s: s["targets"] and client_of(s)["resync"]["scans"] >= 1, run)
     w = Writer(prod, 6000, seed=5, pace=0.0003)
-    st = wait_for("lag while writing", lambda s: client_of(s)["lag"]["records"] > 0, run)
+    st = wait_for(
+        "lag while writing, after the scan",
+        lambda s: client_of(s)["lag"]["records"] > 0 and s["targets"][0]["state"] != "resyncing",
+        run,
+    )
     c = client_of(st)
     assert (
         st["targets"][0]["state"] == "replicating" and c["connected"] and c["server"].endswith(str(lab.port))

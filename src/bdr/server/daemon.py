@@ -45,34 +45,6 @@ MAX_PENDING_PER_HOST = 4
 
 
 PUBLISH_INTERVAL = 0.25  # seconds between status snapshots (bdr status, metrics)
-STATES = ("listening", "replicating", "resyncing", "stopping", "failed")
-# Prometheus metrics of the server: each is a value of the status snapshot (bdr.status)
-METRICS = [
-    status.Spec("applied_bytes_total", "counter", "write data applied to the replica", ("applied", "bytes")),
-    status.Spec(
-        "applied_records_total", "counter", "ring records applied to the replica", ("applied", "records")
-    ),
-    status.Spec(
-        "syncs_total", "counter", "fdatasync calls of the replica (durability points)", ("applied", "syncs")
-    ),
-    status.Spec("applied_seq", "gauge", "last sequence number applied", ("applied_seq",)),
-    status.Spec("durable_seq", "gauge", "last sequence number durable on the replica", ("durable_seq",)),
-    status.Spec(
-        "consistent",
-        "gauge",
-        "1 while the replica is a prefix-consistent copy of the source",
-        ("consistent",),
-    ),
-    status.Spec("connected", "gauge", "1 while a client is connected", ("connected",)),
-    status.Spec(
-        "resync_hashed_bytes", "gauge", "replica bytes hashed by the running scan", ("resync", "hashed_bytes")
-    ),
-    status.Spec(
-        "resync_received_bytes", "gauge", "bytes received by the running scan", ("resync", "received_bytes")
-    ),
-    status.Spec("connections_total", "counter", "client connections served", ("connections",)),
-    status.Spec("errors_total", "counter", "connections that ended with an error", ("errors",)),
-]
 
 
 class Server:
@@ -171,7 +143,9 @@ class Server:
         address = getattr(self.args, "metrics_address", None)
         if address:
             try:
-                self.metrics = status.MetricsEndpoint(address, self.board, METRICS, STATES, "bdr_server")
+                self.metrics = status.MetricsEndpoint(
+                    address, self.board, status.SERVER_METRICS, status.SERVER_STATES, "bdr_server"
+                )
             except (OSError, ValueError) as exc:
                 raise ServerError(f"--metrics-address {address}: {exc}") from exc
 
@@ -193,34 +167,33 @@ class Server:
         else:
             state = "replicating"
         listen = self.listener.getsockname()[:2] if self.listener is not None else None
-        self.board.publish(
-            {
-                "role": "server",
-                "version": __version__,
-                "pid": os.getpid(),
-                "state": state,
-                "listen": f"{listen[0]}:{listen[1]}" if listen else None,
-                "peer": sess.peer if sess is not None else None,
-                "connected": sess is not None,
-                "replica": str(self.replica.path),
-                "replica_bytes": self.replica.size,
-                "journal": str(self.journal.path),
-                "consistent": replica_state.is_consistent(jh),
-                "applied_seq": None if ap.applied == p.NO_SEQ else ap.applied,
-                "durable_seq": None if ap.durable == p.NO_SEQ else ap.durable,
-                "applied": {"bytes": ap.stats.bytes, "records": ap.stats.records, "syncs": ap.stats.syncs},
-                "resync": {
-                    "active": sc is not None,
-                    "hashed_bytes": sc.hashed if sc is not None else 0,
-                    "received_bytes": sc.bytes if sc is not None else 0,
-                },
-                "verified_bytes": sess.verified if sess is not None else 0,
-                "metrics_url": self.metrics.url if self.metrics is not None else None,
-                "connections": self.tally.connections,
-                "errors": self.tally.errors,
-                "last_error": self.tally.last_error,
-            }
-        )
+        snap: status.ServerSnapshot = {
+            "role": "server",
+            "version": __version__,
+            "pid": os.getpid(),
+            "state": state,
+            "listen": f"{listen[0]}:{listen[1]}" if listen else None,
+            "peer": sess.peer if sess is not None else None,
+            "connected": sess is not None,
+            "replica": str(self.replica.path),
+            "replica_bytes": self.replica.size,
+            "journal": str(self.journal.path),
+            "consistent": replica_state.is_consistent(jh),
+            "applied_seq": None if ap.applied == p.NO_SEQ else ap.applied,
+            "durable_seq": None if ap.durable == p.NO_SEQ else ap.durable,
+            "applied": {"bytes": ap.stats.bytes, "records": ap.stats.records, "syncs": ap.stats.syncs},
+            "resync": {
+                "active": sc is not None,
+                "hashed_bytes": sc.hashed if sc is not None else 0,
+                "received_bytes": sc.bytes if sc is not None else 0,
+            },
+            "verified_bytes": sess.verified if sess is not None else 0,
+            "metrics_url": self.metrics.url if self.metrics is not None else None,
+            "connections": self.tally.connections,
+            "errors": self.tally.errors,
+            "last_error": self.tally.last_error,
+        }
+        self.board.publish(snap)
 
     # -- main loop ----------------------------------------------------------------------------------------------
 

@@ -1,14 +1,9 @@
-"""What a running daemon reports about itself: a snapshot its main loop publishes, served
+"""The control socket of a daemon: the board its main loop publishes snapshots on, the Unix socket that serves
+them as JSON (read by ``bdr status``; ``bdr verify`` asks the client for a verification pass on it), and the
+requests a peer sends.
 
-- as JSON on a Unix control socket (``--status-socket``, default ``/run/bdr/client-<chardev>.sock`` or
-  ``/run/bdr/server-<port>.sock``), read by ``bdr status`` and used by ``bdr verify`` to ask the client for a
-  verification pass, and
-- as Prometheus metrics over HTTP (``--metrics-address HOST:PORT``, path ``/metrics``).
-
-Both read the same snapshot, so ``bdr status --json`` and a scrape taken at the same moment show the same numbers.
-
-Control socket protocol: the peer sends one request line (``status`` or ``verify``) and reads JSON lines until the
-socket closes: ``status`` gets one snapshot; ``verify`` gets ``{"progress": {...}}`` lines while the pass runs, then
+Protocol: the peer sends one request line (``status`` or ``verify``) and reads JSON lines until the socket
+closes: ``status`` gets one snapshot; ``verify`` gets ``{"progress": {...}}`` lines while the pass runs, then
 ``{"result": {...}}``.  Anything else gets ``{"error": "..."}``.  The socket is created mode 0600: only root asks.
 """
 
@@ -20,36 +15,32 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
-
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 log = logging.getLogger("bdr.status")
 
 RUN_DIR = Path(os.environ.get("BDR_RUN_DIR", "/run/bdr"))  # where the control sockets are
 REQUEST_MAX = 256  # bytes of a request line
-Snapshot = dict[str, Any]
+Snapshot = dict[str, Any]  # a snapshot as read back from JSON
 # a long request ("verify"): called in the socket's thread with a function that sends a progress line
 Handler = Callable[[Callable[[Snapshot], None]], Snapshot]
 
 
 class Board:
-    """The latest snapshot of one daemon.  The main loop publishes whole dicts; readers get the last one."""
+    """The latest snapshot of one daemon (a ``schema`` snapshot).  The main loop publishes whole snapshots;
+    readers get the last one."""
 
     def __init__(self) -> None:
-        self._snap: Snapshot = {}
+        self._snap: Mapping[str, Any] = {}
         self._lock = threading.Lock()
 
-    def publish(self, snap: Snapshot) -> None:
+    def publish(self, snap: Mapping[str, Any]) -> None:
         with self._lock:
             self._snap = snap
 
-    def get(self) -> Snapshot:
+    def get(self) -> Mapping[str, Any]:
         with self._lock:
             return self._snap
 
@@ -98,7 +89,7 @@ class ControlSocket:
                 request += chunk
             word = request.split(b"\n", 1)[0].decode("ascii", "replace").strip()
 
-            def send(obj: Snapshot) -> None:
+            def send(obj: Mapping[str, Any]) -> None:
                 conn.sendall(json.dumps(obj, sort_keys=True).encode() + b"\n")
 
             if word == "status":
@@ -166,76 +157,3 @@ def open_control(
         return None
     log.info("control socket %s", where)
     return sock
-
-
-# -- Prometheus ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Spec:
-    """One metric: its name, kind ("counter" or "gauge"), help text, and where its value is in the snapshot."""
-
-    name: str
-    kind: str
-    help: str
-    path: tuple[str, ...]
-
-
-def lookup(snap: Snapshot, path: tuple[str, ...]) -> float | None:
-    value: Any = snap
-    for key in path:
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    if isinstance(value, bool):
-        return float(value)
-    return float(value) if isinstance(value, int | float) else None
-
-
-class _SnapshotCollector(Collector):
-    def __init__(self, board: Board, specs: list[Spec], states: tuple[str, ...], prefix: str) -> None:
-        self.board, self.specs, self.states, self.prefix = board, specs, states, prefix
-
-    def collect(self) -> Iterator[Metric]:
-        snap = self.board.get()
-        for spec in self.specs:
-            value = lookup(snap, spec.path)
-            if value is None:
-                continue
-            family = CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily
-            yield family(f"{self.prefix}_{spec.name}", spec.help, value=value)
-        state = GaugeMetricFamily(
-            f"{self.prefix}_state", "1 for the daemon's current state", labels=["state"]
-        )
-        for s in self.states:
-            state.add_metric([s], 1.0 if snap.get("state") == s else 0.0)
-        yield state
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` (``:PORT`` alone listens on loopback; port 0: any free port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"metrics address {text!r} is not HOST:PORT")
-    host = host.strip("[]") or "127.0.0.1"
-    return host, int(port)
-
-
-class MetricsEndpoint:
-    """``/metrics`` at ``address``, served from a thread of its own."""
-
-    def __init__(
-        self, address: str, board: Board, specs: list[Spec], states: tuple[str, ...], prefix: str
-    ) -> None:
-        host, port = parse_address(address)
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_SnapshotCollector(board, specs, states, prefix))
-        self.server, self._thread = start_http_server(port, host, registry=registry)
-        self.port = int(self.server.server_port)
-        self.url = f"http://{f'[{host}]' if ':' in host else host}:{self.port}/metrics"
-        log.info("Prometheus metrics on %s", self.url)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(5)
