@@ -13,7 +13,8 @@ header's rules, not against our own consumer.
     ringtool.py hold CHARDEV READY STOP      open + mmap, create READY, wait for STOP, then read ctl and close
     ringtool.py seen CHARDEV [POS]           store seen = POS (default head); print poll readiness and the instance
     ringtool.py diff A B                     JSON list of the 4 KiB blocks that differ between two files/devices
-    ringtool.py release CHARDEV STOP         consume without reading (tail = head) until STOP exists (benchmarks)
+    ringtool.py release CHARDEV STOP [MS]    consume without reading (tail = head) until STOP exists (benchmarks);
+                                             with MS: every MS milliseconds instead of at each poll() wake-up
     ringtool.py watch CHARDEV SECS READY     create READY, then print the distinct (head, next_seq)
                                              pairs seen in SECS seconds, sampled every 10 ms
     ringtool.py scribble CHARDEV             write garbage over the kernel's ctl fields; print what INFO and poll say
@@ -187,7 +188,10 @@ def main(argv: list[str]) -> int:
                 d = abi.Dirty(bitmap=ctypes.addressof(buf), bitmap_bytes=ring.info.bitmap_bytes)
                 fcntl.ioctl(ring.fd, abi.BDR_IOC_TAKE_DIRTY, d)
                 takes += 1
-            p.poll(20)
+            if len(argv) > 3:
+                time.sleep(int(argv[3]) / 1000)  # batched: not on the wait queue, so publishing wakes nobody
+            else:
+                p.poll(20)
         print(json.dumps({"released": released, "takes": takes}))
         ring.close()
     elif cmd == "watch":
