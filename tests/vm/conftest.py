@@ -31,9 +31,21 @@ _built: dict[str, Path] = {}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the lab's tests ``vm``; a test marked ``kernels(SERIES...)`` runs only on those of its module's
+    VM_KERNELS (for what does not depend on the kernel: it is deselected, and counted so, on the others)."""
+    keep, dropped = [], []
     for item in items:
         if _VM_DIR in Path(item.path).resolve().parents:
             item.add_marker(pytest.mark.vm)
+        only = item.get_closest_marker("kernels")
+        callspec = getattr(item, "callspec", None)
+        if only is not None and callspec is not None and callspec.params.get("lab_series") not in only.args:
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -53,6 +53,7 @@ def test_workloads_replicate_identically(pair: Pair) -> None:
     assert fsck.rc == 0, fsck.output
 
 
+@pytest.mark.kernels("6.12")  # the daemons, whatever the kernel
 def test_server_killed_and_restarted_mid_stream(pair: Pair) -> None:
     g = pair.g
     g.run(
@@ -72,6 +73,7 @@ def test_server_killed_and_restarted_mid_stream(pair: Pair) -> None:
     g.run("rm -f /tmp/w1.done")
 
 
+@pytest.mark.kernels("6.12")  # the daemons, whatever the kernel
 def test_tcp_connection_cut_mid_stream(pair: Pair) -> None:
     g = pair.g
     g.run(
