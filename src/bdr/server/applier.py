@@ -153,6 +153,16 @@ class Applier:
         dpos = 0
         run_off = run_start = run_len = 0  # the run being extended
         nbytes = 0
+
+        def write_runs() -> None:  # before anything that is not a write, and at durability points
+            nonlocal runs, run_len
+            if run_len:
+                runs.append((run_start, run_len, run_off))
+                run_len = 0
+            if runs:
+                self._write_runs(src, runs)
+                runs = []
+
         for i in range(n):
             op, ln = ops[i], lens[i]
             if op == write:
@@ -167,12 +177,7 @@ class Applier:
                     nbytes += ln
                 dpos += ln
             elif i >= skip:
-                if run_len:
-                    runs.append((run_start, run_len, run_off))
-                    run_len = 0
-                if runs:
-                    self._write_runs(src, runs)
-                    runs = []
+                write_runs()
                 if op == p.OP_DISCARD:
                     # the client checked that the source reads zeros there: so does the replica, and it may
                     # give the space back; UNZEROED: the source kept data there, the client resyncs the range
@@ -181,19 +186,11 @@ class Applier:
                 elif op == p.OP_WRITE_ZEROES:
                     self.target.write_zeroes(sectors[i] * sector, ln)
             if i == last_point:
-                if run_len:
-                    runs.append((run_start, run_len, run_off))
-                    run_len = 0
-                if runs:
-                    self._write_runs(src, runs)
-                    runs = []
+                write_runs()
                 self._done(seqs[i], i + 1 - skip, nbytes)
                 skip, nbytes = i + 1, 0
                 self.sync()
-        if run_len:
-            runs.append((run_start, run_len, run_off))
-        if runs:
-            self._write_runs(src, runs)
+        write_runs()
         if skip < n:
             self._done(seqs[-1], n - skip, nbytes)
 
