@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from pathlib import Path
 
@@ -128,3 +129,27 @@ def test_metrics_endpoint_serves_the_snapshot(tmp_path: Path) -> None:
         assert "bdr_t_missing" not in text
     finally:
         ep.close()
+
+
+def test_control_socket_close_joins_its_threads(tmp_path: Path) -> None:
+    import threading
+
+    board = status.Board()
+    release = threading.Event()
+
+    def slow(progress):  # type: ignore[no-untyped-def]
+        release.wait(2)
+        return {"ok": True}
+
+    path = tmp_path / "c.sock"
+    sock = status.ControlSocket(path, board, {"slow": slow})
+    peer = threading.Thread(target=lambda: list(status.request(path, "slow")))
+    peer.start()
+    deadline = time.monotonic() + 5
+    while not sock._answering and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (answering,) = sock._answering
+    threading.Timer(0.3, release.set).start()  # the answer comes while close() waits for it
+    sock.close()
+    assert not sock._thread.is_alive() and not answering.is_alive()
+    peer.join(5)

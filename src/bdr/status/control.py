@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,8 @@ class ControlSocket:
             self._sock.close()
             raise
         self._stop = False
+        self._answering: set[threading.Thread] = set()  # one thread per peer, until it has its answer
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name="bdr-control", daemon=True)
         self._thread.start()
 
@@ -76,9 +79,19 @@ class ControlSocket:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._answer, args=(conn,), name="bdr-control-conn", daemon=True).start()
+            t = threading.Thread(target=self._answer, args=(conn,), name="bdr-control-conn", daemon=True)
+            with self._lock:
+                self._answering.add(t)
+            t.start()
 
     def _answer(self, conn: socket.socket) -> None:
+        try:
+            self._answer_one(conn)
+        finally:
+            with self._lock:
+                self._answering.discard(threading.current_thread())
+
+    def _answer_one(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
             conn.settimeout(10)
             request = b""
@@ -107,6 +120,14 @@ class ControlSocket:
         self._sock.close()
         with contextlib.suppress(OSError):
             self.path.unlink()
+        self._thread.join(5)
+        deadline = time.monotonic() + 5  # peers still reading an answer (a status takes at most 10 s)
+        with self._lock:
+            answering = list(self._answering)
+        for t in answering:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in answering):
+            log.warning("control socket %s: a peer is still being answered at exit", self.path)
 
 
 def _answers(path: Path) -> bool:
