@@ -50,7 +50,8 @@ from .log import BenchClock, setup_logging
 from .oneshot import NoRing, oneshot_ring_identity
 from .progress import Progress
 from .ring import Batch, DirtyMap, RingConsumer, RingError
-from .verify import VerifyJob
+from .scan import pipeline
+from .scan.verify import VerifyJob
 
 log = logging.getLogger("bdr.client")
 
@@ -665,20 +666,13 @@ class ClientSession:
             return
         off, ln, look = item
         pos = self.sent  # the server hashes after applying every record before pos
-        self._send(self.conn.send(p.ScanRequest(p.VERIFY_SCAN_ID, off, ln)))
-        self.wait_for("SCAN_HASHES", lambda: bool(self.scan_replies))
-        rep = self.scan_replies.popleft()
-        nblocks = -(-ln // job.block_size)
-        if rep.scan_id != p.VERIFY_SCAN_ID or rep.offset != off or rep.count != nblocks:
-            raise p.RemoteProtocolError(
-                p.ErrorCode.BAD_FIELD,
-                f"SCAN_HASHES for [{rep.offset}, {rep.count} blocks), asked [{off}, {nblocks})",
-            )
-        view = c.scan_buf[:ln]
-        self._read_source(view, off)
-        diff = scan.differing_blocks(view, off, rep.hashes, job.block_size)
-        written = self.ring.written(pos, self.ring.head()) if diff else []
-        job.record(off, ln, look, diff, written)
+        replica = _ReplicaHashes(self)
+        for w in pipeline.run(
+            [(off, ln)], self._read_source, c.scan_buf, job.block_size, replica, p.VERIFY_SCAN_ID
+        ):
+            diff = [(o, n) for o, n, _ in w.blocks]
+            written = self.ring.written(pos, self.ring.head()) if diff else []
+            job.record(off, ln, look, diff, written)
 
     # -- scans ----------------------------------------------------------------------------------------------------
 
@@ -720,55 +714,16 @@ class ClientSession:
         c.replica_consistent = False
         c.publish(force=True)
         known_zero = bool(self.welcome and self.welcome.flags & p.WelcomeFlag.KNOWN_ZERO)
-        buf = c.scan_buf
-        if mode is p.ScanMode.HASH:
-            outstanding: collections.deque[tuple[int, int]] = collections.deque()
-            wi = 0
-            while wi < len(wins) or outstanding:
-                while wi < len(wins) and len(outstanding) < SCAN_INFLIGHT:
-                    off, ln = wins[wi]
-                    self._send(self.conn.send(p.ScanRequest(sid, off, ln)))
-                    outstanding.append((off, ln))
-                    wi += 1
-                self.wait_for("SCAN_HASHES", lambda: bool(self.scan_replies))
-                rep = self.scan_replies.popleft()
-                off, ln = outstanding.popleft()
-                nblocks = -(-ln // bs)
-                if rep.scan_id != sid or rep.offset != off or rep.count != nblocks:
-                    raise p.RemoteProtocolError(
-                        p.ErrorCode.BAD_FIELD,
-                        f"SCAN_HASHES for [{rep.offset}, {rep.count} blocks), asked [{off}, {nblocks})",
-                    )
-                view = buf[:ln]
-                self._read_source(view, off)
-                diff = scan.differing_blocks(view, off, rep.hashes, bs)
-                st.blocks += nblocks
-                st.differing += len(diff)
-                st.windows += 1
-                prog.update(ln)
-                c.resync_progress[0] += ln
-                if diff:
-                    self._send_blocks(sid, view, off, [(o, n, 0) for o, n in diff], st)
-                self.pump()
-        else:
-            for off, ln in wins:
-                view = buf[:ln]
-                self._read_source(view, off)
-                blocks: list[tuple[int, int, int]] = []
-                for o, n in scan.block_spans(off, ln, bs):
-                    st.blocks += 1
-                    if scan.digest(view[o - off : o - off + n]) == scan.zero_digest(n):
-                        st.zero_blocks += 1
-                        if not known_zero:
-                            blocks.append((o, n, int(p.BlockFlag.ZERO)))
-                    else:
-                        blocks.append((o, n, 0))
-                st.windows += 1
-                prog.update(ln)
-                c.resync_progress[0] += ln
-                if blocks:
-                    self._send_blocks(sid, view, off, blocks, st)
-                self.pump()
+        replica = _ReplicaHashes(self) if mode is p.ScanMode.HASH else None
+        for w in pipeline.run(
+            wins, self._read_source, c.scan_buf, bs, replica, sid, SCAN_INFLIGHT, known_zero
+        ):
+            st.add(w)
+            prog.update(len(w.view))
+            c.resync_progress[0] += len(w.view)
+            if w.blocks:
+                self._send_blocks(sid, w.view, w.offset, w.blocks, st)
+            self.pump()
         prog.close()
         c.resync_progress = None
         c.resync_direct = False
@@ -832,6 +787,20 @@ class ClientSession:
         hdr = self.conn.send_scan_data_header(sid, blocks, data_len)
         self._sendv([hdr, *views])
         st.bytes_sent += data_len
+
+
+class _ReplicaHashes:
+    """SCAN_REQUEST / SCAN_HASHES over a session, for the scan window pipeline."""
+
+    def __init__(self, sess: ClientSession) -> None:
+        self.sess = sess
+
+    def request(self, scan_id: int, offset: int, length: int) -> None:
+        self.sess._send(self.sess.conn.send(p.ScanRequest(scan_id, offset, length)))
+
+    def reply(self) -> p.ScanHashes:
+        self.sess.wait_for("SCAN_HASHES", lambda: bool(self.sess.scan_replies))
+        return self.sess.scan_replies.popleft()
 
 
 # --------------------------------------------------------------------------------------------------------------

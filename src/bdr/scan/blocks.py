@@ -1,21 +1,11 @@
-"""Checksum scan: where a block is hashed, how ranges are cut into windows, which blocks differ.
-
-A scan resynchronises the replica with the source when the ring cannot (client start, ring overflow, failed
-writes, a different source).  Both sides cut the device into fixed blocks (``BLOCK_SIZE``, 64 KiB, the kernel's
-dirty-bitmap region); the server hashes replica blocks with xxh3_128 and streams the digests (SCAN_HASHES, one
-reply per SCAN_REQUEST window, the client keeps a few windows in flight), the client hashes the same source
-blocks and sends only the blocks whose digests differ (SCAN_DATA).  A full replication sends every block
-(all-zero blocks as a ZERO marker, or not at all when the replica is known to read as zeros).
-
-Ordering rule: ring records captured after the scan started are applied after the scan's blocks, so ring
-records win over whatever a scan read.
+"""Blocks of a scan: the block digest, the digest of an all-zero block, the cutting of byte extents into
+block-aligned windows, the exact read of a window, and the comparison of a window's digests with the replica's.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import xxhash
 
@@ -29,7 +19,6 @@ def digest(data: bytes | memoryview) -> bytes:
     return xxhash.xxh3_128_digest(data)
 
 
-_ZERO = bytes(BLOCK_SIZE)
 _ZERO_DIGESTS: dict[int, bytes] = {}
 
 
@@ -99,15 +88,3 @@ def differing_blocks(
         if digest(buf[p - offset : p - offset + n]) != bytes(remote[i * HASH_SIZE : (i + 1) * HASH_SIZE]):
             out.append((p, n))
     return out
-
-
-@dataclass(slots=True)
-class ScanStats:
-    mode: str = "hash"
-    blocks: int = 0  # blocks looked at
-    differing: int = 0  # blocks whose digests differed (hash mode)
-    sent_blocks: int = 0  # blocks sent with data
-    zero_blocks: int = 0  # blocks sent as a ZERO marker or skipped as known zero
-    bytes_sent: int = 0  # data bytes sent
-    windows: int = 0
-    extents: list[tuple[int, int]] = field(default_factory=list)

@@ -1,0 +1,122 @@
+"""The client's scan window pipeline: read a window of source blocks, hash them, and pick the blocks to send.
+
+One pipeline serves the three passes over the source: a hash resync (compare each block with the digest the
+server sent for the replica's block, keep the ones that differ), a full resync (keep every block, an all-zero
+block as a ZERO marker or not at all when the replica is known to read as zeros) and an online verify (compare,
+report, send nothing).  When it compares, the pipeline keeps up to ``depth`` SCAN_REQUEST windows in flight and
+takes the replies in order.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .. import protocol as p
+from .blocks import HASH_SIZE, block_spans, digest, zero_digest
+
+Reader = Callable[[memoryview, int], None]  # fills the view from the source at the byte offset
+
+
+class ReplicaHashes(Protocol):
+    """The server's side of a comparison: ask for a window's digests, take the next reply."""
+
+    def request(self, scan_id: int, offset: int, length: int) -> None: ...
+
+    def reply(self) -> p.ScanHashes: ...
+
+
+@dataclass(slots=True)
+class Window:
+    """One window of the source, read, with the blocks the pass picked in it."""
+
+    offset: int
+    view: memoryview  # the window's bytes; valid until the next window is read into the same buffer
+    blocks: list[tuple[int, int, int]]  # (offset, length, protocol.BlockFlag) of the blocks to send
+    nblocks: int  # blocks looked at
+    differing: int = 0  # blocks whose digest differed from the replica's (comparing)
+    zero: int = 0  # all-zero blocks (copying)
+
+
+@dataclass(slots=True)
+class ScanStats:
+    mode: str = "hash"
+    blocks: int = 0  # blocks looked at
+    differing: int = 0  # blocks whose digests differed (hash mode)
+    sent_blocks: int = 0  # blocks sent with data
+    zero_blocks: int = 0  # blocks sent as a ZERO marker or skipped as known zero
+    bytes_sent: int = 0  # data bytes sent
+    windows: int = 0
+    extents: list[tuple[int, int]] = field(default_factory=list)
+
+    def add(self, w: Window) -> None:
+        """Count a window the pipeline produced (what was sent is counted by the sender)."""
+        self.blocks += w.nblocks
+        self.differing += w.differing
+        self.zero_blocks += w.zero
+        self.windows += 1
+
+
+def run(
+    wins: Iterable[tuple[int, int]],
+    read: Reader,
+    buf: memoryview,
+    block_size: int,
+    replica: ReplicaHashes | None = None,
+    scan_id: int = 0,
+    depth: int = 1,
+    known_zero: bool = False,
+) -> Iterator[Window]:
+    """The windows ``wins`` (offset, length), in order, each read from the source into ``buf``.
+
+    With ``replica``: each window's blocks are compared with the replica's digests (SCAN_REQUEST ``scan_id``,
+    ``depth`` requests in flight) and the differing ones are picked.  Without: every block is picked, an
+    all-zero one as a ZERO marker, or skipped when ``known_zero`` (the replica reads as zeros already)."""
+    todo = collections.deque(wins)
+    asked: collections.deque[tuple[int, int]] = collections.deque()
+    while todo or asked:
+        rep = None
+        if replica is not None:
+            while todo and len(asked) < depth:
+                off, ln = todo.popleft()
+                replica.request(scan_id, off, ln)
+                asked.append((off, ln))
+            rep = replica.reply()
+            off, ln = asked.popleft()
+            _check_reply(rep, scan_id, off, ln, block_size)
+        else:
+            off, ln = todo.popleft()
+        view = buf[:ln]
+        read(view, off)
+        spans = list(block_spans(off, ln, block_size))
+        digests = [digest(view[o - off : o - off + n]) for o, n in spans]
+        if rep is not None:
+            theirs = rep.hashes
+            diff = [
+                (o, n, 0)
+                for i, (o, n) in enumerate(spans)
+                if digests[i] != bytes(theirs[i * HASH_SIZE : (i + 1) * HASH_SIZE])
+            ]
+            yield Window(off, view, diff, len(spans), differing=len(diff))
+        else:
+            blocks: list[tuple[int, int, int]] = []
+            zero = 0
+            for (o, n), d in zip(spans, digests, strict=True):
+                if d != zero_digest(n):
+                    blocks.append((o, n, 0))
+                    continue
+                zero += 1
+                if not known_zero:
+                    blocks.append((o, n, int(p.BlockFlag.ZERO)))
+            yield Window(off, view, blocks, len(spans), zero=zero)
+
+
+def _check_reply(rep: p.ScanHashes, scan_id: int, off: int, ln: int, block_size: int) -> None:
+    nblocks = -(-ln // block_size)
+    if rep.scan_id != scan_id or rep.offset != off or rep.count != nblocks:
+        raise p.RemoteProtocolError(
+            p.ErrorCode.BAD_FIELD,
+            f"SCAN_HASHES for [{rep.offset}, {rep.count} blocks), asked [{off}, {nblocks})",
+        )
