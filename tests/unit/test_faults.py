@@ -16,6 +16,7 @@ from test_session import DEV, MemServer, Run, client_for
 
 from bdr import client as client_mod
 from bdr import protocol as p
+from bdr import scan
 from bdr.journal import JFlag, Journal, JournalError, JournalIOError
 from bdr.ring import RingProducer
 from bdr.server import Applier, Replica, ServerSession, SessionClosed
@@ -158,7 +159,7 @@ def test_source_read_error_during_a_scan_is_reported(tmp_path: Path, monkeypatch
     src = tmp_path / "source.img"
     src.write_bytes(random.Random(3).randbytes(DEV))
     prod = RingProducer(tmp_path / "ring", 64, DEV, source=src)
-    real = client_mod.scan.read_exact
+    real = scan.read_exact
     source_fds: list[int] = []  # only the client's reads of the source fail, not the server's of the replica
 
     def failing(fd: int, buf: memoryview, offset: int) -> None:
@@ -166,10 +167,10 @@ def test_source_read_error_during_a_scan_is_reported(tmp_path: Path, monkeypatch
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         real(fd, buf, offset)
 
-    monkeypatch.setattr(client_mod.scan, "read_exact", failing)
+    monkeypatch.setattr(scan, "read_exact", failing)
     server = MemServer(tmp_path)
     client = client_for(tmp_path)
-    source_fds += [client.source_fd, client.direct_fd]  # cached and O_DIRECT reads
+    source_fds += [client.source.fd, client.source.direct_fd]  # cached and O_DIRECT reads
     run = Run(client, server)
     run.thread.join(20)
     assert isinstance(run.error, client_mod.SourceError), run.error

@@ -121,7 +121,7 @@ class Run:
     def stop(self) -> None:
         self.wait_streaming()
         self.client.stopping = True
-        self.client._wake_w.send(b"x")
+        self.client.wakeup.poke()
         self.thread.join(20)
         self.server_thread.join(20)
         self.client.stopping = self.client.draining = False

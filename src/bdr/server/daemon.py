@@ -8,13 +8,14 @@ import contextlib
 import logging
 import os
 import select
-import signal
 import socket
 import ssl
 import time
 
 from .. import __version__, replica_state, status, tls
 from .. import protocol as p
+from ..daemon.sockets import close_gently
+from ..daemon.wakeup import Wakeup
 from ..journal import Journal, JournalError, StorageError
 from ..journal_records import RecordArea
 from ..log import BenchClock
@@ -25,7 +26,6 @@ from .replica import Replica
 from .runtime import Tally
 from .security import load_security
 from .session import ServerSession
-from .sockets import close_gently
 from .splice import SpliceReceiver
 
 log = logging.getLogger("bdr.server")
@@ -64,9 +64,7 @@ class Server:
         self.area = open_record_area(self.journal, self.replica, getattr(args, "journal_size", None))
         self.applier = Applier(self.replica, self.journal, self.area)
         self.stopping = False
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self.wakeup = Wakeup()  # signals, and connections through the gate, interrupt the main loop's polls
         self.bench = BenchClock() if args.benchmark else None
         self.listener: socket.socket | None = None
         self.splicer = SpliceReceiver()
@@ -87,7 +85,7 @@ class Server:
             ),
             lambda: self.session.peer if self.session is not None else None,
             lambda: self.stopping,
-            self._wake,
+            self.wakeup.poke,
             self.tally,
             HANDSHAKE_TIMEOUT,
             MAX_PENDING,
@@ -97,12 +95,11 @@ class Server:
     # -- signals ----------------------------------------------------------------------------------------------
 
     def install_signals(self) -> None:
-        def on_signal(signum: int, frame: object) -> None:
-            self.stopping = True
+        self.wakeup.install_signals(self.stop)
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+    def stop(self) -> None:
+        """Stop at the next turn of the main loop (SIGTERM, SIGINT)."""
+        self.stopping = True
 
     @property
     def errors(self) -> int:
@@ -117,20 +114,6 @@ class Server:
     def spliced_frames(self) -> int:
         """DATA frames received by the splice fast path."""
         return self.splicer.frames
-
-    def _wake(self) -> None:
-        """Wake the main loop (a connection came through the gate)."""
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"a")
-
-    def _drain_wakeup(self) -> None:
-        try:
-            while self._wake_r.recv(512):
-                pass
-        except BlockingIOError:
-            pass
-
-    # -- status and metrics (bdr.status) ---------------------------------------------------------------------------
 
     def open_status(self) -> None:
         """The control socket (bdr status) and, with --metrics-address, the Prometheus endpoint."""
@@ -238,12 +221,12 @@ class Server:
             )
         poller = select.poll()
         poller.register(lst, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self.wakeup.fd, select.POLLIN)
         while not self.stopping:
             self.publish()
             for fd, _ in poller.poll(1000):
-                if fd == self._wake_r.fileno():
-                    self._drain_wakeup()
+                if fd == self.wakeup.fd:
+                    self.wakeup.drain()
                 elif fd == lst.fileno():
                     self.gate.accept(lst)
             for admitted in self.gate.take_admitted():
@@ -298,7 +281,7 @@ class Server:
         self.publish(force=True)
         poller = select.poll()
         poller.register(sock, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self.wakeup.fd, select.POLLIN)
         assert self.listener is not None
         poller.register(self.listener, select.POLLIN)
         reason = "?"
@@ -328,8 +311,8 @@ class Server:
                     self._report_bench()
                     continue
                 for fd, _ in events:
-                    if fd == self._wake_r.fileno():
-                        self._drain_wakeup()
+                    if fd == self.wakeup.fd:
+                        self.wakeup.drain()
                     elif fd == self.listener.fileno():
                         self.gate.accept(self.listener)
                     elif fd == sock.fileno():
@@ -423,8 +406,7 @@ class Server:
         self.replica.close()
         self.area.close()
         self.journal.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self.wakeup.close()
         self.splicer.close()
 
 

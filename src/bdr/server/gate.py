@@ -17,10 +17,10 @@ from typing import Any
 
 from .. import auth, tls
 from .. import protocol as p
+from ..daemon.sockets import close_gently, keepalive
 from .errors import SessionClosed
 from .runtime import Tally, Throttle
 from .session import ServerSession
-from .sockets import close_gently, keepalive
 
 log = logging.getLogger("bdr.server")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import xxhash
 
-from . import abi
-from .ring import Batch, DirtyMap, Geometry, RingConsumer
+from .. import abi
+from ..ring import Batch, DirtyMap, Geometry, RingConsumer
 
 
 class NoRing(RingConsumer):

@@ -1,5 +1,4 @@
-"""Socket handling shared by the daemon and its gate: TCP keepalive, and a close that lets the last bytes reach
-the peer."""
+"""Socket handling shared by both daemons: TCP keepalive, and a close that lets the last bytes reach the peer."""
 
 from __future__ import annotations
 

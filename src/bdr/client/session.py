@@ -1,0 +1,395 @@
+"""One connection of the client to the server: authentication and handshake, the start-up decision carried out
+(``startup``), then streaming ring records as DATA frames, and a clean stop (drain, GOODBYE).
+
+Streaming sends batches of ring records with ``sendmsg`` over views of the ring mapping (frame header +
+descriptor array + data runs; no copy of the data in Python).  What was sent and not yet acknowledged durable is
+``inflight``'s; the scans a session runs are ``scans``'; the check of discarded ranges is ``discards``'.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import logging
+import select
+import socket
+import sys
+import termios
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .. import abi, auth, tls
+from .. import protocol as p
+from ..ring import Batch
+from ..scan.verify import VerifyJob
+from ..seq import fmt_seq
+from . import discards, scans, startup
+from .errors import Stopping
+from .inflight import InflightBatches
+from .startup import Start
+from .transport import IO_TIMEOUT
+
+if TYPE_CHECKING:
+    from .daemon import Client
+
+log = logging.getLogger("bdr.client")
+
+BATCH_RECORDS = 2048  # records per DATA frame (8 MiB of 4 KiB writes)
+IOV_MAX = 1024
+DRAIN_SECONDS = 5.0
+VERIFY_STEP_EVERY = 0.05  # while records wait to be sent, a verify window at most this often
+
+
+class ClientSession:
+    """One connection to the server."""
+
+    def __init__(self, client: Client, sock: socket.socket | tls.TlsStream, binding: bytes = b"") -> None:
+        self.client = client
+        self.ring = client.ring
+        self.sock = sock
+        secret = client.secret
+        self.auth = auth.ClientAuth(secret, binding) if secret is not None else None
+        self.conn = p.Connection(p.Role.CLIENT, auth=self.auth is not None)
+        self.auth_reply: p.AuthChallenge | p.AuthOk | None = None
+        self.rx_bytes = 0  # received so far: progress for wait_for
+        self.welcome: p.Welcome | None = None
+        self.sent = self.ring.tail  # ring position of the next record to send
+        self.inflight = InflightBatches(self.ring, client.stats)  # sent, not yet acknowledged durable
+        self.scan_replies: collections.deque[p.ScanHashes] = collections.deque()
+        self.scan_done: p.ScanDone | None = None
+        self.goodbye = False
+        self.streaming = False  # handshake and start-up resync done
+        self.in_sync = False  # everything captured is durable on the replica (logged once per transition)
+        self.verify_t = 0.0
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+        self._poll.register(client.wakeup.fd, select.POLLIN)
+        self._ring_poll = select.poll()
+        self._ring_poll.register(sock, select.POLLIN)
+        self._ring_poll.register(client.wakeup.fd, select.POLLIN)
+        if self.ring.is_chardev:
+            self._ring_poll.register(self.ring.fileno(), select.POLLIN)
+
+    # -- I/O ------------------------------------------------------------------------------------------------------
+
+    def sendv(self, views: list[memoryview | bytes]) -> None:
+        """Send all views with sendmsg (gathered, no copies), handling partial sends."""
+        bufs = [memoryview(v) if isinstance(v, bytes) else v for v in views]
+        i = 0
+        while i < len(bufs):
+            try:
+                n = self.sock.sendmsg(bufs[i : i + IOV_MAX])
+            except (TimeoutError, BlockingIOError) as exc:
+                raise p.ConnectionLost(f"server did not take data for {IO_TIMEOUT:.0f}s") from exc
+            except OSError as exc:
+                self._peer_error()  # the server may have said why before it closed
+                raise p.ConnectionLost(f"send failed: {exc.strerror or exc}") from exc
+            while n:
+                ln = len(bufs[i])
+                if n >= ln:
+                    n -= ln
+                    i += 1
+                else:
+                    bufs[i] = bufs[i][n:]
+                    n = 0
+
+    def _peer_error(self) -> None:
+        """Raise the ERROR the server sent, if one is waiting (PeerError); otherwise return."""
+        with contextlib.suppress(OSError, p.ConnectionLost, BlockingIOError):
+            while True:
+                n = self.sock.recv_into(self.conn.writable(65536), 0, socket.MSG_DONTWAIT)
+                if n <= 0:
+                    break
+                self.conn.commit(n)
+                with contextlib.suppress(p.LocalProtocolError):
+                    self._events()
+
+    def send(self, data: bytes) -> None:
+        self.sendv([data])
+
+    def pump(self, wait: float = 0.0, ring_too: bool = False) -> None:
+        """Process what the server sent; wait up to ``wait`` seconds for something (or the ring) first."""
+        if wait > 0:
+            if ring_too:
+                self.ring.mark_seen(self.sent)  # wake for new records only, not for ones awaiting an ACK
+            poller = self._ring_poll if ring_too else self._poll
+            for fd, _ in poller.poll(int(wait * 1000)):
+                if fd == self.client.wakeup.fd:
+                    self.client.wakeup.drain()
+        if self.client.stopping and not self.client.draining:
+            raise Stopping()
+        self.client.publish()
+        while True:
+            try:
+                n = self.sock.recv_into(self.conn.writable(65536), 0, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                raise p.ConnectionLost(f"receive failed: {exc.strerror or exc}") from exc
+            if n == 0:
+                self.conn.commit(0)
+                with contextlib.suppress(p.RemoteProtocolError):
+                    self._events()
+                if self.goodbye:
+                    raise p.ConnectionLost("server closed the connection (shutdown)")
+                raise p.ConnectionLost("server closed the connection")
+            self.conn.commit(n)
+            self.rx_bytes += n
+            self._events()
+
+    def _events(self) -> None:
+        while True:
+            ev = self.conn.next_event()
+            if ev is p.NEED_DATA:
+                return
+            if isinstance(ev, p.Ack):
+                self.on_ack(ev)
+            elif isinstance(ev, p.Welcome):
+                self.welcome = ev
+            elif isinstance(ev, p.ScanHashes):
+                self.scan_replies.append(ev)
+            elif isinstance(ev, p.ScanDone):
+                self.scan_done = ev
+            elif isinstance(ev, p.Goodbye):
+                self.goodbye = True
+                log.warning("server is shutting down")
+            elif isinstance(ev, p.AuthChallenge | p.AuthOk):
+                self.auth_reply = ev
+
+    def on_ack(self, ack: p.Ack) -> None:
+        self.inflight.on_ack(ack)
+        self.client.server_durable = ack.durable_seq
+
+    def wait_for(self, what: str, cond: Callable[[], bool], timeout: float = IO_TIMEOUT) -> None:
+        """Process the server's messages until ``cond()``.  ``timeout`` counts time without progress: on a slow,
+        lossy link the answer may wait behind megabytes still queued in our send buffer, and a link that moves
+        bytes (received, or ours leaving the queue) is not a dead server."""
+        deadline = time.monotonic() + timeout
+        mark = self._progress()
+        while not cond():
+            now = time.monotonic()
+            if now > deadline:
+                now_mark = self._progress()
+                if now_mark == mark:
+                    raise p.ConnectionLost(f"no {what} from the server within {timeout:.0f}s")
+                mark, deadline = now_mark, now + timeout
+            self.pump(wait=0.2)
+
+    def _progress(self) -> tuple[int, int]:
+        """(bytes received, bytes still queued in the kernel to send): any change is progress."""
+        buf = bytearray(4)
+        try:
+            fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, buf, True)
+        except OSError:
+            return self.rx_bytes, -1
+        return self.rx_bytes, int.from_bytes(buf, sys.byteorder)
+
+    # -- handshake ------------------------------------------------------------------------------------------------
+
+    def authenticate(self) -> None:
+        """The shared-secret exchange (bdr.auth): our proof, then the server's, checked before HELLO."""
+        assert self.auth is not None
+        self.send(self.conn.send(self.auth.begin()))
+        self.wait_for("AUTH_CHALLENGE", lambda: self.auth_reply is not None)
+        assert isinstance(self.auth_reply, p.AuthChallenge)
+        proof = self.auth.on_challenge(self.auth_reply)
+        self.auth_reply = None
+        self.send(self.conn.send(proof))
+        self.wait_for("AUTH_OK", lambda: self.auth_reply is not None)
+        assert isinstance(self.auth_reply, p.AuthOk)
+        self.auth.on_ok(self.auth_reply)
+        log.info("server %s authenticated (shared secret)", self.client.server_text)
+
+    def handshake(self) -> p.Welcome:
+        c = self.client
+        if self.auth is not None:
+            self.authenticate()
+        self.send(
+            self.conn.send(
+                p.Hello(p.PROTOCOL_VERSION, p.ALL_FEATURES, 512, c.dev_size, c.source_id, c.ring_id)
+            )
+        )
+        self.wait_for("WELCOME", lambda: self.welcome is not None)
+        assert self.welcome is not None
+        return self.welcome
+
+    def start(self) -> None:
+        """Handshake, then quick resume or resync, as the flags and the server's state allow (``startup``)."""
+        c = self.client
+        w = self.handshake()
+        c.replica_consistent = bool(w.flags & p.WelcomeFlag.CONSISTENT)
+        first = not c.started
+        same = w.source_id == c.source_id and w.ring_id == c.ring_id
+        log.info(
+            "connected to %s: replica %d bytes, %s, durable seq %s%s",
+            c.server_text,
+            w.device_size,
+            "same source" if same else "different or unknown source",
+            fmt_seq(w.durable_seq),
+            ", interrupted resync" if w.flags & p.WelcomeFlag.SCANNING else "",
+        )
+        pos = self.ring.find_seq(startup.resume_seq(w)) if startup.can_resume(w, same) else None
+        c.started = True
+        d = startup.decide(w, same, pos is not None, first, c.start_flags, c.force_scan)
+        if d.start is Start.RESUME:
+            assert pos is not None
+            self.send(self.conn.send(p.Stream(d.resume_seq)))
+            self.sent = pos
+            if pos > self.ring.tail:
+                self.ring.release(pos)  # durable on the server already (acknowledged before a disconnect)
+            log.info(
+                "quick resume at seq %d (ring position %d, %d records to send)",
+                d.resume_seq,
+                pos,
+                self.ring.head() - pos,
+            )
+        elif d.start is Start.ASSUME_IN_SYNC:
+            tail = self.ring.tail  # ours: it does not move while we read the sequence number there
+            self.send(self.conn.send(p.Stream(self.ring.tail_seq(), p.StreamFlag.ASSUME_IN_SYNC)))
+            self.sent = tail
+            log.warning("--no-replication: no initial scan, the replica is assumed to equal the source")
+        else:
+            self.sent = self.ring.tail
+            mode = p.ScanMode.FULL if d.start is Start.FULL_COPY else p.ScanMode.HASH
+            direct = d.start is Start.FULL_SCAN  # --full-scan: the server writes the replica directly
+            self.resync(mode, [(0, c.dev_size)], whole=True, why=d.why, direct=direct)
+        c.force_scan = False
+
+    # -- streaming ------------------------------------------------------------------------------------------------
+
+    def send_batch(self, b: Batch, sync: bool) -> None:
+        self.in_sync = False
+        discards.check(self, b)
+        hdr = self.conn.send_data_header(b.count, b.data_len, sync)
+        try:
+            self.sendv([hdr, *b.desc, *b.data])
+        finally:
+            b.release()
+        self.inflight.sent(b, sync)
+        self.sent = b.end
+        self.client.stats.count_batch(b.count, b.data_len)
+        log.debug(
+            "sent seq %d..%d (%d records, %d bytes)%s",
+            b.first_seq,
+            b.last_seq,
+            b.count,
+            b.data_len,
+            " +sync" if sync else "",
+        )
+
+    def stream(self) -> None:
+        self.streaming = True
+        ring = self.ring
+        half = ring.geometry.nr_slots // 2
+        while True:
+            self.pump()
+            if self.client.pending_dirty is None and ring.state() & (abi.State.OVERFLOW | abi.State.DIRTY):
+                # first the server records on disk that a resync is due, only then is the bitmap ours
+                self.resync_pending()
+                self.client.pending_dirty = dm = ring.take_dirty()
+                self.in_sync = False
+                log.warning(
+                    "ring %s: %d dirty regions (%d KiB each) to resync after ring position %d",
+                    "overflowed" if dm.state & abi.State.OVERFLOW else "reported failed writes",
+                    dm.nr_dirty,
+                    dm.region_bytes // 1024,
+                    dm.ring_head,
+                )
+            head = ring.head()
+            pending = self.client.pending_dirty
+            limit = head if pending is None else min(head, pending.ring_head)
+            job = self.client.verify
+            if (
+                job is not None
+                and pending is None
+                and (self.sent >= limit or time.monotonic() - self.verify_t >= VERIFY_STEP_EVERY)
+            ):
+                self.verify_step(job)
+                continue
+            if self.sent < limit:
+                b = ring.batch(self.sent, BATCH_RECORDS, head=limit)
+                assert b is not None
+                sync = self.inflight.sync_pending is None and b.end - ring.tail > half
+                self.send_batch(b, sync)
+                self.client.report_bench(self)
+                continue
+            if pending is not None:
+                extents = pending.extents(self.client.dev_size)
+                if extents:
+                    self.resync(p.ScanMode.HASH, extents, whole=False, why="dirty regions")
+                self.client.pending_dirty = None  # only now: a lost connection before this redoes the scan
+                continue
+            if self.client.unzeroed:
+                extents = sorted(self.client.unzeroed)  # scan.windows aligns them and skips overlaps
+                self.resync(
+                    p.ScanMode.HASH,
+                    extents,
+                    whole=False,
+                    why="discarded ranges the source does not read as zeros",
+                )
+                self.client.unzeroed = []
+                continue
+            if self.inflight and self.inflight.sync_pending is None:
+                self.send(self.conn.send(p.Sync()))
+                self.inflight.sync_pending = self.inflight.last_seq
+            if not self.inflight and ring.tail == head and not self.in_sync and not ring.state():
+                self.in_sync = True
+                log.info(
+                    "in sync at ring position %d: the replica is durable up to seq %s",
+                    head,
+                    fmt_seq(self.inflight.durable),
+                )
+            self.client.report_bench(self)
+            quiet = ring.is_chardev and not self.inflight and ring.tail == head
+            self.pump(wait=0.5 if quiet else 0.002, ring_too=quiet)
+
+    def drain(self) -> None:
+        """Stop: send what the ring holds (for a few seconds at most), wait for it to be durable, say goodbye."""
+        c = self.client
+        c.draining = True
+        deadline = time.monotonic() + DRAIN_SECONDS
+        with contextlib.suppress(Stopping):
+            if self.conn.phase is p.Phase.STREAMING:
+                while self.client.pending_dirty is None and time.monotonic() < deadline:
+                    b = self.ring.batch(self.sent, BATCH_RECORDS)
+                    if b is None:
+                        break
+                    self.send_batch(b, sync=False)
+                if self.inflight:
+                    self.send(self.conn.send(p.Sync()))
+                    last = self.inflight.last_seq
+                    while self.inflight and time.monotonic() < deadline:
+                        self.pump(wait=0.05)
+                    if self.inflight:
+                        log.warning(
+                            "stopping with records up to seq %d not confirmed durable (kept in the ring)",
+                            last,
+                        )
+            if self.conn.phase not in (p.Phase.HANDSHAKE, p.Phase.CLOSED):
+                self.send(self.conn.send(p.Goodbye(p.GoodbyeReason.SHUTDOWN)))
+        left = self.ring.head() - self.sent
+        log.warning(
+            "stopped: server durable seq %s, %d records not yet sent remain in the ring",
+            fmt_seq(self.inflight.durable),
+            left,
+        )
+
+    def resync_pending(self) -> None:
+        """Have the server record on disk that a resync is due (before the dirty bitmap is taken, or before a
+        discarded range is left to a resync): RESYNC_PENDING, and its ACK."""
+        acks = self.inflight.acks
+        self.send(self.conn.send(p.ResyncPending()))
+        self.wait_for("ACK of RESYNC_PENDING", lambda: self.inflight.acks > acks)
+
+    # -- scans (bdr.client.scans) ----------------------------------------------------------------------------------
+
+    def resync(
+        self, mode: p.ScanMode, extents: list[tuple[int, int]], whole: bool, why: str, direct: bool = False
+    ) -> None:
+        """Resync ``extents``; ring records from ``self.sent`` on are applied after the scan's blocks."""
+        scans.resync(self, mode, extents, whole, why, direct)
+
+    def verify_step(self, job: VerifyJob) -> None:
+        scans.verify_step(self, job)
