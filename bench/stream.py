@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bdr.ring import RingProducer
+from bdr.testing.ring_producer import RingProducer
 
 RECORD = 4096
 CHUNK_RECORDS = 256  # records per producer call (1 MiB)

@@ -59,6 +59,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
+from .records import OP_DISCARD as OP_DISCARD
+from .records import OP_FLUSH as OP_FLUSH
+from .records import OP_WRITE as OP_WRITE
+from .records import OP_WRITE_ZEROES as OP_WRITE_ZEROES
+from .records import REC_FUA as REC_FUA
+from .records import REC_KNOWN_FLAGS as REC_KNOWN_FLAGS
+from .records import REC_UNZEROED as REC_UNZEROED
+from .records import RECORD as RECORD
+from .records import RECORD_SIZE as RECORD_SIZE
+from .records import RecordFields as RecordFields
+from .records import record_data_len as record_data_len
+from .records import record_fields as record_fields
+from .records import seq_range
 from .seq import NO_SEQ as NO_SEQ
 from .seq import SEQ_MASK as SEQ_MASK
 from .seq import next_seq as next_seq
@@ -557,70 +570,7 @@ class Stream:
 #   | count | data_len  | count x 32-byte descriptors   | data of the WRITE records, concatenated |
 #   +-------+-----------+-------------------------------+-----------------------------------------+
 #
-# A descriptor is byte for byte ``struct bdr_record`` of kernel/bdr_uapi.h, little-endian, so the client sends
-# the ring's descriptor array as is:
-#
-#   0       8       16      20  22  24      32
-#   +-------+-------+-------+---+---+-------+
-#   |  seq  | sector|  len  |op |flg|  rsvd |
-#   +-------+-------+-------+---+---+-------+
-#
-# Records are consecutive sequence numbers.  WRITE: len bytes of data follow in the data area (multiple of 512).
-# FLUSH: len 0, a durability point.  DISCARD / WRITE_ZEROES: len bytes of range, no data.  FUA on a WRITE makes
-# that write a durability point as well.  A DISCARD means the source reads zeros there (the client checked; the
-# replica is zeroed and may give the space back), unless flagged UNZEROED (the replica is left as it is).
-
 DATA_HEAD = struct.Struct("<II")
-RECORD = struct.Struct("<QQIHHQ")
-RECORD_SIZE: Final = RECORD.size
-
-OP_WRITE: Final = 1
-OP_FLUSH: Final = 2
-OP_DISCARD: Final = 3
-OP_WRITE_ZEROES: Final = 4
-REC_FUA: Final = 1 << 0
-# on the wire only (the kernel never sets it): a DISCARD whose range the source does not read as zeros; the
-# server leaves the replica's bytes as they are, and the client resyncs the range by checksums
-REC_UNZEROED: Final = 1 << 3
-REC_KNOWN_FLAGS: Final = 0xF  # FUA | CONT | MORE | UNZEROED
-
-
-@dataclass(frozen=True, slots=True)
-class RecordFields:
-    """Columns of a descriptor array, one list per field (built at C speed)."""
-
-    seqs: list[int]
-    sectors: list[int]
-    lens: list[int]
-    ops: list[int]
-    flags: list[int]
-    reserved: list[int]
-
-
-def record_fields(desc: memoryview | bytes) -> RecordFields:
-    """Split a descriptor array into per-field lists without a Python loop per record."""
-    mv = memoryview(desc)
-    if _LITTLE:
-        q = mv.cast("B").cast("Q")
-        i = mv.cast("B").cast("I")
-        h = mv.cast("B").cast("H")
-        return RecordFields(
-            q[0::4].tolist(),
-            q[1::4].tolist(),
-            i[4::8].tolist(),
-            h[10::16].tolist(),
-            h[11::16].tolist(),
-            q[3::4].tolist(),
-        )
-    cols = list(zip(*RECORD.iter_unpack(mv), strict=True)) or [(), (), (), (), (), ()]
-    return RecordFields(*(list(c) for c in cols))
-
-
-def record_data_len(f: RecordFields) -> int:
-    """Bytes of data that follow the descriptors (only WRITE records carry data)."""
-    if f.ops.count(OP_WRITE) == len(f.ops):
-        return sum(f.lens)
-    return sum(n for n, op in zip(f.lens, f.ops, strict=True) if op == OP_WRITE)
 
 
 def validate_records(f: RecordFields, device_size: int | None) -> int:
@@ -629,7 +579,7 @@ def validate_records(f: RecordFields, device_size: int | None) -> int:
     if n == 0:
         return 0
     first = f.seqs[0]
-    if f.seqs[-1] != (first + n - 1) & SEQ_MASK or (n > 1 and f.seqs != _seq_range(first, n)):
+    if f.seqs[-1] != (first + n - 1) & SEQ_MASK or (n > 1 and f.seqs != seq_range(first, n)):
         raise _fail(ErrorCode.BAD_RECORD, f"DATA records are not consecutive from seq {first}")
     if not set(f.ops) <= {OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_ZEROES}:
         bad = next(op for op in f.ops if op not in (1, 2, 3, 4))
@@ -665,17 +615,6 @@ def validate_records(f: RecordFields, device_size: int | None) -> int:
                     f"({device_size} bytes)",
                 )
     return data_len
-
-
-@functools.lru_cache(maxsize=8)
-def _range_cache(n: int) -> range:
-    return range(n)
-
-
-def _seq_range(first: int, n: int) -> list[int]:
-    if first + n - 1 <= SEQ_MASK:
-        return list(range(first, first + n))
-    return [(first + i) & SEQ_MASK for i in _range_cache(n)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bdr.ring import RingProducer
+from bdr.testing.ring_producer import RingProducer
 
 DEV = 32 << 20
 SLOTS = 1024

@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from bdr import abi
-from bdr.ring import RingProducer
+from bdr.kernel import abi
+from bdr.testing.ring_producer import RingProducer
 
 from .conftest import Daemon, Lab
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bdr.journal_records import CRASH_ENV, RECORDS_AT
-from bdr.ring import RingProducer
+from bdr.testing.ring_producer import RingProducer
 
 from .conftest import DEV, Daemon, Lab, Writer
 

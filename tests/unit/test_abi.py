@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bdr import abi
+from bdr.kernel import abi
 
 HEADER = Path(__file__).resolve().parents[2] / "kernel" / "bdr_uapi.h"
 

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from bdr import abi, cli
+from bdr import cli
 from bdr.cli import app, targets
+from bdr.kernel import abi
 
 
 @pytest.mark.parametrize(

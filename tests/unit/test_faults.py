@@ -18,8 +18,8 @@ from bdr import client as client_mod
 from bdr import protocol as p
 from bdr import scan
 from bdr.journal import JFlag, Journal, JournalError, JournalIOError
-from bdr.ring import RingProducer
 from bdr.server import Applier, Replica, ServerSession, SessionClosed
+from bdr.testing.ring_producer import RingProducer
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,9 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bdr import abi
 from bdr import protocol as p
-from bdr.ring import Batch, RingConsumer, RingError, RingProducer, ring_layout
+from bdr.kernel import abi
+from bdr.kernel.layout import RingError, ring_layout
+from bdr.kernel.ring import Batch, RingConsumer
+from bdr.testing.ring_producer import RingProducer
 
 DEV = 4 << 20
 
@@ -172,7 +174,7 @@ def test_failed_write_marks_dirty_without_overflow(ring: tuple[RingProducer, Rin
 
 
 def test_dirty_extents_merge_and_clip() -> None:
-    from bdr.ring import DirtyMap
+    from bdr.kernel.dirty import DirtyMap
 
     bm = bytes([0b1110_0001, 0b1000_0000])
     d = DirtyMap(bm, 65536, 0, 0, 5, 0)

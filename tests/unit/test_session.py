@@ -15,8 +15,8 @@ import pytest
 from bdr import protocol as p
 from bdr.client import Client, ClientSession, Stopping
 from bdr.journal import JFlag, Journal
-from bdr.ring import RingProducer
 from bdr.server import Applier, Replica, ServerSession, SessionClosed
+from bdr.testing.ring_producer import RingProducer
 
 DEV = 2 << 20
 pytestmark = pytest.mark.timeout(60)

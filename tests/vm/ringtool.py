@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from bdr import abi
+from bdr.kernel import abi
 
 REC = ctypes.sizeof(abi.Record)
 

@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bdr import abi
 from bdr import status as daemon_status
+from bdr.kernel import abi
 
 from . import credentials, status, targets, verify
 from .targets import SetupError, SetupPlan, parse_buffer

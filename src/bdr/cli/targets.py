@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bdr import abi
+from bdr.kernel import abi
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,31}$")
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

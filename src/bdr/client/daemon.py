@@ -20,8 +20,10 @@ from collections.abc import Callable
 from .. import __version__, config, scan, tls
 from .. import protocol as p
 from ..daemon.wakeup import Wakeup
+from ..kernel.dirty import DirtyMap
+from ..kernel.layout import RingError
+from ..kernel.ring import RingConsumer
 from ..log import BenchClock, setup_logging
-from ..ring import DirtyMap, RingConsumer, RingError
 from ..scan.verify import VerifyJob
 from . import startup, transport
 from . import status as client_status

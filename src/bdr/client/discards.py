@@ -8,7 +8,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from .. import protocol as p
-from ..ring import Batch
+from ..kernel.ring import Batch
 
 if TYPE_CHECKING:
     from .session import ClientSession

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import xxhash
 
-from ..ring import RingConsumer
+from ..kernel.ring import RingConsumer
 
 
 def source_identity(path: Path, size: int) -> bytes:

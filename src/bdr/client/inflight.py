@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from .. import protocol as p
-from ..ring import Batch, RingConsumer
+from ..kernel.ring import Batch, RingConsumer
 from .stats import ClientStats
 
 log = logging.getLogger("bdr.client")

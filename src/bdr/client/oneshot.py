@@ -14,8 +14,10 @@ from pathlib import Path
 
 import xxhash
 
-from .. import abi
-from ..ring import Batch, DirtyMap, Geometry, RingConsumer
+from ..kernel import abi
+from ..kernel.dirty import DirtyMap
+from ..kernel.layout import Geometry
+from ..kernel.ring import Batch, RingConsumer
 
 
 class NoRing(RingConsumer):

@@ -8,8 +8,9 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from .. import abi, scan
 from .. import protocol as p
+from .. import scan
+from ..kernel import abi
 from ..progress import Progress
 from ..scan import pipeline
 from ..scan.verify import VerifyJob

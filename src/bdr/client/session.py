@@ -20,9 +20,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .. import abi, auth, tls
+from .. import auth, tls
 from .. import protocol as p
-from ..ring import Batch
+from ..kernel import abi
+from ..kernel.ring import Batch
 from ..scan.verify import VerifyJob
 from ..seq import fmt_seq
 from . import discards, scans, startup

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import __version__, abi, status
+from .. import __version__, status
+from ..kernel import abi
 from ..seq import seq_or_none
 from .errors import ClientError
 

@@ -1,0 +1,1 @@
+"""Test machinery that ships in the package: the ring-file producer the host tests, benchmarks and demo use."""
