@@ -42,7 +42,7 @@ def replica_bytes() -> bytes:
 
 def main() -> int:
     from bdr.journal import Journal
-    from bdr.journal_records import CRASH_ENV
+    from bdr.journal.faults import CRASH_ENV
     from bdr.testing.ring_producer import RingProducer
 
     with tempfile.TemporaryDirectory() as d:

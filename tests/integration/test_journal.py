@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bdr.journal_records import CRASH_ENV, RECORDS_AT
+from bdr.journal.faults import CRASH_ENV
+from bdr.journal.format import RECORDS_AT
 from bdr.testing.ring_producer import RingProducer
 
 from .conftest import DEV, Daemon, Lab, Writer

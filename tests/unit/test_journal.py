@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bdr import journal as jr
 from bdr.journal import Header, JFlag, Journal, JournalError
+from bdr.journal import header as jr
 from bdr.protocol import NO_SEQ
 
 

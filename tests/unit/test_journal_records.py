@@ -11,8 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bdr import journal_records as jr
 from bdr.journal import Journal
+from bdr.journal import area as jr
+from bdr.journal import format as jf
+from bdr.journal.errors import JournalCorrupt, JournalFull
+from bdr.journal.faults import CRASH_ENV
 from bdr.server import Replica
 
 DEV = 4 << 20
@@ -49,37 +52,37 @@ def stage_some(area: jr.RecordArea) -> bytes:
 
 
 @given(
-    rtype=st.sampled_from([jr.RecType.BLOCK, jr.RecType.ZERO, jr.RecType.COMMIT]),
+    rtype=st.sampled_from([jf.RecType.BLOCK, jf.RecType.ZERO, jf.RecType.COMMIT]),
     epoch=st.integers(0, 2**64 - 1),
     index=st.integers(0, 2**64 - 1),
     offset=st.integers(0, 2**64 - 1),
     data=st.binary(max_size=300),
 )
-def test_record_round_trip(rtype: jr.RecType, epoch: int, index: int, offset: int, data: bytes) -> None:
-    if rtype is not jr.RecType.BLOCK:
+def test_record_round_trip(rtype: jf.RecType, epoch: int, index: int, offset: int, data: bytes) -> None:
+    if rtype is not jf.RecType.BLOCK:
         data = b""
-    rec = jr.Record(rtype, epoch, index, offset, len(data), data)
+    rec = jf.Record(rtype, epoch, index, offset, len(data), data)
     buf = rec.pack()
-    assert len(buf) == rec.size and len(buf) % jr.ALIGN == 0
-    parsed = jr.parse_record_header(buf)
+    assert len(buf) == rec.size and len(buf) % jf.ALIGN == 0
+    parsed = jf.parse_record_header(buf)
     assert parsed is not None
     assert parsed[:5] == (rtype, epoch, index, offset, len(data))
-    got = buf[jr.REC_HEADER : jr.REC_HEADER + len(data)]
-    assert got == data and jr.record_checksum(buf, got) == parsed[5]
+    got = buf[jf.REC_HEADER : jf.REC_HEADER + len(data)]
+    assert got == data and jf.record_checksum(buf, got) == parsed[5]
 
 
 @given(st.binary(min_size=64, max_size=64))
 def test_garbage_is_not_a_record_header(garbage: bytes) -> None:
-    assert jr.parse_record_header(garbage) is None or garbage[:8] == jr.REC_MAGIC
+    assert jf.parse_record_header(garbage) is None or garbage[:8] == jf.REC_MAGIC
 
 
 def test_state_block_round_trip_and_corruption() -> None:
-    s = jr.StateBlock(jr.AreaState.COMMITTED, 7, 3, jr.RECORDS_AT + 640, 9)
+    s = jf.StateBlock(jf.AreaState.COMMITTED, 7, 3, jf.RECORDS_AT + 640, 9)
     block = s.pack()
-    assert jr.StateBlock.parse(block) == s
+    assert jf.StateBlock.parse(block) == s
     bad = bytearray(block)
     bad[30] ^= 0x40
-    assert jr.StateBlock.parse(bytes(bad)) is None
+    assert jf.StateBlock.parse(bytes(bad)) is None
 
 
 def test_committed_resync_is_applied_and_replay_is_idempotent(paths: tuple[Path, Path]) -> None:
@@ -92,10 +95,10 @@ def test_committed_resync_is_applied_and_replay_is_idempotent(paths: tuple[Path,
     shutil.copy(jpath, jpath.with_suffix(".committed"))
     replica = Replica(rpath)
     area = open_area(jpath)
-    assert area.state.state is jr.AreaState.COMMITTED
+    assert area.state.state is jf.AreaState.COMMITTED
     assert area.recover(replica).startswith("replayed a committed resync (5 records)")
     assert rpath.read_bytes() == expect
-    assert area.state.state is jr.AreaState.CLEAN
+    assert area.state.state is jf.AreaState.CLEAN
     close_area(area)
     area = open_area(jpath)
     assert area.recover(replica) == ""  # clean: nothing to do
@@ -118,9 +121,9 @@ def test_uncommitted_resync_is_discarded(paths: tuple[Path, Path]) -> None:
     close_area(area)
     replica = Replica(rpath)
     area = open_area(jpath)
-    assert area.state.state is jr.AreaState.OPEN
+    assert area.state.state is jf.AreaState.OPEN
     assert "discarded an uncommitted resync" in area.recover(replica)
-    assert area.state.state is jr.AreaState.CLEAN
+    assert area.state.state is jf.AreaState.CLEAN
     close_area(area)
     replica.close()
     assert rpath.read_bytes() == before
@@ -138,8 +141,8 @@ def test_corrupt_committed_journal_is_refused_and_nothing_applied(
     commit_off = area.state.commit_off
     close_area(area)
     at = {
-        "data": jr.RECORDS_AT + jr.REC_HEADER + 65536 // 2,  # inside the first record's data
-        "header": jr.RECORDS_AT + jr.REC_HEADER + 65536 + 32,  # offset field of the second record
+        "data": jf.RECORDS_AT + jf.REC_HEADER + 65536 // 2,  # inside the first record's data
+        "header": jf.RECORDS_AT + jf.REC_HEADER + 65536 + 32,  # offset field of the second record
         "commit": commit_off + 30,
     }[where]
     with open(jpath, "r+b") as f:
@@ -149,9 +152,9 @@ def test_corrupt_committed_journal_is_refused_and_nothing_applied(
         f.write(bytes([b[0] ^ 0xFF]))
     replica = Replica(rpath)
     area = open_area(jpath)
-    with pytest.raises(jr.JournalCorrupt, match=r"record \d+ at byte \d+"):
+    with pytest.raises(JournalCorrupt, match=r"record \d+ at byte \d+"):
         area.recover(replica)
-    assert area.state.state is jr.AreaState.COMMITTED  # still refused on the next start
+    assert area.state.state is jf.AreaState.COMMITTED  # still refused on the next start
     close_area(area)
     replica.close()
     assert rpath.read_bytes() == before
@@ -164,10 +167,10 @@ def test_both_state_copies_corrupt_is_refused(paths: tuple[Path, Path]) -> None:
     area.discard()  # state copy A
     close_area(area)
     with open(jpath, "r+b") as f:
-        for at in (jr.STATE_AT + 40, jr.STATE_AT + 4096 + 40):
+        for at in (jf.STATE_AT + 40, jf.STATE_AT + 4096 + 40):
             f.seek(at)
             f.write(b"\xee")
-    with pytest.raises(jr.JournalCorrupt, match="both copies of the record area state are corrupt"):
+    with pytest.raises(JournalCorrupt, match="both copies of the record area state are corrupt"):
         open_area(jpath)
 
 
@@ -179,19 +182,19 @@ def test_torn_state_write_falls_back_to_the_other_copy(paths: tuple[Path, Path])
     gen = area.state.generation
     close_area(area)
     with open(jpath, "r+b") as f:
-        f.seek(jr.STATE_AT + (gen % 2) * 4096 + 20)
+        f.seek(jf.STATE_AT + (gen % 2) * 4096 + 20)
         f.write(b"\xee")
     area = open_area(jpath)
-    assert area.state.generation == gen - 1 and area.state.state is jr.AreaState.OPEN
+    assert area.state.generation == gen - 1 and area.state.state is jf.AreaState.OPEN
     close_area(area)
 
 
 def test_journal_too_small_for_the_resync(paths: tuple[Path, Path]) -> None:
     jpath, _ = paths
-    area = open_area(jpath, limit=jr.RECORDS_AT + 100_000)
+    area = open_area(jpath, limit=jf.RECORDS_AT + 100_000)
     area.begin()
     area.stage_write(bytes(65536), 0)
-    with pytest.raises(jr.JournalFull, match="too small for this resync"):
+    with pytest.raises(JournalFull, match="too small for this resync"):
         area.stage_write(bytes(65536), 65536)
     close_area(area)
 
@@ -215,11 +218,11 @@ def test_overlay_shows_the_staged_writes(paths: tuple[Path, Path]) -> None:
 
 def test_crash_hook_only_when_asked(monkeypatch: pytest.MonkeyPatch, paths: tuple[Path, Path]) -> None:
     jpath, _ = paths
-    monkeypatch.setenv(jr.CRASH_ENV, "elsewhere")
+    monkeypatch.setenv(CRASH_ENV, "elsewhere")
     area = open_area(jpath)
     stage_some(area)
     area.commit()  # the hook names another point: no crash
-    assert area.state.state is jr.AreaState.COMMITTED
+    assert area.state.state is jf.AreaState.COMMITTED
     close_area(area)
 
 
@@ -266,7 +269,7 @@ def test_compacted_staging_applies_what_the_records_wrote(ops: list[tuple[int, i
         rpath.write_bytes(bytes(range(256)) * 256)
         Journal(jpath).close()
         # 32 KiB of data, plus a record header for each of up to 80 pieces
-        area = open_area(jpath, limit=jr.RECORDS_AT + (32 << 10) + 128 * 81 + 128)
+        area = open_area(jpath, limit=jf.RECORDS_AT + (32 << 10) + 128 * 81 + 128)
         area.begin()
         expect = bytearray(rpath.read_bytes())
         for i, (sector, count, zero) in enumerate(ops):
@@ -289,7 +292,7 @@ def test_compacted_staging_applies_what_the_records_wrote(ops: list[tuple[int, i
 def test_rewriting_the_same_blocks_does_not_grow_the_staging(paths: tuple[Path, Path]) -> None:
     """A journal as large as the range staged holds a resync whose blocks are written many times over."""
     jpath, rpath = paths
-    area = open_area(jpath, limit=jr.RECORDS_AT + (264 << 10))  # 256 KiB range: 64 records of 4 KiB + headers
+    area = open_area(jpath, limit=jf.RECORDS_AT + (264 << 10))  # 256 KiB range: 64 records of 4 KiB + headers
     area.begin()
     expect = bytearray(rpath.read_bytes())
     for _ in range(10):  # 10 x the area in staged bytes

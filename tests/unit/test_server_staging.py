@@ -9,8 +9,8 @@ from pathlib import Path
 
 from bdr import protocol as p
 from bdr import scan
-from bdr.journal import JFlag, Journal
-from bdr.journal_records import AreaState, RecordArea
+from bdr.journal import JFlag, Journal, RecordArea
+from bdr.journal.format import AreaState
 from bdr.server import Applier, Replica, ServerSession
 
 DEV = 2 << 20

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bdr import journal_records as jr
 from bdr.journal import Journal
+from bdr.journal import area as jr
+from bdr.journal import format as jf
 from bdr.seq import NO_SEQ
 from bdr.server import Replica
 from bdr.server.staging import Phase, StagedResync, StagingError
@@ -111,20 +112,20 @@ def test_when_a_commit_is_due(
 def test_what_each_step_leaves_on_disk(parts: tuple[jr.RecordArea, Replica], tmp_path: Path) -> None:
     area, replica = parts
     s = StagedResync(area)
-    assert area.state.state is jr.AreaState.OPEN
+    assert area.state.state is jf.AreaState.OPEN
     s.write(b"\x09" * 4096, 4096)
     s.zeroes(0, 512)
     s.end(None, False)
     s.sync()
     assert (tmp_path / "replica.img").read_bytes() == bytes(DEV)  # the replica is untouched until the apply
     s.commit()
-    assert area.state.state is jr.AreaState.COMMITTED
+    assert area.state.state is jf.AreaState.COMMITTED
     assert s.apply(replica) == 2
     replica.sync()
     assert (tmp_path / "replica.img").read_bytes()[4096:8192] == b"\x09" * 4096
-    assert area.state.state is jr.AreaState.CLEAN
+    assert area.state.state is jf.AreaState.CLEAN
     s2 = StagedResync(area)
     s2.write(b"\x01" * 512, 0)
     s2.discard()
-    assert area.state.state is jr.AreaState.CLEAN
+    assert area.state.state is jf.AreaState.CLEAN
     assert (tmp_path / "replica.img").read_bytes()[:512] == bytes(512)

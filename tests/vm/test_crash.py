@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bdr.journal_records import CRASH_ENV, CRASH_MODE_ENV
+from bdr.journal.faults import CRASH_ENV, CRASH_MODE_ENV
 from tests.vm import lab
 from tests.vm.lab import Guest
 from tests.vm.pair import BIN, Pair

@@ -10,8 +10,7 @@ from typing import Protocol
 
 from .. import protocol as p
 from .. import replica_state
-from ..journal import Journal
-from ..journal_records import RecordArea
+from ..journal import Journal, RecordArea
 from ..seq import prev_seq, seq_distance
 from .replica import Target
 

@@ -16,8 +16,7 @@ from .. import __version__, replica_state, status, tls
 from .. import protocol as p
 from ..daemon.sockets import close_gently
 from ..daemon.wakeup import Wakeup
-from ..journal import Journal, JournalError, StorageError
-from ..journal_records import RecordArea
+from ..journal import FaultPlan, Journal, JournalError, RecordArea, StorageError
 from ..log import BenchClock
 from .applier import Applier
 from .errors import EXIT_STORAGE, ServerError, SessionClosed
@@ -50,7 +49,8 @@ PUBLISH_INTERVAL = 0.25  # seconds between status snapshots (bdr status, metrics
 class Server:
     """Listens, serves one client at a time, turns SIGTERM / SIGINT into a clean stop."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, faults: FaultPlan | None = None) -> None:
+        """``faults``: crash points of the journal resync (the crash tests), none by default."""
         self.args = args
         # security first: a server that must not start touches neither the replica nor the journal
         self.tls_ctx, self.secret, self.binding = load_security(args)
@@ -61,7 +61,7 @@ class Server:
             raise ServerError(str(exc)) from exc
         if os.path.samefile(args.journal, args.target_device):
             raise ServerError("the journal and the target device must be different")
-        self.area = open_record_area(self.journal, self.replica, getattr(args, "journal_size", None))
+        self.area = open_record_area(self.journal, self.replica, getattr(args, "journal_size", None), faults)
         self.applier = Applier(self.replica, self.journal, self.area)
         self.stopping = False
         self.wakeup = Wakeup()  # signals, and connections through the gate, interrupt the main loop's polls
@@ -410,7 +410,9 @@ class Server:
         self.splicer.close()
 
 
-def open_record_area(journal: Journal, replica: Replica, limit: int | None) -> RecordArea:
+def open_record_area(
+    journal: Journal, replica: Replica, limit: int | None, faults: FaultPlan | None = None
+) -> RecordArea:
     """The journal's record area, after replaying a committed resync or discarding an uncommitted one."""
     try:
         fd = os.open(journal.path, os.O_RDWR | os.O_CLOEXEC)
@@ -420,7 +422,7 @@ def open_record_area(journal: Journal, replica: Replica, limit: int | None) -> R
         size = os.lseek(fd, 0, os.SEEK_END)
         limit = size if limit is None else min(size, limit)
     try:
-        area = RecordArea(fd, str(journal.path), limit)
+        area = RecordArea(fd, str(journal.path), limit, faults)
         done = area.recover(replica, replica.size)
     except JournalError as exc:
         os.close(fd)

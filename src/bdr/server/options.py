@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 
 from .. import __version__, config, status
+from ..journal import FaultPlan
 from ..log import setup_logging
 from .daemon import Server
 from .errors import ServerError
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None, ready: Callable[[Server], None] | None =
         log.error("--port %d is not a TCP port", args.port)
         return 2
     try:
-        server = Server(args)
+        server = Server(args, FaultPlan.from_environment())  # crash points: only the crash tests set them
     except ServerError as exc:
         log.error("%s", exc)
         return 2

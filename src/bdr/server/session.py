@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 from .. import auth, replica_state, scan
 from .. import protocol as p
-from ..journal import Journal, StorageError
-from ..journal_records import JournalFull
+from ..journal import Journal, JournalFull, StorageError
 from ..seq import seq_after
 from .applier import Applier
 from .errors import Refusal, SessionClosed

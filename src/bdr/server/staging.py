@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 
-from ..journal_records import RecordArea, ReplicaTarget, StagingTarget
+from ..journal import RecordArea, ReplicaTarget, StagingTarget
 from ..seq import seq_le
 
 

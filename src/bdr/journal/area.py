@@ -1,206 +1,58 @@
-"""The record area of the server journal: where a resync is staged, committed and applied.
+"""The record area of the server journal, at work: stage a resync as records, commit it, apply it to the
+replica, and at start replay a committed one or discard an uncommitted one (the format is ``format``'s, the
+ordering rules are drawn there).
 
 A journal scan (the default resync) must not turn the replica into a mix of old and new blocks.  The server
 stages everything the resync brings -- the corrected scan blocks, then the ring writes captured meanwhile --
 as records after the header area of the ``--journal`` path, writes a commit record, and only then applies the
 records to the replica.  At every instant the replica, after replay, is the old or the new consistent state.
-
-Layout (offsets in the journal device or file)::
-
-    0        4 KiB    8 KiB          12 KiB         16 KiB           1 MiB
-    +--------+--------+--------------+--------------+--- ... --------+----------+----------+-----+--------+
-    | hdr A  | hdr B  | area state A | area state B | reserved       | record 0 | record 1 | ... | COMMIT |
-    +--------+--------+--------------+--------------+--- ... --------+----------+----------+-----+--------+
-
-Area state block (4096 bytes, little-endian; two copies written alternately like the metadata header, the
-valid copy with the highest generation wins)::
-
-    0        8        12       16           24      32           40        48       4088      4096
-    +--------+--------+--------+------------+-------+------------+---------+--- 0 ---+---------+
-    | magic  | version| state  | generation | epoch | commit_off | records |         | xxh3_64 |
-    +--------+--------+--------+------------+-------+------------+---------+---------+---------+
-
-Record (a 64-byte header, then ``length`` bytes of data for BLOCK records; the next record starts at the next
-64-byte boundary)::
-
-    0        8      10      12         16      24      32       40       48        56         64
-    +--------+------+-------+----------+-------+-------+--------+--------+---------+----------+
-    | magic  | type | flags | reserved | epoch | index | offset | length | xxh3_64 | reserved |
-    +--------+------+-------+----------+-------+-------+--------+--------+---------+----------+
-
-The record checksum covers header bytes 0..48 and the data.  Types: BLOCK (write ``length`` bytes of data at
-``offset``), ZERO (write ``length`` zero bytes at ``offset``, no data), COMMIT (``offset`` = xxh3_64 of the
-concatenated checksums of records 0..index-1, ``length`` = 0): the last record of a committed resync.
-
-Ordering rules (each step durable before the next):
-
-1. records, then the COMMIT record, ``fdatasync``;
-2. area state COMMITTED (epoch, commit_off, records), ``fdatasync`` -- the commit point;
-3. the caller updates the metadata header (consistent, durable sequence number);
-4. apply the records in order to the replica, replica ``fdatasync``;
-5. area state CLEAN.
-
-At server start: CLEAN -- nothing to do; OPEN -- an uncommitted resync, discarded (the metadata header still
-says SCANNING, so the next client start rescans); COMMITTED -- every record is verified first, then all are
-applied again (idempotent: records only ever set bytes to fixed values, in order).  A committed journal with a
-bad checksum is refused, never partly applied.
-
-Test hook: the environment variable ``BDR_TEST_CRASH_AT`` set to ``commit`` (after the COMMIT record is durable,
-before the commit point) or ``apply`` (after half of the records are applied) makes the process SIGKILL itself
-there; the crash-safety integration tests use it.  Nothing else reads it.
 """
 
 from __future__ import annotations
 
-import enum
 import errno
 import functools
 import heapq
 import logging
 import os
-import signal
 import stat
-import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import ParamSpec, Protocol, TypeVar
 
 import xxhash
 
-from .journal import HEADER_AREA, HEADER_BLOCK, JournalError, JournalIOError, StorageError
+from .errors import JournalCorrupt, JournalError, JournalFull, JournalIOError, StorageError
+from .faults import RECEIVE_POINT_AFTER, FaultPlan
+from .format import (
+    REC,
+    REC_HEADER,
+    RECORDS_AT,
+    STATE_AT,
+    STATE_MAGIC,
+    AreaState,
+    Record,
+    RecType,
+    StateBlock,
+    aligned,
+    parse_record_header,
+    record_checksum,
+)
+from .header import HEADER_BLOCK
 
 log = logging.getLogger("bdr.journal")
 
-STATE_MAGIC = b"BDRJSTA\x00"
-REC_MAGIC = b"BDRJREC\x00"
-AREA_VERSION = 1
-STATE_AT = 2 * HEADER_BLOCK  # two copies: STATE_AT and STATE_AT + HEADER_BLOCK
-RECORDS_AT = HEADER_AREA
-ALIGN = 64
-_STATE = struct.Struct("<8sIIQQQQ")
-_REC = struct.Struct("<8sHHIQQQQ")  # checksummed part (48 bytes); then the checksum and 8 reserved bytes
-REC_HEADER = 64
-_CSUM_AT = HEADER_BLOCK - 8
-CRASH_ENV = "BDR_TEST_CRASH_AT"
-CRASH_MODE_ENV = "BDR_TEST_CRASH_MODE"  # "pause": sync and stop there instead of SIGKILL (power-cut tests)
-CRASH_RECEIVE_AFTER = 1 << 20  # the "receive" crash point: after this many bytes of scan blocks were staged
 BUCKET_SHIFT = (
     20  # staged extents are indexed by the 1 MiB buckets they touch (overlay cost ~ what it overlays)
 )
-
-
-class AreaState(enum.IntEnum):
-    CLEAN = 0  # nothing staged (or everything applied)
-    OPEN = 1  # a resync is being staged; not committed
-    COMMITTED = 2  # the records up to the COMMIT record must be applied
-
-
-class RecType(enum.IntEnum):
-    BLOCK = 1
-    ZERO = 2
-    COMMIT = 3
-
-
-class JournalFull(JournalError):
-    """The record area cannot hold this resync, even with each staged byte kept once."""
-
-    def __init__(self, message: str, needed: int = 0, capacity: int = 0) -> None:
-        super().__init__(message)
-        self.needed = needed  # bytes of records the resync needs at least (its live records)
-        self.capacity = capacity  # bytes the record area holds
-
-
 # a full file system or quota under a journal file: a journal condition (the resync does not fit), not a failure
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-
-
-class JournalCorrupt(JournalError):
-    """A committed journal fails its checksums: refused, nothing applied."""
 
 
 class ReplicaTarget(Protocol):
     def write_runs(self, runs: list[tuple[memoryview, int]]) -> None: ...
     def write_zeroes(self, offset: int, length: int) -> None: ...
     def sync(self) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    type: RecType
-    epoch: int
-    index: int
-    offset: int
-    length: int
-    data: bytes = b""
-
-    def pack(self) -> bytes:
-        head = _REC.pack(REC_MAGIC, self.type, 0, 0, self.epoch, self.index, self.offset, self.length)
-        h = xxhash.xxh3_64()
-        h.update(head)
-        h.update(self.data)
-        csum = h.intdigest()
-        out = head + csum.to_bytes(8, "little") + bytes(8) + self.data
-        return out + bytes(-len(out) % ALIGN)
-
-    @property
-    def size(self) -> int:
-        return _aligned(REC_HEADER + len(self.data))
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-def record_checksum(head: bytes, data: bytes | memoryview) -> int:
-    h = xxhash.xxh3_64()
-    h.update(head[: _REC.size])
-    h.update(data)
-    return h.intdigest()
-
-
-def parse_record_header(buf: bytes) -> tuple[RecType, int, int, int, int, int] | None:
-    """(type, epoch, index, offset, length, checksum) of a record header, None if it is not one."""
-    if len(buf) < REC_HEADER or buf[:8] != REC_MAGIC:
-        return None
-    _, rtype, flags, res, epoch, index, offset, length = _REC.unpack_from(buf)
-    if rtype not in (1, 2, 3) or flags or res:
-        return None
-    csum = int.from_bytes(buf[_REC.size : _REC.size + 8], "little")
-    return RecType(rtype), epoch, index, offset, length, csum
-
-
-@dataclass(frozen=True, slots=True)
-class StateBlock:
-    state: AreaState = AreaState.CLEAN
-    generation: int = 0
-    epoch: int = 0
-    commit_off: int = 0
-    records: int = 0
-
-    def pack(self) -> bytes:
-        fixed = _STATE.pack(
-            STATE_MAGIC, AREA_VERSION, self.state, self.generation, self.epoch, self.commit_off, self.records
-        )
-        body = fixed + bytes(_CSUM_AT - len(fixed))
-        return body + xxhash.xxh3_64_intdigest(body).to_bytes(8, "little")
-
-    @classmethod
-    def parse(cls, block: bytes) -> StateBlock | None:
-        if len(block) < HEADER_BLOCK or block[:8] != STATE_MAGIC:
-            return None
-        if xxhash.xxh3_64_intdigest(block[:_CSUM_AT]) != int.from_bytes(
-            block[_CSUM_AT:HEADER_BLOCK], "little"
-        ):
-            return None
-        _, version, state, gen, epoch, commit_off, records = _STATE.unpack_from(block)
-        if version > AREA_VERSION:
-            raise JournalError(
-                f"journal record area from a newer BDR (version {version}, we know {AREA_VERSION})"
-            )
-        if state not in (0, 1, 2):
-            return None
-        return cls(AreaState(state), gen, epoch, commit_off, records)
 
 
 _P = ParamSpec("_P")
@@ -224,31 +76,19 @@ def _journal_io(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
-def _crash_here(point: str) -> None:
-    if os.environ.get(CRASH_ENV) != point:
-        return
-    if os.environ.get(CRASH_MODE_ENV) == "pause":  # for a test that cuts the power of the whole machine here
-        os.sync()  # what was applied so far is on the disks
-        log.error("test hook %s=%s: server paused, everything so far synced", CRASH_ENV, point)
-        logging.shutdown()
-        while True:
-            time.sleep(3600)
-    log.error("test hook %s=%s: killing the server", CRASH_ENV, point)
-    logging.shutdown()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 class RecordArea:
     """Stage, commit and apply resync records on an open journal file descriptor.
 
     ``limit``: the end of the record area in bytes from the start of the journal (a block device: its size; a
-    file: ``--journal-size``, or None to let the file grow).
+    file: ``--journal-size``, or None to let the file grow).  ``faults``: where to stop on purpose (the crash
+    tests: ``faults.FaultPlan``), at the points "receive", "commit" and "apply".
     """
 
-    def __init__(self, fd: int, path: str, limit: int | None) -> None:
+    def __init__(self, fd: int, path: str, limit: int | None, faults: FaultPlan | None = None) -> None:
         self.fd = fd
         self.path = path
         self.limit = limit
+        self.faults = faults if faults is not None else FaultPlan()  # crash points (tests): none by default
         if stat.S_ISREG(os.fstat(fd).st_mode):
             # both state copies allocated now: ending a resync on a full file system must not need new blocks
             try:
@@ -358,7 +198,7 @@ class RecordArea:
     def _write_record(self, rec: Record) -> int:
         buf = rec.pack()
         self._pwrite_all(buf, self.pos)
-        self.checksums.update(buf[_REC.size : _REC.size + 8])
+        self.checksums.update(buf[REC.size : REC.size + 8])
         data_at = self.pos + REC_HEADER
         self.pos += len(buf)
         self.index += 1
@@ -423,7 +263,7 @@ class RecordArea:
         Returns False when nothing would be freed."""
         assert self.is_open
         pieces = self.live_pieces(next_offset, next_length)
-        live = sum(_aligned(REC_HEADER + (0 if at < 0 else n)) for _, n, at in pieces)
+        live = sum(aligned(REC_HEADER + (0 if at < 0 else n)) for _, n, at in pieces)
         used = self.pos - RECORDS_AT
         if live >= used:
             return False
@@ -432,7 +272,7 @@ class RecordArea:
         plan = [x for x in pieces if x[2] >= 0] + [x for x in pieces if x[2] < 0]
         pos = RECORDS_AT
         for k, (_, n, at) in enumerate(plan):  # each write must end before the next data still to be read
-            pos += _aligned(REC_HEADER + (0 if at < 0 else n))
+            pos += aligned(REC_HEADER + (0 if at < 0 else n))
             nxt = plan[k + 1][2] if k + 1 < len(plan) else -1
             if nxt >= 0 and pos > nxt:
                 log.warning("journal %s: the staged records cannot be compacted in place", self.path)
@@ -471,8 +311,8 @@ class RecordArea:
         at = self._append(Record(RecType.BLOCK, self.state.epoch, self.index, offset, len(data), bytes(data)))
         self._index(offset, len(data), at)
         self.staged_bytes += len(data)
-        if self.staged_bytes >= CRASH_RECEIVE_AFTER:
-            _crash_here("receive")
+        if self.staged_bytes >= RECEIVE_POINT_AFTER:
+            self.faults.hit("receive")
 
     @_journal_io
     def stage_zeroes(self, offset: int, length: int) -> None:
@@ -523,7 +363,7 @@ class RecordArea:
         total = self.checksums.intdigest()
         self._append(Record(RecType.COMMIT, self.state.epoch, count, total, 0))
         os.fdatasync(self.fd)
-        _crash_here("commit")
+        self.faults.hit("commit")
         self._set_state(AreaState.COMMITTED, commit_off=commit_at, records=count)
         log.info(
             "journal: resync committed (%d records, %d bytes of data; at most %d bytes of records staged, %d "
@@ -568,7 +408,7 @@ class RecordArea:
                 return
             total.update(csum.to_bytes(8, "little"))
             yield Record(rtype, epoch, index, offset, length), pos + REC_HEADER
-            pos += _aligned(REC_HEADER + (length if rtype is RecType.BLOCK else 0))
+            pos += aligned(REC_HEADER + (length if rtype is RecType.BLOCK else 0))
 
     def verify(self) -> list[tuple[Record, int]]:
         """Every record of the committed resync, checked before anything is applied."""
@@ -583,7 +423,7 @@ class RecordArea:
         half = len(recs) // 2
         for i, (rec, at) in enumerate(recs):
             if i == half and i:
-                _crash_here("apply")
+                self.faults.hit("apply")
             if size_limit is not None and rec.offset + rec.length > size_limit:
                 raise JournalCorrupt(
                     f"journal {self.path}: record {rec.index} writes past the end of the replica; refusing it"

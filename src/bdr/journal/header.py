@@ -5,7 +5,7 @@ Layout of the journal device or file (version 1)::
 
     0          4 KiB      8 KiB                                  1 MiB
     +----------+----------+--------------------------------------+---------------------------------
-    | header A | header B | reserved for header growth           | journal records (later version)
+    | header A | header B | record area state, reserved          | record area (resync records)
     +----------+----------+--------------------------------------+---------------------------------
 
 The two header copies are written alternately (generation even -> A, odd -> B), each followed by fdatasync, so
@@ -22,7 +22,7 @@ wins.  A header block (4096 bytes, little-endian)::
     +-------------+-------------+--------------+----------------+----------+----------+
 
 Everything after byte 96 up to the checksum is zero in version 1; new fields go there (and bump the version).
-A later version adds a record area at 1 MiB for staged scan blocks and commit records.
+The record area (``format``, ``area``) keeps its own state block at 8 KiB and its records from 1 MiB on.
 """
 
 from __future__ import annotations
@@ -38,42 +38,16 @@ from pathlib import Path
 
 import xxhash
 
-from .seq import NO_SEQ
+from ..seq import NO_SEQ
+from .errors import JournalError, JournalIOError
 
 MAGIC = b"BDRJRNL\x00"
 VERSION = 1
 HEADER_BLOCK = 4096
-HEADER_AREA = 1 << 20  # headers and their future growth; journal records start here (later version)
+HEADER_AREA = 1 << 20  # headers and their future growth; the record area (``format``) starts here
 MIN_SIZE = 2 * HEADER_BLOCK
 _FIXED = struct.Struct("<8sIIQII16s16sQQQQ")
 _CSUM_AT = HEADER_BLOCK - 8
-
-
-class JournalError(Exception):
-    """The journal path cannot be used: missing directory, too small, corrupt, or from a newer version."""
-
-
-class StorageError(OSError):
-    """An I/O error of one of the server's devices.  ``role`` says which one (replica, journal), ``device`` its
-    path; ``strerror`` is the whole message for the log."""
-
-    role = "storage"
-
-    def __init__(self, err: int | None, message: str, device: str = "") -> None:
-        super().__init__(err or errno.EIO, message)
-        self.device = device
-
-
-class JournalIOError(StorageError):
-    """Writing, reading or syncing the journal failed (device error, file system full)."""
-
-    role = "journal"
-
-
-class ReplicaIOError(StorageError):
-    """Writing, reading or syncing the replica failed."""
-
-    role = "replica"
 
 
 class JFlag(enum.IntFlag):
