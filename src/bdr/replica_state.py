@@ -28,7 +28,7 @@ import dataclasses
 import enum
 from dataclasses import dataclass
 
-from . import protocol as p
+from . import wire as p
 from .journal import Header, JFlag
 from .seq import NO_SEQ, prev_seq, seq_le
 

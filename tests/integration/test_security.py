@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bdr import certs
-from bdr import protocol as p
+from bdr import wire as p
 from bdr.journal import JFlag, Journal
 
 from .conftest import Lab, Writer

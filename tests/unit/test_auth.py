@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bdr import auth
-from bdr import protocol as p
+from bdr import wire as p
 from bdr.journal import Journal
 from bdr.server import Applier, Replica, ServerError, ServerSession, SessionClosed, is_loopback, load_security
 

@@ -15,8 +15,8 @@ import pytest
 from test_session import DEV, MemServer, Run, client_for
 
 from bdr import client as client_mod
-from bdr import protocol as p
 from bdr import scan
+from bdr import wire as p
 from bdr.journal import JFlag, Journal, JournalError, JournalIOError
 from bdr.server import Applier, Replica, ServerSession, SessionClosed
 from bdr.testing.ring_producer import RingProducer

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bdr import auth
-from bdr import protocol as p
+from bdr import wire as p
 from bdr.journal import Journal
 from bdr.server import Applier, Replica, Server, ServerSession, SessionClosed
 

@@ -9,7 +9,7 @@ import pytest
 
 from bdr.journal import Header, JFlag, Journal, JournalError
 from bdr.journal import header as jr
-from bdr.protocol import NO_SEQ
+from bdr.seq import NO_SEQ
 
 
 def test_fresh_file_is_created_with_defaults(tmp_path: Path) -> None:

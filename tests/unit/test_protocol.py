@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bdr import protocol as p
-from bdr.protocol import ErrorCode as E
+from bdr import wire as p
+from bdr.wire import ErrorCode as E
 
 
 def h(text: str) -> bytes:
@@ -24,7 +24,7 @@ NS = bytes(range(32, 64))  # server nonce
 MAC = b"\x5a" * 32
 
 # One row per message: the message and its exact frame bytes (header + payload), written out by hand from
-# the layouts drawn in bdr/protocol.py, so a layout change shows up here.
+# the layouts drawn in bdr/wire (next to each message class), so a layout change shows up here.
 CASES: list[tuple[str, p.Message, bytes]] = [
     (
         "hello",

@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
-from bdr import protocol as p
 from bdr import replica_state as rs
+from bdr import wire as p
 from bdr.journal import Header, JFlag, Journal
 from bdr.seq import NO_SEQ
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bdr import protocol as p
+from bdr import wire as p
 from bdr.kernel import abi
 from bdr.kernel.layout import RingError, ring_layout
 from bdr.kernel.ring import Batch, RingConsumer

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bdr import protocol as p
+from bdr import wire as p
 from bdr.journal import JFlag, Journal
 from bdr.server import Applier
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bdr import protocol as p
+from bdr import wire as p
 from bdr.server import Server
 
 DEV = 8 << 20

@@ -7,8 +7,8 @@ import os
 import struct
 from pathlib import Path
 
-from bdr import protocol as p
 from bdr import scan
+from bdr import wire as p
 from bdr.journal import JFlag, Journal, RecordArea
 from bdr.journal.format import AreaState
 from bdr.server import Applier, Replica, ServerSession

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bdr import protocol as p
+from bdr import wire as p
 from bdr.client.startup import Decision, Flags, Start, can_resume, decide
 
 W = p.WelcomeFlag

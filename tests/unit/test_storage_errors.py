@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_server_staging import W, batch, make, talk
 
-from bdr import protocol as p
+from bdr import wire as p
 from bdr.journal import JFlag, Journal, JournalIOError, ReplicaIOError, StorageError
 from bdr.server import ServerSession, SessionClosed
 

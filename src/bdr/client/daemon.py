@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 
 from .. import __version__, config, scan, tls
-from .. import protocol as p
+from .. import wire as p
 from ..daemon.wakeup import Wakeup
 from ..kernel.dirty import DirtyMap
 from ..kernel.layout import RingError

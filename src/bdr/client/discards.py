@@ -7,7 +7,7 @@ import bisect
 import logging
 from typing import TYPE_CHECKING
 
-from .. import protocol as p
+from .. import wire as p
 from ..kernel.ring import Batch
 
 if TYPE_CHECKING:

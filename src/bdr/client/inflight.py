@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .. import protocol as p
+from .. import wire as p
 from ..kernel.ring import Batch, RingConsumer
 from .stats import ClientStats
 

@@ -8,8 +8,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from .. import protocol as p
 from .. import scan
+from .. import wire as p
 from ..kernel import abi
 from ..progress import Progress
 from ..scan import pipeline

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import auth, tls
-from .. import protocol as p
+from .. import wire as p
 from ..kernel import abi
 from ..kernel.ring import Batch
 from ..scan.verify import VerifyJob

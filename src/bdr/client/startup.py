@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .. import protocol as p
+from .. import wire as p
 from ..seq import next_seq
 
 

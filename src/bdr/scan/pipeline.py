@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .. import protocol as p
+from .. import wire as p
 from .blocks import HASH_SIZE, block_spans, digest, zero_digest
 
 Reader = Callable[[memoryview, int], None]  # fills the view from the source at the byte offset

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .. import protocol as p
 from .. import replica_state
+from .. import wire as p
 from ..journal import Journal, RecordArea
 from ..seq import prev_seq, seq_distance
 from .replica import Target

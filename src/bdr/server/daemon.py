@@ -13,7 +13,7 @@ import ssl
 import time
 
 from .. import __version__, replica_state, status, tls
-from .. import protocol as p
+from .. import wire as p
 from ..daemon.sockets import close_gently
 from ..daemon.wakeup import Wakeup
 from ..journal import FaultPlan, Journal, JournalError, RecordArea, StorageError

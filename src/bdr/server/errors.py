@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .. import protocol as p
+from .. import wire as p
 
 log = logging.getLogger("bdr.server")
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import auth, tls
-from .. import protocol as p
+from .. import wire as p
 from ..daemon.sockets import close_gently, keepalive
 from .errors import SessionClosed
 from .runtime import Tally, Throttle

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 from .. import auth, replica_state, scan
-from .. import protocol as p
+from .. import wire as p
 from ..journal import Journal, JournalFull, StorageError
 from ..seq import seq_after
 from .applier import Applier

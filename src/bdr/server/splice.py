@@ -12,7 +12,7 @@ import select
 import socket
 from typing import TYPE_CHECKING
 
-from .. import protocol as p
+from .. import wire as p
 from .errors import SessionClosed
 from .replica import Replica
 
