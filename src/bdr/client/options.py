@@ -7,7 +7,8 @@ import argparse
 import logging
 import ssl
 
-from .. import __version__, auth, status, tls
+from .. import status, tls
+from ..daemon.options import add_output_options, add_service_options, check_key_pair, load_secret
 from .errors import ClientError
 
 log = logging.getLogger("bdr.client")
@@ -26,8 +27,7 @@ def load_security(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, byte
     ):  # callers that build args
         if not hasattr(args, name):
             setattr(args, name, None)
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ClientError("--tls-cert and --tls-key go together")
+    check_key_pair(args, ClientError)
     if (args.tls_cert or args.tls_server_name) and not args.tls_ca:
         raise ClientError("TLS needs --tls-ca, the CA that issued the server's certificate")
     ctx = None
@@ -36,14 +36,7 @@ def load_security(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, byte
             ctx = tls.client_context(args.tls_ca, args.tls_cert, args.tls_key)
     except tls.TlsError as exc:
         raise ClientError(str(exc)) from exc
-    secret = None
-    if args.secret_file:
-        try:
-            secret, warning = auth.load_secret(args.secret_file)
-        except auth.SecretError as exc:
-            raise ClientError(str(exc)) from exc
-        if warning:
-            log.warning("%s", warning)
+    secret = load_secret(args, ClientError)
     return ctx, secret
 
 
@@ -99,17 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         "it converges but is inconsistent until the scan ends; 'stop' exits with status 3 and leaves the "
         "replica as it is",
     )
-    ap.add_argument(
-        "--no-print", action="store_true", help="disable standard output (errors still go to stderr)"
-    )
-    ap.add_argument(
-        "--verbose", action="store_true", help="log connections, resumes, scans and flushes, one line each"
-    )
-    ap.add_argument("--debug", action="store_true", help="log every batch and acknowledgement (very chatty)")
-    ap.add_argument(
-        "--benchmark",
-        action="store_true",
-        help="print throughput, record rate and lag (records captured but not yet sent / not yet durable) every second",
+    add_output_options(
+        ap,
+        verbose="log connections, resumes, scans and flushes, one line each",
+        debug="log every batch and acknowledgement (very chatty)",
+        benchmark="print throughput, record rate and lag (records captured but not yet sent / not yet durable) every second",
     )
     sec = ap.add_argument_group(
         "security", "Use the same scheme as the server: mutual TLS and/or a shared secret (docs: Security)."
@@ -132,20 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="shared secret, the same file as the server's: both sides prove they know it; it never crosses "
         "the network",
     )
-    ap.add_argument(
-        "--status-socket",
-        metavar="PATH",
-        help=f"control socket for bdr status and bdr verify (default {status.RUN_DIR}/client-<chardev>.sock)",
+    add_service_options(
+        ap,
+        "bdr_client",
+        f"control socket for bdr status and bdr verify (default {status.RUN_DIR}/client-<chardev>.sock)",
+        "127.0.0.1:9788",
     )
-    ap.add_argument(
-        "--metrics-address",
-        metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (for example 127.0.0.1:9788)",
-    )
-    ap.add_argument(
-        "--config",
-        metavar="FILE",
-        help="TOML file with any of these options (keys are the long flag names); flags given here override it",
-    )
-    ap.add_argument("--version", action="version", version=f"bdr_client {__version__}")
     return ap

@@ -6,7 +6,8 @@ import argparse
 import logging
 from collections.abc import Callable
 
-from .. import __version__, config, status
+from .. import config, status
+from ..daemon.options import add_output_options, add_service_options
 from ..journal import FaultPlan
 from ..log import setup_logging
 from .daemon import Server
@@ -51,17 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest size of a journal file (headers and the staged records of a resync; default: the file "
         "grows as needed; a journal device is as large as the device)",
     )
-    ap.add_argument(
-        "--no-print", action="store_true", help="disable standard output (errors still go to stderr)"
-    )
-    ap.add_argument(
-        "--verbose", action="store_true", help="log connections, scans and resyncs, one line each"
-    )
-    ap.add_argument("--debug", action="store_true", help="log every frame and durability point (very chatty)")
-    ap.add_argument(
-        "--benchmark",
-        action="store_true",
-        help="print applied throughput, record rate and sync figures every second",
+    add_output_options(
+        ap,
+        verbose="log connections, scans and resyncs, one line each",
+        debug="log every frame and durability point (very chatty)",
+        benchmark="print applied throughput, record rate and sync figures every second",
     )
     sec = ap.add_argument_group(
         "security",
@@ -88,22 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a non-loopback --address without client authentication (trusted, isolated networks only)",
     )
-    ap.add_argument(
-        "--status-socket",
-        metavar="PATH",
-        help=f"control socket for bdr status (default {status.RUN_DIR}/server-<port>.sock)",
+    add_service_options(
+        ap,
+        "bdr_server",
+        f"control socket for bdr status (default {status.RUN_DIR}/server-<port>.sock)",
+        "127.0.0.1:9789",
     )
-    ap.add_argument(
-        "--metrics-address",
-        metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (for example 127.0.0.1:9789)",
-    )
-    ap.add_argument(
-        "--config",
-        metavar="FILE",
-        help="TOML file with any of these options (keys are the long flag names); flags given here override it",
-    )
-    ap.add_argument("--version", action="version", version=f"bdr_server {__version__}")
     return ap
 
 

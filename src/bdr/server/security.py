@@ -10,6 +10,7 @@ import socket
 import ssl
 
 from .. import auth, tls
+from ..daemon.options import check_key_pair, load_secret
 from .errors import ServerError
 
 log = logging.getLogger("bdr.server")
@@ -35,8 +36,7 @@ def load_security(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, byte
     for name in ("tls_cert", "tls_key", "tls_ca", "secret_file", "insecure"):  # callers that build args
         if not hasattr(args, name):
             setattr(args, name, False if name == "insecure" else None)
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ServerError("--tls-cert and --tls-key go together")
+    check_key_pair(args, ServerError)
     if args.tls_ca and not args.tls_cert:
         raise ServerError("--tls-ca (check client certificates) needs TLS: give --tls-cert and --tls-key too")
     ctx = None
@@ -47,14 +47,7 @@ def load_security(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, byte
             binding = auth.server_end_point(tls.first_cert_der(args.tls_cert))
     except tls.TlsError as exc:
         raise ServerError(str(exc)) from exc
-    secret = None
-    if args.secret_file:
-        try:
-            secret, warning = auth.load_secret(args.secret_file)
-        except auth.SecretError as exc:
-            raise ServerError(str(exc)) from exc
-        if warning:
-            log.warning("%s", warning)
+    secret = load_secret(args, ServerError)
     authenticated = bool(args.tls_ca) or secret is not None
     if not authenticated and not is_loopback(args.address):
         if not args.insecure:
