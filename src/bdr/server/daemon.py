@@ -380,7 +380,7 @@ class Server:
         if sess.conn.phase in (p.Phase.AUTH, p.Phase.HANDSHAKE) and now > deadline:
             msg = f"no complete handshake within {HANDSHAKE_TIMEOUT:.0f}s"
             raise SessionClosed(f"refused: {msg}", p.encode(p.Error(p.ErrorCode.UNEXPECTED, msg)))
-        if sess.conn.decoder.buffered and now - last_rx > FRAME_TIMEOUT:
+        if sess.conn.mid_frame and now - last_rx > FRAME_TIMEOUT:
             msg = f"stalled in the middle of a frame: no data for {FRAME_TIMEOUT:.0f}s"
             raise SessionClosed(f"refused: {msg}", p.encode(p.Error(p.ErrorCode.TRUNCATED, msg)))
 

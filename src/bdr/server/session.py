@@ -107,20 +107,20 @@ class ServerSession:
 
     def receive_spliced(self, sock: socket.socket, pipe: Pipe, idle: bool) -> bytes:
         """Apply the DATA frame whose head and descriptors are buffered in ``conn`` while its data is still
-        on the wire: validate the descriptors, then splice the data into the replica.  Returns what to send."""
-        dec = self.conn.decoder
-        hdr = dec.peek_header()
-        assert hdr is not None
-        _, flags, length = hdr
+        on the wire: validate the descriptors, then splice the data into the replica, and tell the connection
+        how much of the body was taken off the socket.  Returns what to send."""
+        start = self.conn.frame_start()
+        assert start is not None
+        flags, length, prefix = start.flags, start.length, start.prefix
         try:
             if flags & ~int(p.FrameFlag.SYNC):
                 raise p.RemoteProtocolError(p.ErrorCode.BAD_FIELD, f"frame flags {flags:#x} has unknown bits")
             self.conn.expect_data()
-            prefix = dec.current_payload()
             _, cols, data_len = p.parse_data_head(prefix, length, self.conn.device_size)
             buffered = prefix[length - data_len :]
             src = SpliceSource(sock, self.replica, pipe, buffered, data_len)
             self.applier.apply_from(cols, src, bool(flags & p.FrameFlag.SYNC))
+            taken = length - len(prefix)
         except p.RemoteProtocolError as exc:
             if isinstance(exc, p.ConnectionLost):
                 raise SessionClosed(f"connection lost: {exc.message}") from exc
@@ -131,7 +131,7 @@ class ServerSession:
             raise SessionClosed(f"refused: {exc.message}", p.encode(p.Error(exc.code, exc.message))) from exc
         except StorageError as exc:
             raise self.storage_failed(exc) from exc
-        dec.drop_current()
+        self.conn.body_taken(taken)
         self.ack_pending = True
         return self.receive(idle)
 
@@ -139,9 +139,8 @@ class ServerSession:
         """Why the client's input was refused, in words for the log."""
         if exc.code in (p.ErrorCode.AUTH_FAILED, p.ErrorCode.AUTH_REQUIRED):
             return f"authentication failed: {exc.message}"
-        dec = self.conn.decoder
-        hdr = dec.peek_header()
-        if dec.frames == 0 and hdr is not None and hdr[2] & 0xFFFF == 0x0316:  # 16 03: a TLS record
+        start = self.conn.frame_start()
+        if start is not None and start.number == 0 and start.length & 0xFFFF == 0x0316:  # 16 03: a TLS record
             return "the client speaks TLS, this server has no --tls-cert / --tls-key"
         return f"protocol error from client: {exc}"
 

@@ -145,26 +145,27 @@ class SpliceReceiver:
         section from the socket into the replica.  False: use the ordinary receive path."""
         if self.pipe is None or sess.conn.phase is not p.Phase.STREAMING or sess.applier.staging:
             return False
-        dec = sess.conn.decoder
-        hdr = dec.peek_header()
-        if hdr is None or hdr[0] != p.MsgType.DATA or not SPLICE_MIN <= hdr[2] <= dec.max_payload:
+        start = sess.conn.frame_start()
+        if start is None or start.type != p.MsgType.DATA or not SPLICE_MIN <= start.length <= p.MAX_PAYLOAD:
             return False
-        prefix = dec.current_payload()
-        if len(prefix) >= hdr[2]:
+        if start.complete:
             return False  # the whole frame is buffered already
-        need = p.data_head_size(prefix) or p.DATA_HEAD.size
-        if need > hdr[2] or self._no_splice == dec.frames:
+        need = p.data_head_size(start.prefix) or p.DATA_HEAD.size
+        if need > start.length or self._no_splice == start.number:
             return False  # malformed (the ordinary path rejects it), or received the ordinary way
-        if len(prefix) < need:
-            view = sess.conn.writable(need - len(prefix))
-            n = sock.recv_into(view[: need - len(prefix)])
+        if len(start.prefix) < need:
+            want = need - len(start.prefix)
+            view = sess.conn.writable(want)
+            n = sock.recv_into(view[:want])
             sess.conn.commit(n)
             if n == 0:
                 raise SessionClosed("connection lost: client closed the connection without GOODBYE")
-            if len(prefix) + n < need or p.data_head_size(dec.current_payload()) != need:
+            start = sess.conn.frame_start()
+            assert start is not None
+            if len(start.prefix) < need or p.data_head_size(start.prefix) != need:
                 return True  # more to read (or the count just became known): come back
-        if not _long_runs(p.record_fields(dec.current_payload()[p.DATA_HEAD.size : need])):
-            self._no_splice = dec.frames  # small scattered writes: recv + pwrite beat two splices per run
+        if not _long_runs(p.record_fields(start.prefix[p.DATA_HEAD.size : need])):
+            self._no_splice = start.number  # small scattered writes: recv + pwrite beat two splices per run
             return False
         more = bool(select.select([sock], [], [], 0)[0])
         self.frames += 1

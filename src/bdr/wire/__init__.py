@@ -97,6 +97,7 @@ from .fields import frame_header as frame_header
 from .frames import NEED_DATA as NEED_DATA
 from .frames import Frame as Frame
 from .frames import FrameDecoder as FrameDecoder
+from .frames import FrameStart as FrameStart
 from .frames import NeedData as NeedData
 from .handshake import AuthBegin as AuthBegin
 from .handshake import AuthChallenge as AuthChallenge

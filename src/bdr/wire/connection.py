@@ -14,7 +14,7 @@ from .constants import (
     MsgType,
 )
 from .errors import LocalProtocolError, PeerError, RemoteProtocolError
-from .frames import _AUTH_ORDER, NEED_DATA, FrameDecoder, NeedData
+from .frames import _AUTH_ORDER, NEED_DATA, FrameDecoder, FrameStart, NeedData
 from .handshake import Error, Hello
 from .messages import Message, encode, parse_payload
 from .scan import ScanRequest, scan_data_header
@@ -189,6 +189,19 @@ class Connection:
 
     def commit(self, n: int) -> None:
         self.decoder.commit(n)
+
+    def frame_start(self) -> FrameStart | None:
+        """The frame being received, once its header is there (the decoder's streamed-body event)."""
+        return self.decoder.frame_start()
+
+    def body_taken(self, n: int) -> None:
+        """The caller took the rest of the current frame's body (``n`` bytes) off the stream itself."""
+        self.decoder.body_taken(n)
+
+    @property
+    def mid_frame(self) -> bool:
+        """Part of a frame has arrived and the rest has not."""
+        return self.decoder.buffered > 0
 
     def next_event(self) -> Message | NeedData:
         """The next message from the peer, or NEED_DATA.  Raises RemoteProtocolError (PeerError for ERROR)."""

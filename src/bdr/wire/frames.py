@@ -28,6 +28,23 @@ class Frame:
     payload: memoryview
 
 
+@dataclass(frozen=True, slots=True)
+class FrameStart:
+    """The streamed-body event: a frame whose header has arrived and whose body may not have.  ``prefix`` is the
+    part of the payload buffered so far (a view, valid until the next ``writable()`` / ``feed()``); ``number``
+    counts the frames before this one in the stream."""
+
+    type: int
+    flags: int
+    length: int
+    number: int
+    prefix: memoryview
+
+    @property
+    def complete(self) -> bool:
+        return len(self.prefix) >= self.length
+
+
 class FrameDecoder:
     """Splits a byte stream into frames without blocking and, on the hot path, without copying.
 
@@ -35,6 +52,10 @@ class FrameDecoder:
     ``next_frame()`` returns a ``Frame`` or ``NEED_DATA``; a half-received header or payload stays buffered
     (nothing is consumed until the whole frame is there).  The payload of a returned frame is a view of the
     internal buffer, valid until the next ``writable()`` / ``feed()`` call.
+
+    A caller that wants a large body without the buffer (the server splices DATA straight into the replica)
+    asks ``frame_start()`` for the header and the prefix buffered so far, reads the rest of the body off the
+    stream itself, and reports it with ``body_taken(n)``; the decoder then goes on at the next frame.
     """
 
     def __init__(self, max_payload: int = MAX_PAYLOAD, min_buffer: int = 1 << 20) -> None:
@@ -105,19 +126,24 @@ class FrameDecoder:
             self._end += n
             src = src[n:]
 
-    def peek_header(self) -> tuple[int, int, int] | None:
-        """(type, flags, payload length) of the frame at the start of the buffer, once its header is there."""
+    def frame_start(self) -> FrameStart | None:
+        """The frame at the start of the buffer, once its header is there (its body may still be on the wire)."""
         if self._end - self._start < HEADER_SIZE:
             return None
         length, mtype, flags, _ = _HDR.unpack_from(self._buf, self._start)
-        return mtype, flags, length
+        end = min(self._end, self._start + HEADER_SIZE + length)
+        return FrameStart(mtype, flags, length, self.frames, self._mv[self._start + HEADER_SIZE : end])
 
-    def current_payload(self) -> memoryview:
-        """The buffered bytes of the current frame's payload (the frame may not be complete)."""
-        return self._mv[self._start + HEADER_SIZE : self._end]
-
-    def drop_current(self) -> None:
-        """Forget the current frame, whose missing payload bytes the caller took off the stream itself."""
+    def body_taken(self, n: int) -> None:
+        """The caller read the last ``n`` bytes of the current frame's body off the stream itself (after the
+        buffered prefix): the frame is done, the next one starts with the next byte of the stream."""
+        start = self.frame_start()
+        if (
+            start is None
+            or len(start.prefix) + n != start.length
+            or self._end != self._start + HEADER_SIZE + len(start.prefix)
+        ):
+            raise ValueError("body_taken: the bytes taken do not end the current frame")
         self._start = self._end = 0
         self.frames += 1
 
