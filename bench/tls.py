@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import stream
-from bdr import certs
+from bdr.security import certs
 
 TARGET_RATIO = 0.7
 

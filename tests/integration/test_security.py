@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from bdr import certs
 from bdr import wire as p
 from bdr.journal import JFlag, Journal
+from bdr.security import certs
 
 from .conftest import Lab, Writer
 
@@ -271,7 +271,7 @@ def test_garbage_oversized_frames_and_a_second_client_are_refused(lab: Lab, pki:
 def _authenticated(lab: Lab, secret: Path) -> tuple[socket.socket, p.Connection]:
     """A connection that proved the shared secret (AUTH_OK received), and no further; and its protocol state
     (which may hold what the server sent next)."""
-    from bdr import auth as authmod
+    from bdr.security import auth as authmod
 
     s = _connect(lab)
     c = p.Connection(p.Role.CLIENT, auth=True)
@@ -398,7 +398,7 @@ def test_silent_peer_is_dropped_after_the_handshake_timeout(inproc) -> None:  # 
 
 
 def test_peer_stalling_mid_frame_is_dropped(inproc, pki: dict[str, Path]) -> None:  # type: ignore[no-untyped-def]
-    from bdr import auth as authmod
+    from bdr.security import auth as authmod
 
     _, port, img = inproc
     before = img.read_bytes()

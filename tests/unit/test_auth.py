@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bdr import auth
 from bdr import wire as p
 from bdr.journal import Journal
+from bdr.security import auth
 from bdr.server import Applier, Replica, ServerError, ServerSession, SessionClosed, is_loopback, load_security
 
 SECRET = b"0123456789abcdef-shared"

@@ -85,7 +85,7 @@ def test_certs_creates_a_ca_and_a_verifiable_pair(tmp_path, capsys) -> None:  # 
 
 
 def test_secret_writes_a_private_random_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from bdr import auth
+    from bdr.security import auth
 
     f = tmp_path / "secret"
     assert cli.main(["secret", str(f)]) == 0

@@ -22,9 +22,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bdr import auth
 from bdr import wire as p
 from bdr.journal import Journal
+from bdr.security import auth
 from bdr.server import Applier, Replica, Server, ServerSession, SessionClosed
 
 pytestmark = pytest.mark.fuzz

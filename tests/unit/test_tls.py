@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bdr import certs, tls
+from bdr.security import certs, tls
 
 
 @pytest.fixture(scope="module")

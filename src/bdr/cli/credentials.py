@@ -10,7 +10,7 @@ from .targets import SetupError
 
 
 def make_certs(args: argparse.Namespace) -> None:
-    from bdr import certs  # the cryptography package is needed here only
+    from bdr.security import certs  # the cryptography package is needed here only
 
     try:
         issued = certs.make(Path(args.out), tuple(args.server_name), args.client_name, args.days, args.force)
@@ -33,7 +33,7 @@ def make_certs(args: argparse.Namespace) -> None:
 
 
 def make_secret(args: argparse.Namespace) -> None:
-    from bdr import auth
+    from bdr.security import auth
 
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if args.force else os.O_EXCL)
     try:

@@ -17,7 +17,7 @@ import ssl
 import threading
 from collections.abc import Callable
 
-from .. import __version__, config, scan, tls
+from .. import __version__, config, scan
 from .. import wire as p
 from ..daemon.wakeup import Wakeup
 from ..kernel.dirty import DirtyMap
@@ -25,6 +25,7 @@ from ..kernel.layout import RingError
 from ..kernel.ring import RingConsumer
 from ..log import BenchClock, setup_logging
 from ..scan.verify import VerifyJob
+from ..security import tls
 from . import startup, transport
 from . import status as client_status
 from .errors import EXIT_OK, EXIT_REFUSED, EXIT_SOURCE, EXIT_USAGE, ClientError, SourceError, Stopping

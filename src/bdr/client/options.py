@@ -7,8 +7,9 @@ import argparse
 import logging
 import ssl
 
-from .. import status, tls
+from .. import status
 from ..daemon.options import add_output_options, add_service_options, check_key_pair, load_secret
+from ..security import tls
 from .errors import ClientError
 
 log = logging.getLogger("bdr.client")

@@ -20,11 +20,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .. import auth, tls
 from .. import wire as p
 from ..kernel import abi
 from ..kernel.ring import Batch
 from ..scan.verify import VerifyJob
+from ..security import auth, tls
 from ..seq import fmt_seq
 from . import discards, scans, startup
 from .errors import Stopping

@@ -11,8 +11,8 @@ import ssl
 import struct
 from collections.abc import Callable
 
-from .. import auth, tls
 from ..daemon.sockets import keepalive
+from ..security import auth, tls
 
 log = logging.getLogger("bdr.client")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .. import auth
+from ..security import auth
 
 log = logging.getLogger("bdr")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from .. import tls
+from ..security import tls
 
 
 def close_gently(sock: socket.socket | tls.ServerTls, linger: float = 0.5) -> None:

@@ -12,12 +12,13 @@ import socket
 import ssl
 import time
 
-from .. import __version__, replica_state, status, tls
+from .. import __version__, replica_state, status
 from .. import wire as p
 from ..daemon.sockets import close_gently
 from ..daemon.wakeup import Wakeup
 from ..journal import FaultPlan, Journal, JournalError, RecordArea, StorageError
 from ..log import BenchClock
+from ..security import tls
 from .applier import Applier
 from .errors import EXIT_STORAGE, ServerError, SessionClosed
 from .gate import Gate

@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .. import auth, tls
 from .. import wire as p
 from ..daemon.sockets import close_gently, keepalive
+from ..security import auth, tls
 from .errors import SessionClosed
 from .runtime import Tally, Throttle
 from .session import ServerSession

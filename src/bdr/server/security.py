@@ -9,8 +9,8 @@ import logging
 import socket
 import ssl
 
-from .. import auth, tls
 from ..daemon.options import check_key_pair, load_secret
+from ..security import auth, tls
 from .errors import ServerError
 
 log = logging.getLogger("bdr.server")

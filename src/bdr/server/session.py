@@ -8,9 +8,10 @@ import socket
 import time
 from dataclasses import dataclass
 
-from .. import auth, replica_state, scan
+from .. import replica_state, scan
 from .. import wire as p
 from ..journal import Journal, JournalFull, StorageError
+from ..security import auth
 from ..seq import seq_after
 from .applier import Applier
 from .errors import Refusal, SessionClosed

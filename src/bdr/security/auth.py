@@ -36,7 +36,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import wire as p
+from .. import wire as p
 
 SECRET_MIN = 16  # bytes; `bdr secret` writes 32 random bytes as 64 hex digits
 SECRET_MAX = 4096
