@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bdr import status, verify
+from bdr import status
+from bdr.scan import verify
 
 B = 65536
 

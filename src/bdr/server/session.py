@@ -4,7 +4,6 @@ out; no sockets, so tests drive it in memory."""
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from dataclasses import dataclass
 
@@ -16,7 +15,6 @@ from ..seq import seq_after
 from .applier import Applier
 from .errors import Refusal, SessionClosed
 from .replica import Replica
-from .splice import Pipe, SpliceSource
 from .staging import StagedResync
 
 log = logging.getLogger("bdr.server")
@@ -59,9 +57,7 @@ class ServerSession:
         self.ack_pending = False
         self.resync_owned = False  # SCANNING was set by this connection (RESYNC_PENDING), not inherited
         self.verified = 0  # bytes hashed for online verify requests (bdr verify)
-        self.staged: StagedResync | None = (
-            None  # the journal resync of this connection, until applied or dropped
-        )
+        self.staged: StagedResync | None = None  # this connection's journal resync, until applied or dropped
         self._acked_durable = applier.durable
         self._acked_bytes = applier.stats.bytes
 
@@ -105,36 +101,6 @@ class ServerSession:
         ):
             out.append(self.take_ack())
         return b"".join(out)
-
-    def receive_spliced(self, sock: socket.socket, pipe: Pipe, idle: bool) -> bytes:
-        """Apply the DATA frame whose head and descriptors are buffered in ``conn`` while its data is still
-        on the wire: validate the descriptors, then splice the data into the replica, and tell the connection
-        how much of the body was taken off the socket.  Returns what to send."""
-        start = self.conn.frame_start()
-        assert start is not None
-        flags, length, prefix = start.flags, start.length, start.prefix
-        try:
-            if flags & ~int(p.FrameFlag.SYNC):
-                raise p.RemoteProtocolError(p.ErrorCode.BAD_FIELD, f"frame flags {flags:#x} has unknown bits")
-            self.conn.expect_data()
-            _, cols, data_len = p.parse_data_head(prefix, length, self.conn.device_size)
-            buffered = prefix[length - data_len :]
-            src = SpliceSource(sock, self.replica, pipe, buffered, data_len)
-            self.applier.apply_from(cols, src, bool(flags & p.FrameFlag.SYNC))
-            taken = length - len(prefix)
-        except p.RemoteProtocolError as exc:
-            if isinstance(exc, p.ConnectionLost):
-                raise SessionClosed(f"connection lost: {exc.message}") from exc
-            raise SessionClosed(
-                f"protocol error from client: {exc}", p.encode(p.Error(exc.code, exc.message))
-            ) from exc
-        except (Refusal, p.LocalProtocolError) as exc:
-            raise SessionClosed(f"refused: {exc.message}", p.encode(p.Error(exc.code, exc.message))) from exc
-        except StorageError as exc:
-            raise self.storage_failed(exc) from exc
-        self.conn.body_taken(taken)
-        self.ack_pending = True
-        return self.receive(idle)
 
     def _refusal(self, exc: p.RemoteProtocolError) -> str:
         """Why the client's input was refused, in words for the log."""
@@ -185,36 +151,37 @@ class ServerSession:
             ) from exc
 
     def _handle(self, msg: p.Message) -> bytes | None:
-        if isinstance(msg, p.AuthBegin | p.AuthProof):
-            return self._auth(msg)
-        if isinstance(msg, p.Data):
-            self.applier.apply(msg)
-            return None
-        if isinstance(msg, p.Sync):
-            self.applier.sync()
-            return None
-        if isinstance(msg, p.Hello):
-            return self._hello(msg)
-        if isinstance(msg, p.Stream):
-            return self._stream(msg)
-        if isinstance(msg, p.ScanBegin):
-            return self._scan_begin(msg)
-        if isinstance(msg, p.ScanRequest):
-            return self._scan_request(msg)
-        if isinstance(msg, p.ScanData):
-            return self._scan_data(msg)
-        if isinstance(msg, p.ScanEnd):
-            return self._scan_end(msg)
-        if isinstance(msg, p.ResyncPending):
-            self.applier.sync()
-            self.journal.store(replica_state.writes_lost(self.journal.header))
-            self.resync_owned = True
-            log.info("client %s: the ring lost writes; replica marked for resync", self.peer)
-            return self.take_ack()
-        if isinstance(msg, p.Goodbye):
-            self.applier.sync()
-            return p.encode(self.applier.ack())
-        raise p.RemoteProtocolError(p.ErrorCode.UNEXPECTED, f"client sent {msg.TYPE.name}")
+        match msg:
+            case p.AuthBegin() | p.AuthProof():
+                return self._auth(msg)
+            case p.Data():
+                self.applier.apply(msg)
+            case p.Sync():
+                self.applier.sync()
+            case p.Hello():
+                return self._hello(msg)
+            case p.Stream():
+                return self._stream(msg)
+            case p.ScanBegin():
+                return self._scan_begin(msg)
+            case p.ScanRequest():
+                return self._scan_request(msg)
+            case p.ScanData():
+                return self._scan_data(msg)
+            case p.ScanEnd():
+                return self._scan_end(msg)
+            case p.ResyncPending():
+                self.applier.sync()
+                self.journal.store(replica_state.writes_lost(self.journal.header))
+                self.resync_owned = True
+                log.info("client %s: the ring lost writes; replica marked for resync", self.peer)
+                return self.take_ack()
+            case p.Goodbye():
+                self.applier.sync()
+                return p.encode(self.applier.ack())
+            case _:
+                raise p.RemoteProtocolError(p.ErrorCode.UNEXPECTED, f"client sent {msg.TYPE.name}")
+        return None
 
     # -- handshake -----------------------------------------------------------------------------------------------
 

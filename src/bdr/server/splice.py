@@ -13,7 +13,8 @@ import socket
 from typing import TYPE_CHECKING
 
 from .. import wire as p
-from .errors import SessionClosed
+from ..journal import StorageError
+from .errors import Refusal, SessionClosed
 from .replica import Replica
 
 if TYPE_CHECKING:
@@ -169,10 +170,40 @@ class SpliceReceiver:
             return False
         more = bool(select.select([sock], [], [], 0)[0])
         self.frames += 1
-        reply = sess.receive_spliced(sock, self.pipe, idle=not more)
+        reply = self._receive_spliced(sess, sock, self.pipe, idle=not more)
         if reply:
             sock.sendall(reply)
         return True
+
+    def _receive_spliced(self, sess: ServerSession, sock: socket.socket, pipe: Pipe, idle: bool) -> bytes:
+        """Apply the DATA frame whose head and descriptors are buffered in ``conn`` while its data is still
+        on the wire: validate the descriptors, then splice the data into the replica, and tell the connection
+        how much of the body was taken off the socket.  Returns what to send."""
+        start = sess.conn.frame_start()
+        assert start is not None
+        flags, length, prefix = start.flags, start.length, start.prefix
+        try:
+            if flags & ~int(p.FrameFlag.SYNC):
+                raise p.RemoteProtocolError(p.ErrorCode.BAD_FIELD, f"frame flags {flags:#x} has unknown bits")
+            sess.conn.expect_data()
+            _, cols, data_len = p.parse_data_head(prefix, length, sess.conn.device_size)
+            buffered = prefix[length - data_len :]
+            src = SpliceSource(sock, sess.replica, pipe, buffered, data_len)
+            sess.applier.apply_from(cols, src, bool(flags & p.FrameFlag.SYNC))
+            taken = length - len(prefix)
+        except p.RemoteProtocolError as exc:
+            if isinstance(exc, p.ConnectionLost):
+                raise SessionClosed(f"connection lost: {exc.message}") from exc
+            raise SessionClosed(
+                f"protocol error from client: {exc}", p.encode(p.Error(exc.code, exc.message))
+            ) from exc
+        except (Refusal, p.LocalProtocolError) as exc:
+            raise SessionClosed(f"refused: {exc.message}", p.encode(p.Error(exc.code, exc.message))) from exc
+        except StorageError as exc:
+            raise sess.storage_failed(exc) from exc
+        sess.conn.body_taken(taken)
+        sess.ack_pending = True
+        return sess.receive(idle)
 
     def reset(self) -> None:
         """A new pipe (after a session: a frame cut short may have left bytes in the old one)."""
