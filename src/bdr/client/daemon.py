@@ -26,6 +26,7 @@ from ..kernel.ring import RingConsumer
 from ..log import BenchClock, setup_logging
 from ..scan.verify import VerifyJob
 from ..security import tls
+from ..seq import fmt_seq
 from . import startup, transport
 from . import status as client_status
 from .errors import EXIT_OK, EXIT_REFUSED, EXIT_SOURCE, EXIT_USAGE, ClientError, SourceError, Stopping
@@ -326,7 +327,7 @@ class Client:
             unreleased = head - self.ring.tail
             st = self.stats
             avg_ms = st.lag_sum / st.lag_n * 1000 if st.lag_n else 0.0
-            durable = "none" if self.server_durable == p.NO_SEQ else self.server_durable
+            durable = fmt_seq(self.server_durable)
             print(
                 f"bench client: {line} frames={st.frames} lag_records={lag} unreleased_records={unreleased} "
                 f"durable_lag_ms_avg={avg_ms:.1f} durable_lag_ms_max={st.lag_max * 1000:.1f} server_durable={durable}",

@@ -19,6 +19,7 @@ from ..daemon.wakeup import Wakeup
 from ..journal import FaultPlan, Journal, JournalError, RecordArea, StorageError
 from ..log import BenchClock
 from ..security import tls
+from ..seq import fmt_seq, seq_or_none
 from .applier import Applier
 from .errors import EXIT_STORAGE, ServerError, SessionClosed
 from .gate import Gate
@@ -163,8 +164,8 @@ class Server:
             "replica_bytes": self.replica.size,
             "journal": str(self.journal.path),
             "consistent": replica_state.is_consistent(jh),
-            "applied_seq": None if ap.applied == p.NO_SEQ else ap.applied,
-            "durable_seq": None if ap.durable == p.NO_SEQ else ap.durable,
+            "applied_seq": seq_or_none(ap.applied),
+            "durable_seq": seq_or_none(ap.durable),
             "applied": {"bytes": ap.stats.bytes, "records": ap.stats.records, "syncs": ap.stats.syncs},
             "resync": {
                 "active": sc is not None,
@@ -207,7 +208,7 @@ class Server:
             self.replica.size,
             self.journal.path,
             "new" if self.journal.created or self.journal.fresh else "existing",
-            "none" if self.applier.durable == p.NO_SEQ else self.applier.durable,
+            fmt_seq(self.applier.durable),
         )
         log.warning("security: %s", self.security_text())
         cond = replica_state.condition(jh)
@@ -245,7 +246,7 @@ class Server:
             return EXIT_STORAGE
         self.applier.sync()
         self._report_bench(final=True)
-        log.warning("bdr_server stopped (durable seq %s)", self._seq_text(self.applier.durable))
+        log.warning("bdr_server stopped (durable seq %s)", fmt_seq(self.applier.durable))
         return 0
 
     def security_text(self) -> str:
@@ -260,10 +261,6 @@ class Server:
         if not parts:
             return "none (plaintext, unauthenticated)" + (", --insecure" if self.args.insecure else "")
         return " + ".join(parts)
-
-    @staticmethod
-    def _seq_text(seq: int) -> str:
-        return "none" if seq == p.NO_SEQ else str(seq)
 
     def handle(self, raw: socket.socket, peer: str) -> None:
         """One connection from start to end on the calling thread: the gate, then the session if it gets
@@ -370,8 +367,8 @@ class Server:
                 "client %s disconnected (%s); applied seq %s, durable seq %s",
                 peer,
                 reason,
-                self._seq_text(self.applier.applied),
-                self._seq_text(self.applier.durable),
+                fmt_seq(self.applier.applied),
+                fmt_seq(self.applier.durable),
             )
 
     @staticmethod

@@ -11,7 +11,7 @@ from .. import replica_state, scan
 from .. import wire as p
 from ..journal import Journal, JournalFull, StorageError
 from ..security import auth
-from ..seq import seq_after
+from ..seq import fmt_seq, seq_after
 from .applier import Applier
 from .errors import Refusal, SessionClosed
 from .replica import Replica
@@ -221,7 +221,7 @@ class ServerSession:
             h.source_id.hex()[:12],
             h.device_size,
             "same source" if self.ids_match else "different or unknown source",
-            "none" if durable == p.NO_SEQ else durable,
+            fmt_seq(durable),
             ", interrupted scan" if replica_state.resync_interrupted(jh) else "",
         )
         return self.conn.send(
