@@ -13,8 +13,8 @@ from .constants import (
     ErrorCode,
     MsgType,
 )
-from .errors import LocalProtocolError, PeerError, RemoteProtocolError
-from .frames import _AUTH_ORDER, NEED_DATA, FrameDecoder, FrameStart, NeedData
+from .errors import LocalProtocolError, PeerError, ProtocolError, RemoteProtocolError
+from .frames import NEED_DATA, FrameDecoder, FrameStart, NeedData
 from .handshake import Error, Hello
 from .messages import Message, encode, parse_payload
 from .scan import ScanRequest, scan_data_header
@@ -35,127 +35,128 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-# Which messages each side may send in each phase of the conversation.
-_CLIENT_MAY_SEND: dict[Phase, frozenset[MsgType]] = {
-    Phase.AUTH: frozenset({MsgType.AUTH_BEGIN, MsgType.AUTH_PROOF, MsgType.ERROR}),
-    Phase.HANDSHAKE: frozenset({MsgType.HELLO, MsgType.ERROR}),
-    Phase.READY: frozenset({MsgType.STREAM, MsgType.SCAN_BEGIN, MsgType.ERROR, MsgType.GOODBYE}),
-    Phase.STREAMING: frozenset(
-        {
-            MsgType.DATA,
-            MsgType.SYNC,
-            MsgType.RESYNC_PENDING,
-            MsgType.SCAN_BEGIN,
-            MsgType.SCAN_REQUEST,  # VERIFY_SCAN_ID only (the server refuses another id outside a scan)
-            MsgType.ERROR,
-            MsgType.GOODBYE,
-        }
-    ),
-    Phase.SCANNING: frozenset(
-        {MsgType.SCAN_REQUEST, MsgType.SCAN_DATA, MsgType.SCAN_END, MsgType.ERROR, MsgType.GOODBYE}
-    ),
-    Phase.CLOSED: frozenset(),
+class State(enum.Enum):
+    """Where a conversation is, finer than its Phase: the AUTH exchange step by step, and HELLO sent or not."""
+
+    AUTH_BEGIN = "auth: client to send AUTH_BEGIN"
+    AUTH_CHALLENGE = "auth: server to send AUTH_CHALLENGE"
+    AUTH_PROOF = "auth: client to send AUTH_PROOF"
+    AUTH_OK = "auth: server to send AUTH_OK"
+    HELLO = "handshake: client to send HELLO"
+    WELCOME = "handshake: server to send WELCOME"
+    READY = "ready"
+    STREAMING = "streaming"
+    SCANNING = "scanning"
+    CLOSED = "closed"
+
+
+PHASE_OF: dict[State, Phase] = {
+    State.AUTH_BEGIN: Phase.AUTH,
+    State.AUTH_CHALLENGE: Phase.AUTH,
+    State.AUTH_PROOF: Phase.AUTH,
+    State.AUTH_OK: Phase.AUTH,
+    State.HELLO: Phase.HANDSHAKE,
+    State.WELCOME: Phase.HANDSHAKE,
+    State.READY: Phase.READY,
+    State.STREAMING: Phase.STREAMING,
+    State.SCANNING: Phase.SCANNING,
+    State.CLOSED: Phase.CLOSED,
 }
 
-# Server replies lag behind the client's phase (a SCAN_DONE may arrive while the client already streams).
-_SERVER_AFTER_HANDSHAKE = frozenset(
-    {MsgType.ACK, MsgType.SCAN_HASHES, MsgType.SCAN_DONE, MsgType.ERROR, MsgType.GOODBYE}
-)
+C, S = Role.CLIENT, Role.SERVER
+M = MsgType
+_AFTER_HANDSHAKE = (State.READY, State.STREAMING, State.SCANNING)
+
+# (state, who sends, message type) -> next state.  Anything not here is refused (see Connection._refuse).
+# The phase advances on what the client sends (STREAM, SCAN_BEGIN, SCAN_END); the server's replies lag behind
+# (a SCAN_DONE may arrive while the client already streams), so it may send them in any state after WELCOME.
+TRANSITIONS: dict[tuple[State, Role, MsgType], State] = {
+    (State.AUTH_BEGIN, C, M.AUTH_BEGIN): State.AUTH_CHALLENGE,
+    (State.AUTH_CHALLENGE, S, M.AUTH_CHALLENGE): State.AUTH_PROOF,
+    (State.AUTH_PROOF, C, M.AUTH_PROOF): State.AUTH_OK,
+    (State.AUTH_OK, S, M.AUTH_OK): State.HELLO,
+    (State.HELLO, C, M.HELLO): State.WELCOME,
+    (State.WELCOME, S, M.WELCOME): State.READY,
+    (State.READY, C, M.STREAM): State.STREAMING,
+    (State.READY, C, M.SCAN_BEGIN): State.SCANNING,
+    (State.STREAMING, C, M.DATA): State.STREAMING,
+    (State.STREAMING, C, M.SYNC): State.STREAMING,
+    (State.STREAMING, C, M.RESYNC_PENDING): State.STREAMING,
+    (State.STREAMING, C, M.SCAN_BEGIN): State.SCANNING,
+    (State.STREAMING, C, M.SCAN_REQUEST): State.STREAMING,  # VERIFY_SCAN_ID only: checked in _advance
+    (State.SCANNING, C, M.SCAN_REQUEST): State.SCANNING,
+    (State.SCANNING, C, M.SCAN_DATA): State.SCANNING,
+    (State.SCANNING, C, M.SCAN_END): State.STREAMING,
+    **{(st, C, M.GOODBYE): State.CLOSED for st in _AFTER_HANDSHAKE},
+    **{(st, S, t): st for st in _AFTER_HANDSHAKE for t in (M.ACK, M.SCAN_HASHES, M.SCAN_DONE)},
+    **{(st, S, M.GOODBYE): State.CLOSED for st in _AFTER_HANDSHAKE},
+    # ERROR ends the conversation from any state but the end
+    **{(st, r, M.ERROR): State.CLOSED for st in State if st is not State.CLOSED for r in Role},
+}
 
 
 class Connection:
     """One side of a BDR conversation: ``send(msg) -> bytes``, ``feed``/``next_event`` -> messages.
 
-    The phase advances on what the client sends (HELLO, WELCOME, STREAM, SCAN_BEGIN, SCAN_END), seen either
-    as sent (client role) or as received (server role), so both ends agree on what is allowed next.  With
-    ``auth`` the conversation starts with the AUTH exchange, in order (BEGIN, CHALLENGE, PROOF, OK), and HELLO
-    is refused until AUTH_OK.  A received frame's type is checked against the phase before its payload is
+    One state machine, driven by TRANSITIONS on every message sent or received, so both ends agree on what is
+    allowed next.  With ``auth`` the conversation starts with the AUTH exchange, in order (BEGIN, CHALLENGE,
+    PROOF, OK), and HELLO is refused until AUTH_OK.  A received frame's type is checked against the phase before its payload is
     parsed; until the handshake is over, frames are capped at HANDSHAKE_MAX_PAYLOAD.
     """
 
     def __init__(self, role: Role, max_payload: int = MAX_PAYLOAD, auth: bool = False) -> None:
         self.role = role
         self.auth = auth
-        self.phase = Phase.AUTH if auth else Phase.HANDSHAKE
+        self.state = State.AUTH_BEGIN if auth else State.HELLO
         self.decoder = FrameDecoder(min(max_payload, HANDSHAKE_MAX_PAYLOAD))
         self._max_payload = max_payload
         self.device_size: int | None = None  # bound for record offsets, known after HELLO
-        self._hello_seen = False
-        self._auth_step = 0  # AUTH messages seen so far: 1 BEGIN, 2 CHALLENGE, 3 PROOF
+        self.authenticated = not auth  # the AUTH exchange is over (or there is none)
 
     @property
-    def authenticated(self) -> bool:
-        """The AUTH exchange is over (or there is none)."""
-        return self.phase is not Phase.AUTH and (not self.auth or self._auth_step == 3)
+    def phase(self) -> Phase:
+        return PHASE_OF[self.state]
 
     # -- state ---------------------------------------------------------------------------------------------
 
-    def _check_client_msg(self, t: MsgType, local: bool) -> None:
-        exc = LocalProtocolError if local else RemoteProtocolError
-        if self.phase is Phase.AUTH:
-            if t is MsgType.HELLO:
-                raise exc(ErrorCode.AUTH_REQUIRED, "the server requires shared-secret authentication first")
-            if t is MsgType.ERROR or (t is MsgType.AUTH_BEGIN and self._auth_step == 0):
-                return
-            if t is MsgType.AUTH_PROOF and self._auth_step == 2:
-                return
-        elif t in _CLIENT_MAY_SEND[self.phase] and not (t is MsgType.HELLO and self._hello_seen):
-            return
-        elif t is MsgType.AUTH_BEGIN and not self.auth and self.phase is Phase.HANDSHAKE:
-            raise exc(
+    def _next(self, t: MsgType, sender: Role) -> State:
+        """The state after ``sender`` sends ``t`` now; raises (Local if we are the sender) if it may not."""
+        nxt = TRANSITIONS.get((self.state, sender, t))
+        if nxt is None:
+            raise self._refuse(t, sender)
+        return nxt
+
+    def _refuse(self, t: MsgType, sender: Role) -> ProtocolError:
+        exc = LocalProtocolError if sender is self.role else RemoteProtocolError
+        phase = self.phase
+        if sender is Role.CLIENT and phase is Phase.AUTH and t is MsgType.HELLO:
+            return exc(ErrorCode.AUTH_REQUIRED, "the server requires shared-secret authentication first")
+        if sender is Role.CLIENT and phase is Phase.HANDSHAKE and t is MsgType.AUTH_BEGIN and not self.auth:
+            return exc(
                 ErrorCode.AUTH_FAILED,
                 "the client offers shared-secret authentication, the server has no secret: "
                 "give both --secret-file or neither",
             )
-        raise exc(ErrorCode.UNEXPECTED, f"client may not send {t.name} in phase {self.phase.value}")
-
-    def _check_server_msg(self, t: MsgType, local: bool) -> None:
-        if self.phase is Phase.CLOSED:
-            ok = False
-        elif self.phase is Phase.AUTH:
-            ok = (
-                t is MsgType.ERROR
-                or (t is MsgType.AUTH_CHALLENGE and self._auth_step == 1)
-                or (t is MsgType.AUTH_OK and self._auth_step == 3)
-            )
-        elif self.phase is Phase.HANDSHAKE:
-            ok = t is MsgType.ERROR or (self._hello_seen and t is MsgType.WELCOME)
-        else:
-            ok = t in _SERVER_AFTER_HANDSHAKE
-        if not ok:
-            exc = LocalProtocolError if local else RemoteProtocolError
-            raise exc(ErrorCode.UNEXPECTED, f"server may not send {t.name} in phase {self.phase.value}")
+        return exc(ErrorCode.UNEXPECTED, f"{sender.value} may not send {t.name} in phase {phase.value}")
 
     def _check(self, t: MsgType, from_client: bool) -> None:
         """May ``t`` be sent now (by the client if ``from_client``)?  Local error if we are the sender."""
-        if from_client:
-            self._check_client_msg(t, local=self.role is Role.CLIENT)
-        else:
-            self._check_server_msg(t, local=self.role is Role.SERVER)
+        self._next(t, Role.CLIENT if from_client else Role.SERVER)
 
     def _advance(self, msg: Message, from_client: bool) -> None:
         t = msg.TYPE
-        self._check(t, from_client)
-        if isinstance(msg, ScanRequest) and self.phase is Phase.STREAMING and msg.scan_id != VERIFY_SCAN_ID:
-            exc = LocalProtocolError if from_client == (self.role is Role.CLIENT) else RemoteProtocolError
+        sender = Role.CLIENT if from_client else Role.SERVER
+        nxt = self._next(t, sender)
+        if isinstance(msg, ScanRequest) and self.state is State.STREAMING and msg.scan_id != VERIFY_SCAN_ID:
+            exc = LocalProtocolError if sender is self.role else RemoteProtocolError
             raise exc(ErrorCode.UNEXPECTED, f"SCAN_REQUEST for scan {msg.scan_id} outside a scan")
-        if t is MsgType.HELLO:
-            assert isinstance(msg, Hello)
-            self._hello_seen = True
+        if isinstance(msg, Hello):
             self.device_size = msg.device_size
         elif t is MsgType.WELCOME:
-            self.phase = Phase.READY
             self.decoder.max_payload = self._max_payload
-        elif t is MsgType.STREAM or t is MsgType.SCAN_END:
-            self.phase = Phase.STREAMING
-        elif t is MsgType.SCAN_BEGIN:
-            self.phase = Phase.SCANNING
-        elif t is MsgType.ERROR or t is MsgType.GOODBYE:
-            self.phase = Phase.CLOSED
         elif t is MsgType.AUTH_OK:
-            self.phase = Phase.HANDSHAKE
-        elif t in _AUTH_ORDER:
-            self._auth_step = _AUTH_ORDER[t]
+            self.authenticated = True
+        self.state = nxt
 
     # -- sending ---------------------------------------------------------------------------------------------
 
@@ -166,17 +167,17 @@ class Connection:
 
     def expect_data(self) -> None:
         """Check that the peer may send DATA now (for a DATA frame taken off the stream without next_event)."""
-        self._check_client_msg(MsgType.DATA, local=self.role is Role.CLIENT)
+        self._check(MsgType.DATA, from_client=True)
 
     def send_data_header(self, count: int, data_len: int, sync: bool = False) -> bytes:
         """For a DATA frame sent as gathered views: check the phase and return header + DATA head."""
-        self._check_client_msg(MsgType.DATA, local=True)
+        self._check(MsgType.DATA, from_client=True)
         if count > MAX_BATCH_RECORDS:
             raise LocalProtocolError(ErrorCode.BAD_LENGTH, f"batch of {count} records > {MAX_BATCH_RECORDS}")
         return data_frame_header(count, data_len, sync)
 
     def send_scan_data_header(self, scan_id: int, blocks: list[tuple[int, int, int]], data_len: int) -> bytes:
-        self._check_client_msg(MsgType.SCAN_DATA, local=True)
+        self._check(MsgType.SCAN_DATA, from_client=True)
         return scan_data_header(scan_id, blocks, data_len)
 
     # -- receiving -------------------------------------------------------------------------------------------

@@ -172,4 +172,3 @@ class FrameDecoder:
 
 _TYPES = frozenset(int(t) for t in MsgType)
 
-_AUTH_ORDER: Final = {MsgType.AUTH_BEGIN: 1, MsgType.AUTH_CHALLENGE: 2, MsgType.AUTH_PROOF: 3}
