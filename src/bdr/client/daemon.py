@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from .. import __version__, config, scan
 from .. import wire as p
+from ..daemon.errors import ConnectionLost
 from ..daemon.wakeup import Wakeup
 from ..kernel.dirty import DirtyMap
 from ..kernel.layout import RingError
@@ -275,7 +276,7 @@ class Client:
                         exc.message,
                         backoff,
                     )
-            except p.ConnectionLost as exc:
+            except ConnectionLost as exc:
                 if isinstance(exc.__cause__, ssl.SSLError) and not sess.streaming:
                     # TLS 1.3: the server's verdict on our certificate arrives with its first reply
                     why = tls.describe(exc.__cause__)

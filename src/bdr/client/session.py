@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import wire as p
+from ..daemon.errors import ConnectionLost
 from ..kernel import abi
 from ..kernel.ring import Batch
 from ..scan.verify import VerifyJob
@@ -83,10 +84,10 @@ class ClientSession:
             try:
                 n = self.sock.sendmsg(bufs[i : i + IOV_MAX])
             except (TimeoutError, BlockingIOError) as exc:
-                raise p.ConnectionLost(f"server did not take data for {IO_TIMEOUT:.0f}s") from exc
+                raise ConnectionLost(f"server did not take data for {IO_TIMEOUT:.0f}s") from exc
             except OSError as exc:
                 self._peer_error()  # the server may have said why before it closed
-                raise p.ConnectionLost(f"send failed: {exc.strerror or exc}") from exc
+                raise ConnectionLost(f"send failed: {exc.strerror or exc}") from exc
             while n:
                 ln = len(bufs[i])
                 if n >= ln:
@@ -98,7 +99,7 @@ class ClientSession:
 
     def _peer_error(self) -> None:
         """Raise the ERROR the server sent, if one is waiting (PeerError); otherwise return."""
-        with contextlib.suppress(OSError, p.ConnectionLost, BlockingIOError):
+        with contextlib.suppress(OSError, ConnectionLost, BlockingIOError):
             while True:
                 n = self.sock.recv_into(self.conn.writable(65536), 0, socket.MSG_DONTWAIT)
                 if n <= 0:
@@ -128,14 +129,14 @@ class ClientSession:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                raise p.ConnectionLost(f"receive failed: {exc.strerror or exc}") from exc
+                raise ConnectionLost(f"receive failed: {exc.strerror or exc}") from exc
             if n == 0:
                 self.conn.commit(0)
                 with contextlib.suppress(p.RemoteProtocolError):
                     self._events()
                 if self.goodbye:
-                    raise p.ConnectionLost("server closed the connection (shutdown)")
-                raise p.ConnectionLost("server closed the connection")
+                    raise ConnectionLost("server closed the connection (shutdown)")
+                raise ConnectionLost("server closed the connection")
             self.conn.commit(n)
             self.rx_bytes += n
             self._events()
@@ -174,7 +175,7 @@ class ClientSession:
             if now > deadline:
                 now_mark = self._progress()
                 if now_mark == mark:
-                    raise p.ConnectionLost(f"no {what} from the server within {timeout:.0f}s")
+                    raise ConnectionLost(f"no {what} from the server within {timeout:.0f}s")
                 mark, deadline = now_mark, now + timeout
             self.pump(wait=0.2)
 

@@ -13,6 +13,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from .. import wire as p
+from ..daemon.errors import ConnectionLost
 from ..journal import StorageError
 from .errors import Refusal, SessionClosed
 from .replica import Replica
@@ -50,12 +51,12 @@ class SpliceSource:
                 k = os.splice(self.sock.fileno(), self.pipe.w, n)
             except BlockingIOError:
                 if not select.select([self.sock], [], [], IO_TIMEOUT)[0]:
-                    raise p.ConnectionLost(f"no data from the client for {IO_TIMEOUT:.0f}s") from None
+                    raise ConnectionLost(f"no data from the client for {IO_TIMEOUT:.0f}s") from None
                 continue
             except OSError as exc:  # the socket's fault (reset, ...): not a replica error
-                raise p.ConnectionLost(f"receive failed: {exc.strerror or exc}") from exc
+                raise ConnectionLost(f"receive failed: {exc.strerror or exc}") from exc
             if k == 0:
-                raise p.ConnectionLost("client closed the connection inside a DATA frame")
+                raise ConnectionLost("client closed the connection inside a DATA frame")
             return k
 
     def _to_replica(self, k: int, offset: int) -> None:
@@ -191,9 +192,9 @@ class SpliceReceiver:
             src = SpliceSource(sock, sess.replica, pipe, buffered, data_len)
             sess.applier.apply_from(cols, src, bool(flags & p.FrameFlag.SYNC))
             taken = length - len(prefix)
+        except ConnectionLost as exc:
+            raise SessionClosed(f"connection lost: {exc.message}") from exc
         except p.RemoteProtocolError as exc:
-            if isinstance(exc, p.ConnectionLost):
-                raise SessionClosed(f"connection lost: {exc.message}") from exc
             raise SessionClosed(
                 f"protocol error from client: {exc}", p.encode(p.Error(exc.code, exc.message))
             ) from exc

@@ -88,7 +88,6 @@ from .constants import ErrorCode as ErrorCode
 from .constants import Feature as Feature
 from .constants import FrameFlag as FrameFlag
 from .constants import MsgType as MsgType
-from .errors import ConnectionLost as ConnectionLost
 from .errors import LocalProtocolError as LocalProtocolError
 from .errors import PeerError as PeerError
 from .errors import ProtocolError as ProtocolError

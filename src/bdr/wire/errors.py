@@ -1,8 +1,6 @@
-"""Wire errors, by who is at fault: ours (LocalProtocolError, a deliberate refusal or our own bug), the peer's
-(RemoteProtocolError), an ERROR the peer sent (PeerError), and the peer gone (ConnectionLost).
-
-ConnectionLost is the transport's news, but the daemons catch it with the peer's errors (a frame cut short by a
-close is both), so it stays a RemoteProtocolError here."""
+"""Wire errors, by who is at fault: ours (LocalProtocolError: our side broke the protocol), the peer's
+(RemoteProtocolError), and an ERROR the peer sent (PeerError).  The peer gone is the transport's news, not a
+wire error: ``bdr.daemon.errors.ConnectionLost``."""
 
 from __future__ import annotations
 
@@ -28,13 +26,6 @@ class RemoteProtocolError(ProtocolError):
 
 class PeerError(RemoteProtocolError):
     """The peer sent an ERROR message."""
-
-
-class ConnectionLost(RemoteProtocolError):
-    """The peer or the network closed the connection without a GOODBYE."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(ErrorCode.CONNECTION_LOST, message)
 
 
 def _fail(code: ErrorCode, message: str) -> RemoteProtocolError:

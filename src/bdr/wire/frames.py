@@ -171,4 +171,3 @@ class FrameDecoder:
 
 
 _TYPES = frozenset(int(t) for t in MsgType)
-
