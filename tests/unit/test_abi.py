@@ -1,4 +1,4 @@
-"""The Python mirror (bdr.abi) must match kernel/bdr_uapi.h: a C probe prints every size, offset and number."""
+"""The Python mirror (bdr.kernel.abi) must match kernel/bdr_uapi.h: a C probe prints every size, offset and number."""
 
 from __future__ import annotations
 
@@ -97,5 +97,5 @@ def test_every_header_define_is_mirrored() -> None:
     }
     enum_values = {f"BDR_OP_{op.name}" for op in abi.Op}
     missing = defines - set(CONSTANTS) - {"BDR_IOC_MAGIC"} - enum_values
-    assert not missing, f"not mirrored in bdr.abi: {sorted(missing)}"
+    assert not missing, f"not mirrored in bdr.kernel.abi: {sorted(missing)}"
     assert abi.BDR_IOC_MAGIC == 0xBD

@@ -4,7 +4,7 @@ refusal, a lost connection, a source that cannot be read) for the operator and f
 
 With ``--tls-ca`` the connection is TLS 1.3 (the server's certificate and name are verified, ``--tls-cert`` /
 ``--tls-key`` is our client certificate); with ``--secret-file`` the client and the server prove to each other
-that they know the shared secret (``bdr.auth``) before HELLO.  A refused authentication is logged as an error
+that they know the shared secret (``bdr.security.auth``) before HELLO.  A refused authentication is logged as an error
 and retried slowly (``AUTH_BACKOFF``): the operator fixes one side, the client comes back by itself.
 """
 

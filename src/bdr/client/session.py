@@ -191,7 +191,7 @@ class ClientSession:
     # -- handshake ------------------------------------------------------------------------------------------------
 
     def authenticate(self) -> None:
-        """The shared-secret exchange (bdr.auth): our proof, then the server's, checked before HELLO."""
+        """The shared-secret exchange (bdr.security.auth): our proof, then the server's, checked before HELLO."""
         assert self.auth is not None
         self.send(self.conn.send(self.auth.begin()))
         self.wait_for("AUTH_CHALLENGE", lambda: self.auth_reply is not None)

@@ -8,8 +8,9 @@ Layers, from the disk up:
   metadata header on the journal, then the acknowledgement).
 * ``ServerSession``: one client connection as a protocol state machine: handshake checks, streaming, scans.
   Bytes in, bytes out; no sockets, so tests drive it in memory.
-* ``Server``: the daemon: listening socket, one client at a time, signals as events on the poll loop; TLS
-  and shared-secret authentication before anything reaches the session (``bdr.tls``, ``bdr.auth``).
+* ``Server``: the daemon: listening socket, one client at a time, signals as events on the poll loop; the
+  ``gate`` does TLS and shared-secret authentication (``bdr.security``) before anything reaches the session.
+* ``StagedResync`` (``staging``): a journal resync's lifecycle; ``splice``: the DATA fast path.
 
 A replica or journal I/O error is not a protocol event: the server marks the replica inconsistent in its
 metadata (the next client start rescans the whole device), tells the client, and stops with exit status 4.

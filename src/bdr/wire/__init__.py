@@ -42,7 +42,7 @@ Conversation (client = source side, server = replica side)::
 
 Before the handshake is over (WELCOME sent) frames are capped at ``HANDSHAKE_MAX_PAYLOAD`` bytes, so an
 unauthenticated peer cannot make the server buffer more than that.  A server that requires the shared secret
-refuses HELLO before AUTH_OK (AUTH_REQUIRED); the MACs themselves are computed in ``bdr.auth``.
+refuses HELLO before AUTH_OK (AUTH_REQUIRED); the MACs themselves are computed in ``bdr.security.auth``.
 
 Sequence numbers are the ring's 64-bit record numbers.  ``NO_SEQ`` (2**64 - 1) means "none yet", so that
 ``next_seq(NO_SEQ) == 0`` is the first record the kernel ever publishes.
