@@ -53,7 +53,13 @@ def test_daemon_loop_applies_large_frames(
     with socket.create_server(("127.0.0.1", 0)) as lst:
         a = socket.create_connection(lst.getsockname()[:2])
         b, _ = lst.accept()
-    t = threading.Thread(target=server.handle, args=(b, "test"), daemon=True)
+
+    def handle() -> None:  # one connection through the gate and into its session, without the listener
+        server.gate.admit(b, "test")
+        for admitted in server.gate.take_admitted():
+            server.serve(*admitted)
+
+    t = threading.Thread(target=handle, daemon=True)
     t.start()
     image = bytearray(DEV)
     rnd = random.Random(1)

@@ -22,6 +22,8 @@ from typing import ParamSpec, Protocol, TypeVar
 
 import xxhash
 
+from .copies import BLOCK as HEADER_BLOCK
+from .copies import BothCopiesCorrupt, TwoCopies
 from .errors import JournalCorrupt, JournalError, JournalFull, JournalIOError, StorageError
 from .faults import RECEIVE_POINT_AFTER, FaultPlan
 from .format import (
@@ -38,7 +40,6 @@ from .format import (
     parse_record_header,
     record_checksum,
 )
-from .header import HEADER_BLOCK
 
 log = logging.getLogger("bdr.journal")
 
@@ -95,6 +96,7 @@ class RecordArea:
                 os.posix_fallocate(fd, STATE_AT, 2 * HEADER_BLOCK)
             except OSError as exc:
                 raise JournalError(f"cannot allocate journal {path}: {exc.strerror}") from exc
+        self._copies = TwoCopies(fd, STATE_AT, STATE_MAGIC, StateBlock.parse)
         self.state = self._load()
         self.pos = RECORDS_AT  # where the next record goes
         self.index = 0
@@ -111,17 +113,14 @@ class RecordArea:
         return self.state.state is AreaState.OPEN
 
     def _load(self) -> StateBlock:
-        a = os.pread(self.fd, HEADER_BLOCK, STATE_AT)
-        b = os.pread(self.fd, HEADER_BLOCK, STATE_AT + HEADER_BLOCK)
-        valid = [s for s in (StateBlock.parse(a), StateBlock.parse(b)) if s is not None]
-        if valid:
-            return max(valid, key=lambda s: s.generation)
-        if a[:8] == STATE_MAGIC or b[:8] == STATE_MAGIC:
+        try:
+            state = self._copies.load()
+        except BothCopiesCorrupt:
             raise JournalCorrupt(
                 f"journal {self.path}: both copies of the record area state are corrupt (bad checksum); "
                 "refusing to start. Move the journal away to start over (the next client start then resyncs)."
-            )
-        return StateBlock()
+            ) from None
+        return state if state is not None else StateBlock()
 
     def _set_state(self, state: AreaState, **changes: int) -> None:
         old = self.state
@@ -132,11 +131,7 @@ class RecordArea:
             changes.get("commit_off", old.commit_off),
             changes.get("records", old.records),
         )
-        data = new.pack()
-        at = STATE_AT + (new.generation % 2) * HEADER_BLOCK
-        if os.pwrite(self.fd, data, at) != len(data):
-            raise OSError(f"short write to journal {self.path}")
-        os.fdatasync(self.fd)
+        self._copies.store(new, new.pack())
         self.state = new
 
     # -- staging ---------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 
 import xxhash
 
+from .copies import intact, seal
 from .errors import JournalError
 from .header import HEADER_AREA, HEADER_BLOCK
 
@@ -67,7 +68,6 @@ ALIGN = 64
 STATE_STRUCT = struct.Struct("<8sIIQQQQ")
 REC = struct.Struct("<8sHHIQQQQ")  # checksummed part (48 bytes); then the checksum and 8 reserved bytes
 REC_HEADER = 64
-CSUM_AT = HEADER_BLOCK - 8
 
 
 class AreaState(enum.IntEnum):
@@ -139,14 +139,11 @@ class StateBlock:
         fixed = STATE_STRUCT.pack(
             STATE_MAGIC, AREA_VERSION, self.state, self.generation, self.epoch, self.commit_off, self.records
         )
-        body = fixed + bytes(CSUM_AT - len(fixed))
-        return body + xxhash.xxh3_64_intdigest(body).to_bytes(8, "little")
+        return seal(fixed)
 
     @classmethod
     def parse(cls, block: bytes) -> StateBlock | None:
-        if len(block) < HEADER_BLOCK or block[:8] != STATE_MAGIC:
-            return None
-        if xxhash.xxh3_64_intdigest(block[:CSUM_AT]) != int.from_bytes(block[CSUM_AT:HEADER_BLOCK], "little"):
+        if not intact(block, STATE_MAGIC):
             return None
         _, version, state, gen, epoch, commit_off, records = STATE_STRUCT.unpack_from(block)
         if version > AREA_VERSION:

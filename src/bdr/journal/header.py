@@ -29,25 +29,22 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import errno
 import os
 import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import xxhash
-
 from ..seq import NO_SEQ
+from .copies import BLOCK, BothCopiesCorrupt, TwoCopies, intact, seal
 from .errors import JournalError, JournalIOError
 
 MAGIC = b"BDRJRNL\x00"
 VERSION = 1
-HEADER_BLOCK = 4096
+HEADER_BLOCK = BLOCK
 HEADER_AREA = 1 << 20  # headers and their future growth; the record area (``format``) starts here
 MIN_SIZE = 2 * HEADER_BLOCK
 _FIXED = struct.Struct("<8sIIQII16s16sQQQQ")
-_CSUM_AT = HEADER_BLOCK - 8
 
 
 class JFlag(enum.IntFlag):
@@ -87,18 +84,13 @@ class Header:
             self.consistent_seq,
             self.replica_size,
         )
-        body = fixed + bytes(_CSUM_AT - len(fixed))
-        return body + xxhash.xxh3_64_intdigest(body).to_bytes(8, "little")
+        return seal(fixed)
 
     @classmethod
     def parse(cls, block: bytes) -> Header | None:
         """The header in block, or None if the block does not hold a valid one.  Raises JournalError if it
         holds a header from a newer version."""
-        if len(block) < HEADER_BLOCK or block[:8] != MAGIC:
-            return None
-        if xxhash.xxh3_64_intdigest(block[:_CSUM_AT]) != int.from_bytes(
-            block[_CSUM_AT:HEADER_BLOCK], "little"
-        ):
+        if not intact(block, MAGIC):
             return None
         (_, version, hdr_size, gen, flags, bs, sid, rid, ssize, dseq, cseq, rsize) = _FIXED.unpack_from(block)
         if version > VERSION:
@@ -108,10 +100,6 @@ class Header:
         if hdr_size != HEADER_BLOCK:
             return None
         return cls(gen, JFlag(flags & 0x3F), bs, sid, rid, ssize, dseq, cseq, rsize)
-
-
-def _has_magic(block: bytes) -> bool:
-    return block[:8] == MAGIC
 
 
 class Journal:
@@ -146,24 +134,24 @@ class Journal:
                     os.posix_fallocate(self._fd, 0, MIN_SIZE)
                 except OSError as exc:
                     raise JournalError(f"cannot allocate journal {self.path}: {exc.strerror}") from exc
+            self._copies = TwoCopies(self._fd, 0, MAGIC, Header.parse)
             self.header = self._load()
         except BaseException:
             os.close(self._fd)
             raise
 
     def _load(self) -> Header:
-        a = os.pread(self._fd, HEADER_BLOCK, 0)
-        b = os.pread(self._fd, HEADER_BLOCK, HEADER_BLOCK)
-        valid = [h for h in (Header.parse(a), Header.parse(b)) if h is not None]
-        if valid:
-            return max(valid, key=lambda h: h.generation)
-        if _has_magic(a) or _has_magic(b):
+        try:
+            header = self._copies.load()
+        except BothCopiesCorrupt:
             raise JournalError(
                 f"journal {self.path}: both header copies are corrupt (bad checksum); refusing to guess. "
                 "Move it away to start over (the next client start then resyncs with a scan)."
-            )
-        self.fresh = True
-        return Header()
+            ) from None
+        if header is None:
+            self.fresh = True
+            return Header()
+        return header
 
     def commit(self, **changes: object) -> Header:
         """Write the header with ``changes`` applied as the next generation, and make it durable."""
@@ -172,13 +160,8 @@ class Journal:
     def store(self, header: Header) -> Header:
         """Write ``header`` (a transition of ``replica_state``) as the next generation, and make it durable."""
         new = dataclasses.replace(header, generation=self.header.generation + 1)
-        slot = new.generation % 2
-        data = new.pack()
         try:
-            n = os.pwrite(self._fd, data, slot * HEADER_BLOCK)
-            if n != len(data):
-                raise OSError(errno.EIO, f"short write ({n} of {len(data)} bytes)")
-            os.fdatasync(self._fd)
+            self._copies.store(new, new.pack())
         except OSError as exc:
             raise JournalIOError(
                 exc.errno, f"journal {self.path}: I/O error: {exc.strerror or exc}", str(self.path)

@@ -235,7 +235,7 @@ class Server:
                 if self.stopping:  # through the gate as we stop
                     admitted[0].close()
                 else:
-                    self._serve(*admitted)
+                    self.serve(*admitted)
         self.gate.close()
         if self.failed is not None:
             log.error(
@@ -262,14 +262,7 @@ class Server:
             return "none (plaintext, unauthenticated)" + (", --insecure" if self.args.insecure else "")
         return " + ".join(parts)
 
-    def handle(self, raw: socket.socket, peer: str) -> None:
-        """One connection from start to end on the calling thread: the gate, then the session if it gets
-        through (what the daemon does with each connection, without the listener)."""
-        self.gate.admit(raw, peer)
-        for admitted in self.gate.take_admitted():
-            self._serve(*admitted)
-
-    def _serve(
+    def serve(
         self, sock: socket.socket | tls.ServerTls, sess: ServerSession, peer: str, deadline: float
     ) -> None:
         """One session, from the HELLO (the gate has authenticated the client) to the close."""
