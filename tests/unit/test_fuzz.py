@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_server_splice import serve_one
 
 from bdr import wire as p
 from bdr.journal import Journal
@@ -267,7 +268,7 @@ def test_daemon_loop_refuses_fuzzed_streams(daemon: tuple[Server, bytes], wire: 
     with socket.create_server(("127.0.0.1", 0)) as lst:  # a loopback TCP pair, as the daemon gets
         a = socket.create_connection(lst.getsockname())
         b, _ = lst.accept()
-    t = threading.Thread(target=server.handle, args=(b, "fuzz"), daemon=True)
+    t = threading.Thread(target=serve_one, args=(server, b, "fuzz"), daemon=True)
     t.start()
     try:
         a.settimeout(5)

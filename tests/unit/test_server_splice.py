@@ -37,6 +37,13 @@ def data_frame(recs: list[tuple[int, int, int, int]], rnd: random.Random, image:
 
 
 @pytest.mark.timeout(60)
+def serve_one(server: Server, sock: socket.socket, peer: str) -> None:
+    """One connection through the gate and into its session, as the daemon's loop does, without the listener."""
+    server.gate.admit(sock, peer)
+    for admitted in server.gate.take_admitted():
+        server.serve(*admitted)
+
+
 @pytest.mark.parametrize("splice", [True, False])
 def test_daemon_loop_applies_large_frames(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, splice: bool
@@ -54,12 +61,7 @@ def test_daemon_loop_applies_large_frames(
         a = socket.create_connection(lst.getsockname()[:2])
         b, _ = lst.accept()
 
-    def handle() -> None:  # one connection through the gate and into its session, without the listener
-        server.gate.admit(b, "test")
-        for admitted in server.gate.take_admitted():
-            server.serve(*admitted)
-
-    t = threading.Thread(target=handle, daemon=True)
+    t = threading.Thread(target=serve_one, args=(server, b, "test"), daemon=True)
     t.start()
     image = bytearray(DEV)
     rnd = random.Random(1)

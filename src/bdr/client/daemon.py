@@ -21,7 +21,6 @@ from .. import __version__, config, scan
 from .. import wire as p
 from ..daemon.errors import ConnectionLost
 from ..daemon.wakeup import Wakeup
-from ..kernel.dirty import DirtyMap
 from ..kernel.layout import RingError
 from ..kernel.ring import RingConsumer
 from ..log import BenchClock, setup_logging
@@ -36,6 +35,7 @@ from .oneshot import NoRing, oneshot_ring_identity
 from .options import build_parser, load_security
 from .session import ClientSession
 from .source import Source
+from .state import ReplicationState
 from .stats import ClientStats
 from .status import ClientStatus
 
@@ -56,8 +56,7 @@ class Client:
         self.tls_ctx, self.secret = load_security(args)
         self.source = Source(args.source_device)
         src, self.dev_size = self.source.path, self.source.size
-        # discarded ranges the source did not read as zeros: resynced by checksums (the server knows one is due)
-        self.unzeroed: list[tuple[int, int]] = []
+        self.replication = ReplicationState()  # what outlives one connection; each session works on it
         self.oneshot = args.control_device is None  # no capture ring: one scan-based sync, then exit
         try:
             self.ring = self._open_ring()
@@ -67,17 +66,7 @@ class Client:
         self.source_id = source_identity(src, self.dev_size)
         self.ring_id = oneshot_ring_identity(src, self.dev_size) if self.oneshot else ring_identity(self.ring)
         self.server_text = f"{args.address}:{args.port}"
-        self.started = False  # first handshake done (the start-up flags apply to it only)
         self.start_flags = startup.Flags(args.full_replication, args.full_scan, args.no_replication)
-        # a dirty bitmap taken from the ring and not yet scanned: it outlives a lost connection
-        self.pending_dirty: DirtyMap | None = None
-        self.server_durable = p.NO_SEQ  # as last acknowledged, on any connection
-        self.force_scan = False
-        # the server's journal could not stage a resync (its message): with --journal-full direct, resyncs
-        # write the replica directly until one has completed
-        self.journal_full: str | None = None
-        self.resync_direct = False  # the running scan writes the replica directly
-        self.scan_id = 0
         # scan block: the dirty-bitmap region with a ring; 4 KiB in one-shot mode (only changed pages travel)
         self.scan_block = scan.ONESHOT_BLOCK_SIZE if self.oneshot else scan.BLOCK_SIZE
         self.stopping = False
@@ -90,8 +79,6 @@ class Client:
         self.status = ClientStatus()
         self.session: ClientSession | None = None
         self.reconnects = self.errors = 0
-        self.resync_progress: list[int] | None = None  # [bytes done, bytes total] of the running scan
-        self.replica_consistent: bool | None = None
         self.verify: VerifyJob | None = None
         self.last_verify: dict[str, object] | None = None
         self._verify_lock = threading.Lock()
@@ -136,7 +123,7 @@ class Client:
             if self.verify is not None:
                 return {"ok": False, "error": "a verify pass is already running"}
             sess = self.session
-            if sess is None or not sess.streaming or self.resync_progress is not None:
+            if sess is None or not sess.streaming or self.replication.resync_progress is not None:
                 return {
                     "ok": False,
                     "error": f"the client is {self.state()}: verify needs a replicating client",
@@ -214,7 +201,7 @@ class Client:
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             sess = ClientSession(self, sock, binding)
-            if self.started:
+            if self.replication.started:
                 self.reconnects += 1
             self.session = sess
             self.publish(force=True)
@@ -255,7 +242,7 @@ class Client:
                         )
                         sock.close()
                         return EXIT_REFUSED
-                    self.journal_full = exc.message
+                    self.replication.journal_full = exc.message
                     log.error(
                         "server %s cannot stage this resync in its journal: %s. Resyncing with direct writes "
                         "(--journal-full direct): the replica is inconsistent until the scan completes",
@@ -269,7 +256,7 @@ class Client:
                     return EXIT_REFUSED
                 else:
                     if exc.code is p.ErrorCode.RESUME_IMPOSSIBLE:
-                        self.force_scan = True
+                        self.replication.force_scan = True
                     log.warning(
                         "server %s closed the session: %s; reconnecting in %.2fs",
                         self.server_text,
@@ -302,7 +289,7 @@ class Client:
             finally:
                 sock.close()
                 self.session = None
-                self.resync_progress = None
+                self.replication.resync_progress = None
                 if self.verify is not None:
                     self.end_verify(self.verify, "the connection to the server ended during the pass")
                 self.errors += 0 if clean else 1
@@ -328,7 +315,7 @@ class Client:
             unreleased = head - self.ring.tail
             st = self.stats
             avg_ms = st.lag_sum / st.lag_n * 1000 if st.lag_n else 0.0
-            durable = fmt_seq(self.server_durable)
+            durable = fmt_seq(self.replication.server_durable)
             print(
                 f"bench client: {line} frames={st.frames} lag_records={lag} unreleased_records={unreleased} "
                 f"durable_lag_ms_avg={avg_ms:.1f} durable_lag_ms_max={st.lag_max * 1000:.1f} server_durable={durable}",

@@ -62,9 +62,9 @@ def check(sess: ClientSession, b: Batch) -> None:
             if copy is None:
                 copy = bytearray(dv)
             copy[i * p.RECORD_SIZE + 22] |= p.REC_UNZEROED
-            if not c.unzeroed:
+            if not sess.replication.unzeroed:
                 sess.resync_pending()
-            c.unzeroed.append((off, ln))
+            sess.replication.unzeroed.append((off, ln))
             log.info("discard of [%d, +%d) left data on the source: that range is resynced", off, ln)
         if copy is not None:
             q.release()

@@ -49,6 +49,7 @@ class ClientSession:
 
     def __init__(self, client: Client, sock: socket.socket | tls.TlsStream, binding: bytes = b"") -> None:
         self.client = client
+        self.replication = client.replication  # what outlives this connection (the daemon owns it)
         self.ring = client.ring
         self.sock = sock
         secret = client.secret
@@ -162,7 +163,7 @@ class ClientSession:
 
     def on_ack(self, ack: p.Ack) -> None:
         self.inflight.on_ack(ack)
-        self.client.server_durable = ack.durable_seq
+        self.replication.server_durable = ack.durable_seq
 
     def wait_for(self, what: str, cond: Callable[[], bool], timeout: float = IO_TIMEOUT) -> None:
         """Process the server's messages until ``cond()``.  ``timeout`` counts time without progress: on a slow,
@@ -221,8 +222,8 @@ class ClientSession:
         """Handshake, then quick resume or resync, as the flags and the server's state allow (``startup``)."""
         c = self.client
         w = self.handshake()
-        c.replica_consistent = bool(w.flags & p.WelcomeFlag.CONSISTENT)
-        first = not c.started
+        self.replication.replica_consistent = bool(w.flags & p.WelcomeFlag.CONSISTENT)
+        first = not self.replication.started
         same = w.source_id == c.source_id and w.ring_id == c.ring_id
         log.info(
             "connected to %s: replica %d bytes, %s, durable seq %s%s",
@@ -233,8 +234,8 @@ class ClientSession:
             ", interrupted resync" if w.flags & p.WelcomeFlag.SCANNING else "",
         )
         pos = self.ring.find_seq(startup.resume_seq(w)) if startup.can_resume(w, same) else None
-        c.started = True
-        d = startup.decide(w, same, pos is not None, first, c.start_flags, c.force_scan)
+        self.replication.started = True
+        d = startup.decide(w, same, pos is not None, first, c.start_flags, self.replication.force_scan)
         if d.start is Start.RESUME:
             assert pos is not None
             self.send(self.conn.send(p.Stream(d.resume_seq)))
@@ -257,7 +258,7 @@ class ClientSession:
             mode = p.ScanMode.FULL if d.start is Start.FULL_COPY else p.ScanMode.HASH
             direct = d.start is Start.FULL_SCAN  # --full-scan: the server writes the replica directly
             self.resync(mode, [(0, c.dev_size)], whole=True, why=d.why, direct=direct)
-        c.force_scan = False
+        self.replication.force_scan = False
 
     # -- streaming ------------------------------------------------------------------------------------------------
 
@@ -287,10 +288,12 @@ class ClientSession:
         half = ring.geometry.nr_slots // 2
         while True:
             self.pump()
-            if self.client.pending_dirty is None and ring.state() & (abi.State.OVERFLOW | abi.State.DIRTY):
+            if self.replication.pending_dirty is None and ring.state() & (
+                abi.State.OVERFLOW | abi.State.DIRTY
+            ):
                 # first the server records on disk that a resync is due, only then is the bitmap ours
                 self.resync_pending()
-                self.client.pending_dirty = dm = ring.take_dirty()
+                self.replication.pending_dirty = dm = ring.take_dirty()
                 self.in_sync = False
                 log.warning(
                     "ring %s: %d dirty regions (%d KiB each) to resync after ring position %d",
@@ -300,7 +303,7 @@ class ClientSession:
                     dm.ring_head,
                 )
             head = ring.head()
-            pending = self.client.pending_dirty
+            pending = self.replication.pending_dirty
             limit = head if pending is None else min(head, pending.ring_head)
             job = self.client.verify
             if (
@@ -321,17 +324,19 @@ class ClientSession:
                 extents = pending.extents(self.client.dev_size)
                 if extents:
                     self.resync(p.ScanMode.HASH, extents, whole=False, why="dirty regions")
-                self.client.pending_dirty = None  # only now: a lost connection before this redoes the scan
+                self.replication.pending_dirty = (
+                    None  # only now: a lost connection before this redoes the scan
+                )
                 continue
-            if self.client.unzeroed:
-                extents = sorted(self.client.unzeroed)  # scan.windows aligns them and skips overlaps
+            if self.replication.unzeroed:
+                extents = sorted(self.replication.unzeroed)  # scan.windows aligns them and skips overlaps
                 self.resync(
                     p.ScanMode.HASH,
                     extents,
                     whole=False,
                     why="discarded ranges the source does not read as zeros",
                 )
-                self.client.unzeroed = []
+                self.replication.unzeroed = []
                 continue
             if self.inflight and self.inflight.sync_pending is None:
                 self.send(self.conn.send(p.Sync()))
@@ -354,7 +359,7 @@ class ClientSession:
         deadline = time.monotonic() + DRAIN_SECONDS
         with contextlib.suppress(Stopping):
             if self.conn.phase is p.Phase.STREAMING:
-                while self.client.pending_dirty is None and time.monotonic() < deadline:
+                while self.replication.pending_dirty is None and time.monotonic() < deadline:
                     b = self.ring.batch(self.sent, BATCH_RECORDS)
                     if b is None:
                         break

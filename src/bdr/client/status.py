@@ -25,12 +25,12 @@ def state(c: Client) -> str:
     if c.stopping:
         return "stopping"
     if sess is None:
-        return "disconnected" if c.started else "connecting"
-    if c.resync_progress is not None:
+        return "disconnected" if c.replication.started else "connecting"
+    if c.replication.resync_progress is not None:
         return "resyncing"
     if not sess.streaming:
         return "connecting"
-    if c.pending_dirty is not None or c.ring.state() & (abi.State.OVERFLOW | abi.State.DIRTY):
+    if c.replication.pending_dirty is not None or c.ring.state() & (abi.State.OVERFLOW | abi.State.DIRTY):
         return "overflow"
     return "replicating"
 
@@ -86,7 +86,7 @@ class ClientStatus:
         t0, b0 = self._rate
         if now - t0 >= 1.0:
             self.throughput, self._rate = (st.bytes - b0) / (now - t0), (now, st.bytes)
-        progress = c.resync_progress
+        progress = c.replication.resync_progress
         snap: status.ClientSnapshot = {
             "role": "client",
             "version": __version__,
@@ -98,7 +98,7 @@ class ClientStatus:
             "control_device": c.args.control_device,
             "source_device": c.args.source_device,
             "device_bytes": c.dev_size,
-            "replica_consistent": c.replica_consistent,
+            "replica_consistent": c.replication.replica_consistent,
             "ring": {
                 "slots": ring.geometry.nr_slots,
                 "used": head - tail,
@@ -112,7 +112,7 @@ class ClientStatus:
                 "bytes": ring.data_bytes(tail, head),
                 "seconds": round(now - self.lag_since, 3) if self.lag_since is not None else 0.0,
             },
-            "durable_seq": seq_or_none(c.server_durable),
+            "durable_seq": seq_or_none(c.replication.server_durable),
             "replicated": {
                 "bytes": st.bytes,
                 "records": st.records,
@@ -128,10 +128,12 @@ class ClientStatus:
                 "scans": len(st.scans),
                 "last_scan_bytes": sum(n for _, n in st.scans[-1].extents) if st.scans else 0,
                 "differing_blocks": sum(sc.differing for sc in st.scans),
-                "direct": c.resync_direct,
-                "journal_full": c.journal_full,
+                "direct": c.replication.resync_direct,
+                "journal_full": c.replication.journal_full,
             },
-            "dirty_regions": c.pending_dirty.nr_dirty if c.pending_dirty is not None else 0,
+            "dirty_regions": c.replication.pending_dirty.nr_dirty
+            if c.replication.pending_dirty is not None
+            else 0,
             "metrics_url": self.metrics.url if self.metrics is not None else None,
             "reconnects": c.reconnects,
             "errors": c.errors,
