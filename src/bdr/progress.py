@@ -11,8 +11,6 @@ import sys
 import time
 from typing import Any
 
-from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs shipped; used through Any
-
 LOG_EVERY = 10.0  # seconds between progress log lines without a terminal
 
 
@@ -27,6 +25,8 @@ class Progress:
         self.started = self._last = time.monotonic()
         self.bar: Any = None
         if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs; used through Any; only on a terminal
+
             self.bar = tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
 
     def update(self, n: int) -> None:

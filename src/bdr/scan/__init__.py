@@ -20,10 +20,8 @@ from .blocks import BLOCK_SIZE as BLOCK_SIZE
 from .blocks import HASH_SIZE as HASH_SIZE
 from .blocks import ONESHOT_BLOCK_SIZE as ONESHOT_BLOCK_SIZE
 from .blocks import WINDOW as WINDOW
-from .blocks import block_spans as block_spans
-from .blocks import differing_blocks as differing_blocks
+from .blocks import differing as differing
 from .blocks import digest as digest
-from .blocks import hash_range as hash_range
 from .blocks import hash_window as hash_window
 from .blocks import read_exact as read_exact
 from .blocks import windows as windows

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .. import wire as p
-from .blocks import HASH_SIZE, block_spans, digest, zero_digest
+from .blocks import HASH_SIZE, differing, hash_window, zero_digest
 
 Reader = Callable[[memoryview, int], None]  # fills the view from the source at the byte offset
 
@@ -90,27 +90,28 @@ def run(
             off, ln = todo.popleft()
         view = buf[:ln]
         read(view, off)
-        spans = list(block_spans(off, ln, block_size))
-        digests = [digest(view[o - off : o - off + n]) for o, n in spans]
+        mine = hash_window(view, block_size)
         if rep is not None:
-            theirs = rep.hashes
-            diff = [
-                (o, n, 0)
-                for i, (o, n) in enumerate(spans)
-                if digests[i] != bytes(theirs[i * HASH_SIZE : (i + 1) * HASH_SIZE])
-            ]
-            yield Window(off, view, diff, len(spans), differing=len(diff))
+            diff = [_span(off, ln, block_size, i) for i in differing(mine, rep.hashes)]
+            yield Window(off, view, diff, len(mine) // HASH_SIZE, differing=len(diff))
         else:
             blocks: list[tuple[int, int, int]] = []
             zero = 0
-            for (o, n), d in zip(spans, digests, strict=True):
-                if d != zero_digest(n):
-                    blocks.append((o, n, 0))
+            for i in range(len(mine) // HASH_SIZE):
+                o, n, _ = span = _span(off, ln, block_size, i)
+                if mine[i * HASH_SIZE : (i + 1) * HASH_SIZE] != zero_digest(n):
+                    blocks.append(span)
                     continue
                 zero += 1
                 if not known_zero:
                     blocks.append((o, n, int(p.BlockFlag.ZERO)))
-            yield Window(off, view, blocks, len(spans), zero=zero)
+            yield Window(off, view, blocks, len(mine) // HASH_SIZE, zero=zero)
+
+
+def _span(off: int, ln: int, block_size: int, i: int) -> tuple[int, int, int]:
+    """Block ``i`` of the window [off, off + ln): (offset, length, no flags)."""
+    o = off + i * block_size
+    return o, min(block_size, off + ln - o), 0
 
 
 def _check_reply(rep: p.ScanHashes, scan_id: int, off: int, ln: int, block_size: int) -> None:

@@ -389,7 +389,7 @@ class ServerSession:
         self.replica.read(view, r.offset)
         if self.staged is not None:
             self.staged.overlay(view, r.offset)  # hash what the replica will be after the commit
-        digests = scan.hash_window(view, r.offset, block_size)
+        digests = scan.hash_window(view, block_size)
         if sc is None:
             self.verified += r.length
         else:

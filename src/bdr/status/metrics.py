@@ -1,18 +1,19 @@
 """The Prometheus endpoint of a daemon: ``/metrics`` over HTTP, each metric read from the same status snapshot
-``bdr status`` shows (so a scrape and ``bdr status --json`` taken together agree)."""
+``bdr status`` shows (so a scrape and ``bdr status --json`` taken together agree).  ``prometheus_client`` is
+imported only when an endpoint is opened: a daemon without ``--metrics-address`` starts without it."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from typing import Any
-
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING, Any
 
 from .control import Board
 from .schema import Spec
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+    from prometheus_client.registry import Collector
 
 log = logging.getLogger("bdr.status")
 
@@ -28,24 +29,26 @@ def lookup(snap: Mapping[str, Any], path: tuple[str, ...]) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-class _SnapshotCollector(Collector):
-    def __init__(self, board: Board, specs: list[Spec], states: tuple[str, ...], prefix: str) -> None:
-        self.board, self.specs, self.states, self.prefix = board, specs, states, prefix
+def _collector(board: Board, specs: list[Spec], states: tuple[str, ...], prefix: str) -> Collector:
+    """A collector that reads every metric from the board's snapshot at scrape time."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.registry import Collector
 
-    def collect(self) -> Iterator[Metric]:
-        snap = self.board.get()
-        for spec in self.specs:
-            value = lookup(snap, spec.path)
-            if value is None:
-                continue
-            family = CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily
-            yield family(f"{self.prefix}_{spec.name}", spec.help, value=value)
-        state = GaugeMetricFamily(
-            f"{self.prefix}_state", "1 for the daemon's current state", labels=["state"]
-        )
-        for s in self.states:
-            state.add_metric([s], 1.0 if snap.get("state") == s else 0.0)
-        yield state
+    class SnapshotCollector(Collector):
+        def collect(self) -> Iterator[Metric]:
+            snap = board.get()
+            for spec in specs:
+                value = lookup(snap, spec.path)
+                if value is None:
+                    continue
+                family = CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily
+                yield family(f"{prefix}_{spec.name}", spec.help, value=value)
+            state = GaugeMetricFamily(f"{prefix}_state", "1 for the daemon's current state", labels=["state"])
+            for s in states:
+                state.add_metric([s], 1.0 if snap.get("state") == s else 0.0)
+            yield state
+
+    return SnapshotCollector()
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -63,9 +66,11 @@ class MetricsEndpoint:
     def __init__(
         self, address: str, board: Board, specs: list[Spec], states: tuple[str, ...], prefix: str
     ) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+
         host, port = parse_address(address)
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_SnapshotCollector(board, specs, states, prefix))
+        registry.register(_collector(board, specs, states, prefix))
         self.server, self._thread = start_http_server(port, host, registry=registry)
         self.port = int(self.server.server_port)
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{self.port}/metrics"

@@ -1,0 +1,30 @@
+"""The daemons start without the libraries only some configurations use: a start-up (and with it every resync
+after a restart) does not pay for prometheus_client, tqdm or cryptography unless it uses them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+LAZY = ("prometheus_client", "tqdm", "cryptography")
+
+
+def test_daemon_modules_do_not_import_optional_libraries() -> None:
+    code = (
+        "import sys, bdr.client.daemon, bdr.server.daemon, bdr.client.options, bdr.server.options\n"
+        f"print(' '.join(m for m in {LAZY!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ""
+
+
+def test_metrics_endpoint_imports_prometheus_when_opened() -> None:
+    code = (
+        "import sys\n"
+        "from bdr.status import Board, MetricsEndpoint, SERVER_METRICS, SERVER_STATES\n"
+        "m = MetricsEndpoint('127.0.0.1:0', Board(), SERVER_METRICS, SERVER_STATES, 'bdr_server')\n"
+        "m.close()\n"
+        "print('prometheus_client' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"
