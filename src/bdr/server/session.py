@@ -419,6 +419,13 @@ class ServerSession:
 
     def _scan_end(self, e: p.ScanEnd) -> bytes:
         sc = self._check_scan(e.scan_id)
+        log.info(
+            "scan %d ended after %.1fs: %d blocks (%d bytes) received; making them durable",
+            sc.scan_id,
+            time.monotonic() - sc.started,
+            sc.blocks,
+            sc.bytes,
+        )
         if self.staged is not None:
             return self._scan_end_staged(sc, self.staged, e)
         self.replica.sync()
