@@ -1,5 +1,5 @@
-"""The source device: opened once, its size, reads of it past the page cache, and the check of what a discarded
-range of it reads as."""
+"""The source device: opened once, its size, reads of it (a block device past the page cache), and the check of
+what a discarded range of it reads as."""
 
 from __future__ import annotations
 
@@ -38,10 +38,15 @@ class Source:
         except OSError as exc:
             raise ClientError(f"cannot open source device {src}: {exc.strerror}") from exc
         self.size = device_size(self.fd)
-        try:  # discarded ranges are read back past the page cache, which may still hold what was there
-            self.direct_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
-        except OSError:
-            self.direct_fd = -1  # a file system without O_DIRECT (tmpfs): its page cache is the file
+        # a block device is read past its page cache (a file system on it writes file data to the device
+        # directly, and a discarded range may still be cached as it was); a regular file's page cache is the
+        # file itself, coherent with every writer, and reading through it costs no disk read for cached pages
+        self.direct_fd = -1
+        if stat.S_ISBLK(os.fstat(self.fd).st_mode):
+            try:
+                self.direct_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+            except OSError:
+                self.direct_fd = -1
         self.direct_buf = mmap.mmap(-1, 1 << 20)  # page-aligned, for O_DIRECT
         self.window_buf = memoryview(mmap.mmap(-1, scan.WINDOW))  # a scan window, page-aligned for O_DIRECT
         if self.size == 0 or self.size % 512:

@@ -10,6 +10,8 @@ takes the replies in order.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import mmap
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -69,29 +71,26 @@ def run(
     depth: int = 1,
     known_zero: bool = False,
 ) -> Iterator[Window]:
-    """The windows ``wins`` (offset, length), in order, each read from the source into ``buf``.
+    """The windows ``wins`` (offset, length), in order, each read from the source into ``buf`` (or a second
+    buffer of the same size: the next window is read while this one is hashed and sent).
 
     With ``replica``: each window's blocks are compared with the replica's digests (SCAN_REQUEST ``scan_id``,
-    ``depth`` requests in flight) and the differing ones are picked.  Without: every block is picked, an
-    all-zero one as a ZERO marker, or skipped when ``known_zero`` (the replica reads as zeros already)."""
+    ``depth`` requests in flight, so the replica hashes while we read and hash) and the differing ones are
+    picked.  Without: every block is picked, an all-zero one as a ZERO marker, or skipped when ``known_zero``
+    (the replica reads as zeros already)."""
     todo = collections.deque(wins)
     asked: collections.deque[tuple[int, int]] = collections.deque()
-    while todo or asked:
-        rep = None
+    for off, ln, view in _read_ahead(list(todo), read, buf):
         if replica is not None:
             while todo and len(asked) < depth:
-                off, ln = todo.popleft()
-                replica.request(scan_id, off, ln)
-                asked.append((off, ln))
-            rep = replica.reply()
-            off, ln = asked.popleft()
-            _check_reply(rep, scan_id, off, ln, block_size)
-        else:
-            off, ln = todo.popleft()
-        view = buf[:ln]
-        read(view, off)
+                o, n = todo.popleft()
+                replica.request(scan_id, o, n)
+                asked.append((o, n))
         mine = hash_window(view, block_size)
-        if rep is not None:
+        if replica is not None:
+            rep = replica.reply()
+            asked.popleft()
+            _check_reply(rep, scan_id, off, ln, block_size)
             diff = [_span(off, ln, block_size, i) for i in differing(mine, rep.hashes)]
             yield Window(off, view, diff, len(mine) // HASH_SIZE, differing=len(diff))
         else:
@@ -106,6 +105,30 @@ def run(
                 if not known_zero:
                     blocks.append((o, n, int(p.BlockFlag.ZERO)))
             yield Window(off, view, blocks, len(mine) // HASH_SIZE, zero=zero)
+
+
+def _read_ahead(
+    wins: list[tuple[int, int]], read: Reader, buf: memoryview
+) -> Iterator[tuple[int, int, memoryview]]:
+    """(offset, length, view) of each window, read; the read of the next one runs on a thread of its own (the
+    read releases the GIL: a disk read or a page-cache copy overlaps the hashing and the sending of this one).
+    A view is valid until the next one is taken.  One window alone is read on the caller's thread."""
+    if len(wins) <= 1:
+        for off, ln in wins:
+            view = buf[:ln]
+            read(view, off)
+            yield off, ln, view
+        return
+    bufs = [buf, memoryview(mmap.mmap(-1, len(buf)))]  # page-aligned, as O_DIRECT wants
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bdr-scan-read") as reader:
+        off, ln = wins[0]
+        pending = reader.submit(read, bufs[0][:ln], off)
+        for i, (off, ln) in enumerate(wins):
+            pending.result()
+            if i + 1 < len(wins):
+                noff, nln = wins[i + 1]
+                pending = reader.submit(read, bufs[(i + 1) % 2][:nln], noff)
+            yield off, ln, bufs[i % 2][:ln]
 
 
 def _span(off: int, ln: int, block_size: int, i: int) -> tuple[int, int, int]:
