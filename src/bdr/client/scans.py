@@ -32,12 +32,12 @@ def resync(
     direct: bool = False,
 ) -> None:
     """Resync ``extents``; ring records from ``sess.sent`` on are applied after the scan's blocks."""
-    c = sess.client
+    c, rs = sess.client, sess.replication
     sess.in_sync = False
     if whole:
-        sess.replication.pending_dirty = None  # a whole-device scan covers every dirty region
-    sess.replication.scan_id += 1
-    sid = sess.replication.scan_id
+        rs.pending_dirty = None  # a whole-device scan covers every dirty region
+    rs.scan_id += 1
+    sid = rs.scan_id
     start_pos = sess.sent
     st = scan.ScanStats(mode="full" if mode is p.ScanMode.FULL else "hash", extents=extents)
     c.stats.scans.append(st)
@@ -52,18 +52,18 @@ def resync(
     )
     t0 = time.monotonic()
     flags = p.ScanFlag.WHOLE_DEVICE if whole else p.ScanFlag.NONE
-    if sess.replication.journal_full is not None and not direct:
+    if rs.journal_full is not None and not direct:
         direct = True
         log.warning("scan %d writes the replica directly: the server's journal is too small for it", sid)
     if direct:
         flags |= p.ScanFlag.DIRECT  # --full-scan: the server writes the replica directly
-    sess.replication.resync_direct = direct
+    rs.resync_direct = direct
     bs = c.scan_block
     sess.send(sess.conn.send(p.ScanBegin(sid, mode, flags, bs)))
     wins = list(scan.windows(extents, c.dev_size, bs))
     prog = Progress(f"scan {sid} ({st.mode})", sum(n for _, n in wins), log, quiet=bool(c.args.no_print))
-    sess.replication.resync_progress = [0, prog.total]
-    sess.replication.replica_consistent = False
+    rs.resync_progress = [0, prog.total]
+    rs.replica_consistent = False
     c.publish(force=True)
     known_zero = bool(sess.welcome and sess.welcome.flags & p.WelcomeFlag.KNOWN_ZERO)
     replica = ReplicaHashes(sess) if mode is p.ScanMode.HASH else None
@@ -72,7 +72,7 @@ def resync(
     ):
         st.add(w)
         prog.update(len(w.view))
-        sess.replication.resync_progress[0] += len(w.view)
+        rs.resync_progress[0] += len(w.view)
         if w.blocks:
             send_blocks(sess, sid, w.view, w.offset, w.blocks, st)
         sess.pump()
@@ -90,15 +90,14 @@ def resync(
     sess.scan_done = None
     sess.send(sess.conn.send(p.ScanEnd(sid, eflags, resume, consistent)))
     sess.wait_for("SCAN_DONE", lambda: sess.scan_done is not None, timeout=300)
-    sess.replication.resync_progress = (
-        None  # the scan is done once the server has its end: resyncing until then
-    )
-    sess.replication.resync_direct = False
+    # the scan is done once the server has its end: resyncing until then
+    rs.resync_progress = None
+    rs.resync_direct = False
     # consistent once the records captured during the scan are applied (the next ones, in order)
-    sess.replication.replica_consistent = not eflags & p.ScanEndFlag.MORE_TO_COME
-    if sess.replication.journal_full is not None and sess.replication.replica_consistent:
+    rs.replica_consistent = not eflags & p.ScanEndFlag.MORE_TO_COME
+    if rs.journal_full is not None and rs.replica_consistent:
         log.warning("direct resync complete: the next resyncs are staged in the server's journal again")
-        sess.replication.journal_full = None
+        rs.journal_full = None
     sess.sent = start_pos
     # records before start_pos were applied and synced before SCAN_BEGIN or are covered by the scan: they
     # are durable now even when the server could not name a resume sequence number

@@ -324,9 +324,8 @@ class ClientSession:
                 extents = pending.extents(self.client.dev_size)
                 if extents:
                     self.resync(p.ScanMode.HASH, extents, whole=False, why="dirty regions")
-                self.replication.pending_dirty = (
-                    None  # only now: a lost connection before this redoes the scan
-                )
+                # only now: a lost connection before this redoes the scan
+                self.replication.pending_dirty = None
                 continue
             if self.replication.unzeroed:
                 extents = sorted(self.replication.unzeroed)  # scan.windows aligns them and skips overlaps

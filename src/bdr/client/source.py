@@ -3,6 +3,7 @@ what a discarded range of it reads as."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -43,10 +44,8 @@ class Source:
         # file itself, coherent with every writer, and reading through it costs no disk read for cached pages
         self.direct_fd = -1
         if stat.S_ISBLK(os.fstat(self.fd).st_mode):
-            try:
+            with contextlib.suppress(OSError):
                 self.direct_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
-            except OSError:
-                self.direct_fd = -1
         self.direct_buf = mmap.mmap(-1, 1 << 20)  # page-aligned, for O_DIRECT
         self.window_buf = memoryview(mmap.mmap(-1, scan.WINDOW))  # a scan window, page-aligned for O_DIRECT
         if self.size == 0 or self.size % 512:

@@ -22,7 +22,6 @@ from typing import ParamSpec, Protocol, TypeVar
 
 import xxhash
 
-from .copies import BLOCK as HEADER_BLOCK
 from .copies import BothCopiesCorrupt, TwoCopies
 from .errors import JournalCorrupt, JournalError, JournalFull, JournalIOError, StorageError
 from .faults import RECEIVE_POINT_AFTER, FaultPlan
@@ -40,6 +39,7 @@ from .format import (
     parse_record_header,
     record_checksum,
 )
+from .header import HEADER_BLOCK
 
 log = logging.getLogger("bdr.journal")
 

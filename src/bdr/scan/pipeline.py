@@ -9,7 +9,6 @@ takes the replies in order.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import mmap
 from collections.abc import Callable, Iterable, Iterator
@@ -78,18 +77,16 @@ def run(
     ``depth`` requests in flight, so the replica hashes while we read and hash) and the differing ones are
     picked.  Without: every block is picked, an all-zero one as a ZERO marker, or skipped when ``known_zero``
     (the replica reads as zeros already)."""
-    todo = collections.deque(wins)
-    asked: collections.deque[tuple[int, int]] = collections.deque()
-    for off, ln, view in _read_ahead(list(todo), read, buf):
+    wins = list(wins)
+    asked = 0  # windows whose digests were requested from the replica
+    for k, (off, ln, view) in enumerate(_read_ahead(wins, read, buf)):
         if replica is not None:
-            while todo and len(asked) < depth:
-                o, n = todo.popleft()
-                replica.request(scan_id, o, n)
-                asked.append((o, n))
+            while asked < len(wins) and asked - k < depth:
+                replica.request(scan_id, *wins[asked])
+                asked += 1
         mine = hash_window(view, block_size)
         if replica is not None:
             rep = replica.reply()
-            asked.popleft()
             _check_reply(rep, scan_id, off, ln, block_size)
             diff = [_span(off, ln, block_size, i) for i in differing(mine, rep.hashes)]
             yield Window(off, view, diff, len(mine) // HASH_SIZE, differing=len(diff))
