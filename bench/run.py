@@ -18,6 +18,7 @@ BENCHES = [
     "kernel_fio",  # fio through bdr vs dm-linear in the VM (kernel target overhead)
     "stream",  # ring -> bdr_client -> TCP -> bdr_server -> replica file, vs plain loopback TCP (host)
     "tls",  # the same stream with mutual TLS + shared secret, vs plaintext in the same run (host)
+    "vm_resync",  # start-up resync of a 64 MiB device with 1 % changed, in the VM, vs streaming the same blocks
     "oneshot",  # one-shot sync of a 2 GiB image (1 % of pages changed) vs rsync --inplace --no-whole-file (host)
 ]
 
