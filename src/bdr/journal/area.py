@@ -153,7 +153,8 @@ class RecordArea:
         """Write a record; returns the position of its data.  When the area is full, the staged records are
         compacted first (each staged byte kept once, its newest version); JournalFull when even that fails."""
         size = rec.size
-        if self._fits(size):
+        commit = rec.type is RecType.COMMIT
+        if self._fits(size, reserve=not commit):
             try:
                 return self._write_record(rec)
             except OSError as exc:
@@ -162,7 +163,7 @@ class RecordArea:
                 log.warning(
                     "journal %s: %s while staging; compacting the staged resync", self.path, exc.strerror
                 )
-        if rec.type is RecType.COMMIT or not self.compact(rec.offset, rec.length) or not self._fits(size):
+        if commit or not self.compact(rec.offset, rec.length) or not self._fits(size):
             raise self._full(size)
         rec = Record(rec.type, rec.epoch, self.index, rec.offset, rec.length, rec.data)  # renumbered
         try:
@@ -172,8 +173,10 @@ class RecordArea:
                 raise self._full(size) from exc
             raise self._io_error(exc) from exc
 
-    def _fits(self, size: int) -> bool:
-        return self.limit is None or self.pos + size + REC_HEADER <= self.limit
+    def _fits(self, size: int, reserve: bool = True) -> bool:
+        """Whether a record of ``size`` bytes fits, leaving room for the commit record (``reserve``: the
+        commit record itself takes that room)."""
+        return self.limit is None or self.pos + size + (REC_HEADER if reserve else 0) <= self.limit
 
     def _full(self, size: int) -> JournalFull:
         live = self.pos - RECORDS_AT + size + REC_HEADER
