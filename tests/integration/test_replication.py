@@ -27,7 +27,7 @@ def test_streaming_ends_identical(lab: Lab) -> None:
     assert srv.stop() == 0
     assert lab.identical()
     m = cli.wait_log(r"scan 1 done .*: (\d+) blocks compared, (\d+) differed")
-    assert int(m.group(1)) == DEV // 65536
+    assert int(m.group(1)) == DEV // 4096
     assert "flush acknowledged" in cli.log()
     assert "client said goodbye" in srv.log()
 
@@ -117,9 +117,9 @@ def test_flush_is_durable_on_the_replica_when_acknowledged(lab: Lab) -> None:
 def test_scan_fixes_a_differing_replica_sending_only_changed_blocks(lab: Lab) -> None:
     lab.images(src_random=True, seed=5)
     data = bytearray(lab.src.read_bytes())
-    changed = [3, 100, 101, 400]  # 64 KiB blocks that differ on the replica
+    changed = [3 * 16, 100 * 16, 100 * 16 + 1, 400 * 16 + 15]  # 4 KiB blocks that differ on the replica
     for b in changed:
-        data[b * 65536 + 100 : b * 65536 + 200] = os.urandom(100)
+        data[b * 4096 + 100 : b * 4096 + 200] = os.urandom(100)
     lab.replica.write_bytes(bytes(data))
     lab.make_producer()
     srv = lab.server()
@@ -128,9 +128,9 @@ def test_scan_fixes_a_differing_replica_sending_only_changed_blocks(lab: Lab) ->
     m = cli.wait_log(
         r"scan 1 done .*: (\d+) blocks compared, (\d+) differed, (\d+) sent with data \((\d+) bytes\)"
     )
-    assert int(m.group(1)) == DEV // 65536
+    assert int(m.group(1)) == DEV // 4096
     assert int(m.group(2)) == len(changed)
-    assert int(m.group(4)) == len(changed) * 65536  # only the changed blocks crossed the wire
+    assert int(m.group(4)) == len(changed) * 4096  # only the changed pages crossed the wire
     lab.wait_drained()
     assert cli.stop() == 0
     assert srv.stop() == 0

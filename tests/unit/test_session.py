@@ -182,7 +182,7 @@ def test_scan_then_stream_then_quick_resume(setup: tuple[Path, RingProducer]) ->
     assert same(tmp)
     assert [s.mode for s in client.stats.scans] == ["hash"]
     first = client.stats.scans[0]
-    assert first.blocks == DEV // 65536 and 0 < first.sent_blocks <= first.blocks
+    assert first.blocks == DEV // 4096 and 0 < first.sent_blocks <= first.blocks
 
     # reconnect: the server is durable where the ring continues, so no scan, only the new records
     random_writes(prod, 10, seed=2)
@@ -217,10 +217,11 @@ def test_overflow_while_disconnected_is_resynced_from_the_bitmap(setup: tuple[Pa
     run.stop()
     assert run.error is None, run.error
     assert same(tmp)
-    # the whole device at start, then only the dirty regions
-    assert [(s.mode, s.blocks) for s in client.stats.scans] == [("hash", 32), ("hash", 2)]
+    # the whole device at start, then only the dirty regions, in 4 KiB blocks: only the pages written travel
+    # (two in region 5, and the write at 9 * 64 KiB + 512 covers two)
+    assert [(s.mode, s.blocks) for s in client.stats.scans] == [("hash", DEV // 4096), ("hash", 2 * 16)]
     assert client.stats.scans[1].extents == [(5 * 65536, 65536), (9 * 65536, 65536)]
-    assert client.stats.scans[1].sent_blocks == 2
+    assert client.stats.scans[1].sent_blocks == 4
 
 
 def test_full_replication_sends_every_block(setup: tuple[Path, RingProducer]) -> None:
@@ -233,7 +234,7 @@ def test_full_replication_sends_every_block(setup: tuple[Path, RingProducer]) ->
     assert run.error is None, run.error
     assert same(tmp)
     st = client.stats.scans[0]
-    assert st.mode == "full" and st.sent_blocks == DEV // 65536  # random source: no zero block
+    assert st.mode == "full" and st.sent_blocks == DEV // 4096  # random source: no zero block
 
 
 def test_replica_smaller_than_source_is_refused(setup: tuple[Path, RingProducer]) -> None:
@@ -324,10 +325,10 @@ def test_full_replication_of_zero_blocks(tmp_path: Path, replica_has_data: bool)
     assert run.error is None, run.error
     assert same(tmp_path)
     st = client.stats.scans[0]
-    assert (st.sent_blocks, st.zero_blocks) == (1, DEV // 65536 - 1)
+    assert (st.sent_blocks, st.zero_blocks) == (1, DEV // 4096 - 1)
     # zero blocks: skipped on a known-zero replica, sent as ZERO markers (written as zeros) otherwise
-    assert st.bytes_sent == 65536
-    assert (server.replica.bytes_written == 65536) is (not replica_has_data)
+    assert st.bytes_sent == 4096
+    assert (server.replica.bytes_written == 4096) is (not replica_has_data)
 
 
 def test_resync_pending_is_on_disk_before_the_bitmap_is_taken(tmp_path: Path) -> None:

@@ -68,7 +68,7 @@ class Client:
         self.server_text = f"{args.address}:{args.port}"
         self.start_flags = startup.Flags(args.full_replication, args.full_scan, args.no_replication)
         # scan block: the dirty-bitmap region with a ring; 4 KiB in one-shot mode (only changed pages travel)
-        self.scan_block = scan.ONESHOT_BLOCK_SIZE if self.oneshot else scan.BLOCK_SIZE
+        self.scan_block = scan.BLOCK_SIZE
         self.stopping = False
         self.draining = False
         self.wakeup = Wakeup()  # signals and bdr verify requests interrupt the main loop's waits

@@ -123,14 +123,15 @@ def send_blocks(
     blocks: list[tuple[int, int, int]],
     st: scan.ScanStats,
 ) -> None:
+    st.sent_blocks += sum(1 for _, _, fl in blocks if not fl & p.BlockFlag.ZERO)
+    runs = scan.merge_runs(blocks)
     views: list[memoryview | bytes] = []
     data_len = 0
-    for o, n, fl in blocks:
+    for o, n, fl in runs:
         if not fl & p.BlockFlag.ZERO:
             views.append(view[o - off : o - off + n])
             data_len += n
-            st.sent_blocks += 1
-    hdr = sess.conn.send_scan_data_header(sid, blocks, data_len)
+    hdr = sess.conn.send_scan_data_header(sid, runs, data_len)
     sess.sendv([hdr, *views])
     st.bytes_sent += data_len
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import xxhash
 
-BLOCK_SIZE = 64 * 1024
-ONESHOT_BLOCK_SIZE = 4096  # one-shot syncs (no dirty bitmap to match): a changed page costs one page
+BLOCK_SIZE = 4096  # a changed page costs one page on the wire, whatever the dirty bitmap's region size
+RUN_MAX = 1024 * 1024  # adjacent blocks to send travel as one SCAN_DATA block of up to this many bytes
 WINDOW = 8 * 1024 * 1024  # bytes of device per SCAN_REQUEST / per read of the source
 HASH_SIZE = 16
 
@@ -60,6 +60,20 @@ def hash_window(buf: memoryview, block_size: int = BLOCK_SIZE) -> bytes:
     native call per block and nothing else)."""
     h = xxhash.xxh3_128_digest
     return b"".join([h(buf[i : i + block_size]) for i in range(0, len(buf), block_size)])
+
+
+def merge_runs(blocks: list[tuple[int, int, int]], limit: int = RUN_MAX) -> list[tuple[int, int, int]]:
+    """(offset, length, flags) blocks in increasing order, adjacent ones with the same flags merged into runs
+    of at most ``limit`` bytes (one SCAN_DATA block each: one staged record instead of one per page)."""
+    out: list[tuple[int, int, int]] = []
+    for o, n, fl in blocks:
+        if out:
+            po, pn, pf = out[-1]
+            if pf == fl and po + pn == o and pn + n <= limit:
+                out[-1] = (po, pn + n, fl)
+                continue
+        out.append((o, n, fl))
+    return out
 
 
 GROUP = 16 * HASH_SIZE  # digests compared 16 at a time first: most groups of a mostly-equal window are equal
