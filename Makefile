@@ -73,8 +73,13 @@ lint: venv
 	$(VENV)/bin/ruff format --check src tests bench scripts
 	$(VENV)/bin/mypy
 
+# The VM tests run on two workers, one test module (and its guest) per worker at a time: a TCG guest keeps
+# about one host core busy, and much of a VM test is waiting on the guest.
+VM_PYTEST := $(VENV)/bin/pytest -n 2 --dist loadfile
+
 test: build lint lab-chroot
-	$(VENV)/bin/pytest tests
+	$(VENV)/bin/pytest tests/unit tests/integration
+	$(VM_PYTEST) tests/vm
 
 unit: venv
 	$(VENV)/bin/pytest tests/unit
@@ -83,7 +88,7 @@ integration: venv
 	$(VENV)/bin/pytest tests/integration
 
 vm: build lab-chroot
-	$(VENV)/bin/pytest tests/vm
+	$(VM_PYTEST) tests/vm
 
 demo: build
 	$(PY) scripts/demo.py

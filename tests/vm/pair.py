@@ -120,14 +120,10 @@ class Pair:
         st: dict[str, str] = {}
         while time.monotonic() < deadline:
             st = self.status()
-            if (
-                st["fill"].split("/")[0] == "0"
-                and st["state"] == "capturing"
-                and st["records"] == last
-                and self.client_in_sync()
-            ):
+            if st["fill"].split("/")[0] == "0" and st["state"] == "capturing" and st["records"] == last:
                 stable += 1
-                if stable >= 3:
+                # the client is asked once the ring has stayed empty (each `bdr status` starts an interpreter)
+                if stable >= 3 and self.client_in_sync():
                     return st
             else:
                 stable = 0
