@@ -1031,7 +1031,15 @@ class Guest:
         return _tail(self.console(), lines)
 
     def _diagnostics(self) -> str:
-        parts = [f"--- console (last {CONSOLE_TAIL_LINES} lines) ---", self.console_tail() or "(empty)"]
+        console = self.console()
+        parts = []
+        report = find_kernel_errors(console.splitlines(), before=5, after=60)
+        if report:  # the start of a kernel report (the tail below may hold only its end)
+            parts += ["--- console: first kernel reports ---", "\n".join(report[:200])]
+        parts += [
+            f"--- console (last {CONSOLE_TAIL_LINES} lines) ---",
+            _tail(console, CONSOLE_TAIL_LINES) or "(empty)",
+        ]
         with contextlib.suppress(OSError):
             qlog = self.qemu_log.read_text(errors="replace").strip()
             if qlog:

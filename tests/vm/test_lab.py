@@ -246,6 +246,8 @@ def test_kernel_panic_is_reported_at_once_with_the_console() -> None:
         msg = str(info.value)
         assert "Kernel panic" in msg
         assert "sysrq" in msg.lower()
+        # the start of the report is shown on its own, whatever the console tail still holds of it
+        assert "--- console: first kernel reports ---" in msg
         assert not g.qemu_running
     assert not image.exists()
 
