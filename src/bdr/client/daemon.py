@@ -67,7 +67,7 @@ class Client:
         self.ring_id = oneshot_ring_identity(src, self.dev_size) if self.oneshot else ring_identity(self.ring)
         self.server_text = f"{args.address}:{args.port}"
         self.start_flags = startup.Flags(args.full_replication, args.full_scan, args.no_replication)
-        # scan block: the dirty-bitmap region with a ring; 4 KiB in one-shot mode (only changed pages travel)
+        # scan block: 4 KiB, with a ring or without (only changed pages travel)
         self.scan_block = scan.BLOCK_SIZE
         self.stopping = False
         self.draining = False

@@ -4,8 +4,9 @@ A scan resynchronises the replica with the source when the ring cannot (client s
 writes, a different source).  Both sides cut the device into fixed blocks (``BLOCK_SIZE``, 4 KiB: a changed
 page costs one page); the server hashes replica blocks with xxh3_128 and streams the digests (SCAN_HASHES, one
 reply per SCAN_REQUEST window, the client keeps a few windows in flight), the client hashes the same source
-blocks and sends only the blocks whose digests differ (SCAN_DATA, adjacent blocks merged into runs).  A full replication sends every block
-(all-zero blocks as a ZERO marker, or not at all when the replica is known to read as zeros).
+blocks and sends only the blocks whose digests differ (SCAN_DATA, adjacent blocks merged into runs).  A full
+replication sends every block (all-zero blocks as a ZERO marker, or not at all when the replica is known to
+read as zeros).
 
 Ordering rule: ring records captured after the scan started are applied after the scan's blocks, so ring
 records win over whatever a scan read.
