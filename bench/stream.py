@@ -32,6 +32,7 @@ from bdr.testing.ring_producer import RingProducer
 
 RECORD = 4096
 CHUNK_RECORDS = 256  # records per producer call (1 MiB)
+DEVICE = 512 << 20  # the replicated device (an image file)
 
 
 def free_port() -> int:
@@ -103,20 +104,26 @@ def baseline(total: int) -> float:
     return total / dt / 1e6
 
 
+def preallocate(path: Path) -> None:
+    """A device-sized file written once with zeros, like a real target device: no page allocation or zeroing
+    in the figures."""
+    zeros = bytes(16 << 20)
+    with open(path, "wb") as f:
+        for _ in range(DEVICE // len(zeros)):
+            f.write(zeros)
+
+
 def write_ceiling(work: Path, total: int) -> float:
     """What the replica file alone accepts: ``total`` bytes of 4 KiB pwrites at random offsets into a
     preallocated file of the bench's device size, one thread, no network (MB/s).  The server cannot apply
     scattered records faster than this on the same machine."""
-    dev = 512 << 20
     path = work / "ceiling.img"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    preallocate(path)
+    fd = os.open(path, os.O_RDWR)
     try:
-        zeros = bytes(16 << 20)
-        for off in range(0, dev, len(zeros)):
-            os.pwrite(fd, zeros, off)
         data = memoryview(random.Random(2).randbytes(CHUNK_RECORDS * RECORD))
         rnd = random.Random(3)
-        offsets = [rnd.randrange(0, dev // RECORD) * RECORD for _ in range(total // RECORD)]
+        offsets = [rnd.randrange(0, DEVICE // RECORD) * RECORD for _ in range(total // RECORD)]
         pwrite = os.pwrite
         t0 = time.perf_counter()
         for i, off in enumerate(offsets):
@@ -139,17 +146,13 @@ def bdr_run(
 ) -> dict[str, Any]:
     """Stream ``total`` bytes of 4 KiB records through the daemons; MB/s and peak RSS of both.  ``*_extra``:
     more daemon flags (bench/tls.py adds the TLS and secret flags)."""
-    dev = 512 << 20
+    dev = DEVICE
     src, rep, jr, ring = work / "src.img", work / "rep.img", work / "journal", work / "ring"
     for f in (rep, jr, ring, Path(str(ring) + ".dirty")):
         f.unlink(missing_ok=True)
     with open(src, "wb") as f:
         f.truncate(dev)
-    with open(rep, "wb") as f:
-        # written once up front, like a real target device: no page allocation or zeroing in the figure
-        zeros = bytes(16 << 20)
-        for _ in range(dev // len(zeros)):
-            f.write(zeros)
+    preallocate(rep)
     prod = RingProducer(ring, ring_mib * 1024 * 1024 // RECORD, dev)
     port = free_port()
     py = sys.executable

@@ -1027,9 +1027,6 @@ class Guest:
         except OSError:
             return ""
 
-    def console_tail(self, lines: int = CONSOLE_TAIL_LINES) -> str:
-        return _tail(self.console(), lines)
-
     def _diagnostics(self) -> str:
         console = self.console()
         parts = []

@@ -17,7 +17,7 @@ import ssl
 import threading
 from collections.abc import Callable
 
-from .. import __version__, config, scan
+from .. import __version__, config
 from .. import wire as p
 from ..daemon.errors import ConnectionLost
 from ..daemon.wakeup import Wakeup
@@ -67,8 +67,6 @@ class Client:
         self.ring_id = oneshot_ring_identity(src, self.dev_size) if self.oneshot else ring_identity(self.ring)
         self.server_text = f"{args.address}:{args.port}"
         self.start_flags = startup.Flags(args.full_replication, args.full_scan, args.no_replication)
-        # scan block: 4 KiB, with a ring or without (only changed pages travel)
-        self.scan_block = scan.BLOCK_SIZE
         self.stopping = False
         self.draining = False
         self.wakeup = Wakeup()  # signals and bdr verify requests interrupt the main loop's waits

@@ -58,7 +58,7 @@ def resync(
     if direct:
         flags |= p.ScanFlag.DIRECT  # --full-scan: the server writes the replica directly
     rs.resync_direct = direct
-    bs = c.scan_block
+    bs = scan.BLOCK_SIZE
     sess.send(sess.conn.send(p.ScanBegin(sid, mode, flags, bs)))
     wins = list(scan.windows(extents, c.dev_size, bs))
     prog = Progress(f"scan {sid} ({st.mode})", sum(n for _, n in wins), log, quiet=bool(c.args.no_print))

@@ -19,7 +19,6 @@ records win over whatever a scan read.
 
 from .blocks import BLOCK_SIZE as BLOCK_SIZE
 from .blocks import HASH_SIZE as HASH_SIZE
-from .blocks import RUN_MAX as RUN_MAX
 from .blocks import WINDOW as WINDOW
 from .blocks import differing as differing
 from .blocks import digest as digest
