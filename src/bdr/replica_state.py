@@ -231,3 +231,20 @@ def staged_scan_ended(h: Header, resume: int | None) -> Header:
         JFlag.SEQ_VALID,
         durable_seq=prev_seq(resume) if resume is not None else NO_SEQ,
     )
+
+
+def rollback_begun(h: Header) -> Header:
+    """``bdr rollback`` starts writing before-images: the replica is a mix of two moments until it ends."""
+    return _with(h, JFlag.SCANNING, JFlag.CONSISTENT)
+
+
+def rolled_back(h: Header) -> Header:
+    """``bdr rollback`` ended: the replica is the source as it was at an earlier durability point, with no
+    resume point in the stream (the next client start resyncs it forward)."""
+    return _with(
+        h,
+        JFlag.CONSISTENT | JFlag.HAS_DATA,
+        JFlag.SCANNING | JFlag.SEQ_VALID | JFlag.IO_ERROR,
+        durable_seq=NO_SEQ,
+        consistent_seq=NO_SEQ,
+    )

@@ -16,6 +16,8 @@ from bdr.status import schema
 def field_type(snapshot_type: Any, path: tuple[str, ...]) -> Any:
     t = snapshot_type
     for key in path:
+        if isinstance(t, types.UnionType):  # a part of the snapshot absent when off (X | None)
+            (t,) = [a for a in typing.get_args(t) if a is not type(None)]
         hints = typing.get_type_hints(t)
         assert key in hints, f"{path}: {t.__name__} has no field {key!r}"
         t = hints[key]

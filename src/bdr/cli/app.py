@@ -11,7 +11,7 @@ from pathlib import Path
 from bdr import status as daemon_status
 from bdr.kernel import abi
 
-from . import credentials, status, targets, verify
+from . import credentials, history, status, targets, verify
 from .targets import SetupError, SetupPlan, parse_buffer
 
 
@@ -93,6 +93,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sc.add_argument("file", metavar="FILE")
     sc.add_argument("--force", action="store_true", help="replace an existing file")
+    at_help = (
+        "the moment: a time (2026-12-04T09:30:00, local time unless it names a zone), @UNIX_SECONDS, or a "
+        "sequence number; the newest checkpoint at or before it is used"
+    )
+    hi = sub.add_parser(
+        "history",
+        help="show what a replica's point-in-time history can give back",
+        description="On the replica host: the checkpoints a bdr_server --history directory holds (the oldest and "
+        "the newest), the space it uses, and its gaps (times no restore can reach, and why). Works while the "
+        "server runs.",
+    )
+    hi.add_argument("directory", metavar="DIR", help="the history directory (bdr_server --history)")
+    hi.add_argument("--json", action="store_true", help="machine-readable output, with every checkpoint")
+    rs = sub.add_parser(
+        "restore",
+        help="write the replica as it was at a past moment to another device or file",
+        description="On the replica host: copy the replica to DEST and undo, from the history, every write "
+        "applied after the newest checkpoint at or before --at. Replication goes on meanwhile. DEST is a block "
+        "device at least as large as the replica, or a file (created, or overwritten). Exit status: 0 done, "
+        "1 the moment cannot be given back exactly (the message names the nearest points) or an error.",
+    )
+    rs.add_argument("directory", metavar="DIR", help="the history directory (bdr_server --history)")
+    rs.add_argument("--at", required=True, metavar="TIME|SEQ", help=at_help)
+    rs.add_argument("--to", required=True, metavar="DEST", help="device or file to write")
+    rb = sub.add_parser(
+        "rollback",
+        help="turn the replica itself back to a past moment (bdr_server stopped)",
+        description="On the replica host, with its bdr_server stopped: undo on the replica every write applied "
+        "after the newest checkpoint at or before --at. The replica is then the source as it was at that "
+        "moment; the next bdr_client start resyncs it forward to the source's present, so copy what you need "
+        "first (or use bdr restore to look without changing the replica).",
+    )
+    rb.add_argument("directory", metavar="DIR", help="the history directory (bdr_server --history)")
+    rb.add_argument("--at", required=True, metavar="TIME|SEQ", help=at_help)
     return p
 
 
@@ -124,6 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(report, indent=2, sort_keys=True))
             else:
                 status.print_status(report)
+        elif args.command == "history":
+            return history.show(args.directory, args.json)
+        elif args.command == "restore":
+            return history.do_restore(args.directory, args.at, args.to)
+        elif args.command == "rollback":
+            return history.do_rollback(args.directory, args.at)
         elif args.command == "verify":
             try:
                 return verify.verify(args.name, args.run_dir, args.json)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bdr import status as daemon_status
+from bdr.history import fmt_time
 
 from .targets import SetupError, module_loaded, run
 
@@ -156,3 +157,19 @@ def print_status(report: dict[str, list[dict[str, object]]]) -> None:
             f"{'consistent' if srv.get('consistent') else 'INCONSISTENT'}, durable seq {srv.get('durable_seq')}, "
             f"client {srv.get('peer') or '-'}"
         )
+        hist = srv.get("history")
+        if isinstance(hist, dict):
+            print(f"{'':<7}{history_line(hist)}")
+
+
+def history_line(h: dict[str, Any]) -> str:
+    """The server's history in one line: range of points, space used, the last gap."""
+    if h.get("points"):
+        span = (
+            f"{h['points']} points from {fmt_time(int(h['oldest_time'] * 1e9))} (seq {h['oldest_seq']}) "
+            f"to {fmt_time(int(h['newest_time'] * 1e9))} (seq {h['newest_seq']})"
+        )
+    else:
+        span = "no point offered yet"
+    gap = f"; last gap {h['last_gap']}" if h.get("last_gap") else ""
+    return f"history {h.get('path')}: {span}, {size(h.get('bytes'))} used{gap}"

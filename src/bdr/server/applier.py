@@ -10,6 +10,7 @@ from typing import Protocol
 
 from .. import replica_state
 from .. import wire as p
+from ..history import HistoryWriter
 from ..journal import Journal, RecordArea
 from ..seq import prev_seq, seq_distance
 from .replica import Target
@@ -78,6 +79,9 @@ class Applier:
         self.expect: int | None = None if resume is None else p.next_seq(resume)
         self.stats = ApplyStats()
         self._dirty = False  # applied but not yet synced
+        # --history: what each write overwrites is kept before it reaches the replica, and every durability
+        # point becomes a checkpoint (each one synced on its own, not only the last of a batch)
+        self.history: HistoryWriter | None = None
 
     # -- sequence -------------------------------------------------------------------------------------------
 
@@ -141,12 +145,16 @@ class Applier:
     def _apply_general(self, f: p.RecordFields, src: DataSource, skip: int) -> None:
         ops, lens, sectors, seqs = f.ops, f.lens, f.sectors, f.seqs
         n = len(seqs)
-        # the last durability point in the batch: sync once there (it covers the earlier ones)
-        last_point = -1
-        for i in range(n - 1, skip - 1, -1):
-            if ops[i] == p.OP_FLUSH or (ops[i] == p.OP_WRITE and f.flags[i] & p.REC_FUA):
-                last_point = i
-                break
+        # the durability points of the batch: sync once at the last (it covers the earlier ones); with a
+        # history, at each, so that each is a checkpoint
+        points = [
+            i
+            for i in range(skip, n)
+            if ops[i] == p.OP_FLUSH or (ops[i] == p.OP_WRITE and f.flags[i] & p.REC_FUA)
+        ]
+        if self.history is None:
+            points = points[-1:]
+        point_set = set(points)
         write, sector = p.OP_WRITE, p.SECTOR
         runs: list[tuple[int, int, int]] = []  # coalesced writes: (data offset, length, disk offset)
         dpos = 0
@@ -181,19 +189,28 @@ class Applier:
                     # the client checked that the source reads zeros there: so does the replica, and it may
                     # give the space back; UNZEROED: the source kept data there, the client resyncs the range
                     if not f.flags[i] & p.REC_UNZEROED:
+                        self._preserve([(sectors[i] * sector, ln)])
                         self.target.discard(sectors[i] * sector, ln)
                 elif op == p.OP_WRITE_ZEROES:
+                    self._preserve([(sectors[i] * sector, ln)])
                     self.target.write_zeroes(sectors[i] * sector, ln)
-            if i == last_point:
+            if i in point_set:
                 write_runs()
                 self._done(seqs[i], i + 1 - skip, nbytes)
                 skip, nbytes = i + 1, 0
-                self.sync()
+                self.sync(point=True)
         write_runs()
         if skip < n:
             self._done(seqs[-1], n - skip, nbytes)
 
+    def _preserve(self, ranges: list[tuple[int, int]]) -> None:
+        """With a history: keep what the replica holds at each (offset, length) before it is overwritten."""
+        if self.history is not None and not self.staging:
+            self.history.preserve(ranges)
+
     def _write_runs(self, src: DataSource, runs: list[tuple[int, int, int]]) -> None:
+        if self.history is not None and not self.staging:
+            self.history.preserve([(off, n) for _, n, off in runs])
         src.write_runs(runs)
         self.stats.writes += len(runs)
 
@@ -222,11 +239,14 @@ class Applier:
         self._dirty = False
         self.stats.syncs += 1
 
-    def sync(self) -> None:
-        """Make everything applied durable: replica fdatasync, then the metadata header, then (caller) ACK."""
+    def sync(self, point: bool = False) -> None:
+        """Make everything applied durable: replica fdatasync, then the metadata header, then (caller) ACK.
+        ``point``: the last record applied is a durability point of the source (a checkpoint of the history)."""
         if self.at_durability_point():
+            self._checkpoint(point)
             return
         if not self._dirty and self.durable == self.applied:
+            self._checkpoint(point)
             return
         t0 = time.monotonic()
         self.target.sync()
@@ -240,6 +260,20 @@ class Applier:
         took = time.monotonic() - t0
         self.stats.sync_seconds += took
         log.debug("durable up to seq %d (replica fdatasync + metadata in %.1f ms)", self.durable, took * 1000)
+        self._checkpoint(point)
+
+    def _checkpoint(self, point: bool) -> None:
+        """The replica is durable at a durability point of the source: a point of the history, if the replica is
+        a consistent copy there (not while a resync is staged or a direct one left it behind)."""
+        if (
+            point
+            and self.history is not None
+            and not self.staging
+            and self.durable == self.applied
+            and self.expect is not None
+            and replica_state.is_consistent(self.journal.header)
+        ):
+            self.history.checkpoint(self.applied)
 
     def ack(self) -> p.Ack:
         return p.Ack(self.applied, self.durable)

@@ -16,7 +16,9 @@ from .. import __version__, replica_state, status
 from .. import wire as p
 from ..daemon.sockets import close_gently
 from ..daemon.wakeup import Wakeup
+from ..history import HistoryError, HistoryWriter, Meta
 from ..journal import FaultPlan, Journal, JournalError, RecordArea, StorageError
+from ..journal.format import AreaState
 from ..log import BenchClock
 from ..security import tls
 from ..seq import fmt_seq, seq_or_none
@@ -63,8 +65,12 @@ class Server:
             raise ServerError(str(exc)) from exc
         if os.path.samefile(args.journal, args.target_device):
             raise ServerError("the journal and the target device must be different")
-        self.area = open_record_area(self.journal, self.replica, getattr(args, "journal_size", None), faults)
+        self.history = open_history(args, self.replica, self.journal)
+        self.area = open_record_area(
+            self.journal, self.replica, getattr(args, "journal_size", None), faults, self.history
+        )
         self.applier = Applier(self.replica, self.journal, self.area)
+        self.applier.history = self.history
         self.stopping = False
         self.wakeup = Wakeup()  # signals, and connections through the gate, interrupt the main loop's polls
         self.bench = BenchClock() if args.benchmark else None
@@ -177,6 +183,7 @@ class Server:
             "connections": self.tally.connections,
             "errors": self.tally.errors,
             "last_error": self.tally.last_error,
+            "history": self.history.summary() if self.history is not None else None,
         }
         self.board.publish(snap)
 
@@ -397,12 +404,32 @@ class Server:
         self.replica.close()
         self.area.close()
         self.journal.close()
+        if self.history is not None:
+            self.history.close()
         self.wakeup.close()
         self.splicer.close()
 
 
+def open_history(args: argparse.Namespace, replica: Replica, journal: Journal) -> HistoryWriter | None:
+    """With --history: the history of this replica, opened (a torn last record cut) and locked."""
+    directory = getattr(args, "history", None)
+    if not directory:
+        if getattr(args, "history_size", None) or getattr(args, "history_age", None):
+            raise ServerError("--history-size and --history-age need --history DIR")
+        return None
+    meta = Meta(str(replica.path), replica.size, str(journal.path))
+    try:
+        return HistoryWriter(directory, replica.fd, meta, args.history_size, args.history_age)
+    except (HistoryError, OSError) as exc:
+        raise ServerError(str(exc)) from exc
+
+
 def open_record_area(
-    journal: Journal, replica: Replica, limit: int | None, faults: FaultPlan | None = None
+    journal: Journal,
+    replica: Replica,
+    limit: int | None,
+    faults: FaultPlan | None = None,
+    history: HistoryWriter | None = None,
 ) -> RecordArea:
     """The journal's record area, after replaying a committed resync or discarding an uncommitted one."""
     try:
@@ -414,6 +441,10 @@ def open_record_area(
         limit = size if limit is None else min(size, limit)
     try:
         area = RecordArea(fd, str(journal.path), limit, faults)
+        if history is not None and area.state.state is AreaState.COMMITTED:
+            history.gap(
+                "a committed journal resync was replayed at start (it rewrites blocks without history)"
+            )
         done = area.recover(replica, replica.size)
     except JournalError as exc:
         os.close(fd)

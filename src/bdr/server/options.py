@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from collections.abc import Callable
 
 from .. import config, status
@@ -17,6 +18,24 @@ log = logging.getLogger("bdr.server")
 
 
 DEFAULT_PORT = 7788
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_size(text: str) -> int:
+    """A size in bytes: 1073741824, 512M, 10G, 1T (binary units)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use bytes or a size such as 512M, 10G")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+
+
+def parse_age(text: str) -> float:
+    """A duration in seconds: 3600, 90m, 12h, 7d, 2w."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use seconds or 90m, 12h, 7d, 2w")
+    return float(m.group(1)) * _AGE_UNITS[m.group(2)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +70,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="largest size of a journal file (headers and the staged records of a resync; default: the file "
         "grows as needed; a journal device is as large as the device)",
+    )
+    hist = ap.add_argument_group(
+        "point-in-time history",
+        "Keep what each write overwrites, with a checkpoint at each durability point of the source (flush or "
+        "FUA), so that bdr restore and bdr rollback can give back the replica as it was at any checkpoint the "
+        "history still holds.  The oldest checkpoints are dropped first.",
+    )
+    hist.add_argument(
+        "--history",
+        metavar="DIR",
+        help="directory of the history (created if missing; one per replica)",
+    )
+    hist.add_argument(
+        "--history-size",
+        type=parse_size,
+        metavar="BYTES",
+        help="keep at most this much history (e.g. 20G; at least 16M)",
+    )
+    hist.add_argument(
+        "--history-age",
+        type=parse_age,
+        metavar="DURATION",
+        help="drop history older than this (e.g. 7d, 12h, 90m)",
     )
     add_output_options(
         ap,

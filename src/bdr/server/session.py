@@ -116,11 +116,14 @@ class ServerSession:
         next client start rescans the whole device) and end the session with an IO_ERROR the daemon treats as
         fatal."""
         msg = exc.strerror or str(exc)
-        try:
-            self.journal.store(replica_state.storage_failed(self.journal.header))
-            marked = "the replica is marked inconsistent"
-        except OSError as exc2:
-            marked = f"and the journal cannot record it ({exc2.strerror or exc2})"
+        if exc.role == "history":  # stopped before the write whose before-image could not be kept
+            marked = f"the replica keeps its durable point, seq {fmt_seq(self.applier.durable)}"
+        else:
+            try:
+                self.journal.store(replica_state.storage_failed(self.journal.header))
+                marked = "the replica is marked inconsistent"
+            except OSError as exc2:
+                marked = f"and the journal cannot record it ({exc2.strerror or exc2})"
         log.error("%s; %s", msg, marked)
         err = p.encode(p.Error(p.ErrorCode.IO_ERROR, f"{msg} on the server"))
         return SessionClosed(msg, reply + err, fatal=True)
@@ -271,6 +274,8 @@ class ServerSession:
         self.journal.store(
             replica_state.staged_resync_committed(self.journal.header, ap.applied, ap.expect is not None)
         )
+        if ap.history is not None:
+            ap.history.gap("a journal resync was applied (it rewrites blocks without history)")
         n = st.apply(ap.replica_target)
         ap.resync_applied()
         self.staged = None
@@ -295,6 +300,8 @@ class ServerSession:
             )
             self._drop_staged()  # an unfinished journal resync is moot: the operator vouches for the replica
             self.applier.sync()
+            if self.applier.history is not None:
+                self.applier.history.gap("the client asserted the replica is in sync (--no-replication)")
             self._adopt_source(replica_state.assumed_in_sync(self.journal.header, self._source(), s.from_seq))
             self.applier.restart_at(s.from_seq)
             return None
@@ -349,6 +356,8 @@ class ServerSession:
             self._adopt_source(replica_state.staged_resync_begun(self.journal.header, self._source()))
         else:
             self._drop_staged()
+            if self.applier.history is not None:
+                self.applier.history.gap(f"scan {b.scan_id} writes the replica directly (without history)")
             self._adopt_source(replica_state.direct_resync_begun(self.journal.header, self._source()))
             log.warning(
                 "scan %d writes the replica directly: the replica is inconsistent until it completes",

@@ -125,6 +125,20 @@ class ServerResync(TypedDict):
     received_bytes: int
 
 
+class HistoryStatus(TypedDict):
+    path: str
+    bytes: int
+    size_limit: int | None
+    age_limit_seconds: float | None
+    points: int  # checkpoints offered
+    oldest_time: float | None  # Unix seconds of the oldest point offered
+    oldest_seq: int | None
+    newest_time: float | None
+    newest_seq: int | None
+    gaps: int
+    last_gap: str | None
+
+
 class ServerSnapshot(TypedDict):
     role: Literal["server"]
     version: str
@@ -146,6 +160,7 @@ class ServerSnapshot(TypedDict):
     connections: int
     errors: int
     last_error: str | None
+    history: HistoryStatus | None  # with --history
 
 
 SERVER_STATES = ("listening", "replicating", "resyncing", "stopping", "failed")
@@ -173,4 +188,24 @@ SERVER_METRICS = [
     ),
     Spec("connections_total", "counter", "client connections served", ("connections",)),
     Spec("errors_total", "counter", "connections that ended with an error", ("errors",)),
+    Spec(
+        "history_oldest_timestamp_seconds",
+        "gauge",
+        "time of the oldest point the history can give back (Unix seconds)",
+        ("history", "oldest_time"),
+    ),
+    Spec(
+        "history_newest_timestamp_seconds",
+        "gauge",
+        "time of the newest point the history can give back (Unix seconds)",
+        ("history", "newest_time"),
+    ),
+    Spec("history_bytes", "gauge", "bytes the history uses on disk", ("history", "bytes")),
+    Spec("history_points", "gauge", "checkpoints the history can give back", ("history", "points")),
+    Spec(
+        "history_gaps",
+        "gauge",
+        "gaps the history holds (rewrites of the replica without history)",
+        ("history", "gaps"),
+    ),
 ]

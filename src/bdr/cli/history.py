@@ -1,0 +1,92 @@
+"""``bdr history``, ``bdr restore`` and ``bdr rollback``: the replica's point-in-time history, read from its
+directory on the replica host (the server may be running, except for a rollback)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+from bdr.history import At, History, HistoryError, HistoryFormatError, PointRefused, fmt_point, parse_at
+from bdr.history.restore import Outcome, restore, rollback
+
+from .status import size
+from .targets import SetupError
+
+log = logging.getLogger("bdr")
+
+
+def _at(text: str) -> At:
+    try:
+        return parse_at(text)
+    except ValueError as exc:
+        raise SetupError(str(exc)) from None
+
+
+def show(directory: str, as_json: bool) -> int:
+    try:
+        with History(directory) as h:
+            info = h.summary()
+    except HistoryFormatError as exc:
+        raise SetupError(str(exc)) from None
+    if as_json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    print(f"history {info['directory']} of replica {info['replica']} ({size(info['replica_bytes'])})")
+    print(f"  {size(info['bytes_used'])} used in {info['segments']} segments")
+    oldest, newest = info["oldest"], info["newest"]
+    if isinstance(oldest, dict) and isinstance(newest, dict):
+        print(f"  {info['points']} points: oldest {_p(oldest)}, newest {_p(newest)}")
+    else:
+        print("  no point offered yet")
+    gaps: Any = info["gaps"]
+    for g in gaps:
+        before = g["last_point_before"]
+        after = f" (the last point before it, {_p(before)}, is lost)" if before else ""
+        print(f"  gap at {g['time']}: {g['reason']}{after}")
+    if info["rolled_back"]:
+        print(f"  the replica was {info['rolled_back']}; the next client start resyncs it")
+    return 0
+
+
+def _p(point: dict[str, Any]) -> str:
+    return f"{point['time']} (seq {point['seq']})"
+
+
+def _report(what: str, out: Outcome) -> None:
+    print(
+        f"{what} {fmt_point(out.point)}: {out.undone} writes undone ({size(out.undone_bytes)}) in "
+        f"{out.seconds:.1f}s"
+    )
+
+
+def do_restore(directory: str, at_text: str, dest: str) -> int:
+    at = _at(at_text)
+    try:
+        out = restore(directory, at, dest)
+    except PointRefused as exc:
+        print(f"bdr: cannot restore {at}: {exc}", file=sys.stderr)
+        return 1
+    except (HistoryError, HistoryFormatError) as exc:
+        raise SetupError(str(exc)) from None
+    except OSError as exc:
+        raise SetupError(f"restore failed: {exc.strerror or exc}") from None
+    _report(f"{dest} now holds the replica as of", out)
+    return 0
+
+
+def do_rollback(directory: str, at_text: str) -> int:
+    at = _at(at_text)
+    try:
+        out = rollback(directory, at)
+    except PointRefused as exc:
+        print(f"bdr: cannot roll back to {at}: {exc}", file=sys.stderr)
+        return 1
+    except (HistoryError, HistoryFormatError) as exc:
+        raise SetupError(str(exc)) from None
+    except OSError as exc:
+        raise SetupError(f"rollback failed: {exc.strerror or exc}") from None
+    _report("the replica is rolled back to", out)
+    print("the next bdr_client start resyncs it to the source's present; until then it is that past moment")
+    return 0

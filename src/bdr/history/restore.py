@@ -1,0 +1,201 @@
+"""Giving back a past moment: ``restore`` writes the replica as of a checkpoint to another device or file while
+replication goes on; ``rollback`` turns the replica itself back, with its server stopped.
+
+Both undo the UNDO records written after the checkpoint, newest first: each block ends with the before-image of
+the oldest write after the checkpoint, which is what it held then.  A restore copies the replica first and reads
+the history after the copy, so any write the copy saw has its before-image among the records it undoes (the
+server makes a before-image durable before it writes the replica).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import replica_state
+from ..journal import Journal, JournalError, RecordArea
+from ..journal.format import AreaState
+from ..progress import Progress
+from ..seq import NO_SEQ
+from .format import CHUNK, FLAG_ZERO, HEAD_SIZE, Entry, Kind, encode, payload_intact, segment_name
+from .index import At, History, fmt_point
+from .writer import HistoryError, lock_history
+
+log = logging.getLogger("bdr")
+
+COPY_CHUNK = 8 << 20
+_ZEROS = bytes(CHUNK)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    point: Entry
+    undone: int  # UNDO records applied
+    undone_bytes: int
+    copied_bytes: int
+    seconds: float
+
+
+def _open_device(path: str, flags: int) -> tuple[int, int, bool]:
+    """fd, size in bytes, is a block device."""
+    fd = os.open(path, flags | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return fd, os.lseek(fd, 0, os.SEEK_END), True
+    return fd, st.st_size, False
+
+
+def _undo(h: History, point: Entry, undo: list[Entry], fd: int, size: int, quiet: bool) -> int:
+    """Write the before-images of ``undo`` to ``fd``, newest first.  Returns the bytes written."""
+    fds = {seg.number: seg.fd for seg in h.segments}
+    total = sum(e.length for e in undo)
+    progress = Progress(f"undoing {len(undo)} writes since {fmt_point(point)}", total, log, quiet)
+    done = 0
+    try:
+        for e in reversed(undo):
+            if e.offset + e.length > size:
+                raise HistoryError(f"a before-image at byte {e.offset} is beyond the end of the device")
+            if e.flags & FLAG_ZERO:
+                data: bytes = _ZEROS[: e.length]
+            else:
+                data = os.pread(fds[e.segment], e.payload_len, e.pos + HEAD_SIZE)
+                if not payload_intact(e, data) or len(data) != e.length:
+                    raise HistoryError(
+                        f"history {h.directory}: the before-image at byte {e.pos} of segment "
+                        f"{segment_name(e.segment)} is damaged (checksum); the point cannot be given back"
+                    )
+            _pwrite_all(fd, data, e.offset)
+            done += e.length
+            progress.update(e.length)
+    finally:
+        progress.close()
+    return done
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _copy(src: int, dst: int, size: int, files: bool, quiet: bool) -> None:
+    progress = Progress("copying the replica", size, log, quiet)
+    pos = 0
+    try:
+        buf = memoryview(bytearray(COPY_CHUNK)) if not files else None
+        while pos < size:
+            n = min(COPY_CHUNK, size - pos)
+            if buf is None:
+                k = os.copy_file_range(src, dst, n, pos, pos)
+                if k <= 0:
+                    raise OSError(5, "copy_file_range copied nothing")
+            else:
+                k = os.preadv(src, [buf[:n]], pos)
+                if k <= 0:
+                    raise OSError(5, "short read of the replica")
+                _pwrite_all(dst, buf[:k], pos)
+            pos += k
+            progress.update(k)
+    finally:
+        progress.close()
+
+
+def restore(directory: str | os.PathLike[str], at: At, dest: str, quiet: bool = False) -> Outcome:
+    """Write the replica as of the newest checkpoint at or before ``at`` to ``dest`` (a device, or a file that is
+    created or overwritten), while the server may go on applying writes."""
+    t0 = time.monotonic()
+    with History(directory) as h:
+        point = h.select(at)
+        replica = h.meta.replica
+        src, size, _ = _open_device(replica, os.O_RDONLY)
+        try:
+            if Path(dest).exists() and os.path.samefile(dest, replica):
+                raise HistoryError(f"{dest} is the replica itself: use bdr rollback to turn it back")
+            try:
+                dst, dsize, dblock = _open_device(dest, os.O_RDWR | os.O_CREAT)
+            except OSError as exc:
+                raise HistoryError(f"cannot open {dest}: {exc.strerror}") from exc
+            try:
+                if dblock and dsize < size:
+                    raise HistoryError(f"{dest} holds {dsize} bytes; the replica needs {size}")
+                if not dblock:
+                    os.ftruncate(dst, size)
+                _copy(src, dst, size, not dblock and stat.S_ISREG(os.fstat(src).st_mode), quiet)
+                h.refresh()  # the writes applied during the copy have their before-images here now
+                undo = h.undo_after(point)
+                n = _undo(h, point, undo, dst, size, quiet)
+                os.fsync(dst)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+    return Outcome(point, len(undo), n, size, time.monotonic() - t0)
+
+
+def rollback(directory: str | os.PathLike[str], at: At, quiet: bool = False) -> Outcome:
+    """Turn the replica back to the newest checkpoint at or before ``at``.  Its bdr_server must be stopped; the
+    next client start resyncs it forward (or it is used as it is)."""
+    t0 = time.monotonic()
+    d = Path(directory)
+    lock = lock_history(d, "bdr rollback")
+    try:
+        with History(d) as h:
+            point = h.select(at)
+            undo = h.undo_after(point)
+            try:
+                journal = Journal(h.meta.journal)
+            except JournalError as exc:
+                raise HistoryError(str(exc)) from exc
+            try:
+                _check_no_pending_resync(journal)
+                fd, size, _ = _open_device(h.meta.replica, os.O_RDWR)
+                try:
+                    # a mix of two moments while the before-images are written: a crash here leaves it marked so
+                    journal.store(replica_state.rollback_begun(journal.header))
+                    n = _undo(h, point, undo, fd, size, quiet)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                journal.store(replica_state.rolled_back(journal.header))
+            finally:
+                journal.close()
+            _cut_after(h, point)
+    finally:
+        os.close(lock)
+    return Outcome(point, len(undo), n, 0, time.monotonic() - t0)
+
+
+def _check_no_pending_resync(journal: Journal) -> None:
+    fd = os.open(journal.path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        area = RecordArea(fd, str(journal.path), None)
+        if area.state.state is AreaState.COMMITTED:
+            raise HistoryError(
+                f"journal {journal.path} holds a committed resync that bdr_server applies when it starts: start "
+                "bdr_server once (it applies the resync), stop it, then roll back"
+            )
+    finally:
+        os.close(fd)
+
+
+def _cut_after(h: History, point: Entry) -> None:
+    """The history after a rollback ends at ``point`` (what came after is undone), with a ROLLBACK record."""
+    for seg in reversed(h.segments):
+        if seg.number > point.segment:
+            os.unlink(seg.path)
+    seg = next(s for s in h.segments if s.number == point.segment)
+    end = point.end
+    why = f"rolled back to {fmt_point(point)} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}".encode()
+    fd = os.open(seg.path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, end)
+        _pwrite_all(fd, encode(Kind.ROLLBACK, NO_SEQ, time.time_ns(), payload=why) + why, end)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,393 @@
+"""The server's side of the history: before each write reaches the replica, what it overwrites is appended and
+made durable; a checkpoint at each durability point of the source; a gap before any rewrite without history;
+retention by size and age, oldest segment first.
+
+Crash rule: an UNDO record is durable before the replica write it belongs to is issued (one fdatasync per
+applied batch), and a CHECKPOINT is written only once the replica is durable at its sequence number.  After a
+power cut the replica's writes past its durable point may be on disk or not; the client sends them again and
+their new before-images are logged after the old ones, so undoing newest first still ends on the true
+before-image of every block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..journal import ReplicaIOError, StorageError
+from ..seq import NO_SEQ
+from ..status.schema import HistoryStatus
+from .format import (
+    CHUNK,
+    FLAG_ZERO,
+    HEAD_SIZE,
+    LOCK,
+    HistoryFormatError,
+    Kind,
+    Meta,
+    encode,
+    fsync_dir,
+    read_meta,
+    segment_name,
+    write_meta,
+)
+from .index import History, fmt_time
+
+log = logging.getLogger("bdr.server")
+
+SEGMENT_MAX = 64 << 20  # a segment is rolled over at this size (or less for small histories)
+SEGMENTS_MIN = 8  # a size limit holds at least this many segments, so dropping one frees a small part
+IOV_MAX = 1024
+BATCH_MAX = 8 << 20  # before-images read into memory at a time
+_ZEROS = memoryview(bytes(CHUNK))
+
+
+class HistoryError(Exception):
+    """The history cannot be opened or used."""
+
+
+class HistoryIOError(StorageError):
+    """Writing or syncing the history failed (device error, file system full): the server stops before the
+    replica write whose before-image it could not keep; the replica stays as durable as it was."""
+
+    role = "history"
+
+
+def lock_history(directory: Path, who: str) -> int:
+    """Take the history's lock (an exclusive flock on DIR/lock); HistoryError if another process holds it."""
+    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise HistoryError(
+                f"history {directory} is in use by another process (a running bdr_server or bdr rollback); "
+                f"{who} needs it to itself"
+            ) from None
+        raise
+    return fd
+
+
+@dataclass
+class _Segment:
+    number: int
+    size: int
+    first_time_ns: int
+    last_time_ns: int
+
+
+class HistoryWriter:
+    """Appends to the history of one replica.  ``read`` reads the replica's current bytes (its fd)."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        replica_fd: int,
+        meta: Meta,
+        size_limit: int | None,
+        age_limit: float | None,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        if size_limit is None and age_limit is None:
+            raise HistoryError("--history needs --history-size and/or --history-age (how much to keep)")
+        self.directory = Path(directory)
+        self.replica_fd = replica_fd
+        self.size_limit = size_limit
+        self.age_limit_ns = None if age_limit is None else int(age_limit * 1e9)
+        self.clock = clock
+        seg_max = SEGMENT_MAX if size_limit is None else min(SEGMENT_MAX, size_limit // SEGMENTS_MIN)
+        if seg_max < 2 * CHUNK:
+            raise HistoryError(
+                f"--history-size {size_limit} is too small: at least {SEGMENTS_MIN * 2 * CHUNK} bytes "
+                f"({SEGMENTS_MIN * 2} MiB)"
+            )
+        self.segment_max = seg_max
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HistoryError(f"cannot create history directory {self.directory}: {exc.strerror}") from exc
+        self.lock_fd = lock_history(self.directory, "bdr_server")
+        self.fd = -1
+        try:
+            self._open(meta)
+        except BaseException:
+            self.close()
+            raise
+        # what bdr status shows: the points offered (segment, time, seq), the last gap
+        self.bytes_preserved = 0
+        self.undo_records = 0
+
+    # -- opening ------------------------------------------------------------------------------------------------
+
+    def _open(self, meta: Meta) -> None:
+        try:
+            old = read_meta(self.directory)
+        except HistoryFormatError:
+            old = None
+            if any(self.directory.iterdir()) and not (self.directory / "history.json").exists():
+                names = sorted(p.name for p in self.directory.iterdir() if p.name != LOCK)
+                if names:
+                    raise HistoryError(
+                        f"history directory {self.directory} holds other files ({', '.join(names[:3])}); "
+                        "give an empty or new directory"
+                    ) from None
+        if old is not None and old.replica_bytes != meta.replica_bytes:
+            raise HistoryError(
+                f"history {self.directory} belongs to a replica of {old.replica_bytes} bytes ({old.replica}), "
+                f"not to {meta.replica} ({meta.replica_bytes} bytes); give another --history directory"
+            )
+        if old != meta:
+            write_meta(self.directory, meta)
+        with History(self.directory) as h:
+            self._truncate_torn(h)
+            h.refresh()
+            self.segments: deque[_Segment] = deque(
+                _Segment(
+                    s.number,
+                    s.size,
+                    s.entries[0].time_ns if s.entries else 0,
+                    s.entries[-1].time_ns if s.entries else 0,
+                )
+                for s in h.segments
+            )
+            self.points: deque[tuple[int, int, int]] = deque(
+                (e.segment, e.time_ns, e.seq) for e in h.points()
+            )
+            bars = h.barriers()
+            self.last_gap: tuple[int, str] | None = (
+                (bars[-1][1].time_ns, bars[-1][1].reason) if bars else None
+            )
+            self.gaps = len(bars)
+            entries = h.entries()
+            last = next((e for e in reversed(entries) if e.kind is not Kind.START), None)
+            if last is not None and last.kind is Kind.ROLLBACK:
+                log.warning(
+                    "history %s: the replica was rolled back (%s); the next client start resyncs it",
+                    self.directory,
+                    h.reason(last),
+                )
+        number = self.segments[-1].number + 1 if self.segments else 1
+        self._new_segment(number)
+        started = b"bdr_server started"
+        self._append([encode(Kind.START, NO_SEQ, self.clock(), payload=started), started])
+        self.sync()
+        log.info(
+            "history %s: %d points offered%s, %d bytes used",
+            self.directory,
+            len(self.points),
+            f" from {fmt_time(self.points[0][1])} to {fmt_time(self.points[-1][1])}" if self.points else "",
+            self.bytes_used,
+        )
+
+    def _truncate_torn(self, h: History) -> None:
+        """A power cut can leave a torn record at the end of the newest segment: cut it off."""
+        if not h.segments:
+            return
+        seg = h.segments[-1]
+        if seg.torn:
+            log.warning(
+                "history %s: cutting a torn record at byte %d of %s (written when the server stopped)",
+                self.directory,
+                seg.end,
+                seg.path.name,
+            )
+            fd = os.open(seg.path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, seg.end)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            seg.end = seg.size = 0
+            seg.entries.clear()
+
+    def _new_segment(self, number: int) -> None:
+        if self.fd >= 0:
+            os.fdatasync(self.fd)
+            os.close(self.fd)
+        path = self.directory / segment_name(number)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fsync_dir(self.directory)
+        self.pos = 0
+        now = self.clock()
+        self.segments.append(_Segment(number, 0, now, now))
+
+    # -- writing ------------------------------------------------------------------------------------------------
+
+    @property
+    def bytes_used(self) -> int:
+        return sum(s.size for s in self.segments)
+
+    def _append(self, iov: list[bytes | memoryview], nbytes: int | None = None) -> None:
+        n = sum(len(b) for b in iov) if nbytes is None else nbytes
+        self._make_room(n)
+        cur = self.segments[-1]
+        span = self.age_limit_ns // SEGMENTS_MIN if self.age_limit_ns is not None else None
+        if self.pos and (
+            self.pos + n > self.segment_max or (span is not None and self.clock() - cur.first_time_ns > span)
+        ):
+            self._new_segment(self.segments[-1].number + 1)
+            self._make_room(n)
+        try:
+            for i in range(0, len(iov), IOV_MAX):
+                part = iov[i : i + IOV_MAX]
+                want = sum(len(b) for b in part)
+                done = os.pwritev(self.fd, part, self.pos)
+                if done != want:  # short write: finish it one buffer at a time
+                    data = b"".join(bytes(b) for b in part)[done:]
+                    while data:
+                        k = os.pwrite(self.fd, data, self.pos + done)
+                        done += k
+                        data = data[k:]
+                self.pos += want
+        except OSError as exc:
+            raise HistoryIOError(
+                exc.errno, f"history {self.directory}: write failed: {exc.strerror}"
+            ) from exc
+        cur = self.segments[-1]
+        cur.size = self.pos
+        cur.last_time_ns = self.clock()
+
+    def _make_room(self, incoming: int) -> None:
+        """Drop the oldest segments while the size or age limit would be passed (never the one being written)."""
+        now = self.clock()
+        while len(self.segments) > 1:
+            oldest = self.segments[0]
+            too_big = self.size_limit is not None and self.bytes_used + incoming > self.size_limit
+            too_old = self.age_limit_ns is not None and oldest.last_time_ns < now - self.age_limit_ns
+            if not (too_big or too_old):
+                break
+            self._drop(oldest)
+        if self.size_limit is not None and self.bytes_used + incoming > self.size_limit and self.pos:
+            # the segment being written alone is over the limit: start another and drop it
+            self._new_segment(self.segments[-1].number + 1)
+            self._drop(self.segments[0])
+
+    def _drop(self, seg: _Segment) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.directory / segment_name(seg.number))
+        self.segments.popleft()
+        while self.points and self.points[0][0] <= seg.number:
+            self.points.popleft()
+        log.debug("history %s: dropped segment %d (retention)", self.directory, seg.number)
+
+    def sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise HistoryIOError(
+                exc.errno, f"history {self.directory}: fdatasync failed: {exc.strerror}"
+            ) from exc
+
+    def preserve(self, ranges: list[tuple[int, int]]) -> None:
+        """Before writing each (offset, length) of the replica: append what it holds now, then fdatasync."""
+        total = sum(n for _, n in ranges)
+        if not total:
+            return
+        buf = memoryview(bytearray(min(total, BATCH_MAX)))
+        iov: list[bytes | memoryview] = []
+        now = self.clock()
+        pos = nbytes = 0
+        fd = self.replica_fd
+        for offset, length in ranges:
+            while length > 0:
+                k = min(length, CHUNK)
+                if pos + k > len(buf):  # a large range (a discard): append what is read, reuse the buffer
+                    self._append(iov, nbytes)
+                    iov, pos, nbytes = [], 0, 0
+                    buf = memoryview(bytearray(len(buf)))
+                view = buf[pos : pos + k]
+                try:
+                    got = os.preadv(fd, [view], offset)
+                    if got != k:
+                        _read_rest(fd, view, offset, got)
+                except OSError as exc:
+                    raise ReplicaIOError(
+                        exc.errno, f"replica: I/O error reading what byte {offset} holds: {exc.strerror}"
+                    ) from exc
+                if view == _ZEROS[:k]:
+                    iov.append(encode(Kind.UNDO, NO_SEQ, now, offset, k, flags=FLAG_ZERO))
+                    nbytes += HEAD_SIZE
+                else:
+                    iov.append(encode(Kind.UNDO, NO_SEQ, now, offset, k, view))
+                    iov.append(view)
+                    nbytes += HEAD_SIZE + k
+                pos += k
+                offset += k
+                length -= k
+                self.undo_records += 1
+        if iov:
+            self._append(iov, nbytes)
+        self.sync()
+        self.bytes_preserved += total
+
+    def checkpoint(self, seq: int) -> None:
+        """The replica is durable at ``seq``, a durability point of the source: a point to offer."""
+        now = self.clock()
+        self._append([encode(Kind.CHECKPOINT, seq, now)])
+        self.sync()
+        self.points.append((self.segments[-1].number, now, seq))
+
+    def gap(self, reason: str) -> None:
+        """The replica is about to be rewritten without before-images: no point before this can be restored."""
+        now = self.clock()
+        why = reason.encode()
+        self._append([encode(Kind.GAP, NO_SEQ, now, payload=why), why])
+        self.sync()
+        if self.points:
+            log.warning(
+                "history: %s; the %d points before it (from %s) can no longer be restored",
+                reason,
+                len(self.points),
+                fmt_time(self.points[0][1]),
+            )
+        self.points.clear()
+        self.last_gap = (now, reason)
+        self.gaps += 1
+
+    def summary(self) -> HistoryStatus:
+        """The history part of the server's status snapshot."""
+        pts = self.points
+        return {
+            "path": str(self.directory),
+            "bytes": self.bytes_used,
+            "size_limit": self.size_limit,
+            "age_limit_seconds": None if self.age_limit_ns is None else self.age_limit_ns / 1e9,
+            "points": len(pts),
+            "oldest_time": pts[0][1] / 1e9 if pts else None,
+            "oldest_seq": pts[0][2] if pts else None,
+            "newest_time": pts[-1][1] / 1e9 if pts else None,
+            "newest_seq": pts[-1][2] if pts else None,
+            "gaps": self.gaps,
+            "last_gap": None
+            if self.last_gap is None
+            else f"{fmt_time(self.last_gap[0])}: {self.last_gap[1]}",
+        }
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.fdatasync(self.fd)
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+
+def _read_rest(fd: int, view: memoryview, offset: int, got: int) -> None:
+    while got < len(view):
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k <= 0:
+            view[got:] = _ZEROS[: len(view) - got]  # past the end of an image file: reads as zeros
+            return
+        got += k

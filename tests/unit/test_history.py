@@ -1,0 +1,252 @@
+"""The point-in-time history with a real applier, replica file and journal: every checkpoint restores to the
+bytes the replica held then; retention, gaps, torn tails, rollback and the refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bdr import replica_state
+from bdr import wire as p
+from bdr.history import At, History, HistoryError, HistoryWriter, Meta, PointRefused, parse_at
+from bdr.history.format import HEAD_SIZE, segment_numbers
+from bdr.history.restore import restore, rollback
+from bdr.journal import JFlag, Journal
+from bdr.server import Applier
+from bdr.server.replica import Replica
+
+W, F, D, Z = p.OP_WRITE, p.OP_FLUSH, p.OP_DISCARD, p.OP_WRITE_ZEROES
+FUA = p.REC_FUA
+SIZE = 256 << 10  # the replica: 64 blocks of 4 KiB
+
+
+def data_for(seq: int, n: int) -> bytes:
+    return hashlib.shake_128(seq.to_bytes(8, "little")).digest(n)
+
+
+def batch(recs: list[tuple[int, int, int, int, int]]) -> p.Data:
+    """recs: (seq, sector, len, op, flags)."""
+    desc = b"".join(struct.pack("<QQIHHQ", *r, 0) for r in recs)
+    data = b"".join(data_for(r[0], r[2]) for r in recs if r[3] == W)
+    return p.Data.parse(memoryview(p.DATA_HEAD.pack(len(recs), len(data)) + desc + data), 0)
+
+
+class Rig:
+    """A replica file, its journal and its history, applied to by the server's applier."""
+
+    def __init__(self, tmp: Path, size_limit: int | None = 64 << 20, size: int = SIZE) -> None:
+        self.tmp = tmp
+        self.replica_path = tmp / "replica.img"
+        self.replica_path.write_bytes(os.urandom(size))  # what the replica held before the history began
+        self.replica = Replica(self.replica_path)
+        self.journal = Journal(tmp / "journal")
+        self.journal.commit(
+            flags=JFlag.SEQ_VALID | JFlag.SOURCE_KNOWN | JFlag.CONSISTENT | JFlag.HAS_DATA,
+            durable_seq=p.NO_SEQ,
+        )
+        self.dir = tmp / "history"
+        self.history = self.open_history(size_limit)
+        self.applier = Applier(self.replica, self.journal)
+        self.applier.history = self.history
+        self.seq = 0
+        self.states: dict[int, bytes] = {}  # checkpoint seq -> replica bytes then
+
+    def open_history(self, size_limit: int | None = 64 << 20) -> HistoryWriter:
+        meta = Meta(str(self.replica_path), self.replica.size, str(self.tmp / "journal"))
+        return HistoryWriter(self.dir, self.replica.fd, meta, size_limit, None)
+
+    def apply(self, recs: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int, int]]:
+        """recs: (sector, len, op, flags), numbered from the next seq, applied as one DATA batch."""
+        numbered = []
+        for sector, n, op, flags in recs:
+            numbered.append((self.seq, sector, n, op, flags))
+            self.seq += 1
+        self.applier.apply(batch(numbered))
+        return numbered
+
+    def close(self) -> None:
+        self.history.close()
+        self.replica.close()
+        self.journal.close()
+
+
+def restored(rig: Rig, at: At) -> bytes:
+    dest = rig.tmp / "restored.img"
+    restore(rig.dir, at, str(dest), quiet=True)
+    return dest.read_bytes()
+
+
+BLOCKS = SIZE // 4096
+record = st.one_of(  # (sector, length, op, flags), inside the replica
+    st.builds(
+        lambda b, n, fl: (b * 8, n * 4096, W, fl),
+        st.integers(0, BLOCKS - 3),
+        st.integers(1, 3),
+        st.sampled_from([0, 0, 0, FUA]),
+    ),
+    st.builds(lambda s: (s, 512, W, 0), st.integers(0, SIZE // 512 - 1)),  # a 512-byte write
+    st.just((0, 0, F, 0)),
+    st.builds(
+        lambda b, n, op: (b * 8, n * 4096, op, 0),
+        st.integers(0, BLOCKS - 4),
+        st.integers(1, 4),
+        st.sampled_from([D, Z]),
+    ),
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.lists(record, min_size=1, max_size=12), min_size=1, max_size=8))
+def test_every_checkpoint_restores_to_what_the_replica_held_then(tmp_path_factory, batches) -> None:  # type: ignore[no-untyped-def]
+    tmp = tmp_path_factory.mktemp("h")
+    rig = Rig(tmp)
+    model = bytearray(rig.replica_path.read_bytes())  # what the replica holds after each record
+    try:
+        for b in [*batches, [(0, 0, F, 0)]]:
+            for seq, sector, n, op, flags in rig.apply(b):
+                if op == W:
+                    model[sector * 512 : sector * 512 + n] = data_for(seq, n)
+                elif op in (D, Z):
+                    model[sector * 512 : sector * 512 + n] = bytes(n)
+                if op == F or flags & FUA:
+                    rig.states[seq] = bytes(model)
+            assert rig.replica_path.read_bytes() == bytes(model)
+        with History(rig.dir) as h:
+            assert [e.seq for e in h.points()] == sorted(rig.states)
+        for seq, want in rig.states.items():
+            assert restored(rig, At(seq=seq)) == want, f"checkpoint {seq}"
+    finally:
+        rig.close()
+
+
+def test_points_inside_one_batch_are_each_a_checkpoint(tmp_path: Path) -> None:
+    """Several flushes in one DATA batch: each is a point, not only the last (the applier syncs at each)."""
+    rig = Rig(tmp_path)
+    before = rig.replica_path.read_bytes()
+    rig.apply([(0, 4096, W, 0), (0, 0, F, 0), (0, 4096, W, 0), (8, 4096, W, FUA), (16, 4096, W, 0)])
+    rig.apply([(0, 0, F, 0)])
+    with History(rig.dir) as h:
+        assert [e.seq for e in h.points()] == [1, 3, 5]
+    one = bytearray(before)
+    one[0:4096] = data_for(0, 4096)
+    assert restored(rig, At(seq=1)) == bytes(one)
+    assert restored(rig, At(seq=2)) == bytes(one)  # the newest point at or before seq 2
+    one[0:4096] = data_for(2, 4096)
+    one[4096:8192] = data_for(3, 4096)
+    assert restored(rig, At(seq=3)) == bytes(one)
+    rig.close()
+
+
+def test_a_moment_before_the_first_point_or_a_gap_is_refused_naming_the_points(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.apply([(0, 4096, W, 0), (0, 0, F, 0)])
+    with pytest.raises(
+        PointRefused, match=r"older than the history holds.*oldest point offered is .*seq 1\)"
+    ):
+        restored(rig, At(time_ns=1))
+    rig.history.gap("a journal resync was applied (test)")
+    with pytest.raises(PointRefused, match="no point is offered yet"):
+        restored(rig, At(seq=1))
+    rig.apply([(8, 4096, W, 0), (0, 0, F, 0)])
+    want = rig.replica_path.read_bytes()
+    with pytest.raises(PointRefused) as refused:
+        restored(rig, At(seq=1))
+    msg = str(refused.value)
+    assert "before a gap in the history" in msg and "a journal resync was applied (test)" in msg
+    assert (
+        "(seq 1), can no longer be given back" in msg
+        and "oldest point offered is" in msg
+        and "(seq 3)" in msg
+    )
+    assert restored(rig, At(seq=3)) == want
+    rig.close()
+
+
+def test_retention_keeps_the_history_under_its_size_and_drops_the_oldest_first(tmp_path: Path) -> None:
+    limit = 16 << 20
+    rig = Rig(tmp_path, size_limit=limit, size=4 << 20)
+    rng = random.Random(7)
+    for _ in range(48):  # 48 MiB of 1 MiB writes, a point after each
+        rig.apply([(rng.randrange(0, 3) * 2048, 1 << 20, W, 0), (0, 0, F, 0)])
+        rig.states[rig.seq - 1] = rig.replica_path.read_bytes()
+        used = sum(f.stat().st_size for f in rig.dir.glob("*.seg"))
+        assert used <= limit
+        assert rig.history.bytes_used == used
+    with History(rig.dir) as h:
+        pts = [e.seq for e in h.points()]
+    assert pts and pts[-1] == rig.seq - 1 and pts == list(range(pts[0], rig.seq, 2))
+    assert 6 <= len(pts) < 16
+    assert restored(rig, At(seq=pts[0])) == rig.states[pts[0]]
+    with pytest.raises(PointRefused, match="older than the history holds"):
+        restored(rig, At(seq=pts[0] - 1))
+    rig.close()
+
+
+def test_a_torn_record_at_the_end_is_cut_at_the_next_start(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.apply([(0, 4096, W, 0), (0, 0, F, 0)])
+    want = rig.replica_path.read_bytes()
+    rig.history.close()
+    last = rig.dir / f"{segment_numbers(rig.dir)[-1]:016d}.seg"
+    size = last.stat().st_size
+    with open(last, "ab") as f:
+        f.write(os.urandom(HEAD_SIZE + 100))  # half a record, as a power cut leaves it
+    rig.history = rig.open_history()
+    rig.applier.history = rig.history
+    assert last.stat().st_size == size
+    rig.apply([(8, 4096, W, 0), (0, 0, F, 0)])
+    assert restored(rig, At(seq=1)) == want
+    rig.close()
+
+
+def test_the_history_belongs_to_one_replica_and_one_server(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    with pytest.raises(HistoryError, match="in use by another process"):
+        rig.open_history()
+    other = Meta(str(tmp_path / "other.img"), SIZE * 2, str(tmp_path / "journal"))
+    rig.history.close()
+    with pytest.raises(HistoryError, match="belongs to a replica of 262144 bytes"):
+        HistoryWriter(rig.dir, rig.replica.fd, other, 64 << 20, None)
+    with pytest.raises(HistoryError, match="--history-size and/or --history-age"):
+        HistoryWriter(tmp_path / "h2", rig.replica.fd, other, None, None)
+    with pytest.raises(HistoryError, match="too small"):
+        HistoryWriter(tmp_path / "h2", rig.replica.fd, other, 1 << 20, None)
+    rig.replica.close()
+    rig.journal.close()
+
+
+def test_rollback_turns_the_replica_back_and_leaves_it_to_be_resynced(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.apply([(0, 8192, W, 0), (0, 0, F, 0)])
+    want = rig.replica_path.read_bytes()
+    rig.apply([(8, 4096, W, 0), (24, 8192, D, 0), (0, 0, F, 0)])
+    rig.apply([(40, 4096, W, FUA)])
+    with pytest.raises(HistoryError, match="in use"):
+        rollback(rig.dir, At(seq=1), quiet=True)  # the server still holds it
+    rig.history.close()
+    rig.journal.close()
+    out = rollback(rig.dir, At(seq=2), quiet=True)
+    assert out.point.seq == 1 and out.undone == 3
+    assert rig.replica_path.read_bytes() == want
+    j = Journal(tmp_path / "journal")
+    assert replica_state.is_consistent(j.header) and replica_state.resume_point(j.header) is None
+    j.close()
+    with History(rig.dir) as h:
+        assert [e.seq for e in h.points()] == [1]
+        assert h.summary()["rolled_back"].startswith("rolled back to ")
+    rig.replica.close()
+
+
+def test_at_accepts_times_unix_seconds_and_sequence_numbers() -> None:
+    assert parse_at("1234") == At(seq=1234)
+    assert parse_at("@1700000000.5") == At(time_ns=1_700_000_000_500_000_000)
+    assert parse_at("2026-12-04T09:30:00+00:00") == At(time_ns=1_796_376_600_000_000_000)
+    with pytest.raises(ValueError, match="give a time"):
+        parse_at("yesterday")
