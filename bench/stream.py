@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,16 +144,18 @@ def bdr_run(
     pattern: str,
     server_extra: tuple[str, ...] = (),
     client_extra: tuple[str, ...] = (),
+    fill: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Stream ``total`` bytes of 4 KiB records through the daemons; MB/s and peak RSS of both.  ``*_extra``:
-    more daemon flags (bench/tls.py adds the TLS and secret flags)."""
+    more daemon flags (bench/tls.py adds the TLS and secret flags); ``fill``: writes the replica file before
+    the run (default: zeros)."""
     dev = DEVICE
     src, rep, jr, ring = work / "src.img", work / "rep.img", work / "journal", work / "ring"
     for f in (rep, jr, ring, Path(str(ring) + ".dirty")):
         f.unlink(missing_ok=True)
     with open(src, "wb") as f:
         f.truncate(dev)
-    preallocate(rep)
+    (fill or preallocate)(rep)
     prod = RingProducer(ring, ring_mib * 1024 * 1024 // RECORD, dev)
     port = free_port()
     py = sys.executable

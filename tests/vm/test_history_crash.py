@@ -45,7 +45,10 @@ def stop_writes(g: Guest) -> None:
 
 
 def history_bytes(g: Guest) -> int:
-    return int(g.run(f"cat {HIST}/*.seg | wc -c").output)
+    out = g.run(
+        f"find {HIST} -name '*.seg' -printf '%s\\n' 2>/dev/null | awk '{{s += $1}} END {{print s + 0}}'"
+    )
+    return int(out.output)
 
 
 def moment(p: Pair) -> tuple[float, str]:
