@@ -10,13 +10,17 @@ A segment is a sequence of records.  A record is a 64-byte header (little-endian
 
     0      4      6      8      16       24       32       40       44       48          56          64
     +------+------+------+------+--------+--------+--------+--------+--------+-----------+-----------+
-    | magic| kind | flags|  seq | time_ns| offset | length | pay len| rsvd   | pay xxh3  | head xxh3 |
+    | magic| kind | flags|  seq | time_ns| offset | length | pay len| seg tag| pay xxh3  | head xxh3 |
     +------+------+------+------+--------+--------+--------+--------+--------+-----------+-----------+
 
-``head xxh3`` covers bytes 0..56, ``pay xxh3`` the payload.  Kinds:
+``head xxh3`` covers bytes 0..56, ``pay xxh3`` the payload.  ``seg tag`` is the number of the segment the
+record was written in (low 32 bits): segment files are reused when the oldest is dropped (no allocation, no
+freeing), and a record left from a file's earlier life has another tag, so it ends the segment.  Kinds:
 
-- UNDO: before the write of record ``seq`` reached the replica, bytes [offset, offset + length) of the replica
-  held the payload (or zeros, flag ZERO, no payload).  Written and made durable before the replica write.
+- UNDO: what a batch of writes overwrote, read just before they reached the replica (and made durable before
+  they did).  ``offset`` is the number of extents n, ``length`` the bytes they cover; the payload is the extent
+  table -- n replica offsets (u64), then n lengths (u32), then n flags (u32; ZERO: the extent held zeros and has
+  no data) -- followed by the data of the other extents, in order.
 - CHECKPOINT: the replica was durable at ``seq``, a durability point of the source (FLUSH or FUA), at
   ``time_ns``.  Undoing every UNDO after it, newest first, gives the replica as it was then.
 - GAP: the replica was about to be rewritten without before-images (a resync, an operator's assertion); no
@@ -58,7 +62,7 @@ class Kind(enum.IntEnum):
     ROLLBACK = 5
 
 
-FLAG_ZERO = 1  # UNDO: the before-image is zeros (no payload)
+FLAG_ZERO = 1  # an UNDO extent that held zeros (no data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +85,11 @@ class Entry:
         return self.pos + HEAD_SIZE + self.payload_len
 
 
+SEG_TAG_MASK = 0xFFFFFFFF
+
+
 def encode(
+    segment: int,
     kind: Kind,
     seq: int = NO_SEQ,
     time_ns: int = 0,
@@ -89,22 +97,28 @@ def encode(
     length: int = 0,
     payload: bytes | bytearray | memoryview = b"",
     flags: int = 0,
+    payload_len: int | None = None,
+    payload_sum: int | None = None,
 ) -> bytes:
-    """A record's 64-byte header (the payload is written after it as it is)."""
-    body = _SUMMED.pack(MAGIC, kind, flags, seq, time_ns, offset, length, len(payload), 0)
-    pay = xxhash.xxh3_64_intdigest(payload) if payload else 0
-    body += pay.to_bytes(8, "little")
+    """A record's 64-byte header (the payload is written after it as it is).  A payload written in pieces is
+    given by its length and xxh3 instead."""
+    if payload_len is None:
+        payload_len = len(payload)
+        payload_sum = xxhash.xxh3_64_intdigest(payload) if payload else 0
+    assert payload_sum is not None
+    body = _SUMMED.pack(MAGIC, kind, flags, seq, time_ns, offset, length, payload_len, segment & SEG_TAG_MASK)
+    body += payload_sum.to_bytes(8, "little")
     return body + xxhash.xxh3_64_intdigest(body).to_bytes(8, "little")
 
 
 def decode(head: bytes | memoryview, segment: int, pos: int) -> Entry | None:
-    """The entry of a 64-byte header, or None if it is not an intact record header."""
+    """The entry of a 64-byte header, or None if it is not an intact record header of this segment."""
     if len(head) < HEAD_SIZE:
         return None
     if xxhash.xxh3_64_intdigest(head[:56]) != int.from_bytes(head[56:64], "little"):
         return None
-    magic, kind, flags, seq, time_ns, offset, length, plen, _ = _SUMMED.unpack_from(head)
-    if magic != MAGIC or kind not in Kind._value2member_map_:
+    magic, kind, flags, seq, time_ns, offset, length, plen, tag = _SUMMED.unpack_from(head)
+    if magic != MAGIC or kind not in Kind._value2member_map_ or tag != segment & SEG_TAG_MASK:
         return None
     return Entry(
         segment,
@@ -124,6 +138,19 @@ def payload_intact(entry: Entry, payload: bytes | memoryview) -> bool:
     return len(payload) == entry.payload_len and (
         not payload or xxhash.xxh3_64_intdigest(payload) == entry.payload_sum
     )
+
+
+def pack_extents(offsets: list[int], lengths: list[int], flags: list[int]) -> bytes:
+    """An UNDO record's extent table."""
+    n = len(offsets)
+    return struct.pack(f"<{n}Q{n}I{n}I", *offsets, *lengths, *flags)
+
+
+def unpack_extents(payload: bytes, n: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]:
+    """offsets, lengths, flags, and where the data starts."""
+    table = struct.Struct(f"<{n}Q{n}I{n}I")
+    cols = table.unpack_from(payload)
+    return cols[:n], cols[n : 2 * n], cols[2 * n :], table.size
 
 
 def segment_name(number: int) -> str:

@@ -21,7 +21,17 @@ from ..journal import Journal, JournalError, RecordArea
 from ..journal.format import AreaState
 from ..progress import Progress
 from ..seq import NO_SEQ
-from .format import CHUNK, FLAG_ZERO, HEAD_SIZE, Entry, Kind, encode, payload_intact, segment_name
+from .format import (
+    CHUNK,
+    FLAG_ZERO,
+    HEAD_SIZE,
+    Entry,
+    Kind,
+    encode,
+    payload_intact,
+    segment_name,
+    unpack_extents,
+)
 from .index import At, History, fmt_point
 from .writer import HistoryError, lock_history
 
@@ -34,7 +44,7 @@ _ZEROS = bytes(CHUNK)
 @dataclass(frozen=True)
 class Outcome:
     point: Entry
-    undone: int  # UNDO records applied
+    undone: int  # writes undone (extents of UNDO records)
     undone_bytes: int
     copied_bytes: int
     seconds: float
@@ -49,31 +59,44 @@ def _open_device(path: str, flags: int) -> tuple[int, int, bool]:
     return fd, st.st_size, False
 
 
-def _undo(h: History, point: Entry, undo: list[Entry], fd: int, size: int, quiet: bool) -> int:
-    """Write the before-images of ``undo`` to ``fd``, newest first.  Returns the bytes written."""
+def _undo(h: History, point: Entry, undo: list[Entry], fd: int, size: int, quiet: bool) -> tuple[int, int]:
+    """Write the before-images of ``undo`` to ``fd``, newest first.  Returns the extents and bytes written."""
     fds = {seg.number: seg.fd for seg in h.segments}
     total = sum(e.length for e in undo)
-    progress = Progress(f"undoing {len(undo)} writes since {fmt_point(point)}", total, log, quiet)
-    done = 0
+    progress = Progress(f"undoing {len(undo)} batches of writes since {fmt_point(point)}", total, log, quiet)
+    extents = done = 0
     try:
         for e in reversed(undo):
-            if e.offset + e.length > size:
-                raise HistoryError(f"a before-image at byte {e.offset} is beyond the end of the device")
-            if e.flags & FLAG_ZERO:
-                data: bytes = _ZEROS[: e.length]
-            else:
-                data = os.pread(fds[e.segment], e.payload_len, e.pos + HEAD_SIZE)
-                if not payload_intact(e, data) or len(data) != e.length:
+            payload = os.pread(fds[e.segment], e.payload_len, e.pos + HEAD_SIZE)
+            if not payload_intact(e, payload):
+                if not (h.directory / segment_name(e.segment)).exists():
                     raise HistoryError(
-                        f"history {h.directory}: the before-image at byte {e.pos} of segment "
-                        f"{segment_name(e.segment)} is damaged (checksum); the point cannot be given back"
+                        f"the history dropped the records after {fmt_point(point)} while they were read "
+                        "(retention, the point being one of the oldest): choose a newer point"
                     )
-            _pwrite_all(fd, data, e.offset)
+                raise HistoryError(
+                    f"history {h.directory}: the before-images at byte {e.pos} of segment "
+                    f"{segment_name(e.segment)} are damaged (checksum); the point cannot be given back"
+                )
+            offsets, lengths, flags, at = unpack_extents(payload, e.offset)
+            starts = []
+            for n, fl in zip(lengths, flags, strict=True):
+                starts.append(at)
+                if not fl & FLAG_ZERO:
+                    at += n
+            view = memoryview(payload)
+            for k in range(len(offsets) - 1, -1, -1):  # newest first within the record too
+                off, n = offsets[k], lengths[k]
+                if off + n > size:
+                    raise HistoryError(f"a before-image at byte {off} is beyond the end of the device")
+                data = _ZEROS[:n] if flags[k] & FLAG_ZERO else view[starts[k] : starts[k] + n]
+                _pwrite_all(fd, data, off)
+            extents += len(offsets)
             done += e.length
             progress.update(e.length)
     finally:
         progress.close()
-    return done
+    return extents, done
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -129,13 +152,13 @@ def restore(directory: str | os.PathLike[str], at: At, dest: str, quiet: bool = 
                 _copy(src, dst, size, not dblock and stat.S_ISREG(os.fstat(src).st_mode), quiet)
                 h.refresh()  # the writes applied during the copy have their before-images here now
                 undo = h.undo_after(point)
-                n = _undo(h, point, undo, dst, size, quiet)
+                undone, n = _undo(h, point, undo, dst, size, quiet)
                 os.fsync(dst)
             finally:
                 os.close(dst)
         finally:
             os.close(src)
-    return Outcome(point, len(undo), n, size, time.monotonic() - t0)
+    return Outcome(point, undone, n, size, time.monotonic() - t0)
 
 
 def rollback(directory: str | os.PathLike[str], at: At, quiet: bool = False) -> Outcome:
@@ -158,7 +181,7 @@ def rollback(directory: str | os.PathLike[str], at: At, quiet: bool = False) -> 
                 try:
                     # a mix of two moments while the before-images are written: a crash here leaves it marked so
                     journal.store(replica_state.rollback_begun(journal.header))
-                    n = _undo(h, point, undo, fd, size, quiet)
+                    undone, n = _undo(h, point, undo, fd, size, quiet)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -168,7 +191,7 @@ def rollback(directory: str | os.PathLike[str], at: At, quiet: bool = False) -> 
             _cut_after(h, point)
     finally:
         os.close(lock)
-    return Outcome(point, len(undo), n, 0, time.monotonic() - t0)
+    return Outcome(point, undone, n, 0, time.monotonic() - t0)
 
 
 def _check_no_pending_resync(journal: Journal) -> None:
@@ -195,7 +218,7 @@ def _cut_after(h: History, point: Entry) -> None:
     fd = os.open(seg.path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.ftruncate(fd, end)
-        _pwrite_all(fd, encode(Kind.ROLLBACK, NO_SEQ, time.time_ns(), payload=why) + why, end)
+        _pwrite_all(fd, encode(point.segment, Kind.ROLLBACK, NO_SEQ, time.time_ns(), payload=why) + why, end)
         os.fdatasync(fd)
     finally:
         os.close(fd)

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import xxhash
+
 from ..journal import ReplicaIOError, StorageError
 from ..seq import NO_SEQ
 from ..status.schema import HistoryStatus
@@ -35,6 +37,7 @@ from .format import (
     Meta,
     encode,
     fsync_dir,
+    pack_extents,
     read_meta,
     segment_name,
     write_meta,
@@ -48,6 +51,7 @@ SEGMENTS_MIN = 8  # a size limit holds at least this many segments, so dropping 
 IOV_MAX = 1024
 BATCH_MAX = 8 << 20  # before-images read into memory at a time
 _ZEROS = memoryview(bytes(CHUNK))
+_ZERO_4K = _ZEROS[:4096]
 
 
 class HistoryError(Exception):
@@ -117,13 +121,15 @@ class HistoryWriter:
             raise HistoryError(f"cannot create history directory {self.directory}: {exc.strerror}") from exc
         self.lock_fd = lock_history(self.directory, "bdr_server")
         self.fd = -1
+        self.pos = 0  # where the next record goes in the segment being written
+        self._buf = memoryview(bytearray(0))  # before-images are read into it
+        self.bytes_appended = 0  # history bytes written since start
         try:
             self._open(meta)
         except BaseException:
             self.close()
             raise
-        # what bdr status shows: the points offered (segment, time, seq), the last gap
-        self.bytes_preserved = 0
+        self.bytes_preserved = 0  # replica bytes whose before-image was kept, since start
         self.undo_records = 0
 
     # -- opening ------------------------------------------------------------------------------------------------
@@ -175,10 +181,8 @@ class HistoryWriter:
                     self.directory,
                     h.reason(last),
                 )
-        number = self.segments[-1].number + 1 if self.segments else 1
-        self._new_segment(number)
-        started = b"bdr_server started"
-        self._append([encode(Kind.START, NO_SEQ, self.clock(), payload=started), started])
+        self._new_segment()
+        self._small(Kind.START, NO_SEQ, self.clock(), b"bdr_server started")
         self.sync()
         log.info(
             "history %s: %d points offered%s, %d bytes used",
@@ -194,11 +198,12 @@ class HistoryWriter:
             return
         seg = h.segments[-1]
         if seg.torn:
-            log.warning(
-                "history %s: cutting a torn record at byte %d of %s (written when the server stopped)",
+            log.info(
+                "history %s: cutting %s after its last intact record, at byte %d (a record torn when the server "
+                "stopped, or what a reused segment held before)",
                 self.directory,
-                seg.end,
                 seg.path.name,
+                seg.end,
             )
             fd = os.open(seg.path, os.O_WRONLY | os.O_CLOEXEC)
             try:
@@ -209,33 +214,71 @@ class HistoryWriter:
             seg.end = seg.size = 0
             seg.entries.clear()
 
-    def _new_segment(self, number: int) -> None:
+    def _new_segment(self, reuse: _Segment | None = None) -> None:
+        """Start the next segment: in the file of ``reuse`` (the oldest, dropped by retention: its pages or
+        blocks are written over, nothing is allocated or freed), or in a new file."""
+        number = self.segments[-1].number + 1 if self.segments else 1
         if self.fd >= 0:
+            os.ftruncate(self.fd, self.pos)  # a reused file: its old content past the records goes
             os.fdatasync(self.fd)
             os.close(self.fd)
+            self.segments[-1].size = self.pos
         path = self.directory / segment_name(number)
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        allocated = 0
+        if reuse is not None:
+            self._forget(reuse)
+            os.rename(self.directory / segment_name(reuse.number), path)
+            self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            allocated = os.fstat(self.fd).st_size
+        else:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         fsync_dir(self.directory)
         self.pos = 0
         now = self.clock()
-        self.segments.append(_Segment(number, 0, now, now))
+        self.segments.append(_Segment(number, allocated, now, now))
+
+    @property
+    def number(self) -> int:
+        """The segment being written."""
+        return self.segments[-1].number
 
     # -- writing ------------------------------------------------------------------------------------------------
 
     @property
     def bytes_used(self) -> int:
+        """Bytes of the segment files (a reused one counts what it holds, if more than its new records)."""
         return sum(s.size for s in self.segments)
 
-    def _append(self, iov: list[bytes | memoryview], nbytes: int | None = None) -> None:
-        n = sum(len(b) for b in iov) if nbytes is None else nbytes
-        self._make_room(n)
+    def _prepare(self, n: int) -> None:
+        """Before appending ``n`` bytes: a new segment if this one is full or spans too long a time, and the
+        oldest segments dropped while the limits would be passed."""
         cur = self.segments[-1]
         span = self.age_limit_ns // SEGMENTS_MIN if self.age_limit_ns is not None else None
         if self.pos and (
             self.pos + n > self.segment_max or (span is not None and self.clock() - cur.first_time_ns > span)
         ):
-            self._new_segment(self.segments[-1].number + 1)
-            self._make_room(n)
+            oldest = self.segments[0] if len(self.segments) > 1 else None
+            self._new_segment(
+                oldest if oldest is not None and self._must_drop(oldest, self.segment_max) else None
+            )
+        while len(self.segments) > 1 and self._must_drop(self.segments[0], n):
+            self._drop(self.segments[0])
+        if self.size_limit is not None and self._growth(n) + self.bytes_used > self.size_limit and self.pos:
+            # the segment being written alone is over the limit: start another and drop it
+            self._new_segment()
+            self._drop(self.segments[0])
+
+    def _growth(self, n: int) -> int:
+        """How much appending n bytes adds to the current segment's file."""
+        return max(0, self.pos + n - self.segments[-1].size)
+
+    def _must_drop(self, oldest: _Segment, n: int) -> bool:
+        too_big = self.size_limit is not None and self.bytes_used + self._growth(n) > self.size_limit
+        too_old = self.age_limit_ns is not None and oldest.last_time_ns < self.clock() - self.age_limit_ns
+        return too_big or too_old
+
+    def _append(self, iov: list[bytes | memoryview], n: int) -> None:
+        """Write ``n`` bytes of records, encoded for the current segment (``_prepare`` was called)."""
         try:
             for i in range(0, len(iov), IOV_MAX):
                 part = iov[i : i + IOV_MAX]
@@ -253,30 +296,26 @@ class HistoryWriter:
                 exc.errno, f"history {self.directory}: write failed: {exc.strerror}"
             ) from exc
         cur = self.segments[-1]
-        cur.size = self.pos
+        cur.size = max(cur.size, self.pos)
         cur.last_time_ns = self.clock()
+        self.bytes_appended += n
 
-    def _make_room(self, incoming: int) -> None:
-        """Drop the oldest segments while the size or age limit would be passed (never the one being written)."""
-        now = self.clock()
-        while len(self.segments) > 1:
-            oldest = self.segments[0]
-            too_big = self.size_limit is not None and self.bytes_used + incoming > self.size_limit
-            too_old = self.age_limit_ns is not None and oldest.last_time_ns < now - self.age_limit_ns
-            if not (too_big or too_old):
-                break
-            self._drop(oldest)
-        if self.size_limit is not None and self.bytes_used + incoming > self.size_limit and self.pos:
-            # the segment being written alone is over the limit: start another and drop it
-            self._new_segment(self.segments[-1].number + 1)
-            self._drop(self.segments[0])
+    def _small(self, kind: Kind, seq: int, now: int, payload: bytes = b"") -> None:
+        """Append one record without data (CHECKPOINT, GAP, START)."""
+        self._prepare(HEAD_SIZE + len(payload))
+        self._append(
+            [encode(self.number, kind, seq, now, payload=payload), payload], HEAD_SIZE + len(payload)
+        )
+
+    def _forget(self, seg: _Segment) -> None:
+        self.segments.remove(seg)
+        while self.points and self.points[0][0] <= seg.number:
+            self.points.popleft()
 
     def _drop(self, seg: _Segment) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.directory / segment_name(seg.number))
-        self.segments.popleft()
-        while self.points and self.points[0][0] <= seg.number:
-            self.points.popleft()
+        self._forget(seg)
         log.debug("history %s: dropped segment %d (retention)", self.directory, seg.number)
 
     def sync(self) -> None:
@@ -288,59 +327,85 @@ class HistoryWriter:
             ) from exc
 
     def preserve(self, ranges: list[tuple[int, int]]) -> None:
-        """Before writing each (offset, length) of the replica: append what it holds now, then fdatasync."""
-        total = sum(n for _, n in ranges)
+        """Before writing each (offset, length) of the replica: append what it holds now, then fdatasync.  One
+        UNDO record per batch of at most BATCH_MAX bytes; ranges that hold zeros take no data."""
+        sizes = [n for _, n in ranges]
+        total = sum(sizes)
         if not total:
             return
-        buf = memoryview(bytearray(min(total, BATCH_MAX)))
-        iov: list[bytes | memoryview] = []
+        if len(self._buf) < min(total, BATCH_MAX):
+            self._buf = memoryview(bytearray(BATCH_MAX))  # kept: warm pages, no allocation per batch
+        buf = self._buf
+        chunks = (
+            ranges
+            if max(sizes) <= CHUNK
+            else [(off + k, min(CHUNK, n - k)) for off, n in ranges for k in range(0, n, CHUNK)]
+        )
         now = self.clock()
-        pos = nbytes = 0
-        fd = self.replica_fd
-        for offset, length in ranges:
-            while length > 0:
-                k = min(length, CHUNK)
-                if pos + k > len(buf):  # a large range (a discard): append what is read, reuse the buffer
-                    self._append(iov, nbytes)
-                    iov, pos, nbytes = [], 0, 0
-                    buf = memoryview(bytearray(len(buf)))
-                view = buf[pos : pos + k]
-                try:
-                    got = os.preadv(fd, [view], offset)
+        fd, preadv, room = self.replica_fd, os.preadv, len(buf)
+        i, count = 0, len(chunks)
+        while i < count:
+            offsets: list[int] = []
+            lengths: list[int] = []
+            flags: list[int] = []
+            add_offset, add_length, add_flag = offsets.append, lengths.append, flags.append
+            pos = covered = 0
+            offset = 0
+            try:
+                while i < count:
+                    offset, k = chunks[i]
+                    if pos + k > room:
+                        break
+                    view = buf[pos : pos + k]
+                    got = preadv(fd, [view], offset)
                     if got != k:
                         _read_rest(fd, view, offset, got)
-                except OSError as exc:
-                    raise ReplicaIOError(
-                        exc.errno, f"replica: I/O error reading what byte {offset} holds: {exc.strerror}"
-                    ) from exc
-                if view == _ZEROS[:k]:
-                    iov.append(encode(Kind.UNDO, NO_SEQ, now, offset, k, flags=FLAG_ZERO))
-                    nbytes += HEAD_SIZE
-                else:
-                    iov.append(encode(Kind.UNDO, NO_SEQ, now, offset, k, view))
-                    iov.append(view)
-                    nbytes += HEAD_SIZE + k
-                pos += k
-                offset += k
-                length -= k
-                self.undo_records += 1
-        if iov:
-            self._append(iov, nbytes)
+                    add_offset(offset)
+                    add_length(k)
+                    if view == (_ZERO_4K if k == 4096 else _ZEROS[:k]):
+                        add_flag(FLAG_ZERO)  # its data is not kept: the next extent's goes over it
+                    else:
+                        add_flag(0)
+                        pos += k
+                    covered += k
+                    i += 1
+            except OSError as exc:
+                raise ReplicaIOError(
+                    exc.errno, f"replica: I/O error reading what byte {offset} holds: {exc.strerror}"
+                ) from exc
+            table = pack_extents(offsets, lengths, flags)
+            data = buf[:pos]
+            digest = xxhash.xxh3_64()
+            digest.update(table)
+            digest.update(data)
+            plen = len(table) + pos
+            self._prepare(HEAD_SIZE + plen)
+            head = encode(
+                self.number,
+                Kind.UNDO,
+                NO_SEQ,
+                now,
+                len(offsets),
+                covered,
+                payload_len=plen,
+                payload_sum=digest.intdigest(),
+            )
+            self._append([head, table, data], HEAD_SIZE + plen)
+            self.undo_records += len(offsets)
         self.sync()
         self.bytes_preserved += total
 
     def checkpoint(self, seq: int) -> None:
         """The replica is durable at ``seq``, a durability point of the source: a point to offer."""
         now = self.clock()
-        self._append([encode(Kind.CHECKPOINT, seq, now)])
+        self._small(Kind.CHECKPOINT, seq, now)
         self.sync()
         self.points.append((self.segments[-1].number, now, seq))
 
     def gap(self, reason: str) -> None:
         """The replica is about to be rewritten without before-images: no point before this can be restored."""
         now = self.clock()
-        why = reason.encode()
-        self._append([encode(Kind.GAP, NO_SEQ, now, payload=why), why])
+        self._small(Kind.GAP, NO_SEQ, now, reason.encode())
         self.sync()
         if self.points:
             log.warning(
@@ -373,6 +438,14 @@ class HistoryWriter:
         }
 
     def close(self) -> None:
+        if self.fd >= 0 and self.bytes_preserved:
+            log.info(
+                "history %s: %d bytes appended since start, for %d replica bytes overwritten (%d writes)",
+                self.directory,
+                self.bytes_appended,
+                self.bytes_preserved,
+                self.undo_records,
+            )
         if self.fd >= 0:
             try:
                 os.fdatasync(self.fd)
