@@ -13,7 +13,7 @@ the same run.
 Files live on /dev/shm when it exists; a warm-up first writes and deletes a file as large as a run's history (in
 this virtual machine the first touch of a memory page is expensive, which would count against "on" only).
 
-Usage: python bench/history.py [--total-mib N] [--rounds N]
+Usage: python bench/history.py [--total-mib N] [--rounds N] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -174,8 +174,13 @@ def run(argv: list[str]) -> dict[str, object]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--total-mib", type=int, default=1024, help="data streamed per run (default 1024 MiB)")
     ap.add_argument("--rounds", type=int, default=3, help="on / off pairs; medians are used (default 3)")
+    ap.add_argument(
+        "--dir",
+        type=Path,
+        help="where the replica, journal and history go (default /dev/shm, else the temp dir)",
+    )
     args = ap.parse_args(argv)
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    base = args.dir or (Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir()))
     work = Path(tempfile.mkdtemp(prefix="bdr-bench-history-", dir=base))
     try:
         st = streaming(work, args.total_mib << 20, args.rounds)

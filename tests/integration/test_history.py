@@ -24,14 +24,14 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def moment(lab: Lab) -> int:
-    """A durability point of the source once what came before is durable: its seq (the source file holds the
-    moment's bytes until the next write)."""
+def moment(lab: Lab) -> tuple[int, float]:
+    """A durability point of the source once what came before is durable: its seq, and a time once the replica
+    has it (the source file holds the moment's bytes until the next write)."""
     assert lab.producer is not None
     lab.producer.flush(block=True)
     seq = lab.producer.next_seq - 1
     lab.wait_drained()
-    return seq
+    return seq, time.time()
 
 
 def test_history_is_kept_shown_restored_and_rolled_back(lab: Lab) -> None:
@@ -48,13 +48,15 @@ def test_history_is_kept_shown_restored_and_rolled_back(lab: Lab) -> None:
     lab.client()
     lab.wait_drained()  # the first scan copied the source: a gap, nothing before it is offered
     moments: dict[int, bytes] = {}
+    times: dict[int, float] = {}
     rnd = random.Random(4)
     for k in range(5):
         w = Writer(prod, 300, seed=k)
         w.join()
         for _ in range(20):  # and writes over what the last ones wrote
             prod.write(rnd.randrange(0, 64) * 4096, rnd.randbytes(4096), block=True)
-        moments[moment(lab)] = lab.src.read_bytes()
+        seq, when = moment(lab)
+        moments[seq], times[seq] = lab.src.read_bytes(), when
     # status and metrics
     st = wait_for(
         "the history in the server's status",
@@ -62,7 +64,7 @@ def test_history_is_kept_shown_restored_and_rolled_back(lab: Lab) -> None:
         run,
     )
     h = st["servers"][0]["history"]
-    assert h["path"] == str(hist) and h["gaps"] == 1 and "journal resync was applied" in h["last_gap"]
+    assert h["path"] == str(hist) and h["gaps"] == 1 and "a journal resync rewrote" in h["last_gap"]
     assert h["points"] >= len(moments) and 0 < h["bytes"] <= 64 << 20 and h["oldest_time"] <= h["newest_time"]
     m = scrape(st["servers"][0]["metrics_url"])
     assert m["bdr_server_history_points"] == h["points"] and m["bdr_server_history_gaps"] == 1
@@ -73,9 +75,9 @@ def test_history_is_kept_shown_restored_and_rolled_back(lab: Lab) -> None:
     res = cli("history", str(hist), "--json")
     info = json.loads(res.stdout)
     assert set(moments) <= {p["seq"] for p in info["checkpoints"]}
-    assert info["gaps"][0]["reason"].startswith("a journal resync was applied")
+    assert info["resyncs"][0]["reason"].startswith("a journal resync rewrote") and not info["gaps"]
     text = cli("history", str(hist)).stdout
-    assert f"{h['points']} points: oldest" in text and "gap at" in text, text
+    assert f"{h['points']} points: oldest" in text and "no moment from" in text, text
     # every moment back, while the pair runs and the source is written meanwhile
     w = Writer(prod, 2000, seed=9, pace=0.001)
     for seq, want in moments.items():
@@ -88,8 +90,8 @@ def test_history_is_kept_shown_restored_and_rolled_back(lab: Lab) -> None:
     # what it cannot give back is refused, naming the gap and the points offered
     first = min(moments)
     res = cli("restore", str(hist), "--at", f"@{before}", "--to", str(lab.tmp / "x.img"))
-    assert res.returncode == 1 and "before a gap in the history" in res.stderr, res.stderr
-    assert "journal resync was applied" in res.stderr and "the oldest point offered is" in res.stderr
+    assert res.returncode == 1 and "is inside a resync window" in res.stderr, res.stderr
+    assert "journal resync rewrote" in res.stderr and "The nearest points offered: after it" in res.stderr
     res = cli("restore", str(hist), "--at", "yesterday", "--to", str(lab.tmp / "x.img"))
     assert res.returncode == 1 and "give a time" in res.stderr
     res = cli("rollback", str(hist), "--at", str(first))
@@ -111,7 +113,16 @@ def test_history_is_kept_shown_restored_and_rolled_back(lab: Lab) -> None:
     lab.wait_drained()
     assert lab.identical()
     info = json.loads(cli("history", str(hist), "--json").stdout)
-    assert len(info["gaps"]) == 2 and info["rolled_back"] is None
+    assert len(info["resyncs"]) == 2 and not info["gaps"] and info["rolled_back"] is None
+    # the resync kept what it overwrote: the moments before the rollback's point are still given back, those
+    # after it (undone, then resynced) fall in its window and are refused
+    first = min(moments)
+    res = cli("restore", str(hist), "--at", f"@{times[first]}", "--to", str(lab.tmp / "again.img"))
+    assert res.returncode == 0 and (lab.tmp / "again.img").read_bytes() == moments[first], res.stderr
+    later = sorted(moments)[3]
+    res = cli("restore", str(hist), "--at", f"@{times[later]}", "--to", str(lab.tmp / "x.img"))
+    assert res.returncode == 1 and "is inside a resync window" in res.stderr, res.stderr
+    assert f"(seq {target})" in res.stderr, res.stderr  # the nearest point before it: the rollback's
 
 
 def test_history_flags_are_checked(lab: Lab) -> None:

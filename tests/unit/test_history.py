@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from bdr import replica_state
 from bdr import wire as p
 from bdr.history import At, History, HistoryError, HistoryWriter, Meta, PointRefused, parse_at
-from bdr.history.format import HEAD_SIZE, segment_numbers
+from bdr.history.format import HEAD_SIZE, Kind, decode, encode, segment_numbers
 from bdr.history.restore import restore, rollback
 from bdr.journal import JFlag, Journal
 from bdr.server import Applier
@@ -173,20 +173,57 @@ def test_retention_keeps_the_history_under_its_size_and_drops_the_oldest_first(t
     limit = 16 << 20
     rig = Rig(tmp_path, size_limit=limit, size=4 << 20)
     rng = random.Random(7)
-    for _ in range(48):  # 48 MiB of 1 MiB writes, a point after each
-        rig.apply([(rng.randrange(0, 3) * 2048, 1 << 20, W, 0), (0, 0, F, 0)])
+    inodes: dict[int, str] = {}
+
+    def point() -> None:
+        rig.apply([(0, 0, F, 0)])
         rig.states[rig.seq - 1] = rig.replica_path.read_bytes()
+
+    for k in range(40):  # rounds of a 1 MiB write and two 4 KiB writes, a point after each: 40 MiB
+        if k == 30:
+            inodes = {f.stat().st_ino: f.name for f in rig.dir.glob("*.seg")}
+        rig.apply([(rng.randrange(0, 3) * 2048, 1 << 20, W, 0)])
+        point()
+        for _ in range(2):
+            rig.apply([(rng.randrange(0, 1024) * 8, 4096, W, 0)])
+            point()
         used = sum(f.stat().st_size for f in rig.dir.glob("*.seg"))
         assert used <= limit
         assert rig.history.bytes_used == used
     with History(rig.dir) as h:
         pts = [e.seq for e in h.points()]
     assert pts and pts[-1] == rig.seq - 1 and pts == list(range(pts[0], rig.seq, 2))
-    assert 6 <= len(pts) < 16
+    assert 20 <= len(pts) < 60
     assert restored(rig, At(seq=pts[0])) == rig.states[pts[0]]
     with pytest.raises(PointRefused, match="older than the history holds"):
         restored(rig, At(seq=pts[0] - 1))
+    # the files of dropped segments were reused, under the numbers of new segments
+    renamed = [f for f in rig.dir.glob("*.seg") if inodes.get(f.stat().st_ino, f.name) != f.name]
+    assert renamed and rig.history.bytes_appended > 2 * limit
+    # a crash in a reused segment after the first records of a round: the records it held before, intact and
+    # where the new ones would be, are not taken for new ones
+    rig.apply([(0, 1 << 20, W, 0)])
+    point()
+    newest = rig.seq - 1
+    current = rig.dir / f"{rig.history.number:016d}.seg"
+    assert current.stat().st_size > rig.history.pos  # what the reused file held before is still there
+    os.close(rig.history.fd)  # no clean close: the old content stays after the last record
+    os.close(rig.history.lock_fd)
+    rig.history.fd = rig.history.lock_fd = -1
+    rig.history = rig.open_history(limit)
+    rig.applier.history = rig.history
+    with History(rig.dir) as h:
+        after = [e.seq for e in h.points()]
+        assert after[-1] == newest and after == sorted(after) and not h.barriers()
+    assert restored(rig, At(seq=pts[-3])) == rig.states[pts[-3]]
+    assert restored(rig, At(seq=newest)) == rig.states[newest]
     rig.close()
+
+
+def test_a_record_of_another_segment_is_not_read_as_this_ones() -> None:
+    head = encode(7, Kind.CHECKPOINT, 5, 1)
+    assert decode(head, 7, 0) is not None
+    assert decode(head, 8, 0) is None  # the same bytes in segment 8: left from the file's life as segment 7
 
 
 def test_a_torn_record_at_the_end_is_cut_at_the_next_start(tmp_path: Path) -> None:
@@ -250,3 +287,41 @@ def test_at_accepts_times_unix_seconds_and_sequence_numbers() -> None:
     assert parse_at("2026-12-04T09:30:00+00:00") == At(time_ns=1_796_376_600_000_000_000)
     with pytest.raises(ValueError, match="give a time"):
         parse_at("yesterday")
+
+
+def test_a_resync_keeps_the_points_before_it_and_refuses_its_window(tmp_path: Path) -> None:
+    clock = iter(range(10**9, 10**12, 10**6))  # a millisecond a step
+    rig = Rig(tmp_path)
+    rig.history.clock = lambda: next(clock)
+    rig.apply([(0, 8192, W, 0), (0, 0, F, 0)])
+    before = rig.replica_path.read_bytes()
+    with History(rig.dir) as h:
+        (p1,) = h.points()
+    # the source moves on while the replica does not follow (an overflow); a resync brings it back
+    rig.history.clock()
+    ranges = [(0, 4096), (40960, 8192)]
+    rig.history.preserve_for_resync(ranges)
+    with open(rig.replica_path, "r+b") as f:
+        for off, n in ranges:
+            f.seek(off)
+            f.write(os.urandom(n))
+    rig.history.resync("a journal resync rewrote 2 ranges of the replica", 40)
+    rig.seq = 41
+    rig.applier.restart_at(41)  # the stream resumes after the resync
+    rig.apply([(16, 4096, W, 0), (0, 0, F, 0)])
+    after = rig.replica_path.read_bytes()
+    with History(rig.dir) as h:
+        p2 = h.points()[-1]
+        ((r, b, a),) = h.windows()
+    assert (b, a) == (p1, p2) and r.offset == p1.time_ns < r.time_ns < p2.time_ns
+    assert restored(rig, At(time_ns=p1.time_ns)) == before  # undone across the resync
+    assert restored(rig, At(time_ns=p2.time_ns)) == after
+    for inside in (p1.time_ns + 1, r.time_ns, p2.time_ns - 1):
+        with pytest.raises(
+            PointRefused, match=r"inside a resync window.*rewrote 2 ranges.*before it .*after it"
+        ):
+            restored(rig, At(time_ns=inside))
+    with pytest.raises(PointRefused, match="older points are asked for by time"):
+        restored(rig, At(seq=p1.seq))
+    assert restored(rig, At(seq=42)) == after
+    rig.close()

@@ -45,6 +45,9 @@ def show(directory: str, as_json: bool) -> int:
         before = g["last_point_before"]
         after = f" (the last point before it, {_p(before)}, is lost)" if before else ""
         print(f"  gap at {g['time']}: {g['reason']}{after}")
+    windows: Any = info["resyncs"]
+    for w in windows:
+        print(f"  no moment from {w['from']} to {w['to']}: {w['reason']} (the points before and after stay)")
     if info["rolled_back"]:
         print(f"  the replica was {info['rolled_back']}; the next client start resyncs it")
     return 0

@@ -23,8 +23,12 @@ freeing), and a record left from a file's earlier life has another tag, so it en
   no data) -- followed by the data of the other extents, in order.
 - CHECKPOINT: the replica was durable at ``seq``, a durability point of the source (FLUSH or FUA), at
   ``time_ns``.  Undoing every UNDO after it, newest first, gives the replica as it was then.
-- GAP: the replica was about to be rewritten without before-images (a resync, an operator's assertion); no
-  point before it can be restored.  The payload says why (UTF-8).
+- GAP: the replica was about to be rewritten without before-images (a direct resync, an operator's assertion);
+  no point before it can be restored.  The payload says why (UTF-8).
+- RESYNC: a journal resync was applied, its before-images in the UNDO records just before; the points before
+  it can still be restored, but no moment of the window it closes: from ``offset`` (the time, ns, the replica
+  last followed the source) to ``time_ns``, up to ``seq`` (the replica's sequence number after it), the
+  source's states never were on the replica.  The payload says why (UTF-8).
 - START: a bdr_server opened the history (payload: a line for the log).
 - ROLLBACK: ``bdr rollback`` turned the replica back to the checkpoint before this record (payload: why).
 
@@ -60,6 +64,7 @@ class Kind(enum.IntEnum):
     GAP = 3
     START = 4
     ROLLBACK = 5
+    RESYNC = 6
 
 
 FLAG_ZERO = 1  # an UNDO extent that held zeros (no data)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import bisect
 import datetime
 import os
 from dataclasses import dataclass, field
@@ -174,6 +175,17 @@ class History:
     def _first_time(seg: Segment) -> int:
         return seg.entries[0].time_ns if seg.entries else 0
 
+    def windows(self) -> list[tuple[Entry, Entry | None, Entry | None]]:
+        """The resync windows: (its RESYNC record, the newest point offered before it, the first after it)."""
+        points = self.points()
+        keys = [(e.segment, e.pos) for e in points]
+        out = []
+        for e in self.entries():
+            if e.kind is Kind.RESYNC:
+                k = bisect.bisect_left(keys, (e.segment, e.pos))
+                out.append((e, points[k - 1] if k else None, points[k] if k < len(points) else None))
+        return out
+
     def points(self) -> list[Entry]:
         """The checkpoints offered: those after the last barrier, oldest first."""
         entries = self.entries()
@@ -182,7 +194,7 @@ class History:
         return [e for e in entries[start:] if e.kind is Kind.CHECKPOINT]
 
     def reason(self, e: Entry) -> str:
-        """The text of a GAP, START or ROLLBACK record."""
+        """The text of a GAP, RESYNC, START or ROLLBACK record."""
         return self.read_payload(e).decode("utf-8", "replace")
 
     def read_payload(self, e: Entry) -> bytes:
@@ -210,25 +222,52 @@ class History:
     # -- choosing a point -------------------------------------------------------------------------------------
 
     def select(self, at: At) -> Entry:
-        """The newest point offered at or before ``at``; PointRefused when there is none."""
+        """The newest point offered at or before ``at``; PointRefused when there is none, or when ``at`` falls
+        in a resync window (the source's states there never were on the replica)."""
         points = self.points()
+        windows = self.windows()
         if at.seq is not None:
+            # sequence numbers may start again after a resync (a new capture ring): only the points since the
+            # last one are looked up by number
+            if windows:
+                last, _, _ = windows[-1]
+                points = [e for e in points if (e.segment, e.pos) > (last.segment, last.pos)]
             chosen = [e for e in points if e.seq <= at.seq]
+            if not chosen and windows:
+                raise PointRefused(
+                    f"{at} is not after the last resync ({fmt_time(windows[-1][0].time_ns)}): sequence numbers "
+                    "may start again at a resync, so older points are asked for by time; "
+                    + self._offered(self.points())
+                )
         else:
             assert at.time_ns is not None
+            for r, before, after in windows:
+                end = after.time_ns if after is not None else None
+                if r.offset < at.time_ns and (end is None or at.time_ns < end):
+                    near = [
+                        f"before it {fmt_point(before)}" if before is not None else "",
+                        f"after it {fmt_point(after)}" if after is not None else "",
+                    ]
+                    nearest = " and ".join(n for n in near if n) or "none"
+                    raise PointRefused(
+                        f"{at} is inside a resync window, from {fmt_time(r.offset)} to "
+                        f"{fmt_time(end) if end is not None else 'the next point'}: {self.reason(r)}; the source's "
+                        f"states in it were never on the replica. The nearest points offered: {nearest}"
+                    )
             chosen = [e for e in points if e.time_ns <= at.time_ns]
         if chosen:
             return chosen[-1]
-        raise PointRefused(self._refusal(at, points))
+        raise PointRefused(self._refusal(at, self.points()))
+
+    @staticmethod
+    def _offered(points: list[Entry]) -> str:
+        if points:
+            return f"the oldest point offered is {fmt_point(points[0])}, the newest {fmt_point(points[-1])}"
+        return "no point is offered yet (the next durability point of the source that reaches the replica makes one)"
 
     def _refusal(self, at: At, points: list[Entry]) -> str:
         bars = self.barriers()
-        offered = (
-            f"the oldest point offered is {fmt_point(points[0])}, the newest {fmt_point(points[-1])}"
-            if points
-            else "no point is offered yet (the next durability point of the source that reaches the replica "
-            "makes one)"
-        )
+        offered = self._offered(points)
         if bars:
             gap = bars[-1][1]
             before = (
@@ -264,6 +303,16 @@ class History:
                     "last_point_before": _point_json(g.last_point_before) if g.last_point_before else None,
                 }
                 for _, g in self.barriers()
+            ],
+            "resyncs": [
+                {
+                    "from": fmt_time(r.offset),
+                    "to": fmt_time(r.time_ns),
+                    "reason": self.reason(r),
+                    "last_point_before": _point_json(b) if b is not None else None,
+                    "first_point_after": _point_json(a) if a is not None else None,
+                }
+                for r, b, a in self.windows()
             ],
             "rolled_back": self.reason(last) if last is not None and last.kind is Kind.ROLLBACK else None,
             "checkpoints": [_point_json(e) for e in points],

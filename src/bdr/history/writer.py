@@ -172,8 +172,13 @@ class HistoryWriter:
             self.last_gap: tuple[int, str] | None = (
                 (bars[-1][1].time_ns, bars[-1][1].reason) if bars else None
             )
-            self.gaps = len(bars)
+            self.gaps = len(bars) + len(h.windows())
             entries = h.entries()
+            # when the replica last followed the source (a resync window opens there)
+            self.followed_ns = next(
+                (e.time_ns for e in reversed(entries) if e.kind in (Kind.UNDO, Kind.CHECKPOINT, Kind.RESYNC)),
+                self.clock(),
+            )
             last = next((e for e in reversed(entries) if e.kind is not Kind.START), None)
             if last is not None and last.kind is Kind.ROLLBACK:
                 log.warning(
@@ -326,9 +331,15 @@ class HistoryWriter:
                 exc.errno, f"history {self.directory}: fdatasync failed: {exc.strerror}"
             ) from exc
 
-    def preserve(self, ranges: list[tuple[int, int]]) -> None:
+    def preserve_for_resync(self, ranges: list[tuple[int, int]]) -> None:
+        """``preserve`` before a resync is applied: the replica does not follow the source there (the resync's
+        window is still open)."""
+        self.preserve(ranges, following=False)
+
+    def preserve(self, ranges: list[tuple[int, int]], following: bool = True) -> None:
         """Before writing each (offset, length) of the replica: append what it holds now, then fdatasync.  One
-        UNDO record per batch of at most BATCH_MAX bytes; ranges that hold zeros take no data."""
+        UNDO record per batch of at most BATCH_MAX bytes; ranges that hold zeros take no data.  ``following``:
+        the writes are the source's, in order (the replica follows the source up to now)."""
         sizes = [n for _, n in ranges]
         total = sum(sizes)
         if not total:
@@ -394,12 +405,15 @@ class HistoryWriter:
             self.undo_records += len(offsets)
         self.sync()
         self.bytes_preserved += total
+        if following:
+            self.followed_ns = now
 
     def checkpoint(self, seq: int) -> None:
         """The replica is durable at ``seq``, a durability point of the source: a point to offer."""
         now = self.clock()
         self._small(Kind.CHECKPOINT, seq, now)
         self.sync()
+        self.followed_ns = now
         self.points.append((self.segments[-1].number, now, seq))
 
     def gap(self, reason: str) -> None:
@@ -417,6 +431,25 @@ class HistoryWriter:
         self.points.clear()
         self.last_gap = (now, reason)
         self.gaps += 1
+
+    def resync(self, reason: str, seq: int) -> None:
+        """A journal resync was applied (its before-images were preserved first): the moments since the replica
+        last followed the source are a window no restore gives back; the points before it stay."""
+        now = self.clock()
+        self._prepare(HEAD_SIZE + len(reason.encode()))
+        why = reason.encode()
+        head = encode(self.number, Kind.RESYNC, seq, now, self.followed_ns, payload=why)
+        self._append([head, why], HEAD_SIZE + len(why))
+        self.sync()
+        log.info(
+            "history: %s; no moment from %s to %s can be given back (the points before stay)",
+            reason,
+            fmt_time(self.followed_ns),
+            fmt_time(now),
+        )
+        self.last_gap = (now, f"{reason} (from {fmt_time(self.followed_ns)})")
+        self.gaps += 1
+        self.followed_ns = now
 
     def summary(self) -> HistoryStatus:
         """The history part of the server's status snapshot."""

@@ -413,11 +413,20 @@ class RecordArea:
         return list(self.records())
 
     @_journal_io
-    def apply(self, replica: ReplicaTarget, size_limit: int | None = None) -> int:
+    def apply(
+        self,
+        replica: ReplicaTarget,
+        size_limit: int | None = None,
+        before: Callable[[list[tuple[int, int]]], None] | None = None,
+    ) -> int:
         """Apply the committed resync to the replica (idempotent), sync it, mark the area CLEAN.  Returns the
-        number of records applied.  Raises JournalCorrupt (nothing applied) when a record fails its checksum."""
+        number of records applied.  Raises JournalCorrupt (nothing applied) when a record fails its checksum.
+        ``before``: called with every (offset, length) the resync writes, once verified and before any write
+        (the server's history keeps what they overwrite)."""
         assert self.state.state is AreaState.COMMITTED
         recs = self.verify()
+        if before is not None:
+            before([(rec.offset, rec.length) for rec, _ in recs])
         half = len(recs) // 2
         for i, (rec, at) in enumerate(recs):
             if i == half and i:
@@ -450,11 +459,16 @@ class RecordArea:
             self.fd = -1
 
     @_journal_io
-    def recover(self, replica: ReplicaTarget, size_limit: int | None = None) -> str:
+    def recover(
+        self,
+        replica: ReplicaTarget,
+        size_limit: int | None = None,
+        before: Callable[[list[tuple[int, int]]], None] | None = None,
+    ) -> str:
         """At server start: replay a committed resync, discard an uncommitted one.  Returns what was done."""
         st = self.state.state
         if st is AreaState.COMMITTED:
-            n = self.apply(replica, size_limit)
+            n = self.apply(replica, size_limit, before)
             return f"replayed a committed resync ({n} records)"
         if st is AreaState.OPEN:
             self.discard()

@@ -21,7 +21,7 @@ from ..journal import FaultPlan, Journal, JournalError, RecordArea, StorageError
 from ..journal.format import AreaState
 from ..log import BenchClock
 from ..security import tls
-from ..seq import fmt_seq, seq_or_none
+from ..seq import NO_SEQ, fmt_seq, seq_or_none
 from .applier import Applier
 from .errors import EXIT_STORAGE, ServerError, SessionClosed
 from .gate import Gate
@@ -441,11 +441,15 @@ def open_record_area(
         limit = size if limit is None else min(size, limit)
     try:
         area = RecordArea(fd, str(journal.path), limit, faults)
-        if history is not None and area.state.state is AreaState.COMMITTED:
-            history.gap(
-                "a committed journal resync was replayed at start (it rewrites blocks without history)"
+        replay = area.state.state is AreaState.COMMITTED
+        done = area.recover(
+            replica, replica.size, history.preserve_for_resync if history is not None else None
+        )
+        if history is not None and replay:
+            durable = replica_state.resume_point(journal.header)
+            history.resync(
+                "a committed journal resync was replayed at start", NO_SEQ if durable is None else durable
             )
-        done = area.recover(replica, replica.size)
     except JournalError as exc:
         os.close(fd)
         raise ServerError(str(exc)) from exc

@@ -274,9 +274,10 @@ class ServerSession:
         self.journal.store(
             replica_state.staged_resync_committed(self.journal.header, ap.applied, ap.expect is not None)
         )
-        if ap.history is not None:
-            ap.history.gap("a journal resync was applied (it rewrites blocks without history)")
-        n = st.apply(ap.replica_target)
+        hist = ap.history
+        n = st.apply(ap.replica_target, hist.preserve_for_resync if hist is not None else None)
+        if hist is not None:
+            hist.resync(f"a journal resync rewrote {n - 1} ranges of the replica", ap.applied)
         ap.resync_applied()
         self.staged = None
         log.info("journal resync applied (%d records); replica consistent at seq %d", n, ap.applied)

@@ -18,6 +18,7 @@ durability points, at which the session asks ``due()`` and commits.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 from ..journal import RecordArea, ReplicaTarget, StagingTarget
 from ..seq import seq_le
@@ -105,10 +106,13 @@ class StagedResync:
         self.area.commit()
         self.phase = Phase.COMMITTED
 
-    def apply(self, replica: ReplicaTarget) -> int:
-        """Apply the committed resync to the replica; the number of records applied."""
+    def apply(
+        self, replica: ReplicaTarget, before: Callable[[list[tuple[int, int]]], None] | None = None
+    ) -> int:
+        """Apply the committed resync to the replica; the number of records applied.  ``before``: as for
+        ``RecordArea.apply`` (the history)."""
         self._check("apply")
-        n = self.area.apply(replica)
+        n = self.area.apply(replica, before=before)
         self.phase = Phase.APPLIED
         return n
 
