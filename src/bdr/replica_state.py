@@ -248,3 +248,8 @@ def rolled_back(h: Header) -> Header:
         durable_seq=NO_SEQ,
         consistent_seq=NO_SEQ,
     )
+
+
+def history_kept(h: Header, history_id: bytes) -> Header:
+    """From now on the history ``history_id`` keeps what every write overwrites (zero: no history)."""
+    return _with(h, history_id=history_id)

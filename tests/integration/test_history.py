@@ -133,3 +133,40 @@ def test_history_flags_are_checked(lab: Lab) -> None:
     assert srv.wait() == 2 and "--history needs --history-size and/or --history-age" in srv.log()
     srv = lab.server("--history", str(lab.tmp / "h"), "--history-age", "soon")
     assert srv.wait() == 2 and "invalid duration 'soon'" in srv.log()
+
+
+def test_writes_made_without_the_history_end_what_it_can_give_back(lab: Lab) -> None:
+    """The journal names the history that kept every write: a server run without it (or with another one) is
+    a gap when the history comes back, never a silently wrong restore."""
+    hist = lab.tmp / "history"
+    lab.images(src_random=True)
+    lab.make_producer()
+    srv = lab.server("--history", str(hist), "--history-size", "64M")
+    srv.wait_log("listening on")
+    cli_d = lab.client()
+    lab.wait_drained()
+    assert lab.producer is not None
+    lab.producer.write(0, b"\x11" * 4096, block=True)
+    seq, _ = moment(lab)
+    assert cli_d.stop() == 0 and srv.stop() == 0
+    # a day without the history
+    srv = lab.server()
+    srv.wait_log("listening on", count=2)
+    assert "the history kept so far stops here" in srv.log()
+    cli_d = lab.client()
+    lab.producer.write(0, b"\x22" * 4096, block=True)
+    lab.producer.flush(block=True)
+    srv.wait_log(r"client \S+ connected", count=2)
+    deadline = time.monotonic() + 20
+    while lab.replica.read_bytes()[:4096] != b"\x22" * 4096:
+        assert time.monotonic() < deadline, "the write did not reach the replica"
+        time.sleep(0.05)
+    assert cli_d.stop() == 0 and srv.stop() == 0
+    # the history again: the points before that day are gone, with the reason
+    srv = lab.server("--history", str(hist), "--history-size", "64M")
+    srv.wait_log("listening on", count=3)
+    info = json.loads(cli("history", str(hist), "--json").stdout)
+    assert info["points"] == 0 and "written while this history was not kept" in info["gaps"][-1]["reason"]
+    res = cli("restore", str(hist), "--at", str(seq), "--to", str(lab.tmp / "x.img"))
+    assert res.returncode == 1 and "before a gap in the history" in res.stderr, res.stderr
+    assert srv.stop() == 0

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from bdr import replica_state
 from bdr import wire as p
 from bdr.history import At, History, HistoryError, HistoryWriter, Meta, PointRefused, parse_at
+from bdr.history import restore as restore_mod
 from bdr.history.format import HEAD_SIZE, Kind, decode, encode, segment_numbers
 from bdr.history.restore import restore, rollback
 from bdr.journal import JFlag, Journal
@@ -283,8 +284,12 @@ def test_rollback_turns_the_replica_back_and_leaves_it_to_be_resynced(tmp_path: 
 
 def test_at_accepts_times_unix_seconds_and_sequence_numbers() -> None:
     assert parse_at("1234") == At(seq=1234)
-    assert parse_at("@1700000000.5") == At(time_ns=1_700_000_000_500_000_000)
-    assert parse_at("2026-12-04T09:30:00+00:00") == At(time_ns=1_796_376_600_000_000_000)
+    # a time covers its last digit
+    assert parse_at("@1700000000.5") == At(time_ns=1_700_000_000_599_999_999)
+    assert parse_at("@1700000000.123456789") == At(time_ns=1_700_000_000_123_456_789)
+    assert parse_at("2026-12-04T09:30:00+00:00") == At(time_ns=1_796_376_600_999_999_999)
+    assert parse_at("2026-12-04T09:30:00.002+00:00") == At(time_ns=1_796_376_600_002_999_999)
+    assert parse_at("2026-12-04T09:30+00:00") == At(time_ns=1_796_376_659_999_999_999)
     with pytest.raises(ValueError, match="give a time"):
         parse_at("yesterday")
 
@@ -324,4 +329,60 @@ def test_a_resync_keeps_the_points_before_it_and_refuses_its_window(tmp_path: Pa
     with pytest.raises(PointRefused, match="older points are asked for by time"):
         restored(rig, At(seq=p1.seq))
     assert restored(rig, At(seq=42)) == after
+    rig.close()
+
+
+def test_a_torn_payload_under_an_intact_header_is_cut_at_the_next_start(tmp_path: Path) -> None:
+    """A power cut in a reused segment can leave a new header over an old payload: the payload's checksum tells."""
+    rig = Rig(tmp_path)
+    rig.apply([(0, 4096, W, 0), (0, 0, F, 0)])
+    want = rig.replica_path.read_bytes()
+    rig.apply([(8, 8192, W, 0)])  # an UNDO record after the point, then the power cut
+    rig.history.close()
+    with History(rig.dir) as h:
+        last = h.entries()[-1]
+        path = h.segments[-1].path
+    assert last.kind is Kind.UNDO
+    with open(path, "r+b") as f:
+        f.seek(last.pos + HEAD_SIZE + last.payload_len - 100)
+        f.write(os.urandom(100))
+    # its write never reached the replica: a before-image is synced before the write is issued
+    rig.replica_path.write_bytes(want)
+    rig.history = rig.open_history()
+    rig.applier.history = rig.history
+    with History(rig.dir) as h:
+        assert all(e.pos != last.pos or e.segment != last.segment for e in h.entries())
+    assert restored(rig, At(seq=1)) == want
+    rig.close()
+
+
+def test_an_interrupted_rollback_voids_the_later_points_and_runs_again(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.apply([(0, 8192, W, 0), (0, 0, F, 0)])
+    want = rig.replica_path.read_bytes()
+    rig.apply([(8, 4096, W, 0), (0, 0, F, 0), (16, 4096, W, FUA)])
+    rig.history.close()
+    rig.journal.close()
+    with History(rig.dir) as h:
+        point = h.select(At(seq=1))
+        restore_mod._append_marker(h, point, b"rolling back (interrupted)")  # then the operator's Ctrl-C
+    with History(rig.dir) as h:
+        assert [e.seq for e in h.points()] == [1]  # seq 3 and 5 are void: the replica may be half undone
+    out = rollback(rig.dir, At(seq=1), quiet=True)
+    assert out.point.seq == 1 and rig.replica_path.read_bytes() == want
+    rig.replica.close()
+
+
+def test_a_discard_larger_than_a_quarter_of_the_history_is_a_gap(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, size_limit=16 << 20, size=16 << 20)
+    rig.apply([(0, 4096, W, 0), (0, 0, F, 0)])
+    assert rig.history.large == 4 << 20
+    rig.apply([(0, 2 << 20, D, 0), (0, 0, F, 0)])  # kept
+    with History(rig.dir) as h:
+        assert [e.seq for e in h.points()] == [1, 3] and not h.barriers()
+    rig.apply([(0, 8 << 20, D, 0), (0, 0, F, 0)])  # mkfs: not read, a gap
+    with History(rig.dir) as h:
+        assert [e.seq for e in h.points()] == [5]
+        ((_, gap),) = h.barriers()
+    assert "a discard of 8388608 bytes at byte 0 was applied without keeping" in gap.reason
     rig.close()

@@ -68,6 +68,7 @@ class Kind(enum.IntEnum):
 
 
 FLAG_ZERO = 1  # an UNDO extent that held zeros (no data)
+FLAG_RESYNC = 1  # an UNDO record (its header's flags): before-images kept for a resync, not a source write
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,14 +176,16 @@ def segment_numbers(directory: Path) -> list[int]:
 class Meta:
     """What a history belongs to (``history.json``)."""
 
-    replica: str
+    replica: str  # absolute paths
     replica_bytes: int
     journal: str
+    id: bytes = bytes(16)  # the journal header names it while this history keeps every write's before-image
 
     def to_json(self) -> str:
         return json.dumps(
             {
                 "format": FORMAT_VERSION,
+                "id": self.id.hex(),
                 "replica": self.replica,
                 "replica_bytes": self.replica_bytes,
                 "journal": self.journal,
@@ -195,18 +198,25 @@ class HistoryFormatError(Exception):
     """The directory is not a usable history."""
 
 
+class NotAHistory(HistoryFormatError):
+    """The directory has no history.json (a new history may be made there)."""
+
+
 def read_meta(directory: Path) -> Meta:
     path = directory / META
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
-        raise HistoryFormatError(f"{directory} is not a bdr history (no {META})") from None
+        raise NotAHistory(f"{directory} is not a bdr history (no {META})") from None
     except (OSError, ValueError) as exc:
         raise HistoryFormatError(f"{path}: unreadable: {exc}") from exc
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_VERSION:
         raise HistoryFormatError(f"{path}: not a bdr history of format {FORMAT_VERSION}")
     try:
-        return Meta(str(raw["replica"]), int(raw["replica_bytes"]), str(raw["journal"]))
+        ident = bytes.fromhex(str(raw["id"]))
+        if len(ident) != 16:
+            raise ValueError("id")
+        return Meta(str(raw["replica"]), int(raw["replica_bytes"]), str(raw["journal"]), ident)
     except (KeyError, TypeError, ValueError) as exc:
         raise HistoryFormatError(f"{path}: missing or bad field {exc}") from exc
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import datetime
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,15 +76,18 @@ class At:
 
 def parse_at(text: str) -> At:
     """``--at``: a sequence number (digits), ``@`` and Unix seconds, or an ISO 8601 date and time (local time
-    unless it names its zone)."""
+    unless it names its zone).  A time covers the whole of its last digit: 09:30:00 is up to 09:30:00.999999999,
+    and a time copied from ``bdr history`` (milliseconds) finds the point it shows."""
     t = text.strip()
     if t.isdigit():
         return At(seq=int(t))
     if t.startswith("@"):
-        try:
-            return At(time_ns=int(float(t[1:]) * 1e9))
-        except ValueError:
-            raise ValueError(f"--at {text!r}: '@' must be followed by Unix seconds") from None
+        m = re.fullmatch(r"@(\d+)(?:\.(\d{1,9}))?", t)
+        if not m:
+            raise ValueError(f"--at {text!r}: '@' must be followed by Unix seconds (e.g. @1764840600.25)")
+        frac = m.group(2) or ""
+        ns = int(m.group(1)) * 10**9 + int(frac.ljust(9, "0") or 0)
+        return At(time_ns=ns + 10 ** (9 - len(frac)) - 1)
     try:
         dt = datetime.datetime.fromisoformat(t)
     except ValueError:
@@ -93,7 +97,12 @@ def parse_at(text: str) -> At:
         ) from None
     if dt.tzinfo is None:
         dt = dt.astimezone()
-    return At(time_ns=int(dt.timestamp() * 1e9))
+    m = re.search(r"\d:\d\d:\d\d(?:[.,](\d+))?", t)
+    # no seconds given: the whole minute (or day); else the last digit given
+    minute = 60 if re.search(r"\d:\d\d", t) else 86400
+    span = 10**9 * minute if m is None else 10 ** (9 - min(len(m.group(1) or ""), 6))
+    whole = int(dt.replace(microsecond=0).timestamp()) * 10**9 + dt.microsecond * 1000
+    return At(time_ns=whole + span - 1)
 
 
 def fmt_time(time_ns: int) -> str:
@@ -176,22 +185,32 @@ class History:
         return seg.entries[0].time_ns if seg.entries else 0
 
     def windows(self) -> list[tuple[Entry, Entry | None, Entry | None]]:
-        """The resync windows: (its RESYNC record, the newest point offered before it, the first after it)."""
+        """The resync windows since the last gap: (its RESYNC record, the newest point offered before it, the
+        first after it)."""
         points = self.points()
         keys = [(e.segment, e.pos) for e in points]
+        bars = self.barriers()
         out = []
-        for e in self.entries():
+        for e in self.entries()[bars[-1][0] if bars else 0 :]:  # those before a gap are moot
             if e.kind is Kind.RESYNC:
                 k = bisect.bisect_left(keys, (e.segment, e.pos))
                 out.append((e, points[k - 1] if k else None, points[k] if k < len(points) else None))
         return out
 
     def points(self) -> list[Entry]:
-        """The checkpoints offered: those after the last barrier, oldest first."""
+        """The checkpoints offered: those after the last barrier, oldest first, but none a rollback voided (the
+        points after its target, up to its record)."""
         entries = self.entries()
         bars = self.barriers()
         start = bars[-1][0] if bars else 0
-        return [e for e in entries[start:] if e.kind is Kind.CHECKPOINT]
+        void = [
+            ((e.offset, e.length), (e.segment, e.pos)) for e in entries[start:] if e.kind is Kind.ROLLBACK
+        ]
+        return [
+            e
+            for e in entries[start:]
+            if e.kind is Kind.CHECKPOINT and not any(a < (e.segment, e.pos) < b for a, b in void)
+        ]
 
     def reason(self, e: Entry) -> str:
         """The text of a GAP, RESYNC, START or ROLLBACK record."""

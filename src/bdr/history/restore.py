@@ -28,6 +28,7 @@ from .format import (
     Entry,
     Kind,
     encode,
+    fsync_dir,
     payload_intact,
     segment_name,
     unpack_extents,
@@ -138,6 +139,7 @@ def restore(directory: str | os.PathLike[str], at: At, dest: str, quiet: bool = 
         replica = h.meta.replica
         src, size, _ = _open_device(replica, os.O_RDONLY)
         try:
+            _check_size(h, size)
             if Path(dest).exists() and os.path.samefile(dest, replica):
                 raise HistoryError(f"{dest} is the replica itself: use bdr rollback to turn it back")
             try:
@@ -179,7 +181,12 @@ def rollback(directory: str | os.PathLike[str], at: At, quiet: bool = False) -> 
                 _check_no_pending_resync(journal)
                 fd, size, _ = _open_device(h.meta.replica, os.O_RDWR)
                 try:
-                    # a mix of two moments while the before-images are written: a crash here leaves it marked so
+                    _check_size(h, size)
+                    _verify(h, point, undo)  # a damaged record stops the rollback before it starts
+                    # the points after the target are void from now on, whatever happens: the replica is a mix of
+                    # two moments while the before-images are written (the journal says so too); running the
+                    # same rollback again finishes it
+                    _append_marker(h, point, b"rolling back to " + fmt_point(point).encode())
                     journal.store(replica_state.rollback_begun(journal.header))
                     undone, n = _undo(h, point, undo, fd, size, quiet)
                     os.fsync(fd)
@@ -192,6 +199,37 @@ def rollback(directory: str | os.PathLike[str], at: At, quiet: bool = False) -> 
     finally:
         os.close(lock)
     return Outcome(point, undone, n, 0, time.monotonic() - t0)
+
+
+def _check_size(h: History, size: int) -> None:
+    if size != h.meta.replica_bytes:
+        raise HistoryError(
+            f"{h.meta.replica} holds {size} bytes, but the history {h.directory} is of a replica of "
+            f"{h.meta.replica_bytes} bytes: not the same replica"
+        )
+
+
+def _verify(h: History, point: Entry, undo: list[Entry]) -> None:
+    fds = {seg.number: seg.fd for seg in h.segments}
+    for e in undo:
+        if not payload_intact(e, os.pread(fds[e.segment], e.payload_len, e.pos + HEAD_SIZE)):
+            raise HistoryError(
+                f"history {h.directory}: the before-images at byte {e.pos} of segment {segment_name(e.segment)} "
+                f"are damaged (checksum); {fmt_point(point)} cannot be given back"
+            )
+
+
+def _append_marker(h: History, point: Entry, why: bytes) -> None:
+    """A ROLLBACK record at the end of the history, naming ``point``: the points after it are void."""
+    seg = h.segments[-1]
+    fd = os.open(seg.path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        rec = encode(seg.number, Kind.ROLLBACK, NO_SEQ, time.time_ns(), point.segment, point.pos, payload=why)
+        _pwrite_all(fd, rec + why, seg.end)
+        os.ftruncate(fd, seg.end + len(rec) + len(why))
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def _check_no_pending_resync(journal: Journal) -> None:
@@ -212,13 +250,17 @@ def _cut_after(h: History, point: Entry) -> None:
     for seg in reversed(h.segments):
         if seg.number > point.segment:
             os.unlink(seg.path)
+    fsync_dir(h.directory)
     seg = next(s for s in h.segments if s.number == point.segment)
     end = point.end
     why = f"rolled back to {fmt_point(point)} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}".encode()
     fd = os.open(seg.path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.ftruncate(fd, end)
-        _pwrite_all(fd, encode(point.segment, Kind.ROLLBACK, NO_SEQ, time.time_ns(), payload=why) + why, end)
+        rec = encode(
+            point.segment, Kind.ROLLBACK, NO_SEQ, time.time_ns(), point.segment, point.pos, payload=why
+        )
+        _pwrite_all(fd, rec + why, end)
         os.fdatasync(fd)
     finally:
         os.close(fd)

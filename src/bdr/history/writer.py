@@ -12,6 +12,7 @@ before-image of every block.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -29,15 +30,18 @@ from ..seq import NO_SEQ
 from ..status.schema import HistoryStatus
 from .format import (
     CHUNK,
+    FLAG_RESYNC,
     FLAG_ZERO,
     HEAD_SIZE,
     LOCK,
     HistoryFormatError,
     Kind,
     Meta,
+    NotAHistory,
     encode,
     fsync_dir,
     pack_extents,
+    payload_intact,
     read_meta,
     segment_name,
     write_meta,
@@ -50,6 +54,8 @@ SEGMENT_MAX = 64 << 20  # a segment is rolled over at this size (or less for sma
 SEGMENTS_MIN = 8  # a size limit holds at least this many segments, so dropping one frees a small part
 IOV_MAX = 1024
 BATCH_MAX = 8 << 20  # before-images read into memory at a time
+LARGE = 1 << 30
+EXTENTS_MAX = 8192  # extents of one UNDO record (a large range of zeros takes no data, only its extents)
 _ZEROS = memoryview(bytes(CHUNK))
 _ZERO_4K = _ZEROS[:4096]
 
@@ -115,6 +121,8 @@ class HistoryWriter:
                 f"({SEGMENTS_MIN * 2} MiB)"
             )
         self.segment_max = seg_max
+        # a discard or write-zeroes larger than this is a GAP rather than a read of all it covers
+        self.large = min(LARGE, size_limit // 4) if size_limit is not None else LARGE
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -124,33 +132,40 @@ class HistoryWriter:
         self.pos = 0  # where the next record goes in the segment being written
         self._buf = memoryview(bytearray(0))  # before-images are read into it
         self.bytes_appended = 0  # history bytes written since start
+        self.bytes_preserved = 0  # replica bytes whose before-image was kept, since start
+        self.undo_records = 0
+        self.id = bytes(16)
         try:
             self._open(meta)
+        except OSError as exc:
+            self.close()
+            raise HistoryError(f"history {self.directory}: {exc.strerror or exc}") from exc
         except BaseException:
             self.close()
             raise
-        self.bytes_preserved = 0  # replica bytes whose before-image was kept, since start
-        self.undo_records = 0
 
     # -- opening ------------------------------------------------------------------------------------------------
 
     def _open(self, meta: Meta) -> None:
         try:
-            old = read_meta(self.directory)
-        except HistoryFormatError:
+            old: Meta | None = read_meta(self.directory)
+        except NotAHistory:
             old = None
-            if any(self.directory.iterdir()) and not (self.directory / "history.json").exists():
-                names = sorted(p.name for p in self.directory.iterdir() if p.name != LOCK)
-                if names:
-                    raise HistoryError(
-                        f"history directory {self.directory} holds other files ({', '.join(names[:3])}); "
-                        "give an empty or new directory"
-                    ) from None
+            names = sorted(p.name for p in self.directory.iterdir() if p.name != LOCK)
+            if names:
+                raise HistoryError(
+                    f"history directory {self.directory} holds other files ({', '.join(names[:3])}); "
+                    "give an empty or new directory"
+                ) from None
+        except HistoryFormatError as exc:
+            raise HistoryError(str(exc)) from None
         if old is not None and old.replica_bytes != meta.replica_bytes:
             raise HistoryError(
                 f"history {self.directory} belongs to a replica of {old.replica_bytes} bytes ({old.replica}), "
                 f"not to {meta.replica} ({meta.replica_bytes} bytes); give another --history directory"
             )
+        meta = dataclasses.replace(meta, id=old.id if old is not None else os.urandom(16))
+        self.id = meta.id
         if old != meta:
             write_meta(self.directory, meta)
         with History(self.directory) as h:
@@ -176,7 +191,12 @@ class HistoryWriter:
             entries = h.entries()
             # when the replica last followed the source (a resync window opens there)
             self.followed_ns = next(
-                (e.time_ns for e in reversed(entries) if e.kind in (Kind.UNDO, Kind.CHECKPOINT, Kind.RESYNC)),
+                (
+                    e.time_ns
+                    for e in reversed(entries)
+                    if e.kind in (Kind.CHECKPOINT, Kind.RESYNC)
+                    or (e.kind is Kind.UNDO and not e.flags & FLAG_RESYNC)
+                ),
                 self.clock(),
             )
             last = next((e for e in reversed(entries) if e.kind is not Kind.START), None)
@@ -198,10 +218,16 @@ class HistoryWriter:
         )
 
     def _truncate_torn(self, h: History) -> None:
-        """A power cut can leave a torn record at the end of the newest segment: cut it off."""
+        """A power cut can leave a torn record at the end of the newest segment (a header without its whole
+        payload: the only records not yet synced are there): cut it off, and what follows."""
         if not h.segments:
             return
         seg = h.segments[-1]
+        for k, e in enumerate(seg.entries):
+            if not payload_intact(e, os.pread(seg.fd, e.payload_len, e.pos + HEAD_SIZE)):
+                seg.end, seg.torn = e.pos, True
+                del seg.entries[k:]
+                break
         if seg.torn:
             log.info(
                 "history %s: cutting %s after its last intact record, at byte %d (a record torn when the server "
@@ -257,6 +283,16 @@ class HistoryWriter:
     def _prepare(self, n: int) -> None:
         """Before appending ``n`` bytes: a new segment if this one is full or spans too long a time, and the
         oldest segments dropped while the limits would be passed."""
+        try:
+            self._make_room(n)
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            raise HistoryIOError(
+                exc.errno, f"history {self.directory}: {exc.strerror or exc} (segment files)"
+            ) from exc
+
+    def _make_room(self, n: int) -> None:
         cur = self.segments[-1]
         span = self.age_limit_ns // SEGMENTS_MIN if self.age_limit_ns is not None else None
         if self.pos and (
@@ -331,6 +367,17 @@ class HistoryWriter:
                 exc.errno, f"history {self.directory}: fdatasync failed: {exc.strerror}"
             ) from exc
 
+    def preserve_or_gap(self, offset: int, length: int, what: str) -> None:
+        """Before a discard or write-zeroes: keep what the range holds, unless the range is larger than
+        ``large`` (a whole-device discard by mkfs): then a GAP, as reading it all would stall the stream."""
+        if length > self.large:
+            self.gap(
+                f"a {what} of {length} bytes at byte {offset} was applied without keeping what it overwrote (more "
+                f"than {self.large} bytes)"
+            )
+        else:
+            self.preserve([(offset, length)])
+
     def preserve_for_resync(self, ranges: list[tuple[int, int]]) -> None:
         """``preserve`` before a resync is applied: the replica does not follow the source there (the resync's
         window is still open)."""
@@ -363,7 +410,7 @@ class HistoryWriter:
             pos = covered = 0
             offset = 0
             try:
-                while i < count:
+                while i < count and len(offsets) < EXTENTS_MAX:
                     offset, k = chunks[i]
                     if pos + k > room:
                         break
@@ -398,6 +445,7 @@ class HistoryWriter:
                 now,
                 len(offsets),
                 covered,
+                flags=0 if following else FLAG_RESYNC,
                 payload_len=plen,
                 payload_sum=digest.intdigest(),
             )

@@ -16,12 +16,15 @@ wins.  A header block (4096 bytes, little-endian)::
     +--------+--------+--------+------------+-------+------------+-----------+----------+
     | magic  | version| hdr sz | generation | flags | block_size | source_id | ring_id  |
     +--------+--------+--------+------------+-------+------------+-----------+----------+
-    64            72            80             88               96 ...     4088       4096
-    +-------------+-------------+--------------+----------------+---- 0 ---+----------+
-    | source_size | durable_seq | consistent_seq| replica_size  |          | xxh3_64  |
-    +-------------+-------------+--------------+----------------+----------+----------+
+    64            72            80             88               96           112 ...  4088       4096
+    +-------------+-------------+--------------+----------------+------------+--- 0 ---+----------+
+    | source_size | durable_seq | consistent_seq| replica_size  | history_id |         | xxh3_64  |
+    +-------------+-------------+--------------+----------------+------------+---------+----------+
 
-Everything after byte 96 up to the checksum is zero in version 1; new fields go there (and bump the version).
+``history_id`` names the point-in-time history (``bdr_server --history``) that kept what every write to the
+replica overwrote; zero: none.  It came without a version bump: a BDR that does not know it reads zero there
+and stores zero, which is what it means (the replica was written with no history kept).  Everything after it up
+to the checksum is zero; new fields go there (and bump the version when an older reader must not ignore them).
 The record area (``format``, ``area``) keeps its own state block at 8 KiB and its records from 1 MiB on.
 """
 
@@ -44,7 +47,7 @@ VERSION = 1
 HEADER_BLOCK = BLOCK
 HEADER_AREA = 1 << 20  # headers and their future growth; the record area (``format``) starts here
 MIN_SIZE = 2 * HEADER_BLOCK
-_FIXED = struct.Struct("<8sIIQII16s16sQQQQ")
+_FIXED = struct.Struct("<8sIIQII16s16sQQQQ16s")
 
 
 class JFlag(enum.IntFlag):
@@ -68,6 +71,7 @@ class Header:
     durable_seq: int = NO_SEQ
     consistent_seq: int = NO_SEQ  # when not CONSISTENT: consistent again once durable_seq reaches it
     replica_size: int = 0
+    history_id: bytes = bytes(16)  # the history that kept the before-images of every write (zero: none)
 
     def pack(self) -> bytes:
         fixed = _FIXED.pack(
@@ -83,6 +87,7 @@ class Header:
             self.durable_seq,
             self.consistent_seq,
             self.replica_size,
+            self.history_id,
         )
         return seal(fixed)
 
@@ -92,14 +97,16 @@ class Header:
         holds a header from a newer version."""
         if not intact(block, MAGIC):
             return None
-        (_, version, hdr_size, gen, flags, bs, sid, rid, ssize, dseq, cseq, rsize) = _FIXED.unpack_from(block)
+        (_, version, hdr_size, gen, flags, bs, sid, rid, ssize, dseq, cseq, rsize, hid) = _FIXED.unpack_from(
+            block
+        )
         if version > VERSION:
             raise JournalError(
                 f"journal written by a newer BDR (format version {version}, we know {VERSION})"
             )
         if hdr_size != HEADER_BLOCK:
             return None
-        return cls(gen, JFlag(flags & 0x3F), bs, sid, rid, ssize, dseq, cseq, rsize)
+        return cls(gen, JFlag(flags & 0x3F), bs, sid, rid, ssize, dseq, cseq, rsize, hid)
 
 
 class Journal:

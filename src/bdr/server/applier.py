@@ -189,10 +189,10 @@ class Applier:
                     # the client checked that the source reads zeros there: so does the replica, and it may
                     # give the space back; UNZEROED: the source kept data there, the client resyncs the range
                     if not f.flags[i] & p.REC_UNZEROED:
-                        self._preserve([(sectors[i] * sector, ln)])
+                        self._preserve(sectors[i] * sector, ln, "discard")
                         self.target.discard(sectors[i] * sector, ln)
                 elif op == p.OP_WRITE_ZEROES:
-                    self._preserve([(sectors[i] * sector, ln)])
+                    self._preserve(sectors[i] * sector, ln, "write-zeroes")
                     self.target.write_zeroes(sectors[i] * sector, ln)
             if i in point_set:
                 write_runs()
@@ -203,10 +203,10 @@ class Applier:
         if skip < n:
             self._done(seqs[-1], n - skip, nbytes)
 
-    def _preserve(self, ranges: list[tuple[int, int]]) -> None:
-        """With a history: keep what the replica holds at each (offset, length) before it is overwritten."""
+    def _preserve(self, offset: int, length: int, what: str) -> None:
+        """With a history: keep what the replica holds in the range before a discard or write-zeroes."""
         if self.history is not None and not self.staging:
-            self.history.preserve(ranges)
+            self.history.preserve_or_gap(offset, length, what)
 
     def _write_runs(self, src: DataSource, runs: list[tuple[int, int, int]]) -> None:
         if self.history is not None and not self.staging:

@@ -411,17 +411,33 @@ class Server:
 
 
 def open_history(args: argparse.Namespace, replica: Replica, journal: Journal) -> HistoryWriter | None:
-    """With --history: the history of this replica, opened (a torn last record cut) and locked."""
+    """With --history: the history of this replica, opened (a torn last record cut) and locked.  The journal
+    header names the history that kept every write's before-image: another one, or none (the server ran
+    without it), means writes it never saw -- a GAP.  Without --history, a history named there is let go."""
     directory = getattr(args, "history", None)
     if not directory:
         if getattr(args, "history_size", None) or getattr(args, "history_age", None):
             raise ServerError("--history-size and --history-age need --history DIR")
+        if journal.header.history_id != bytes(16):
+            log.warning(
+                "no --history: the history kept so far stops here (it cannot give back any moment before the "
+                "writes applied from now on)"
+            )
+            journal.store(replica_state.history_kept(journal.header, bytes(16)))
         return None
-    meta = Meta(str(replica.path), replica.size, str(journal.path))
+    meta = Meta(os.path.abspath(replica.path), replica.size, os.path.abspath(journal.path))
     try:
-        return HistoryWriter(directory, replica.fd, meta, args.history_size, args.history_age)
+        writer = HistoryWriter(directory, replica.fd, meta, args.history_size, args.history_age)
     except (HistoryError, OSError) as exc:
         raise ServerError(str(exc)) from exc
+    if journal.header.history_id != writer.id:
+        if replica_state.has_data(journal.header):
+            writer.gap(
+                "the replica may have been written while this history was not kept (its journal names another "
+                "history, or none)"
+            )
+        journal.store(replica_state.history_kept(journal.header, writer.id))
+    return writer
 
 
 def open_record_area(
