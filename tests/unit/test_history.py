@@ -200,17 +200,17 @@ def test_retention_keeps_the_history_under_its_size_and_drops_the_oldest_first(t
         restored(rig, At(seq=pts[0] - 1))
     # the files of dropped segments were reused, under the numbers of new segments
     renamed = [f for f in rig.dir.glob("*.seg") if inodes.get(f.stat().st_ino, f.name) != f.name]
-    assert renamed and rig.history.bytes_appended > 2 * limit
+    assert renamed and rig.history.files.bytes_appended > 2 * limit
     # a crash in a reused segment after the first records of a round: the records it held before, intact and
     # where the new ones would be, are not taken for new ones
     rig.apply([(0, 1 << 20, W, 0)])
     point()
     newest = rig.seq - 1
     current = rig.dir / f"{rig.history.number:016d}.seg"
-    assert current.stat().st_size > rig.history.pos  # what the reused file held before is still there
-    os.close(rig.history.fd)  # no clean close: the old content stays after the last record
+    assert current.stat().st_size > rig.history.files.pos  # what the reused file held before is still there
+    os.close(rig.history.files.fd)  # no clean close: the old content stays after the last record
     os.close(rig.history.lock_fd)
-    rig.history.fd = rig.history.lock_fd = -1
+    rig.history.files.fd = rig.history.lock_fd = -1
     rig.history = rig.open_history(limit)
     rig.applier.history = rig.history
     with History(rig.dir) as h:

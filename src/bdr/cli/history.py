@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from bdr.history import At, History, HistoryError, HistoryFormatError, PointRefused, fmt_point, parse_at
@@ -64,32 +65,33 @@ def _report(what: str, out: Outcome) -> None:
     )
 
 
-def do_restore(directory: str, at_text: str, dest: str) -> int:
+def _give_back(what: str, run: Callable[[At], Outcome], at_text: str) -> Outcome | None:
+    """Run a restore or rollback (``what``); None when the moment is refused (said on standard error)."""
     at = _at(at_text)
     try:
-        out = restore(directory, at, dest)
+        return run(at)
     except PointRefused as exc:
-        print(f"bdr: cannot restore {at}: {exc}", file=sys.stderr)
-        return 1
+        verb = "roll back to" if what == "rollback" else what
+        print(f"bdr: cannot {verb} {at}: {exc}", file=sys.stderr)
+        return None
     except (HistoryError, HistoryFormatError) as exc:
         raise SetupError(str(exc)) from None
     except OSError as exc:
-        raise SetupError(f"restore failed: {exc.strerror or exc}") from None
+        raise SetupError(f"{what} failed: {exc.strerror or exc}") from None
+
+
+def do_restore(directory: str, at_text: str, dest: str) -> int:
+    out = _give_back("restore", lambda at: restore(directory, at, dest), at_text)
+    if out is None:
+        return 1
     _report(f"{dest} now holds the replica as of", out)
     return 0
 
 
 def do_rollback(directory: str, at_text: str) -> int:
-    at = _at(at_text)
-    try:
-        out = rollback(directory, at)
-    except PointRefused as exc:
-        print(f"bdr: cannot roll back to {at}: {exc}", file=sys.stderr)
+    out = _give_back("rollback", lambda at: rollback(directory, at), at_text)
+    if out is None:
         return 1
-    except (HistoryError, HistoryFormatError) as exc:
-        raise SetupError(str(exc)) from None
-    except OSError as exc:
-        raise SetupError(f"rollback failed: {exc.strerror or exc}") from None
     _report("the replica is rolled back to", out)
     print("the next bdr_client start resyncs it to the source's present; until then it is that past moment")
     return 0

@@ -11,7 +11,6 @@ before-image of every block.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -20,12 +19,11 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
 
-from ..journal import ReplicaIOError, StorageError
+from ..journal import ReplicaIOError
 from ..seq import NO_SEQ
 from ..status.schema import HistoryStatus
 from .format import (
@@ -39,20 +37,16 @@ from .format import (
     Meta,
     NotAHistory,
     encode,
-    fsync_dir,
     pack_extents,
     payload_intact,
     read_meta,
-    segment_name,
     write_meta,
 )
 from .index import History, fmt_time
+from .segments import SEGMENT_MAX, SEGMENTS_MIN, Segment, SegmentFiles
 
 log = logging.getLogger("bdr.server")
 
-SEGMENT_MAX = 64 << 20  # a segment is rolled over at this size (or less for small histories)
-SEGMENTS_MIN = 8  # a size limit holds at least this many segments, so dropping one frees a small part
-IOV_MAX = 1024
 BATCH_MAX = 8 << 20  # before-images read into memory at a time
 LARGE = 1 << 30
 EXTENTS_MAX = 8192  # extents of one UNDO record (a large range of zeros takes no data, only its extents)
@@ -62,13 +56,6 @@ _ZERO_4K = _ZEROS[:4096]
 
 class HistoryError(Exception):
     """The history cannot be opened or used."""
-
-
-class HistoryIOError(StorageError):
-    """Writing or syncing the history failed (device error, file system full): the server stops before the
-    replica write whose before-image it could not keep; the replica stays as durable as it was."""
-
-    role = "history"
 
 
 def lock_history(directory: Path, who: str) -> int:
@@ -85,14 +72,6 @@ def lock_history(directory: Path, who: str) -> int:
             ) from None
         raise
     return fd
-
-
-@dataclass
-class _Segment:
-    number: int
-    size: int
-    first_time_ns: int
-    last_time_ns: int
 
 
 class HistoryWriter:
@@ -128,10 +107,10 @@ class HistoryWriter:
         except OSError as exc:
             raise HistoryError(f"cannot create history directory {self.directory}: {exc.strerror}") from exc
         self.lock_fd = lock_history(self.directory, "bdr_server")
-        self.fd = -1
-        self.pos = 0  # where the next record goes in the segment being written
+        self.files = SegmentFiles(
+            self.directory, seg_max, size_limit, self.age_limit_ns, clock, self._segment_dropped
+        )
         self._buf = memoryview(bytearray(0))  # before-images are read into it
-        self.bytes_appended = 0  # history bytes written since start
         self.bytes_preserved = 0  # replica bytes whose before-image was kept, since start
         self.undo_records = 0
         self.id = bytes(16)
@@ -171,15 +150,15 @@ class HistoryWriter:
         with History(self.directory) as h:
             self._truncate_torn(h)
             h.refresh()
-            self.segments: deque[_Segment] = deque(
-                _Segment(
+            found = [
+                Segment(
                     s.number,
                     s.size,
                     s.entries[0].time_ns if s.entries else 0,
                     s.entries[-1].time_ns if s.entries else 0,
                 )
                 for s in h.segments
-            )
+            ]
             self.points: deque[tuple[int, int, int]] = deque(
                 (e.segment, e.time_ns, e.seq) for e in h.points()
             )
@@ -206,7 +185,7 @@ class HistoryWriter:
                     self.directory,
                     h.reason(last),
                 )
-        self._new_segment()
+        self.files.start(found)
         self._small(Kind.START, NO_SEQ, self.clock(), b"bdr_server started")
         self.sync()
         log.info(
@@ -245,127 +224,30 @@ class HistoryWriter:
             seg.end = seg.size = 0
             seg.entries.clear()
 
-    def _new_segment(self, reuse: _Segment | None = None) -> None:
-        """Start the next segment: in the file of ``reuse`` (the oldest, dropped by retention: its pages or
-        blocks are written over, nothing is allocated or freed), or in a new file."""
-        number = self.segments[-1].number + 1 if self.segments else 1
-        if self.fd >= 0:
-            os.ftruncate(self.fd, self.pos)  # a reused file: its old content past the records goes
-            os.fdatasync(self.fd)
-            os.close(self.fd)
-            self.segments[-1].size = self.pos
-        path = self.directory / segment_name(number)
-        allocated = 0
-        if reuse is not None:
-            self._forget(reuse)
-            os.rename(self.directory / segment_name(reuse.number), path)
-            self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            allocated = os.fstat(self.fd).st_size
-        else:
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        fsync_dir(self.directory)
-        self.pos = 0
-        now = self.clock()
-        self.segments.append(_Segment(number, allocated, now, now))
+    # -- writing ------------------------------------------------------------------------------------------------
 
     @property
     def number(self) -> int:
         """The segment being written."""
-        return self.segments[-1].number
-
-    # -- writing ------------------------------------------------------------------------------------------------
+        return self.files.number
 
     @property
     def bytes_used(self) -> int:
-        """Bytes of the segment files (a reused one counts what it holds, if more than its new records)."""
-        return sum(s.size for s in self.segments)
+        return self.files.bytes_used
 
-    def _prepare(self, n: int) -> None:
-        """Before appending ``n`` bytes: a new segment if this one is full or spans too long a time, and the
-        oldest segments dropped while the limits would be passed."""
-        try:
-            self._make_room(n)
-        except OSError as exc:
-            if isinstance(exc, StorageError):
-                raise
-            raise HistoryIOError(
-                exc.errno, f"history {self.directory}: {exc.strerror or exc} (segment files)"
-            ) from exc
+    def sync(self) -> None:
+        self.files.sync()
 
-    def _make_room(self, n: int) -> None:
-        cur = self.segments[-1]
-        span = self.age_limit_ns // SEGMENTS_MIN if self.age_limit_ns is not None else None
-        if self.pos and (
-            self.pos + n > self.segment_max or (span is not None and self.clock() - cur.first_time_ns > span)
-        ):
-            oldest = self.segments[0] if len(self.segments) > 1 else None
-            self._new_segment(
-                oldest if oldest is not None and self._must_drop(oldest, self.segment_max) else None
-            )
-        while len(self.segments) > 1 and self._must_drop(self.segments[0], n):
-            self._drop(self.segments[0])
-        if self.size_limit is not None and self._growth(n) + self.bytes_used > self.size_limit and self.pos:
-            # the segment being written alone is over the limit: start another and drop it
-            self._new_segment()
-            self._drop(self.segments[0])
-
-    def _growth(self, n: int) -> int:
-        """How much appending n bytes adds to the current segment's file."""
-        return max(0, self.pos + n - self.segments[-1].size)
-
-    def _must_drop(self, oldest: _Segment, n: int) -> bool:
-        too_big = self.size_limit is not None and self.bytes_used + self._growth(n) > self.size_limit
-        too_old = self.age_limit_ns is not None and oldest.last_time_ns < self.clock() - self.age_limit_ns
-        return too_big or too_old
-
-    def _append(self, iov: list[bytes | memoryview], n: int) -> None:
-        """Write ``n`` bytes of records, encoded for the current segment (``_prepare`` was called)."""
-        try:
-            for i in range(0, len(iov), IOV_MAX):
-                part = iov[i : i + IOV_MAX]
-                want = sum(len(b) for b in part)
-                done = os.pwritev(self.fd, part, self.pos)
-                if done != want:  # short write: finish it one buffer at a time
-                    data = b"".join(bytes(b) for b in part)[done:]
-                    while data:
-                        k = os.pwrite(self.fd, data, self.pos + done)
-                        done += k
-                        data = data[k:]
-                self.pos += want
-        except OSError as exc:
-            raise HistoryIOError(
-                exc.errno, f"history {self.directory}: write failed: {exc.strerror}"
-            ) from exc
-        cur = self.segments[-1]
-        cur.size = max(cur.size, self.pos)
-        cur.last_time_ns = self.clock()
-        self.bytes_appended += n
+    def _segment_dropped(self, number: int) -> None:
+        while self.points and self.points[0][0] <= number:
+            self.points.popleft()
 
     def _small(self, kind: Kind, seq: int, now: int, payload: bytes = b"") -> None:
         """Append one record without data (CHECKPOINT, GAP, START)."""
-        self._prepare(HEAD_SIZE + len(payload))
-        self._append(
+        self.files.prepare(HEAD_SIZE + len(payload))
+        self.files.append(
             [encode(self.number, kind, seq, now, payload=payload), payload], HEAD_SIZE + len(payload)
         )
-
-    def _forget(self, seg: _Segment) -> None:
-        self.segments.remove(seg)
-        while self.points and self.points[0][0] <= seg.number:
-            self.points.popleft()
-
-    def _drop(self, seg: _Segment) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.directory / segment_name(seg.number))
-        self._forget(seg)
-        log.debug("history %s: dropped segment %d (retention)", self.directory, seg.number)
-
-    def sync(self) -> None:
-        try:
-            os.fdatasync(self.fd)
-        except OSError as exc:
-            raise HistoryIOError(
-                exc.errno, f"history {self.directory}: fdatasync failed: {exc.strerror}"
-            ) from exc
 
     def preserve_or_gap(self, offset: int, length: int, what: str) -> None:
         """Before a discard or write-zeroes: keep what the range holds, unless the range is larger than
@@ -437,7 +319,7 @@ class HistoryWriter:
             digest.update(table)
             digest.update(data)
             plen = len(table) + pos
-            self._prepare(HEAD_SIZE + plen)
+            self.files.prepare(HEAD_SIZE + plen)
             head = encode(
                 self.number,
                 Kind.UNDO,
@@ -449,7 +331,7 @@ class HistoryWriter:
                 payload_len=plen,
                 payload_sum=digest.intdigest(),
             )
-            self._append([head, table, data], HEAD_SIZE + plen)
+            self.files.append([head, table, data], HEAD_SIZE + plen)
             self.undo_records += len(offsets)
         self.sync()
         self.bytes_preserved += total
@@ -462,7 +344,7 @@ class HistoryWriter:
         self._small(Kind.CHECKPOINT, seq, now)
         self.sync()
         self.followed_ns = now
-        self.points.append((self.segments[-1].number, now, seq))
+        self.points.append((self.number, now, seq))
 
     def gap(self, reason: str) -> None:
         """The replica is about to be rewritten without before-images: no point before this can be restored."""
@@ -484,10 +366,10 @@ class HistoryWriter:
         """A journal resync was applied (its before-images were preserved first): the moments since the replica
         last followed the source are a window no restore gives back; the points before it stay."""
         now = self.clock()
-        self._prepare(HEAD_SIZE + len(reason.encode()))
+        self.files.prepare(HEAD_SIZE + len(reason.encode()))
         why = reason.encode()
         head = encode(self.number, Kind.RESYNC, seq, now, self.followed_ns, payload=why)
-        self._append([head, why], HEAD_SIZE + len(why))
+        self.files.append([head, why], HEAD_SIZE + len(why))
         self.sync()
         log.info(
             "history: %s; no moment from %s to %s can be given back (the points before stay)",
@@ -519,20 +401,15 @@ class HistoryWriter:
         }
 
     def close(self) -> None:
-        if self.fd >= 0 and self.bytes_preserved:
+        if self.files.fd >= 0 and self.bytes_preserved:
             log.info(
                 "history %s: %d bytes appended since start, for %d replica bytes overwritten (%d writes)",
                 self.directory,
-                self.bytes_appended,
+                self.files.bytes_appended,
                 self.bytes_preserved,
                 self.undo_records,
             )
-        if self.fd >= 0:
-            try:
-                os.fdatasync(self.fd)
-            finally:
-                os.close(self.fd)
-                self.fd = -1
+        self.files.close()
         if self.lock_fd >= 0:
             os.close(self.lock_fd)
             self.lock_fd = -1
