@@ -221,12 +221,16 @@ def _verify(h: History, point: Entry, undo: list[Entry]) -> None:
 
 def _append_marker(h: History, point: Entry, why: bytes) -> None:
     """A ROLLBACK record at the end of the history, naming ``point``: the points after it are void."""
-    seg = h.segments[-1]
-    fd = os.open(seg.path, os.O_WRONLY | os.O_CLOEXEC)
+    _write_rollback(h.segments[-1].path, h.segments[-1].number, h.segments[-1].end, point, why)
+
+
+def _write_rollback(path: Path, segment: int, at: int, point: Entry, why: bytes) -> None:
+    """A ROLLBACK record naming ``point`` at byte ``at`` of the segment file, which ends after it."""
+    rec = encode(segment, Kind.ROLLBACK, NO_SEQ, time.time_ns(), point.segment, point.pos, payload=why) + why
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        rec = encode(seg.number, Kind.ROLLBACK, NO_SEQ, time.time_ns(), point.segment, point.pos, payload=why)
-        _pwrite_all(fd, rec + why, seg.end)
-        os.ftruncate(fd, seg.end + len(rec) + len(why))
+        _pwrite_all(fd, rec, at)
+        os.ftruncate(fd, at + len(rec))
         os.fdatasync(fd)
     finally:
         os.close(fd)
@@ -252,15 +256,5 @@ def _cut_after(h: History, point: Entry) -> None:
             os.unlink(seg.path)
     fsync_dir(h.directory)
     seg = next(s for s in h.segments if s.number == point.segment)
-    end = point.end
     why = f"rolled back to {fmt_point(point)} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}".encode()
-    fd = os.open(seg.path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.ftruncate(fd, end)
-        rec = encode(
-            point.segment, Kind.ROLLBACK, NO_SEQ, time.time_ns(), point.segment, point.pos, payload=why
-        )
-        _pwrite_all(fd, rec + why, end)
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
+    _write_rollback(seg.path, seg.number, point.end, point, why)

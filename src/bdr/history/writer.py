@@ -242,11 +242,11 @@ class HistoryWriter:
         while self.points and self.points[0][0] <= number:
             self.points.popleft()
 
-    def _small(self, kind: Kind, seq: int, now: int, payload: bytes = b"") -> None:
-        """Append one record without data (CHECKPOINT, GAP, START)."""
+    def _small(self, kind: Kind, seq: int, now: int, payload: bytes = b"", offset: int = 0) -> None:
+        """Append one record without data (CHECKPOINT, GAP, RESYNC, START)."""
         self.files.prepare(HEAD_SIZE + len(payload))
         self.files.append(
-            [encode(self.number, kind, seq, now, payload=payload), payload], HEAD_SIZE + len(payload)
+            [encode(self.number, kind, seq, now, offset, payload=payload), payload], HEAD_SIZE + len(payload)
         )
 
     def preserve_or_gap(self, offset: int, length: int, what: str) -> None:
@@ -366,10 +366,7 @@ class HistoryWriter:
         """A journal resync was applied (its before-images were preserved first): the moments since the replica
         last followed the source are a window no restore gives back; the points before it stay."""
         now = self.clock()
-        self.files.prepare(HEAD_SIZE + len(reason.encode()))
-        why = reason.encode()
-        head = encode(self.number, Kind.RESYNC, seq, now, self.followed_ns, payload=why)
-        self.files.append([head, why], HEAD_SIZE + len(why))
+        self._small(Kind.RESYNC, seq, now, reason.encode(), offset=self.followed_ns)
         self.sync()
         log.info(
             "history: %s; no moment from %s to %s can be given back (the points before stay)",
