@@ -50,8 +50,9 @@ log = logging.getLogger("bdr.server")
 BATCH_MAX = 8 << 20  # before-images read into memory at a time
 LARGE = 1 << 30
 EXTENTS_MAX = 8192  # extents of one UNDO record (a large range of zeros takes no data, only its extents)
+SMALL = 64 << 10  # extents up to this size are read as bytes objects; larger ones into the batch buffer
 _ZEROS = memoryview(bytes(CHUNK))
-_ZERO_4K = _ZEROS[:4096]
+_ZERO_4K = bytes(4096)
 
 
 class HistoryError(Exception):
@@ -110,7 +111,8 @@ class HistoryWriter:
         self.files = SegmentFiles(
             self.directory, seg_max, size_limit, self.age_limit_ns, clock, self._segment_dropped
         )
-        self._buf = memoryview(bytearray(0))  # before-images are read into it
+        self._buf = bytearray(0)  # large before-images are read into it
+        self._view = memoryview(self._buf)
         self.bytes_preserved = 0  # replica bytes whose before-image was kept, since start
         self.undo_records = 0
         self.id = bytes(16)
@@ -274,39 +276,56 @@ class HistoryWriter:
         if not total:
             return
         if len(self._buf) < min(total, BATCH_MAX):
-            self._buf = memoryview(bytearray(BATCH_MAX))  # kept: warm pages, no allocation per batch
-        buf = self._buf
+            self._buf = bytearray(BATCH_MAX)  # kept: warm pages, no allocation per batch
+            self._view = memoryview(self._buf)
+        buf, view = self._buf, self._view
         chunks = (
             ranges
             if max(sizes) <= CHUNK
             else [(off + k, min(CHUNK, n - k)) for off, n in ranges for k in range(0, n, CHUNK)]
         )
         now = self.clock()
-        fd, preadv, room = self.replica_fd, os.preadv, len(buf)
+        fd, pread, preadv, room = self.replica_fd, os.pread, os.preadv, len(buf)
         i, count = 0, len(chunks)
         while i < count:
             offsets: list[int] = []
             lengths: list[int] = []
             flags: list[int] = []
-            add_offset, add_length, add_flag = offsets.append, lengths.append, flags.append
-            pos = covered = 0
+            parts: list[bytes | memoryview] = []  # the data of the extents that do not hold zeros
+            add_offset, add_length, add_flag, add_part = (
+                offsets.append,
+                lengths.append,
+                flags.append,
+                parts.append,
+            )
+            pos = covered = 0  # pos: bytes of the batch buffer used
             offset = 0
             try:
                 while i < count and len(offsets) < EXTENTS_MAX:
                     offset, k = chunks[i]
-                    if pos + k > room:
+                    if covered + k > room:
                         break
-                    view = buf[pos : pos + k]
-                    got = preadv(fd, [view], offset)
-                    if got != k:
-                        _read_rest(fd, view, offset, got)
+                    if k <= SMALL:
+                        # one call that returns the bytes costs less than a read into the buffer
+                        part: bytes | memoryview = pread(fd, k, offset)
+                        if len(part) != k:
+                            part = _read_small_rest(fd, part, k, offset)
+                        zero = part == _ZERO_4K if k == 4096 else not part[0] and part.count(0) == k
+                    else:
+                        part = view[pos : pos + k]
+                        got = preadv(fd, [part], offset)
+                        if got != k:
+                            _read_rest(fd, part, offset, got)
+                        zero = not buf[pos] and buf.count(0, pos, pos + k) == k
+                        if not zero:
+                            pos += k
                     add_offset(offset)
                     add_length(k)
-                    if view == (_ZERO_4K if k == 4096 else _ZEROS[:k]):
-                        add_flag(FLAG_ZERO)  # its data is not kept: the next extent's goes over it
+                    if zero:
+                        add_flag(FLAG_ZERO)  # its data is not kept
                     else:
                         add_flag(0)
-                        pos += k
+                        add_part(part)
                     covered += k
                     i += 1
             except OSError as exc:
@@ -314,11 +333,13 @@ class HistoryWriter:
                     exc.errno, f"replica: I/O error reading what byte {offset} holds: {exc.strerror}"
                 ) from exc
             table = pack_extents(offsets, lengths, flags)
-            data = buf[:pos]
-            digest = xxhash.xxh3_64()
-            digest.update(table)
-            digest.update(data)
-            plen = len(table) + pos
+            digest = xxhash.xxh3_64(table)
+            update = digest.update
+            size = 0
+            for part in parts:
+                update(part)
+                size += len(part)
+            plen = len(table) + size
             self.files.prepare(HEAD_SIZE + plen)
             head = encode(
                 self.number,
@@ -331,7 +352,7 @@ class HistoryWriter:
                 payload_len=plen,
                 payload_sum=digest.intdigest(),
             )
-            self.files.append([head, table, data], HEAD_SIZE + plen)
+            self.files.append([head, table, *parts], HEAD_SIZE + plen)
             self.undo_records += len(offsets)
         self.sync()
         self.bytes_preserved += total
@@ -410,6 +431,14 @@ class HistoryWriter:
         if self.lock_fd >= 0:
             os.close(self.lock_fd)
             self.lock_fd = -1
+
+
+def _read_small_rest(fd: int, part: bytes, k: int, offset: int) -> bytes:
+    """The rest of a short read of ``k`` bytes."""
+    view = memoryview(bytearray(k))
+    view[: len(part)] = part
+    _read_rest(fd, view, offset, len(part))
+    return view.tobytes()
 
 
 def _read_rest(fd: int, view: memoryview, offset: int, got: int) -> None:
