@@ -307,10 +307,11 @@ class HistoryWriter:
                         break
                     if k <= SMALL:
                         # one call that returns the bytes costs less than a read into the buffer
-                        part: bytes | memoryview = pread(fd, k, offset)
-                        if len(part) != k:
-                            part = _read_small_rest(fd, part, k, offset)
-                        zero = part == _ZERO_4K if k == 4096 else not part[0] and part.count(0) == k
+                        small = pread(fd, k, offset)
+                        if len(small) != k:
+                            small = _read_small_rest(fd, small, k, offset)
+                        zero = small == _ZERO_4K if k == 4096 else not small[0] and small.count(0) == k
+                        part: bytes | memoryview = small
                     else:
                         part = view[pos : pos + k]
                         got = preadv(fd, [part], offset)
