@@ -19,6 +19,7 @@ SCANNING       a resync was started and has not finished (with IO_ERROR: the ser
 SOURCE_KNOWN   ``source_id`` / ``ring_id`` / ``source_size`` are set
 HAS_DATA       the replica has received data at least once
 IO_ERROR       the server stopped on a storage I/O error; cleared by the next resync
+PROMOTED       ``bdr promote`` made the replica a source; no server serves it until ``bdr demote``
 =============  ==========================================================================================
 """
 
@@ -29,6 +30,7 @@ import enum
 from dataclasses import dataclass
 
 from . import wire as p
+from .generations import Generations
 from .journal import Header, JFlag
 from .seq import NO_SEQ, prev_seq, seq_le
 
@@ -43,6 +45,7 @@ class Source:
     ring_id: bytes
     source_size: int
     replica_size: int
+    generations: Generations | None = None  # the source's generation history (None: it keeps none)
 
 
 class Condition(enum.Enum):
@@ -61,6 +64,9 @@ def _with(h: Header, set_: JFlag = JFlag.NONE, clear: JFlag = JFlag.NONE, **fiel
 
 
 def _adopt(h: Header, src: Source, set_: JFlag, clear: JFlag, **fields: object) -> Header:
+    """The replica becomes (or is becoming) a copy of ``src``: it takes its identity and generation history."""
+    if src.generations is not None:
+        fields["generations"] = src.generations
     return _with(
         h,
         JFlag.SOURCE_KNOWN | set_,
@@ -253,3 +259,27 @@ def rolled_back(h: Header) -> Header:
 def history_kept(h: Header, history_id: bytes) -> Header:
     """From now on the history ``history_id`` keeps what every write overwrites (zero: no history)."""
     return _with(h, history_id=history_id)
+
+
+def generations_adopted(h: Header, gens: Generations) -> Header:
+    """A replica with no generation history, mirroring this source, takes the source's."""
+    return _with(h, generations=gens)
+
+
+def promoted(h: Header, gens: Generations) -> Header:
+    """``bdr promote``: the replica is a source from now on, in the new generation ``gens.current``; no server
+    serves it until ``bdr demote``."""
+    return _with(h, JFlag.PROMOTED, JFlag.SEQ_VALID, generations=gens, durable_seq=NO_SEQ)
+
+
+def demoted(h: Header, gens: Generations) -> Header:
+    """``bdr demote``: the device is a replica again, holding the data of ``gens.current``; it has no resume
+    point in any stream, so the next client resyncs it (a scan that sends only the blocks that differ)."""
+    return _with(
+        h,
+        JFlag.CONSISTENT | JFlag.HAS_DATA,
+        JFlag.PROMOTED | JFlag.SEQ_VALID | JFlag.SOURCE_KNOWN | JFlag.SCANNING | JFlag.IO_ERROR,
+        generations=gens,
+        durable_seq=NO_SEQ,
+        consistent_seq=NO_SEQ,
+    )

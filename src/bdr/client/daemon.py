@@ -16,6 +16,7 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from .. import __version__, config
 from .. import wire as p
@@ -31,6 +32,7 @@ from . import startup, transport
 from . import status as client_status
 from .errors import EXIT_OK, EXIT_REFUSED, EXIT_SOURCE, EXIT_USAGE, ClientError, SourceError, Stopping
 from .identity import ring_identity, source_identity
+from .metadata import MetadataError, load_or_create
 from .oneshot import NoRing, oneshot_ring_identity
 from .options import build_parser, load_security
 from .session import ClientSession
@@ -44,7 +46,15 @@ log = logging.getLogger("bdr.client")
 BACKOFF_MIN, BACKOFF_MAX = 0.25, 5.0
 AUTH_BACKOFF = 30.0  # after a refused TLS handshake or authentication: a configuration problem, retry slowly
 AUTH_CODES = frozenset({p.ErrorCode.AUTH_REQUIRED, p.ErrorCode.AUTH_FAILED})
-FATAL_CODES = frozenset({p.ErrorCode.SIZE_MISMATCH, p.ErrorCode.BAD_VERSION, p.ErrorCode.WRONG_SOURCE})
+FATAL_CODES = frozenset(
+    {
+        p.ErrorCode.SIZE_MISMATCH,
+        p.ErrorCode.BAD_VERSION,
+        p.ErrorCode.WRONG_SOURCE,
+        p.ErrorCode.SPLIT_BRAIN,
+        p.ErrorCode.SOURCE_BEHIND,
+    }
+)
 
 
 class Client:
@@ -63,6 +73,12 @@ class Client:
         except BaseException:
             self.source.close()
             raise
+        try:
+            self.generations = load_or_create(Path(args.metadata)) if getattr(args, "metadata", None) else None
+        except MetadataError as exc:
+            self.ring.close()
+            self.source.close()
+            raise ClientError(str(exc)) from exc
         self.source_id = source_identity(src, self.dev_size)
         self.ring_id = oneshot_ring_identity(src, self.dev_size) if self.oneshot else ring_identity(self.ring)
         self.server_text = f"{args.address}:{args.port}"

@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         "it converges but is inconsistent until the scan ends; 'stop' exits with status 3 and leaves the "
         "replica as it is",
     )
+    ap.add_argument(
+        "--metadata",
+        metavar="FILE",
+        help="the source's metadata file: its generation history, created at the first start (keep it with the "
+        "source; bdr promote writes it on a promoted replica).  With it the server refuses a split brain and "
+        "resyncs a replica that is behind after a failback; without it generations are not checked",
+    )
     add_output_options(
         ap,
         verbose="log connections, resumes, scans and flushes, one line each",

@@ -211,7 +211,9 @@ class ClientSession:
             self.authenticate()
         self.send(
             self.conn.send(
-                p.Hello(p.PROTOCOL_VERSION, p.ALL_FEATURES, 512, c.dev_size, c.source_id, c.ring_id)
+                p.Hello(
+                    p.PROTOCOL_VERSION, p.ALL_FEATURES, 512, c.dev_size, c.source_id, c.ring_id, c.generations
+                )
             )
         )
         self.wait_for("WELCOME", lambda: self.welcome is not None)
@@ -233,6 +235,12 @@ class ClientSession:
             fmt_seq(w.durable_seq),
             ", interrupted resync" if w.flags & p.WelcomeFlag.SCANNING else "",
         )
+        if c.generations is not None:
+            log.info(
+                "source at %s; replica at %s",
+                c.generations.describe(),
+                "no generation yet" if w.generations is None else w.generations.describe(),
+            )
         pos = self.ring.find_seq(startup.resume_seq(w)) if startup.can_resume(w, same) else None
         self.replication.started = True
         d = startup.decide(w, same, pos is not None, first, c.start_flags, self.replication.force_scan)

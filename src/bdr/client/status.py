@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import __version__, status
+from ..generations import to_json
 from ..kernel import abi
 from ..seq import seq_or_none
 from .errors import ClientError
@@ -139,6 +140,7 @@ class ClientStatus:
             "errors": c.errors,
             "verify": c.verify.progress() if c.verify is not None else None,
             "last_verify": c.last_verify,
+            "generations": to_json(c.generations),
         }
         self.board.publish(snap)
 

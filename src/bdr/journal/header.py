@@ -16,15 +16,17 @@ wins.  A header block (4096 bytes, little-endian)::
     +--------+--------+--------+------------+-------+------------+-----------+----------+
     | magic  | version| hdr sz | generation | flags | block_size | source_id | ring_id  |
     +--------+--------+--------+------------+-------+------------+-----------+----------+
-    64            72            80             88               96           112 ...  4088       4096
-    +-------------+-------------+--------------+----------------+------------+--- 0 ---+----------+
-    | source_size | durable_seq | consistent_seq| replica_size  | history_id |         | xxh3_64  |
-    +-------------+-------------+--------------+----------------+------------+---------+----------+
+    64            72            80             88               96           112           ...  4088       4096
+    +-------------+-------------+--------------+----------------+------------+-------------+- 0 -+----------+
+    | source_size | durable_seq | consistent_seq| replica_size  | history_id | generations |     | xxh3_64  |
+    +-------------+-------------+--------------+----------------+------------+-------------+-----+----------+
 
 ``history_id`` names the point-in-time history (``bdr_server --history``) that kept what every write to the
-replica overwrote; zero: none.  It came without a version bump: a BDR that does not know it reads zero there
-and stores zero, which is what it means (the replica was written with no history kept).  Everything after it up
-to the checksum is zero; new fields go there (and bump the version when an older reader must not ignore them).
+replica overwrote; zero: none.  ``generations`` is the replica's generation history (``bdr.generations``, at
+most ``ENCODED_MAX`` bytes; all zero: none).  Both came without a version bump: a BDR that does not know them
+reads zeros there and stores zeros, which is what zeros mean (no history kept; no generation known, so the next
+source's is taken).  Everything after them up to the checksum is zero; new fields go there (and bump the
+version when an older reader must not ignore them).
 The record area (``format``, ``area``) keeps its own state block at 8 KiB and its records from 1 MiB on.
 """
 
@@ -32,12 +34,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import fcntl
 import os
 import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..generations import Generations, GenerationsError
 from ..seq import NO_SEQ
 from .copies import BLOCK, BothCopiesCorrupt, TwoCopies, intact, seal
 from .errors import JournalError, JournalIOError
@@ -58,6 +62,7 @@ class JFlag(enum.IntFlag):
     SOURCE_KNOWN = 1 << 3  # source_id / ring_id / source_size are set
     HAS_DATA = 1 << 4  # the replica has received data at least once
     IO_ERROR = 1 << 5  # the server stopped on a replica I/O error (SCANNING is set too); cleared by a scan
+    PROMOTED = 1 << 6  # bdr promote made the replica a source: no server serves it until bdr demote
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +77,7 @@ class Header:
     consistent_seq: int = NO_SEQ  # when not CONSISTENT: consistent again once durable_seq reaches it
     replica_size: int = 0
     history_id: bytes = bytes(16)  # the history that kept the before-images of every write (zero: none)
+    generations: Generations | None = None  # the replica's generation history (None: not known yet)
 
     def pack(self) -> bytes:
         fixed = _FIXED.pack(
@@ -89,6 +95,8 @@ class Header:
             self.replica_size,
             self.history_id,
         )
+        if self.generations is not None:
+            fixed += self.generations.pack()
         return seal(fixed)
 
     @classmethod
@@ -106,13 +114,19 @@ class Header:
             )
         if hdr_size != HEADER_BLOCK:
             return None
-        return cls(gen, JFlag(flags & 0x3F), bs, sid, rid, ssize, dseq, cseq, rsize, hid)
+        try:
+            gens = Generations.unpack(memoryview(block)[_FIXED.size :])
+        except GenerationsError:
+            return None
+        return cls(gen, JFlag(flags & 0x7F), bs, sid, rid, ssize, dseq, cseq, rsize, hid, gens)
 
 
 class Journal:
     """The metadata header on the journal path; ``commit(**changes)`` makes a new header durable."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], lock: str | None = None) -> None:
+        """``lock``: who opens it (``bdr_server``, ``bdr promote``...), to hold it alone (an exclusive flock
+        while it is open); JournalError if another process holds it."""
         self.path = Path(path)
         flags = os.O_RDWR | os.O_CLOEXEC
         try:
@@ -128,6 +142,14 @@ class Journal:
             raise JournalError(f"cannot open journal {self.path}: {exc.strerror}") from exc
         self.fresh = False  # no valid header yet: a new file or a never-used device
         try:
+            if lock is not None:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise JournalError(
+                        f"journal {self.path} is in use by another process (a running bdr_server?); {lock} "
+                        "needs it to itself"
+                    ) from None
             st = os.fstat(self._fd)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise JournalError(f"journal {self.path} is neither a regular file nor a block device")

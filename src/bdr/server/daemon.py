@@ -16,8 +16,9 @@ from .. import __version__, replica_state, status
 from .. import wire as p
 from ..daemon.sockets import close_gently
 from ..daemon.wakeup import Wakeup
+from ..generations import to_json
 from ..history import HistoryError, HistoryWriter, Meta
-from ..journal import FaultPlan, Journal, JournalError, RecordArea, StorageError
+from ..journal import FaultPlan, JFlag, Journal, JournalError, RecordArea, StorageError
 from ..journal.format import AreaState
 from ..log import BenchClock
 from ..security import tls
@@ -28,7 +29,7 @@ from .gate import Gate
 from .replica import Replica
 from .runtime import Tally
 from .security import load_security
-from .session import ServerSession
+from .session import Generational, ServerSession
 from .splice import SpliceReceiver
 
 log = logging.getLogger("bdr.server")
@@ -60,9 +61,16 @@ class Server:
         self.tls_ctx, self.secret, self.binding = load_security(args)
         self.replica = Replica(args.target_device)
         try:
-            self.journal = Journal(args.journal)
+            self.journal = Journal(args.journal, lock="bdr_server")
         except JournalError as exc:
             raise ServerError(str(exc)) from exc
+        if self.journal.header.flags & JFlag.PROMOTED:
+            gens = self.journal.header.generations
+            raise ServerError(
+                f"replica {args.target_device} was promoted to a source (bdr promote"
+                f"{', ' + gens.describe() if gens is not None else ''}): no server serves it until "
+                f"bdr demote --journal {args.journal}"
+            )
         if os.path.samefile(args.journal, args.target_device):
             raise ServerError("the journal and the target device must be different")
         self.history = open_history(args, self.replica, self.journal)
@@ -71,6 +79,7 @@ class Server:
         )
         self.applier = Applier(self.replica, self.journal, self.area)
         self.applier.history = self.history
+        self.generational = Generational(getattr(args, "discard_local_changes", False))
         self.stopping = False
         self.wakeup = Wakeup()  # signals, and connections through the gate, interrupt the main loop's polls
         self.bench = BenchClock() if args.benchmark else None
@@ -89,7 +98,7 @@ class Server:
             self.secret,
             self.binding,
             lambda peer, server_auth: ServerSession(
-                self.replica, self.journal, self.applier, peer, server_auth
+                self.replica, self.journal, self.applier, peer, server_auth, self.generational
             ),
             lambda: self.session.peer if self.session is not None else None,
             lambda: self.stopping,
@@ -184,6 +193,9 @@ class Server:
             "errors": self.tally.errors,
             "last_error": self.tally.last_error,
             "history": self.history.summary() if self.history is not None else None,
+            "generations": to_json(jh.generations),
+            "peer_generations": to_json(self.generational.peer),
+            "generations_decision": d.text if (d := self.generational.decision) is not None else None,
         }
         self.board.publish(snap)
 

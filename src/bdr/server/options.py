@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest size of a journal file (headers and the staged records of a resync; default: the file "
         "grows as needed; a journal device is as large as the device)",
     )
+    ap.add_argument(
+        "--discard-local-changes",
+        action="store_true",
+        help="after a split brain (both sides written since they last agreed), this replica is the side that "
+        "loses: the client's source is resynced over it.  Only for the connection the operator chose; without "
+        "it a split brain is refused and nothing is written",
+    )
     hist = ap.add_argument_group(
         "point-in-time history",
         "Keep what each write overwrites, with a checkpoint at each durability point of the source (flush or "

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .. import replica_state, scan
 from .. import wire as p
+from ..generations import Decision, Generations, Verdict, decide
 from ..journal import Journal, JournalFull, StorageError
 from ..security import auth
 from ..seq import fmt_seq, seq_after
@@ -33,6 +34,18 @@ class ScanState:
     started: float = 0.0
 
 
+@dataclass(slots=True)
+class Generational:
+    """What the last client's generations decided (shown by bdr status), and the operator's choice for a split
+    brain; shared by the sessions of one server."""
+
+    discard_local_changes: bool = (
+        False  # bdr_server --discard-local-changes: this replica loses a split brain
+    )
+    peer: Generations | None = None
+    decision: Decision | None = None
+
+
 class ServerSession:
     """The protocol state machine of one client connection on the server side."""
 
@@ -43,6 +56,7 @@ class ServerSession:
         applier: Applier,
         peer: str = "memory",
         auth: auth.ServerAuth | None = None,
+        generational: Generational | None = None,
     ) -> None:
         self.replica = replica
         self.journal = journal
@@ -54,6 +68,8 @@ class ServerSession:
         self.scan: ScanState | None = None
         self._hash_buf = memoryview(bytearray(scan.WINDOW))
         self.ids_match = False
+        self.generational = generational if generational is not None else Generational()
+        self.behind = False  # the generations say the replica is behind: it is resynced, never resumed
         self.ack_pending = False
         self.resync_owned = False  # SCANNING was set by this connection (RESYNC_PENDING), not inherited
         self.verified = 0  # bytes hashed for online verify requests (bdr verify)
@@ -216,7 +232,12 @@ class ServerSession:
         self.hello = h
         jh = self.journal.header
         self.ids_match = replica_state.mirrors(jh, self._source())
+        self._decide(h, jh)
+        jh = self.journal.header
         flags = replica_state.welcome_flags(jh, self.replica.known_zero)
+        if self.behind:
+            self.ids_match = False
+            flags &= ~p.WelcomeFlag.SEQ_VALID  # no resume point: the client resyncs
         durable = self.applier.durable
         log.info(
             "client %s: source %s size %d, replica %s, durable seq %s%s",
@@ -237,8 +258,38 @@ class ServerSession:
                 jh.source_id,
                 jh.ring_id,
                 durable,
+                jh.generations if h.features & p.Feature.GENERATIONS else None,
             )
         )
+
+    def _decide(self, h: p.Hello, jh: replica_state.Header) -> None:
+        """What the two generation histories allow (bdr.generations): refuse, resync, or go on."""
+        g = self.generational
+        d = decide(h.generations, jh.generations)
+        g.peer, g.decision = h.generations, d
+        v = d.verdict
+        if v in (Verdict.SPLIT_BRAIN, Verdict.SOURCE_BEHIND):
+            code = p.ErrorCode.SPLIT_BRAIN if v is Verdict.SPLIT_BRAIN else p.ErrorCode.SOURCE_BEHIND
+            if not g.discard_local_changes:
+                log.error("client %s refused: %s", self.peer, d.text)
+                raise Refusal(code, d.text)
+            log.warning(
+                "client %s: %s; --discard-local-changes: this replica's changes are overwritten by a resync from "
+                "the client's source",
+                self.peer,
+                d.text,
+            )
+            self.behind = True
+        elif v is Verdict.REPLICA_BEHIND:
+            log.warning("client %s: %s", self.peer, d.text)
+            self.behind = True
+        elif v is Verdict.ADOPT:
+            assert h.generations is not None
+            log.info("client %s: %s", self.peer, d.text)
+            if self.ids_match:
+                self.journal.store(replica_state.generations_adopted(jh, h.generations))
+        else:
+            log.info("client %s: %s", self.peer, d.text)
 
     # -- the staged resync ---------------------------------------------------------------------------------------
 
@@ -287,7 +338,7 @@ class ServerSession:
         """The source the client announced, and this replica's size."""
         assert self.hello is not None
         h = self.hello
-        return replica_state.Source(h.source_id, h.ring_id, h.device_size, self.replica.size)
+        return replica_state.Source(h.source_id, h.ring_id, h.device_size, self.replica.size, h.generations)
 
     def _adopt_source(self, new: replica_state.Header) -> None:
         """Store a transition that makes the replica mirror the client's source."""
@@ -308,7 +359,9 @@ class ServerSession:
             return None
         jh = self.journal.header
         why = None
-        if not self.ids_match:
+        if self.behind:
+            why = "the generations say the replica is behind"
+        elif not self.ids_match:
             why = "the replica mirrors a different source or capture ring"
         elif replica_state.resync_interrupted(jh):
             why = "a resync was interrupted"
@@ -327,8 +380,10 @@ class ServerSession:
         assert self.hello is not None
         whole = bool(b.flags & p.ScanFlag.WHOLE_DEVICE)
         jh, h = self.journal.header, self.hello
-        if replica_state.mirrors_another_source(jh, self._source()) and not (
-            b.mode is p.ScanMode.FULL or b.flags & p.ScanFlag.DIRECT
+        if (
+            replica_state.mirrors_another_source(jh, self._source())
+            and not (b.mode is p.ScanMode.FULL or b.flags & p.ScanFlag.DIRECT)
+            and not self.behind  # the generations say this source's data replaces the replica's
         ):
             raise Refusal(
                 p.ErrorCode.WRONG_SOURCE,

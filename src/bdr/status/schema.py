@@ -78,6 +78,7 @@ class ClientSnapshot(TypedDict):
     errors: int
     verify: dict[str, Any] | None  # the running pass (bdr.scan.verify)
     last_verify: dict[str, Any] | None
+    generations: dict[str, Any] | None  # the source's generation history (--metadata)
 
 
 CLIENT_STATES = ("connecting", "disconnected", "resyncing", "overflow", "replicating", "stopping")
@@ -161,6 +162,9 @@ class ServerSnapshot(TypedDict):
     errors: int
     last_error: str | None
     history: HistoryStatus | None  # with --history
+    generations: dict[str, Any] | None  # the replica's generation history (bdr.generations.to_json)
+    peer_generations: dict[str, Any] | None  # the last client's
+    generations_decision: str | None  # what the two decided at the last connect
 
 
 SERVER_STATES = ("listening", "replicating", "resyncing", "stopping", "failed")

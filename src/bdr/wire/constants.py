@@ -103,11 +103,16 @@ class ErrorCode(enum.IntEnum):
     JOURNAL_FULL = (
         22  # the server's journal cannot stage this resync (the client falls back per --journal-full)
     )
+    SPLIT_BRAIN = 23  # both sides were written after they last agreed: the operator names the side that loses
+    SOURCE_BEHIND = (
+        24  # the replica was promoted after this source's last write it holds: the source is behind
+    )
 
 
 class Feature(enum.IntFlag):
     SCAN_XXH3_128 = 1 << 0  # block hashes are xxh3_128 digests
     DISCARD = 1 << 1  # DISCARD / WRITE_ZEROES records are understood
+    GENERATIONS = 1 << 2  # WELCOME may carry the replica's generation history
 
 
-ALL_FEATURES: Final = Feature.SCAN_XXH3_128 | Feature.DISCARD
+ALL_FEATURES: Final = Feature.SCAN_XXH3_128 | Feature.DISCARD | Feature.GENERATIONS

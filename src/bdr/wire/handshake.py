@@ -8,9 +8,27 @@ import struct
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
+from ..generations import Generations, GenerationsError
 from .constants import MAC_SIZE, MAX_ERROR_TEXT, PROTOCOL_VERSION, SECTOR, ErrorCode, MsgType
 from .errors import _fail
 from .fields import _check_len, _check_zero
+
+
+def _trailer(name: str, p: memoryview, fixed: int) -> Generations | None:
+    """The generation history after the fixed part of HELLO / WELCOME (absent: None)."""
+    if len(p) < fixed:
+        raise _fail(ErrorCode.BAD_LENGTH, f"{name} payload is {len(p)} bytes, expected at least {fixed}")
+    rest = p[fixed:]
+    if not len(rest):
+        return None
+    try:
+        gens = Generations.unpack(rest)
+        size = Generations.encoded_size(rest)
+    except (GenerationsError, ValueError) as exc:
+        raise _fail(ErrorCode.BAD_FIELD, f"{name} generation history: {exc}") from None
+    if gens is None or size != len(rest):
+        raise _fail(ErrorCode.BAD_LENGTH, f"{name} generation history of {len(rest)} bytes is malformed")
+    return gens
 
 
 class AuthMethod(enum.IntFlag):
@@ -146,7 +164,8 @@ class Hello:
     |"BDRH"| ver |rsvd |features|block_size | device_size | source_id  |  ring_id  |
     +------+-----+-----+--------+-----------+-------------+------------+-----------+
     source_id: identity of the source device; ring_id: identity of the capture ring whose sequence
-    numbers the client will send (seq numbers are only comparable within one ring_id).
+    numbers the client will send (seq numbers are only comparable within one ring_id).  The source's generation
+    history (``bdr.generations``) may follow, when the client keeps one (``--metadata``).
     """
 
     TYPE: ClassVar[MsgType] = MsgType.HELLO
@@ -159,9 +178,10 @@ class Hello:
     device_size: int
     source_id: bytes
     ring_id: bytes
+    generations: Generations | None = None
 
     def pack(self) -> bytes:
-        return self._S.pack(
+        fixed = self._S.pack(
             self.MAGIC,
             self.version,
             0,
@@ -171,11 +191,12 @@ class Hello:
             self.source_id,
             self.ring_id,
         )
+        return fixed if self.generations is None else fixed + self.generations.pack()
 
     @classmethod
     def parse(cls, p: memoryview, flags: int) -> Hello:
-        _check_len("HELLO", p, cls._S.size)
-        magic, version, rsvd, features, block_size, size, source_id, ring_id = cls._S.unpack(p)
+        gens = _trailer("HELLO", p, cls._S.size)
+        magic, version, rsvd, features, block_size, size, source_id, ring_id = cls._S.unpack_from(p)
         if magic != cls.MAGIC:
             raise _fail(ErrorCode.BAD_FIELD, f"HELLO magic {magic!r}, not a BDR client")
         if version != PROTOCOL_VERSION:
@@ -186,7 +207,7 @@ class Hello:
         _check_block_size("HELLO", block_size)
         if size == 0 or size % SECTOR:
             raise _fail(ErrorCode.BAD_FIELD, f"HELLO device_size {size} is not a positive multiple of 512")
-        return cls(version, features, block_size, size, source_id, ring_id)
+        return cls(version, features, block_size, size, source_id, ring_id, gens)
 
 
 def _check_block_size(name: str, block_size: int) -> None:
@@ -213,7 +234,8 @@ class Welcome:
     +------+-----+------+--------+-----------+-------------+-----------+----------+-------------+
     |"BDRW"| ver |flags |features|block_size | device_size | source_id | ring_id  | durable_seq |
     +------+-----+------+--------+-----------+-------------+-----------+----------+-------------+
-    device_size is the replica's; source_id/ring_id/durable_seq are what the replica last mirrored.
+    device_size is the replica's; source_id/ring_id/durable_seq are what the replica last mirrored.  The
+    replica's generation history may follow (only to a client that announced Feature.GENERATIONS).
     """
 
     TYPE: ClassVar[MsgType] = MsgType.WELCOME
@@ -228,9 +250,10 @@ class Welcome:
     source_id: bytes
     ring_id: bytes
     durable_seq: int
+    generations: Generations | None = None
 
     def pack(self) -> bytes:
-        return self._S.pack(
+        fixed = self._S.pack(
             self.MAGIC,
             self.version,
             self.flags,
@@ -241,11 +264,14 @@ class Welcome:
             self.ring_id,
             self.durable_seq,
         )
+        return fixed if self.generations is None else fixed + self.generations.pack()
 
     @classmethod
     def parse(cls, p: memoryview, flags: int) -> Welcome:
-        _check_len("WELCOME", p, cls._S.size)
-        magic, version, wflags, features, block_size, size, source_id, ring_id, durable = cls._S.unpack(p)
+        gens = _trailer("WELCOME", p, cls._S.size)
+        magic, version, wflags, features, block_size, size, source_id, ring_id, durable = cls._S.unpack_from(
+            p
+        )
         if magic != cls.MAGIC:
             raise _fail(ErrorCode.BAD_FIELD, f"WELCOME magic {magic!r}, not a BDR server")
         if version != PROTOCOL_VERSION:
@@ -255,7 +281,9 @@ class Welcome:
         if wflags & ~0x1F:
             raise _fail(ErrorCode.BAD_FIELD, f"WELCOME flags {wflags:#x} has unknown bits")
         _check_block_size("WELCOME", block_size)
-        return cls(version, WelcomeFlag(wflags), features, block_size, size, source_id, ring_id, durable)
+        return cls(
+            version, WelcomeFlag(wflags), features, block_size, size, source_id, ring_id, durable, gens
+        )
 
 
 @dataclass(frozen=True, slots=True)
