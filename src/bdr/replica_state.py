@@ -269,12 +269,15 @@ def generations_adopted(h: Header, gens: Generations) -> Header:
 def promoted(h: Header, gens: Generations) -> Header:
     """``bdr promote``: the replica is a source from now on, in the new generation ``gens.current``; no server
     serves it until ``bdr demote``."""
-    return _with(h, JFlag.PROMOTED, JFlag.SEQ_VALID, generations=gens, durable_seq=NO_SEQ)
+    return _with(
+        h, JFlag.PROMOTED, JFlag.SEQ_VALID, generations=gens, durable_seq=NO_SEQ, history_id=bytes(16)
+    )
 
 
-def demoted(h: Header, gens: Generations) -> Header:
-    """``bdr demote``: the device is a replica again, holding the data of ``gens.current``; it has no resume
-    point in any stream, so the next client resyncs it (a scan that sends only the blocks that differ)."""
+def demoted(h: Header, gens: Generations | None) -> Header:
+    """``bdr demote``: the device is a replica again, holding the data of ``gens.current`` (None: the source
+    kept no generations); it has no resume point in any stream, so the next client resyncs it (a scan that
+    sends only the blocks that differ).  No history kept what it was written with."""
     return _with(
         h,
         JFlag.CONSISTENT | JFlag.HAS_DATA,
@@ -282,4 +285,5 @@ def demoted(h: Header, gens: Generations) -> Header:
         generations=gens,
         durable_seq=NO_SEQ,
         consistent_seq=NO_SEQ,
+        history_id=bytes(16),
     )

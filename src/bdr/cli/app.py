@@ -11,7 +11,7 @@ from pathlib import Path
 from bdr import status as daemon_status
 from bdr.kernel import abi
 
-from . import credentials, history, status, targets, verify
+from . import credentials, history, roles, status, targets, verify
 from .targets import SetupError, SetupPlan, parse_buffer
 
 
@@ -127,6 +127,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rb.add_argument("directory", metavar="DIR", help="the history directory (bdr_server --history)")
     rb.add_argument("--at", required=True, metavar="TIME|SEQ", help=at_help)
+    pr = sub.add_parser(
+        "promote",
+        help="make a replica a source, in a new generation (bdr_server stopped)",
+        description="On the replica host, with its bdr_server stopped: replay a committed journal resync or "
+        "drop an unfinished one, end the replica's generation at its last durable sequence number and begin a "
+        "new one, written to --metadata (the new source's bdr_client --metadata) and to the journal (no "
+        "bdr_server serves the device until bdr demote). Then put the device behind a bdr target. A replica "
+        "that is not a consistent copy (a direct resync was writing it) needs --force.",
+    )
+    pr.add_argument("--journal", required=True, help="the replica's journal (bdr_server --journal)")
+    pr.add_argument("--target-device", required=True, help="the replica (bdr_server --target-device)")
+    pr.add_argument(
+        "--metadata", required=True, metavar="FILE", help="the new source's metadata file to write"
+    )
+    pr.add_argument("--force", action="store_true", help="promote even an inconsistent replica")
+    de = sub.add_parser(
+        "demote",
+        help="make a source a replica (bdr_client stopped)",
+        description="On the source host, with its bdr_client stopped and its data no longer written: store the "
+        "source's generation history (--metadata) in the journal its bdr_server will use. The next client "
+        "(the promoted side) resyncs it from the generation both share; a split brain is refused.",
+    )
+    de.add_argument("--journal", required=True, help="the journal the device's bdr_server will use")
+    de.add_argument(
+        "--metadata", required=True, metavar="FILE", help="this source's metadata (bdr_client --metadata)"
+    )
     return p
 
 
@@ -164,6 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return history.do_restore(args.directory, args.at, args.to)
         elif args.command == "rollback":
             return history.do_rollback(args.directory, args.at)
+        elif args.command == "promote":
+            return roles.do_promote(args.journal, args.target_device, args.metadata, args.force)
+        elif args.command == "demote":
+            return roles.do_demote(args.journal, args.metadata)
         elif args.command == "verify":
             try:
                 return verify.verify(args.name, args.run_dir, args.json)

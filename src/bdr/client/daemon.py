@@ -32,7 +32,7 @@ from . import startup, transport
 from . import status as client_status
 from .errors import EXIT_OK, EXIT_REFUSED, EXIT_SOURCE, EXIT_USAGE, ClientError, SourceError, Stopping
 from .identity import ring_identity, source_identity
-from .metadata import MetadataError, load_or_create
+from .metadata import MetadataError, load_or_create, write_metadata
 from .oneshot import NoRing, oneshot_ring_identity
 from .options import build_parser, load_security
 from .session import ClientSession
@@ -74,7 +74,9 @@ class Client:
             self.source.close()
             raise
         try:
-            self.generations = load_or_create(Path(args.metadata)) if getattr(args, "metadata", None) else None
+            self.generations = (
+                load_or_create(Path(args.metadata)) if getattr(args, "metadata", None) else None
+            )
         except MetadataError as exc:
             self.ring.close()
             self.source.close()
@@ -190,6 +192,8 @@ class Client:
             self.server_text,
         )
         backoff = BACKOFF_MIN
+        # records not yet released were not acknowledged durable: written with no replica known to have them
+        self._unreplicated_mark = None if self.oneshot else self.ring.tail
         while not self.stopping:
             try:
                 sock, binding = transport.connect(self.args, self.tls_ctx, lambda: self.stopping)
@@ -214,6 +218,7 @@ class Client:
                 self.wakeup.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
+            self._new_generation_if_written()
             sess = ClientSession(self, sock, binding)
             if self.replication.started:
                 self.reconnects += 1
@@ -265,7 +270,7 @@ class Client:
                     )
                     backoff = BACKOFF_MIN
                 elif exc.code in FATAL_CODES:
-                    log.error("server %s refused us: %s", self.server_text, exc.message)
+                    log.error("server %s refused us (%s): %s", self.server_text, exc.code.name, exc.message)
                     sock.close()
                     return EXIT_REFUSED
                 else:
@@ -302,6 +307,7 @@ class Client:
                 log.error("I/O error: %s; reconnecting in %.2fs", exc, backoff)
             finally:
                 sock.close()
+                self._unreplicated_mark = self._ring_head()
                 self.session = None
                 self.replication.resync_progress = None
                 if self.verify is not None:
@@ -313,6 +319,32 @@ class Client:
                 backoff = min(backoff * 2, BACKOFF_MAX)
         self.report_bench(None, final=True)
         return EXIT_OK
+
+    def _ring_head(self) -> int | None:
+        return None if self.oneshot else self.ring.head()
+
+    def _new_generation_if_written(self) -> None:
+        """The source was written while no replica was connected (since this client started, or since the
+        last connection ended): those writes begin a new generation, ended where the replica last said it was
+        durable.  A replica promoted meanwhile then has a generation of its own, and the two are a split brain
+        rather than one silently overwriting the other."""
+        head = self._ring_head()
+        if self.generations is None or head is None or self._unreplicated_mark is None:
+            return
+        if head == self._unreplicated_mark:
+            return
+        gens = self.generations.successor(self.replication.server_durable)
+        try:
+            write_metadata(Path(self.args.metadata), gens)
+        except MetadataError as exc:
+            raise ClientError(str(exc)) from exc
+        log.warning(
+            "the source was written while no replica was connected: %s begins (the replica resumes into it "
+            "or is resynced)",
+            gens.describe(),
+        )
+        self.generations = gens
+        self._unreplicated_mark = head
 
     def _refused(self, message: str) -> bool:
         """The server refused our credentials, or we refused the server's: an error for the operator."""

@@ -271,7 +271,6 @@ class ServerSession:
         if v in (Verdict.SPLIT_BRAIN, Verdict.SOURCE_BEHIND):
             code = p.ErrorCode.SPLIT_BRAIN if v is Verdict.SPLIT_BRAIN else p.ErrorCode.SOURCE_BEHIND
             if not g.discard_local_changes:
-                log.error("client %s refused: %s", self.peer, d.text)
                 raise Refusal(code, d.text)
             log.warning(
                 "client %s: %s; --discard-local-changes: this replica's changes are overwritten by a resync from "
@@ -280,6 +279,10 @@ class ServerSession:
                 d.text,
             )
             self.behind = True
+        elif v is Verdict.REPLICA_BEHIND and self.ids_match and d.since_seq is not None:
+            # the source only went on writing while disconnected, in the same capture ring: the ring (or a
+            # resync) brings the replica forward from its resume point; it takes the new history once it does
+            log.info("client %s: %s", self.peer, d.text.replace("is resynced", "follows from the ring"))
         elif v is Verdict.REPLICA_BEHIND:
             log.warning("client %s: %s", self.peer, d.text)
             self.behind = True
@@ -372,6 +375,10 @@ class ServerSession:
         if why:
             raise Refusal(p.ErrorCode.RESUME_IMPOSSIBLE, f"cannot resume at seq {s.from_seq}: {why}")
         log.info("client %s resumes streaming at seq %d", self.peer, s.from_seq)
+        h = self.hello
+        assert h is not None
+        if h.generations is not None and jh.generations != h.generations:
+            self.journal.store(replica_state.generations_adopted(jh, h.generations))
         return None
 
     # -- scans -----------------------------------------------------------------------------------------------

@@ -1,0 +1,153 @@
+"""Failover and failback with real daemons over loopback, two "hosts" as two sets of files: A is the source, B
+the replica.  B is promoted, A demoted, and B's data replicates back to A (a resync that ends identical); then
+both sides are written while apart, and the reconnect is refused as a split brain, naming both generations,
+with nothing written on either side, until the operator names the side that loses."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bdr.client.metadata import read_metadata
+from bdr.generations import fmt_id
+from bdr.testing.ring_producer import RingProducer
+
+from .conftest import DEV, SLOTS, Daemon, Lab, Writer, free_port
+from .test_status import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bdr.cli", *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def start(lab: Lab, name: str, *argv: str) -> Daemon:
+    d = Daemon(name, list(argv), lab.tmp)
+    lab.daemons.append(d)
+    return d.start()
+
+
+def drained(prod: RingProducer, client: Daemon, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while prod.tail != prod.head or f"in sync at ring position {prod.head}:" not in client.log():
+        assert time.monotonic() < deadline, client.log()[-3000:]
+        time.sleep(0.05)
+
+
+def test_failover_failback_and_split_brain(lab: Lab) -> None:
+    run = lab.tmp / "run"
+    a_meta, b_meta, a_meta2 = lab.tmp / "a.meta", lab.tmp / "b.meta", lab.tmp / "a2.meta"
+    a_journal = lab.tmp / "a.journal"  # the journal A's server uses once A is demoted
+    lab.images(src_random=True)
+    prod_a = lab.make_producer()
+    srv_b = lab.server()
+    srv_b.wait_log("listening on")
+    cl_a = lab.client("--metadata", str(a_meta))
+    lab.wait_drained()
+    Writer(prod_a, 300, seed=1).join()
+    lab.wait_drained()
+    assert lab.identical()
+    gen_a = read_metadata(a_meta)
+    assert gen_a is not None
+    st = wait_for(
+        "the replica's generation", lambda s: (s["servers"][0]["generations"] or {}).get("current"), run
+    )
+    assert st["servers"][0]["generations"]["current"] == fmt_id(gen_a.current)  # taken at the first scan
+    assert st["targets"][0]["client"]["generations"]["current"] == fmt_id(gen_a.current)
+
+    # unplanned failover: A is lost (its last write never reached B); B is promoted
+    cl_a.kill()
+    prod_a.write(7 * 4096, random.Random(9).randbytes(4096), block=True)  # unacknowledged
+    assert srv_b.stop() == 0
+    res = cli(
+        "promote",
+        "--journal",
+        str(lab.journal),
+        "--target-device",
+        str(lab.replica),
+        "--metadata",
+        str(b_meta),
+    )
+    assert res.returncode == 0, res.stderr
+    gen_b = read_metadata(b_meta)
+    assert gen_b is not None and gen_b.past[-1][0] == gen_a.current and gen_b.current != gen_a.current
+    again = lab.server()  # no server serves a promoted replica
+    assert again.wait() != 0 and "was promoted to a source" in again.log()
+
+    # failback: A is demoted and served; B, the source now, resyncs it (A's lost write is overwritten)
+    res = cli("demote", "--journal", str(a_journal), "--metadata", str(a_meta))
+    assert res.returncode == 0, res.stderr
+    port = free_port()
+    serve_a = ["bdr.server", "--address", "127.0.0.1", "--port", str(port), "--verbose"]
+    serve_a += ["--target-device", str(lab.src), "--journal", str(a_journal)]
+    srv_a = start(lab, "server-a", *serve_a)
+    srv_a.wait_log("listening on")
+    prod_b = RingProducer(lab.tmp / "ring-b", SLOTS, DEV, source=lab.replica)
+    lab.producer = None
+    prod_a.close()
+    client_b = ["bdr.client", "--address", "127.0.0.1", "--port", str(port), "--verbose"]
+    client_b += ["--control-device", str(lab.tmp / "ring-b"), "--source-device", str(lab.replica)]
+    client_b += ["--metadata", str(b_meta)]
+    cl_b = start(lab, "client-b", *client_b)
+    srv_a.wait_log("the replica is behind and is resynced")
+    Writer(prod_b, 300, seed=2).join()
+    drained(prod_b, cl_b)
+    assert lab.identical()
+    st = wait_for(
+        "A to take B's generation",
+        lambda s: any((x["generations"] or {}).get("current") == fmt_id(gen_b.current) for x in s["servers"]),
+        run,
+    )
+
+    # split brain: B is written while A is apart, and A is promoted and written too
+    cl_b.signal(signal.SIGTERM)
+    assert cl_b.wait() == 0
+    prod_b.write(3 * 4096, random.Random(10).randbytes(4096), block=True)
+    assert srv_a.stop() == 0
+    res = cli(
+        "promote", "--journal", str(a_journal), "--target-device", str(lab.src), "--metadata", str(a_meta2)
+    )
+    assert res.returncode == 0, res.stderr
+    with open(lab.src, "r+b") as f:
+        f.seek(11 * 4096)
+        f.write(random.Random(11).randbytes(4096))
+    res = cli("demote", "--journal", str(a_journal), "--metadata", str(a_meta2))
+    assert res.returncode == 0, res.stderr
+    before = digest(lab.src), digest(lab.replica)
+    srv_a = start(lab, "server-a2", *serve_a)
+    srv_a.wait_log("listening on")
+    cl_b = start(lab, "client-b2", *client_b)
+    assert cl_b.wait(30) != 0  # refused: the client stops
+    refusal = srv_a.wait_log(r"refused: (split brain: .*)").group(1)
+    gen_b2, gen_a2 = read_metadata(b_meta), read_metadata(a_meta2)
+    assert gen_b2 is not None and gen_a2 is not None
+    assert fmt_id(gen_b2.current) in refusal and fmt_id(gen_a2.current) in refusal, refusal
+    assert "SPLIT_BRAIN" in cl_b.log() and "--discard-local-changes" in cl_b.log()
+    assert (digest(lab.src), digest(lab.replica)) == before  # nothing written on either side
+    st = wait_for("the decision in the status", lambda s: s["servers"][0]["generations_decision"], run)
+    assert st["servers"][0]["generations_decision"].startswith("split brain")
+
+    # the operator keeps B's data: A's server discards its local changes
+    assert srv_a.stop() == 0
+    srv_a = start(lab, "server-a3", *serve_a, "--discard-local-changes")
+    srv_a.wait_log("listening on")
+    cl_b = start(lab, "client-b3", *client_b)
+    srv_a.wait_log("--discard-local-changes: this replica's changes are overwritten")
+    Writer(prod_b, 100, seed=3).join()
+    drained(prod_b, cl_b)
+    assert lab.identical()
+    prod_b.close()
