@@ -270,7 +270,7 @@ class Client:
                     )
                     backoff = BACKOFF_MIN
                 elif exc.code in FATAL_CODES:
-                    log.error("server %s refused us (%s): %s", self.server_text, exc.code.name, exc.message)
+                    log.error("server %s refused us: %s (%s)", self.server_text, exc.message, exc.code.name)
                     sock.close()
                     return EXIT_REFUSED
                 else:

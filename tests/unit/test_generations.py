@@ -1,0 +1,84 @@
+"""Generation histories: their encoding (in the journal header, the source's metadata and the handshake) and
+what two of them decide at connect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bdr import replica_state
+from bdr import wire as p
+from bdr.client.metadata import MetadataError, read_metadata, write_metadata
+from bdr.generations import PAST_MAX, Generations, GenerationsError, Verdict, decide, fmt_id
+from bdr.journal import JFlag, Journal
+
+
+def test_encoding_round_trips_and_rejects_damage(tmp_path: Path) -> None:
+    g = Generations.first().successor(41).successor(1000)
+    assert Generations.unpack(g.pack()) == g
+    assert Generations.unpack(bytes(64)) is None
+    with pytest.raises(GenerationsError):
+        Generations.unpack(g.pack()[:-1])
+    long = Generations.first()
+    for k in range(PAST_MAX + 5):
+        long = long.successor(k)
+    assert len(long.past) == PAST_MAX and long.past[-1][1] == PAST_MAX + 4  # the oldest are forgotten
+    # in the journal header
+    j = Journal(tmp_path / "journal")
+    j.commit(generations=g)
+    j.close()
+    assert Journal(tmp_path / "journal").header.generations == g
+    # in the handshake
+    hello = p.Hello(1, p.ALL_FEATURES, 512, 1 << 20, b"s" * 16, b"r" * 16, g)
+    assert p.Hello.parse(memoryview(hello.pack()), 0) == hello
+    with pytest.raises(p.ProtocolError):
+        p.Hello.parse(memoryview(hello.pack() + b"x"), 0)
+    # the source's metadata file
+    meta = tmp_path / "meta"
+    assert read_metadata(meta) is None
+    write_metadata(meta, g)
+    assert read_metadata(meta) == g
+    damaged = bytearray(meta.read_bytes())
+    damaged[20] ^= 1
+    meta.write_bytes(bytes(damaged))
+    with pytest.raises(MetadataError, match="damaged"):
+        read_metadata(meta)
+
+
+def test_what_two_histories_decide() -> None:
+    g1 = Generations.first()
+    assert decide(g1, g1).verdict is Verdict.SAME
+    assert decide(g1, None).verdict is Verdict.ADOPT
+    assert decide(None, g1).verdict is Verdict.LEGACY
+    # the replica was promoted at seq 50: the old source is behind, the promoted side ahead
+    promoted = g1.successor(50)
+    d = decide(promoted, g1)
+    assert d.verdict is Verdict.REPLICA_BEHIND and d.since_seq == 50
+    d = decide(g1, promoted)
+    assert d.verdict is Verdict.SOURCE_BEHIND and d.since_seq == 50 and "demote" in d.text
+    # the old source wrote on, disconnected (a generation of its own), while the replica was promoted
+    wrote_on = g1.successor(48)
+    d = decide(wrote_on, promoted)
+    assert d.verdict is Verdict.SPLIT_BRAIN
+    assert fmt_id(wrote_on.current) in d.text and fmt_id(promoted.current) in d.text
+    assert fmt_id(g1.current) in d.text and "--discard-local-changes" in d.text
+    assert decide(promoted, wrote_on).verdict is Verdict.SPLIT_BRAIN
+    # two unrelated histories
+    assert "share no generation" in decide(Generations.first(), g1).text
+    # a replica several generations behind
+    assert decide(promoted.successor(70).successor(90), g1).verdict is Verdict.REPLICA_BEHIND
+
+
+def test_scans_take_the_sources_history_and_promotion_ends_the_generation() -> None:
+    g = Generations.first()
+    src = replica_state.Source(b"s" * 16, b"r" * 16, 1 << 20, 1 << 20, g)
+    h = replica_state.staged_resync_begun(replica_state.Header(), src)
+    assert h.generations == g
+    assert replica_state.direct_resync_begun(replica_state.Header(), src).generations == g
+    nxt = g.successor(7)
+    h = replica_state.promoted(h, nxt)
+    assert h.generations == nxt and h.flags & JFlag.PROMOTED
+    h = replica_state.demoted(h, g)
+    assert h.generations == g and not h.flags & JFlag.PROMOTED
+    assert replica_state.resume_point(h) is None  # the next client resyncs it
