@@ -54,6 +54,10 @@ def fmt_id(gid: int) -> str:
     return f"{gid:016x}"
 
 
+def _at(seq: int) -> str:
+    return "at an unknown seq" if seq == NO_SEQ else f"at seq {seq}"
+
+
 @dataclass(frozen=True, slots=True)
 class Generations:
     """``current``: the generation being written; ``past``: (id, seq at which it ended), oldest first."""
@@ -90,7 +94,7 @@ class Generations:
         if not self.past:
             return f"generation {fmt_id(self.current)}"
         gid, end = self.past[-1]
-        return f"generation {fmt_id(self.current)} (after {fmt_id(gid)} ended at seq {end})"
+        return f"generation {fmt_id(self.current)} (after {fmt_id(gid)} ended {_at(end)})"
 
     def pack(self) -> bytes:
         return _HEAD.pack(len(self.past), 0, self.current) + b"".join(_ENTRY.pack(g, s) for g, s in self.past)
@@ -157,7 +161,7 @@ def decide(source: Generations | None, replica: Generations | None) -> Decision:
         return Decision(
             Verdict.REPLICA_BEHIND,
             end,
-            f"the replica's generation {fmt_id(replica.current)} ended at seq {end} on the source, which is at "
+            f"the replica's generation {fmt_id(replica.current)} ended {_at(end)} on the source, which is at "
             f"{source.describe()}: the replica is behind and is resynced",
         )
     end = replica.ended_at(source.current)
@@ -165,14 +169,14 @@ def decide(source: Generations | None, replica: Generations | None) -> Decision:
         return Decision(
             Verdict.SOURCE_BEHIND,
             end,
-            f"the source's generation {fmt_id(source.current)} ended at seq {end} on the replica, which is at "
+            f"the source's generation {fmt_id(source.current)} ended {_at(end)} on the replica, which is at "
             f"{replica.describe()} (it was promoted): this source is behind; demote it (bdr demote) and "
             "replicate from the promoted side",
         )
     common = source.common(replica)
     split = (
         f"both sides were written after generation {fmt_id(common[0])} "
-        f"(the source's ended at seq {common[1]}, the replica's at seq {common[2]})"
+        f"(the source's ended {_at(common[1])}, the replica's {_at(common[2])})"
         if common is not None
         else "the two sides share no generation"
     )

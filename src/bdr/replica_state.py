@@ -20,6 +20,8 @@ SOURCE_KNOWN   ``source_id`` / ``ring_id`` / ``source_size`` are set
 HAS_DATA       the replica has received data at least once
 IO_ERROR       the server stopped on a storage I/O error; cleared by the next resync
 PROMOTED       ``bdr promote`` made the replica a source; no server serves it until ``bdr demote``
+GENERATION_    ``durable_seq`` is where the data stands in the current generation (``bdr demote`` after a stop
+POINT          in sync), not a resume point
 =============  ==========================================================================================
 """
 
@@ -64,13 +66,13 @@ def _with(h: Header, set_: JFlag = JFlag.NONE, clear: JFlag = JFlag.NONE, **fiel
 
 
 def _adopt(h: Header, src: Source, set_: JFlag, clear: JFlag, **fields: object) -> Header:
-    """The replica becomes (or is becoming) a copy of ``src``: it takes its identity and generation history."""
-    if src.generations is not None:
-        fields["generations"] = src.generations
+    """The replica becomes (or is becoming) a copy of ``src``: it takes its identity and generation history
+    (none, from a source that keeps none: the replica's old one no longer says what it holds)."""
+    fields["generations"] = src.generations
     return _with(
         h,
         JFlag.SOURCE_KNOWN | set_,
-        clear,
+        clear | JFlag.GENERATION_POINT,
         source_id=src.source_id,
         ring_id=src.ring_id,
         source_size=src.source_size,
@@ -261,6 +263,18 @@ def history_kept(h: Header, history_id: bytes) -> Header:
     return _with(h, history_id=history_id)
 
 
+def at_generation_start(h: Header, gens: Generations | None) -> bool:
+    """The replica holds exactly the data the source had when its current generation ``gens.current`` began:
+    its own generation ended there, at the seq where the replica's data stands."""
+    return bool(
+        gens is not None
+        and gens.past
+        and h.flags & JFlag.GENERATION_POINT
+        and h.generations is not None
+        and gens.past[-1] == (h.generations.current, h.durable_seq)
+    )
+
+
 def generations_adopted(h: Header, gens: Generations) -> Header:
     """A replica with no generation history, mirroring this source, takes the source's."""
     return _with(h, generations=gens)
@@ -270,20 +284,34 @@ def promoted(h: Header, gens: Generations) -> Header:
     """``bdr promote``: the replica is a source from now on, in the new generation ``gens.current``; no server
     serves it until ``bdr demote``."""
     return _with(
-        h, JFlag.PROMOTED, JFlag.SEQ_VALID, generations=gens, durable_seq=NO_SEQ, history_id=bytes(16)
+        h,
+        JFlag.PROMOTED,
+        JFlag.SEQ_VALID | JFlag.GENERATION_POINT,
+        generations=gens,
+        durable_seq=NO_SEQ,
+        history_id=bytes(16),
     )
 
 
-def demoted(h: Header, gens: Generations | None) -> Header:
+def demoted(h: Header, gens: Generations | None, synced_seq: int | None = None) -> Header:
     """``bdr demote``: the device is a replica again, holding the data of ``gens.current`` (None: the source
-    kept no generations); it has no resume point in any stream, so the next client resyncs it (a scan that
-    sends only the blocks that differ).  No history kept what it was written with."""
+    kept no generations), up to ``synced_seq`` exactly when the source stopped in sync and nothing was written
+    after (GENERATION_POINT).  It has no resume point in any ring: the next client streams from the start of its
+    generation if it began there, and resyncs it otherwise (a scan that sends only the blocks that differ).  No
+    history kept what it was written with."""
     return _with(
         h,
-        JFlag.CONSISTENT | JFlag.HAS_DATA,
-        JFlag.PROMOTED | JFlag.SEQ_VALID | JFlag.SOURCE_KNOWN | JFlag.SCANNING | JFlag.IO_ERROR,
+        JFlag.CONSISTENT
+        | JFlag.HAS_DATA
+        | (JFlag.GENERATION_POINT if synced_seq is not None else JFlag.NONE),
+        JFlag.PROMOTED
+        | JFlag.SEQ_VALID
+        | JFlag.SOURCE_KNOWN
+        | JFlag.SCANNING
+        | JFlag.IO_ERROR
+        | JFlag.GENERATION_POINT,
         generations=gens,
-        durable_seq=NO_SEQ,
+        durable_seq=NO_SEQ if synced_seq is None else synced_seq,
         consistent_seq=NO_SEQ,
         history_id=bytes(16),
     )

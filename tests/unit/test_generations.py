@@ -9,7 +9,14 @@ import pytest
 
 from bdr import replica_state
 from bdr import wire as p
-from bdr.client.metadata import MetadataError, read_metadata, write_metadata
+from bdr.client.metadata import (
+    MetadataError,
+    MetaFlag,
+    SourceMeta,
+    load_or_create,
+    read_metadata,
+    write_metadata,
+)
 from bdr.generations import PAST_MAX, Generations, GenerationsError, Verdict, decide, fmt_id
 from bdr.journal import JFlag, Journal
 
@@ -37,8 +44,11 @@ def test_encoding_round_trips_and_rejects_damage(tmp_path: Path) -> None:
     # the source's metadata file
     meta = tmp_path / "meta"
     assert read_metadata(meta) is None
-    write_metadata(meta, g)
-    assert read_metadata(meta) == g
+    write_metadata(meta, SourceMeta(g, MetaFlag.ACKED | MetaFlag.SYNCED, 77))
+    m = read_metadata(meta)
+    assert m is not None and m.generations == g and m.acked and m.synced == 77
+    assert load_or_create(meta).synced is None  # a client start clears the mark of a stop in sync
+    assert read_metadata(meta) == SourceMeta(g, MetaFlag.ACKED)
     damaged = bytearray(meta.read_bytes())
     damaged[20] ^= 1
     meta.write_bytes(bytes(damaged))

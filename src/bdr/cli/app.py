@@ -147,11 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="make a source a replica (bdr_client stopped)",
         description="On the source host, with its bdr_client stopped and its data no longer written: store the "
         "source's generation history (--metadata) in the journal its bdr_server will use. The next client "
-        "(the promoted side) resyncs it from the generation both share; a split brain is refused.",
+        "(the promoted side) brings it up to date from the generation both share: with --name, after a stop "
+        "in sync and nothing written since, by streaming its writes since its promotion; otherwise by a "
+        "resync. A split brain is refused.",
     )
     de.add_argument("--journal", required=True, help="the journal the device's bdr_server will use")
     de.add_argument(
         "--metadata", required=True, metavar="FILE", help="this source's metadata (bdr_client --metadata)"
+    )
+    de.add_argument(
+        "--name",
+        help="the source's bdr target (mapper name), still set up: bdr demote removes it, and if nothing was "
+        "written since bdr_client stopped in sync, the promoted side needs no resync (a planned switchover)",
     )
     return p
 
@@ -193,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "promote":
             return roles.do_promote(args.journal, args.target_device, args.metadata, args.force)
         elif args.command == "demote":
-            return roles.do_demote(args.journal, args.metadata)
+            return roles.do_demote(args.journal, args.metadata, args.name)
         elif args.command == "verify":
             try:
                 return verify.verify(args.name, args.run_dir, args.json)

@@ -3,14 +3,16 @@ replica (``bdr.generations`` says what the two sides then decide at connect)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 from .. import replica_state
-from ..client.metadata import MetadataError, read_metadata, write_metadata
+from ..client.metadata import MetadataError, SourceMeta, read_metadata, write_metadata
 from ..generations import Generations
 from ..journal import JFlag, Journal, JournalError
-from ..seq import NO_SEQ
+from ..seq import NO_SEQ, fmt_seq, prev_seq
 from ..server.daemon import open_record_area
 from ..server.errors import ServerError
 from ..server.replica import Replica
@@ -57,7 +59,7 @@ def promote(journal_path: str, replica_path: str, metadata: str, force: bool) ->
         end = jh.durable_seq if jh.flags & JFlag.SEQ_VALID else NO_SEQ
         old = jh.generations if jh.generations is not None else Generations.first()
         gens = old.successor(end)
-        write_metadata(Path(metadata), gens)
+        write_metadata(Path(metadata), SourceMeta(gens))
         journal.store(replica_state.promoted(jh, gens))
         return gens
     except MetadataError as exc:
@@ -66,19 +68,70 @@ def promote(journal_path: str, replica_path: str, metadata: str, force: bool) ->
         journal.close()
 
 
-def demote(journal_path: str, metadata: str) -> Generations | None:
-    """A source (its bdr_client stopped, its target removed) becomes a replica: the journal its bdr_server
-    will use takes the source's generation history, and no resume point (the next client resyncs it)."""
+def demote(journal_path: str, metadata: str, name: str | None = None) -> tuple[SourceMeta | None, bool]:
+    """A source (its bdr_client stopped) becomes a replica: the journal its bdr_server will use takes the
+    source's generation history, and no resume point in any ring.  With ``name`` (the source's bdr target,
+    still set up) the target is removed here: suspended first, so that nothing is written between the check
+    and the removal, then, if its ring is empty and its last write is the one the client stopped in sync at,
+    the journal says the device holds the generation exactly up to that seq (the promoted side then streams
+    its writes since, with no scan).  Returns the metadata, and whether the device is at that point."""
     try:
-        gens = read_metadata(Path(metadata))
+        meta = read_metadata(Path(metadata))
         journal = Journal(journal_path, lock="bdr demote")
     except (MetadataError, JournalError) as exc:
         raise RoleError(str(exc)) from exc
     try:
-        journal.store(replica_state.demoted(journal.header, gens))
+        at: int | None = None
+        if name is not None:
+            last = _remove_target(name)
+            if meta is not None and meta.synced is not None and last == meta.synced:
+                at = meta.synced
+            else:
+                print(
+                    f"bdr demote: the source was written after bdr_client stopped in sync, or did not stop in "
+                    f"sync (last write seq {fmt_seq(last)}"
+                    + (
+                        f", in sync at seq {meta.synced}"
+                        if meta is not None and meta.synced is not None
+                        else ""
+                    )
+                    + "): the next client resyncs this device",
+                    file=sys.stderr,
+                )
+        journal.store(replica_state.demoted(journal.header, meta.generations if meta else None, at))
     finally:
         journal.close()
-    return gens
+    return meta, at is not None
+
+
+def _dmsetup(*args: str) -> str:
+    res = subprocess.run(["dmsetup", *args], capture_output=True, text=True, check=False)
+    if res.returncode:
+        raise RoleError(f"dmsetup {' '.join(args)} failed: {res.stderr.strip()}")
+    return res.stdout
+
+
+def _remove_target(name: str) -> int:
+    """Remove the bdr target ``name`` once nothing uses it; the seq of the last write it captured (NO_SEQ:
+    none), or NO_SEQ if its ring still held records or had overflowed."""
+    if shutil.which("dmsetup") is None:
+        raise RoleError("dmsetup not found: install the dmsetup package")
+    info = _dmsetup("info", "-c", "--noheadings", "-o", "open", name).strip()
+    if info != "0":
+        raise RoleError(f"/dev/mapper/{name} is in use ({info} open): unmount it and stop what uses it first")
+    _dmsetup("suspend", name)  # nothing is written from here on
+    try:
+        fields = _dmsetup("status", name).split()
+        if len(fields) < 4 or fields[2] != "bdr":
+            raise RoleError(f"/dev/mapper/{name} is not a bdr target")
+        st = dict(f.split("=", 1) for f in fields[3:] if "=" in f)
+    except BaseException:
+        _dmsetup("resume", name)
+        raise
+    _dmsetup("remove", name)
+    empty = st.get("fill", "").startswith("0/") and st.get("state") == "capturing"
+    nseq = int(st.get("next_seq", "0"))
+    return prev_seq(nseq) if empty and nseq else NO_SEQ
 
 
 def _gens(g: Generations | None) -> str:
@@ -100,21 +153,29 @@ def do_promote(journal: str, replica: str, metadata: str, force: bool) -> int:
     return 0
 
 
-def do_demote(journal: str, metadata: str) -> int:
+def do_demote(journal: str, metadata: str, name: str | None) -> int:
     try:
-        gens = demote(journal, metadata)
+        meta, exact = demote(journal, metadata, name)
     except RoleError as exc:
         print(f"bdr demote: {exc}", file=sys.stderr)
         return 1
-    if gens is None:
+    gens = meta.generations if meta is not None else None
+    if meta is None:
         print(
             f"bdr demote: {metadata} does not exist (the source kept no generations): the replica will take "
             "the next source's",
             file=sys.stderr,
         )
+    then = (
+        "the new source's bdr_client streams its writes since its promotion, no resync"
+        if exact
+        else "the new source's bdr_client resyncs it (only the blocks that differ are sent)"
+    )
+    removed = (
+        "its bdr target is removed; " if name is not None else "remove its bdr target (bdr remove NAME); "
+    )
     print(
-        f"the device is a replica now ({_gens(gens)}); journal {journal}. Next: remove its bdr target (bdr "
-        "remove NAME) and start bdr_server on the device itself with this --journal; the new source's "
-        "bdr_client resyncs it (only the blocks that differ are sent)."
+        f"the device is a replica now ({_gens(gens)}); journal {journal}. Next: {removed}start bdr_server on the "
+        f"device itself with this --journal; {then}."
     )
     return 0

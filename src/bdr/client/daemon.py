@@ -22,17 +22,18 @@ from .. import __version__, config
 from .. import wire as p
 from ..daemon.errors import ConnectionLost
 from ..daemon.wakeup import Wakeup
+from ..generations import Generations
 from ..kernel.layout import RingError
 from ..kernel.ring import RingConsumer
 from ..log import BenchClock, setup_logging
 from ..scan.verify import VerifyJob
 from ..security import tls
-from ..seq import fmt_seq
+from ..seq import NO_SEQ, fmt_seq, prev_seq
 from . import startup, transport
 from . import status as client_status
 from .errors import EXIT_OK, EXIT_REFUSED, EXIT_SOURCE, EXIT_USAGE, ClientError, SourceError, Stopping
 from .identity import ring_identity, source_identity
-from .metadata import MetadataError, load_or_create, write_metadata
+from .metadata import MetadataError, MetaFlag, SourceMeta, load_or_create, write_metadata
 from .oneshot import NoRing, oneshot_ring_identity
 from .options import build_parser, load_security
 from .session import ClientSession
@@ -74,9 +75,8 @@ class Client:
             self.source.close()
             raise
         try:
-            self.generations = (
-                load_or_create(Path(args.metadata)) if getattr(args, "metadata", None) else None
-            )
+            self.meta_path = Path(args.metadata) if getattr(args, "metadata", None) else None
+            self.meta = load_or_create(self.meta_path) if self.meta_path is not None else None
         except MetadataError as exc:
             self.ring.close()
             self.source.close()
@@ -238,6 +238,7 @@ class Client:
                 sess.stream()
             except Stopping:
                 clean = True
+                self._mark_stopped_in_sync()
                 sess.drain()
             except SourceError as exc:
                 log.error(
@@ -323,28 +324,60 @@ class Client:
     def _ring_head(self) -> int | None:
         return None if self.oneshot else self.ring.head()
 
-    def _new_generation_if_written(self) -> None:
-        """The source was written while no replica was connected (since this client started, or since the
-        last connection ended): those writes begin a new generation, ended where the replica last said it was
-        durable.  A replica promoted meanwhile then has a generation of its own, and the two are a split brain
-        rather than one silently overwriting the other."""
-        head = self._ring_head()
-        if self.generations is None or head is None or self._unreplicated_mark is None:
-            return
-        if head == self._unreplicated_mark:
-            return
-        gens = self.generations.successor(self.replication.server_durable)
+    @property
+    def generations(self) -> Generations | None:
+        return self.meta.generations if self.meta is not None else None
+
+    def _store_meta(self, meta: SourceMeta) -> None:
+        assert self.meta_path is not None
         try:
-            write_metadata(Path(self.args.metadata), gens)
+            write_metadata(self.meta_path, meta)
         except MetadataError as exc:
             raise ClientError(str(exc)) from exc
+        self.meta = meta
+
+    def acknowledged(self) -> None:
+        """A replica acknowledged a write durable: from now on it may hold some of the current generation."""
+        if self.meta is not None and not self.meta.acked:
+            self._store_meta(self.meta.with_(flags=self.meta.flags | MetaFlag.ACKED))
+
+    def _new_generation_if_written(self) -> None:
+        """The source was written while no replica was connected (since this client started, or since the
+        last connection ended), and a replica holds some of the current generation: those writes begin a new
+        generation, ended where the replica last said it was durable.  A replica promoted meanwhile then has a
+        generation of its own, and the two are a split brain rather than one silently overwriting the other.
+        (While no replica has acknowledged any of the current generation, none can have been promoted from
+        it: the writes stay in it.)"""
+        head = self._ring_head()
+        if self.meta is None or head is None or self._unreplicated_mark is None:
+            return
+        if head == self._unreplicated_mark or not self.meta.acked:
+            return
+        gens = self.meta.generations.successor(self.replication.server_durable)
+        self._store_meta(SourceMeta(gens))
         log.warning(
             "the source was written while no replica was connected: %s begins (the replica resumes into it "
             "or is resynced)",
             gens.describe(),
         )
-        self.generations = gens
         self._unreplicated_mark = head
+
+    def _mark_stopped_in_sync(self) -> None:
+        """Stopping with every captured write durable on the replica: the metadata says up to which seq, so that
+        bdr demote can tell a switchover that needs no resync (if nothing is written before it runs)."""
+        r = self.replication
+        if self.meta is None or self.oneshot:
+            return
+        ring = self.ring
+        if ring.tail != ring.head() or ring.state() or r.pending_dirty is not None or r.force_scan:
+            return
+        if not r.replica_consistent or r.unzeroed or r.server_durable == NO_SEQ:
+            return
+        last = prev_seq(ring.tail_seq())
+        if last != r.server_durable:
+            return
+        self._store_meta(self.meta.with_(flags=self.meta.flags | MetaFlag.SYNCED, synced_seq=last))
+        log.warning("stopped in sync: the replica holds every write up to seq %d", last)
 
     def _refused(self, message: str) -> bool:
         """The server refused our credentials, or we refused the server's: an error for the operator."""

@@ -1,31 +1,74 @@
 """The source's metadata (``bdr_client --metadata FILE``): its generation history, which the replica compares
-with its own at every connect (``bdr.generations``).
+with its own at every connect (``bdr.generations``), whether a replica has acknowledged any write of the current
+generation, and where the source stood when its client last stopped with everything replicated.
 
-One 4 KiB block: a magic, the encoded history, zeros, and a checksum (the journal header's sealing).  It is
-replaced whole: written to a temporary file, synced, renamed over the old one, and the directory synced, so a
-crash leaves the old history or the new one, never a torn one.
+One 4 KiB block, little-endian, then zeros and a checksum (the journal header's sealing)::
+
+    0         8       12         16            24
+    +---------+-------+----------+-------------+---------------------+
+    | magic   | flags | reserved | synced_seq  | generation history  |
+    +---------+-------+----------+-------------+---------------------+
+
+It is replaced whole: written to a temporary file, synced, renamed over the old one, and the directory synced,
+so a crash leaves the old block or the new one, never a torn one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import logging
 import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..generations import Generations, GenerationsError
 from ..journal.copies import BLOCK, intact, seal
+from ..seq import NO_SEQ, fmt_seq
 
 log = logging.getLogger("bdr.client")
 
 MAGIC = b"BDRSMETA"
+_FIXED = struct.Struct("<8sIIQ")
+
+
+class MetaFlag(enum.IntFlag):
+    NONE = 0
+    ACKED = 1 << 0  # a replica acknowledged a write of the current generation
+    SYNCED = 1 << 1  # the client stopped with every write up to synced_seq durable on the replica, none after
+
+
+@dataclass(frozen=True, slots=True)
+class SourceMeta:
+    generations: Generations
+    flags: MetaFlag = MetaFlag.NONE
+    synced_seq: int = NO_SEQ  # with SYNCED: the last seq the replica holds (the ring held nothing after it)
+
+    @property
+    def acked(self) -> bool:
+        return bool(self.flags & MetaFlag.ACKED)
+
+    @property
+    def synced(self) -> int | None:
+        return self.synced_seq if self.flags & MetaFlag.SYNCED else None
+
+    def describe(self) -> str:
+        s = self.generations.describe()
+        if self.synced is not None:
+            s += f", stopped in sync at seq {fmt_seq(self.synced_seq)}"
+        return s
+
+    def with_(self, **changes: object) -> SourceMeta:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
 class MetadataError(Exception):
     """The metadata file cannot be read or written."""
 
 
-def read_metadata(path: Path) -> Generations | None:
-    """The history in ``path``; None if the file does not exist."""
+def read_metadata(path: Path) -> SourceMeta | None:
+    """The metadata in ``path``; None if the file does not exist."""
     try:
         block = path.read_bytes()
     except FileNotFoundError:
@@ -37,17 +80,18 @@ def read_metadata(path: Path) -> Generations | None:
             f"source metadata {path} is damaged or not BDR source metadata (bad magic or checksum); refusing "
             "to guess the source's generation. Restore it, or move it away to start a new generation history"
         )
+    _, flags, _, synced = _FIXED.unpack_from(block)
     try:
-        gens = Generations.unpack(memoryview(block)[len(MAGIC) :])
+        gens = Generations.unpack(memoryview(block)[_FIXED.size :])
     except GenerationsError as exc:
         raise MetadataError(f"source metadata {path}: {exc}") from None
     if gens is None:
         raise MetadataError(f"source metadata {path} holds no generation")
-    return gens
+    return SourceMeta(gens, MetaFlag(flags & 0x3), synced)
 
 
-def write_metadata(path: Path, gens: Generations) -> None:
-    block = seal(MAGIC + gens.pack())
+def write_metadata(path: Path, meta: SourceMeta) -> None:
+    block = seal(_FIXED.pack(MAGIC, meta.flags, 0, meta.synced_seq) + meta.generations.pack())
     assert len(block) == BLOCK
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -67,13 +111,17 @@ def write_metadata(path: Path, gens: Generations) -> None:
         raise MetadataError(f"cannot write source metadata {path}: {exc.strerror}") from exc
 
 
-def load_or_create(path: Path) -> Generations:
-    """The source's history; a first generation when the file does not exist yet (a new source)."""
-    gens = read_metadata(path)
-    if gens is None:
-        gens = Generations.first()
-        write_metadata(path, gens)
-        log.info("source metadata %s created: %s", path, gens.describe())
-    else:
-        log.info("source metadata %s: %s", path, gens.describe())
-    return gens
+def load_or_create(path: Path) -> SourceMeta:
+    """The source's metadata; a first generation when the file does not exist yet (a new source).  A mark of
+    a stop in sync is cleared: the source is being written again."""
+    meta = read_metadata(path)
+    if meta is None:
+        meta = SourceMeta(Generations.first())
+        write_metadata(path, meta)
+        log.info("source metadata %s created: %s", path, meta.describe())
+        return meta
+    log.info("source metadata %s: %s", path, meta.describe())
+    if meta.synced is not None:
+        meta = meta.with_(flags=meta.flags & ~MetaFlag.SYNCED, synced_seq=NO_SEQ)
+        write_metadata(path, meta)
+    return meta

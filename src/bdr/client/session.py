@@ -164,6 +164,8 @@ class ClientSession:
     def on_ack(self, ack: p.Ack) -> None:
         self.inflight.on_ack(ack)
         self.replication.server_durable = ack.durable_seq
+        if ack.durable_seq != p.NO_SEQ and self.client.meta is not None and not self.client.meta.acked:
+            self.client.acknowledged()
 
     def wait_for(self, what: str, cond: Callable[[], bool], timeout: float = IO_TIMEOUT) -> None:
         """Process the server's messages until ``cond()``.  ``timeout`` counts time without progress: on a slow,
@@ -241,6 +243,27 @@ class ClientSession:
                 c.generations.describe(),
                 "no generation yet" if w.generations is None else w.generations.describe(),
             )
+        if (
+            w.flags & p.WelcomeFlag.AT_GENERATION_START
+            and c.generations is not None
+            and self.ring.tail == 0
+            and not self.ring.state()
+            and self.replication.pending_dirty is None
+            and not c.start_flags.full_replication
+            and not c.start_flags.full_scan
+        ):
+            # the replica holds our data as of the start of our generation, and the ring every write since
+            seq0 = self.ring.tail_seq()
+            self.replication.started = True
+            self.send(self.conn.send(p.Stream(seq0, p.StreamFlag.FROM_GENERATION_START)))
+            self.sent = self.ring.tail
+            log.warning(
+                "the replica holds this source's data as of the start of its generation: streaming every write "
+                "since, from seq %d (%d records), no scan",
+                seq0,
+                self.ring.head() - self.ring.tail,
+            )
+            return
         pos = self.ring.find_seq(startup.resume_seq(w)) if startup.can_resume(w, same) else None
         self.replication.started = True
         d = startup.decide(w, same, pos is not None, first, c.start_flags, self.replication.force_scan)

@@ -63,6 +63,9 @@ class JFlag(enum.IntFlag):
     HAS_DATA = 1 << 4  # the replica has received data at least once
     IO_ERROR = 1 << 5  # the server stopped on a replica I/O error (SCANNING is set too); cleared by a scan
     PROMOTED = 1 << 6  # bdr promote made the replica a source: no server serves it until bdr demote
+    # durable_seq is where the replica's data stands in its current generation (bdr demote after a stop in
+    # sync), not a resume point in any ring
+    GENERATION_POINT = 1 << 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +121,7 @@ class Header:
             gens = Generations.unpack(memoryview(block)[_FIXED.size :])
         except GenerationsError:
             return None
-        return cls(gen, JFlag(flags & 0x7F), bs, sid, rid, ssize, dseq, cseq, rsize, hid, gens)
+        return cls(gen, JFlag(flags & 0xFF), bs, sid, rid, ssize, dseq, cseq, rsize, hid, gens)
 
 
 class Journal:

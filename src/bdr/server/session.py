@@ -70,6 +70,8 @@ class ServerSession:
         self.ids_match = False
         self.generational = generational if generational is not None else Generational()
         self.behind = False  # the generations say the replica is behind: it is resynced, never resumed
+        # ... but it holds the source's data as of the start of its generation: streaming all of it will do
+        self.gen_start = False
         self.ack_pending = False
         self.resync_owned = False  # SCANNING was set by this connection (RESYNC_PENDING), not inherited
         self.verified = 0  # bytes hashed for online verify requests (bdr verify)
@@ -238,6 +240,8 @@ class ServerSession:
         if self.behind:
             self.ids_match = False
             flags &= ~p.WelcomeFlag.SEQ_VALID  # no resume point: the client resyncs
+        if self.gen_start:
+            flags |= p.WelcomeFlag.AT_GENERATION_START
         durable = self.applier.durable
         log.info(
             "client %s: source %s size %d, replica %s, durable seq %s%s",
@@ -283,6 +287,14 @@ class ServerSession:
             # the source only went on writing while disconnected, in the same capture ring: the ring (or a
             # resync) brings the replica forward from its resume point; it takes the new history once it does
             log.info("client %s: %s", self.peer, d.text.replace("is resynced", "follows from the ring"))
+        elif v is Verdict.REPLICA_BEHIND and replica_state.at_generation_start(jh, h.generations):
+            log.info(
+                "client %s: %s; the replica holds the source's data as of the start of its generation (a "
+                "switchover after a stop in sync): the writes since then are all it needs",
+                self.peer,
+                d.text.replace(" and is resynced", ""),
+            )
+            self.behind = self.gen_start = True
         elif v is Verdict.REPLICA_BEHIND:
             log.warning("client %s: %s", self.peer, d.text)
             self.behind = True
@@ -349,6 +361,22 @@ class ServerSession:
         self.ids_match = True
 
     def _stream(self, s: p.Stream) -> bytes | None:
+        if s.flags & p.StreamFlag.FROM_GENERATION_START:
+            if not self.gen_start:
+                raise Refusal(
+                    p.ErrorCode.RESUME_IMPOSSIBLE,
+                    "the replica does not hold the source's data as of the start of its generation",
+                )
+            log.info(
+                "client %s streams its generation from its first write, seq %d (no scan)",
+                self.peer,
+                s.from_seq,
+            )
+            self._drop_staged()
+            self._adopt_source(replica_state.assumed_in_sync(self.journal.header, self._source(), s.from_seq))
+            self.applier.restart_at(s.from_seq)
+            self.behind = self.gen_start = False
+            return None
         if s.flags & p.StreamFlag.ASSUME_IN_SYNC:
             log.warning(
                 "client asserts the replica is in sync (--no-replication): streaming from seq %d", s.from_seq

@@ -224,6 +224,9 @@ class WelcomeFlag(enum.IntFlag):
     SCANNING = 1 << 2  # a resync was interrupted: the replica is a mix until a new scan completes
     KNOWN_ZERO = 1 << 3  # the replica reads as zeros everywhere (freshly created sparse file)
     FRESH = 1 << 4  # the replica has never received data
+    # the replica holds the client's source as it was when the source's current generation began (a switchover
+    # after a stop in sync): streaming every write of the generation brings it up to date, no scan needed
+    AT_GENERATION_START = 1 << 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +281,7 @@ class Welcome:
             raise _fail(
                 ErrorCode.BAD_VERSION, f"server speaks protocol {version}, we speak {PROTOCOL_VERSION}"
             )
-        if wflags & ~0x1F:
+        if wflags & ~0x3F:
             raise _fail(ErrorCode.BAD_FIELD, f"WELCOME flags {wflags:#x} has unknown bits")
         _check_block_size("WELCOME", block_size)
         return cls(

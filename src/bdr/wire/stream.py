@@ -31,6 +31,9 @@ from .fields import _check_len, _check_zero, frame_header
 class StreamFlag(enum.IntFlag):
     NONE = 0
     ASSUME_IN_SYNC = 1 << 0  # --no-replication: the operator asserts the replica already equals the source
+    # the replica holds the source's data as it was when the source's generation began (WELCOME said so), and
+    # the ring holds every write since: stream them all, no scan
+    FROM_GENERATION_START = 1 << 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +59,7 @@ class Stream:
     def parse(cls, p: memoryview, flags: int) -> Stream:
         _check_len("STREAM", p, cls._S.size)
         from_seq, sflags, rsvd = cls._S.unpack(p)
-        if sflags & ~1:
+        if sflags & ~3:
             raise _fail(ErrorCode.BAD_FIELD, f"STREAM flags {sflags:#x} has unknown bits")
         _check_zero("STREAM", "reserved", rsvd)
         return cls(from_seq, StreamFlag(sflags))
