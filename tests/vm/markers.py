@@ -24,8 +24,11 @@ def main() -> None:
     files = args.dir / "files"
     files.mkdir(exist_ok=True)
     pause, paused, stop = args.control / "pause", args.control / "paused", args.control / "stop"
-    fd = os.open(args.dir / "markers.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    n = 0
+    log = args.dir / "markers.log"
+    # a log from an earlier run (on the other side of a failover) is continued: numbers keep increasing
+    lines = log.read_text().split() if log.exists() else []
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    n = int(lines[-2]) if len(lines) >= 2 else 0
     alive: list[Path] = []
     while not stop.exists():
         if pause.exists():
@@ -44,7 +47,7 @@ def main() -> None:
             alive.pop(rnd.randrange(len(alive))).unlink()
         time.sleep(0.02)
     os.close(fd)
-    print(f"wrote {n} markers")
+    print(f"wrote markers up to {n}")
 
 
 if __name__ == "__main__":
