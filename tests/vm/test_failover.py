@@ -27,7 +27,7 @@ VM_DISKS = {"src": "64M", "dst": "64M", "ja": "16M", "jb": "16M", "meta": "8M", 
 VM_MEMORY = "1536M"
 A_IP, B_IP, PORT = "192.0.2.1", "192.0.2.2", 7788
 MARKERS = f"{BIN}/python {REPO}/tests/vm/markers.py"
-BLOCK = 64 << 10  # the scan's block (bytes sent are whole blocks)
+BLOCK = 4096  # the scan's block (bytes sent are whole blocks)
 
 
 class Host:
@@ -200,3 +200,133 @@ def test_planned_switchover_loses_no_marker_and_scans_nothing(guest: Guest, bdr_
     g.run(f"mount -o ro {a.dev} {a.mnt}")  # A's copy: the application's whole log
     markers_present(g, a.mnt, last2)
     g.run(f"umount {a.mnt}")
+
+
+DIFF = f"""{BIN}/python -c '
+import os, sys
+fds = [os.open(p, os.O_RDONLY | os.O_DIRECT) for p in sys.argv[1:3]]
+import mmap
+bufs = [mmap.mmap(-1, {BLOCK}) for _ in fds]
+n = 0
+while True:
+    got = [os.readv(fd, [b]) for fd, b in zip(fds, bufs)]
+    if not got[0]:
+        break
+    n += bufs[0][: got[0]] != bufs[1][: got[1]]
+print(n)
+'"""
+
+
+def differing_blocks(g: Guest, x: str, y: str) -> int:
+    """Blocks (of the scan's size) that differ between two devices (read past the page cache)."""
+    return int(g.run(f"{DIFF} {x} {y}").output.split()[-1])
+
+
+def fsck_clean_copy(g: Guest, dev: str) -> None:
+    """A copy of ``dev`` mounts (its ext4 journal replayed, as after a crash) and fscks clean."""
+    cpy = g.disk("cpy")
+    g.run(f"dd if={dev} of={cpy} iflag=direct oflag=direct bs=1M status=none")
+    g.run(f"mkdir -p /tmp/mnt/c && mount {cpy} /tmp/mnt/c && umount /tmp/mnt/c")
+    res = g.run(f"e2fsck -f -n {cpy}", check=False)
+    assert res.rc == 0, res.output
+
+
+def scan_done(log: str) -> re.Match[str]:
+    m = re.search(
+        r"scan \d+ done in [\d.]+s: (\d+) blocks compared, (\d+) differed, \d+ sent with data \((\d+) bytes\)",
+        log,
+    )
+    assert m, log[-3000:]
+    return m
+
+
+def test_unplanned_failover_failback_and_split_brain(tmp_path: Path, lab_kernel: str, bdr_ko: Path) -> None:
+    images = {name: tmp_path / f"{name}.img" for name in VM_DISKS}
+    with lab.boot(disks=VM_DISKS, memory=VM_MEMORY, kver=lab_kernel, images=images, cache="none") as g:
+        a, b = first_boot(g, bdr_ko)
+        start_markers(g, a.mnt)
+        g.run("sleep 8")
+        g.power_cut()  # A dies while it writes (and B with it: one guest)
+    with lab.boot(disks=VM_DISKS, memory=VM_MEMORY, kver=lab_kernel, images=images, cache="none") as g:
+        a, b = network(g, bdr_ko)
+        # unplanned failover: B is promoted; its ext4 mounts and fscks clean
+        res = g.run(
+            f"{BIN}/bdr promote --journal {b.journal} --target-device {b.dev} --metadata {b.meta} --force"
+        )
+        print(res.output)
+        b.setup_target()
+        g.run(f"mount {b.mapper} {b.mnt} && umount {b.mnt}")  # the ext4 journal replayed
+        res = g.run(f"e2fsck -f -n {b.mapper}", check=False)
+        assert res.rc == 0, res.output
+        g.run(f"mount {b.mapper} {b.mnt}")
+        start_markers(g, b.mnt)
+        g.run("sleep 8")
+        stop_markers(g)
+        g.run(f"umount {b.mnt}")
+        # A comes back, is demoted (its target is gone with the power cut) and served; B resyncs it
+        res = g.run(f"{BIN}/bdr demote --journal {a.journal} --metadata {a.meta}")
+        assert "resyncs it" in res.output, res.output
+        written = int(g.run(f"dmsetup status {b.mapper_name}").output.split("bytes=")[1].split()[0])
+        differ = differing_blocks(g, a.dev, b.dev) * BLOCK
+        server_log = a.start_server()
+        client_log = b.start_client(a)
+        wait_log(g, client_log, r"scan [0-9]+ done")
+        m = scan_done(g.run(f"cat {client_log}").output)
+        sent = int(m.group(3))
+        print(
+            f"failback resync: {sent} bytes sent; {differ} bytes in the blocks that differ, where B wrote since "
+            f"its promotion ({written} bytes of writes captured) or A wrote what never reached B"
+        )
+        assert 0 < sent <= 1.2 * differ
+        assert "the replica is behind and is resynced" in g.run(f"cat {server_log}").output
+        # A follows B while B writes: a copy of A at any moment is a file system that fscks clean
+        g.run(f"mount {b.mapper} {b.mnt}")
+        start_markers(g, b.mnt)
+        for _ in range(2):
+            g.run("sleep 3")
+            fsck_clean_copy(g, a.dev)
+        stop_markers(g)
+        g.run(f"umount {b.mnt}")
+        b.wait_synced()
+        assert sha(g, a.dev) == sha(g, b.dev)
+
+        # split brain: B is written while apart from A, and A is promoted and written too
+        b.stop("client")
+        g.run(f"mount {b.mapper} {b.mnt} && echo b > {b.mnt}/b-alone && umount {b.mnt}")
+        a.stop("server")
+        a2 = f"{a.meta}2"
+        g.run(f"{BIN}/bdr promote --journal {a.journal} --target-device {a.dev} --metadata {a2}")
+        a.setup_target()
+        g.run(f"mount {a.mapper} {a.mnt} && echo a > {a.mnt}/a-alone && umount {a.mnt}")
+        g.run(f"{BIN}/bdr demote --journal {a.journal} --metadata {a2} --name {a.mapper_name}")
+        before = sha(g, a.dev), sha(g, b.dev)
+        server_log = a.start_server()
+        client_log = b.start_client(a)
+        g.run(
+            "for i in $(seq 300); do pgrep -f 'bin/bdr_client' >/dev/null || exit 0; sleep 0.2; done; exit 1"
+        )
+        client, server = g.run(f"cat {client_log}").output, g.run(f"cat {server_log}").output
+        assert "(SPLIT_BRAIN)" in client, client
+        refusal = re.search(r"refused: (split brain: .*)", server)
+        assert refusal, server
+        gens = set(re.findall(r"generation ([0-9a-f]{16})", refusal.group(1)))
+        assert len(gens) >= 3, refusal.group(1)  # the shared one, the source's and the replica's
+        assert (sha(g, a.dev), sha(g, b.dev)) == before  # nothing written on either side
+        # the operator keeps B's data; the server is killed at random points of the resync, and a copy of A
+        # after each restart (the journal replayed) fscks clean
+        a.stop("server")
+        server_log = a.start_server("--discard-local-changes")
+        b.start_client(a)
+        for delay in (1.5, 3.0, 0.7):
+            g.run(f"sleep {delay}")
+            g.run("pkill -STOP -f bin/bdr_client")
+            a.stop("server", "KILL")
+            server_log = a.start_server("--discard-local-changes")
+            fsck_clean_copy(g, a.dev)
+            g.run("pkill -CONT -f bin/bdr_client")
+        b.wait_synced()
+        assert sha(g, a.dev) == sha(g, b.dev)
+        assert (
+            "--discard-local-changes: this replica's changes are overwritten"
+            in g.run("cat /tmp/a-server*.log").output
+        )
