@@ -20,7 +20,7 @@ from bdr.generations import fmt_id
 from bdr.testing.ring_producer import RingProducer
 
 from .conftest import DEV, SLOTS, Daemon, Lab, Writer, free_port
-from .test_status import wait_for
+from .test_status import bdr, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -139,6 +139,12 @@ def test_failover_failback_and_split_brain(lab: Lab) -> None:
     assert (digest(lab.src), digest(lab.replica)) == before  # nothing written on either side
     st = wait_for("the decision in the status", lambda s: s["servers"][0]["generations_decision"], run)
     assert st["servers"][0]["generations_decision"].startswith("split brain")
+    table = bdr("status", run_dir=run).stdout
+    assert (
+        f"role replica, generation {fmt_id(gen_a2.current)}, last client's generation {fmt_id(gen_b2.current)}"
+        in table
+    ), table
+    assert "at the last connect: split brain" in table, table
 
     # the operator keeps B's data: A's server discards its local changes
     assert srv_a.stop() == 0

@@ -151,6 +151,8 @@ def print_status(report: dict[str, list[dict[str, object]]]) -> None:
             print(f"{'':<16} resync {size(rs['done_bytes'])} of {size(rs['total_bytes'])}{direct}")
         if rs.get("journal_full"):
             print(f"{'':<16} the server's journal is too small for resyncs: {rs['journal_full']}")
+        if c.get("generations"):
+            print(f"{'':<16} role source, generation {c['generations']['current']}")
     for srv in servers:
         print(
             f"server {srv.get('listen')}: {srv.get('state')}, replica {srv.get('replica')} "
@@ -160,6 +162,13 @@ def print_status(report: dict[str, list[dict[str, object]]]) -> None:
         hist = srv.get("history")
         if isinstance(hist, dict):
             print(f"{'':<7}{history_line(hist)}")
+        gens, peer = srv.get("generations"), srv.get("peer_generations")
+        if isinstance(gens, dict) or isinstance(peer, dict):
+            mine = gens["current"] if isinstance(gens, dict) else "none"
+            theirs = peer["current"] if isinstance(peer, dict) else "none"
+            print(f"{'':<7}role replica, generation {mine}, last client's generation {theirs}")
+        if srv.get("generations_decision"):
+            print(f"{'':<7}at the last connect: {srv['generations_decision']}")
 
 
 def history_line(h: dict[str, Any]) -> str:
