@@ -49,6 +49,10 @@ class Host:
         self.logs += 1
         return f"/tmp/{self.name}-{what}{self.logs}.log"
 
+    @property
+    def target_args(self) -> str:
+        return f"--name {self.mapper_name} --chardev {self.chardev} --buffer 32M"
+
     def setup_target(self) -> None:
         self.g.run(
             f"{BIN}/bdr setup --device {self.dev} --name {self.mapper_name} --chardev {self.chardev} --buffer 32M"
@@ -178,8 +182,9 @@ def test_planned_switchover_loses_no_marker_and_scans_nothing(guest: Guest, bdr_
     res = g.run(f"{BIN}/bdr demote --journal {a.journal} --metadata {a.meta} --name {a.mapper_name}")
     assert "streams its writes since its promotion" in res.output, res.output
     b.stop("server")
-    g.run(f"{BIN}/bdr promote --journal {b.journal} --target-device {b.dev} --metadata {b.meta}")
-    b.setup_target()
+    g.run(
+        f"{BIN}/bdr promote --journal {b.journal} --target-device {b.dev} --metadata {b.meta} {b.target_args}"
+    )
     g.run(f"mount {b.mapper} {b.mnt}")
     writable = time.monotonic() - t0
     print(f"planned switchover: {writable:.1f} s from stopping the application to ext4 writable on B")
@@ -251,10 +256,10 @@ def test_unplanned_failover_failback_and_split_brain(tmp_path: Path, lab_kernel:
         a, b = network(g, bdr_ko)
         # unplanned failover: B is promoted; its ext4 mounts and fscks clean
         res = g.run(
-            f"{BIN}/bdr promote --journal {b.journal} --target-device {b.dev} --metadata {b.meta} --force"
+            f"{BIN}/bdr promote --journal {b.journal} --target-device {b.dev} --metadata {b.meta} --force "
+            f"{b.target_args}"
         )
         print(res.output)
-        b.setup_target()
         g.run(f"mount {b.mapper} {b.mnt} && umount {b.mnt}")  # the ext4 journal replayed
         res = g.run(f"e2fsck -f -n {b.mapper}", check=False)
         assert res.rc == 0, res.output
@@ -295,8 +300,9 @@ def test_unplanned_failover_failback_and_split_brain(tmp_path: Path, lab_kernel:
         g.run(f"mount {b.mapper} {b.mnt} && echo b > {b.mnt}/b-alone && umount {b.mnt}")
         a.stop("server")
         a2 = f"{a.meta}2"
-        g.run(f"{BIN}/bdr promote --journal {a.journal} --target-device {a.dev} --metadata {a2}")
-        a.setup_target()
+        g.run(
+            f"{BIN}/bdr promote --journal {a.journal} --target-device {a.dev} --metadata {a2} {a.target_args}"
+        )
         g.run(f"mount {a.mapper} {a.mnt} && echo a > {a.mnt}/a-alone && umount {a.mnt}")
         g.run(f"{BIN}/bdr demote --journal {a.journal} --metadata {a2} --name {a.mapper_name}")
         before = sha(g, a.dev), sha(g, b.dev)

@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--metadata", required=True, metavar="FILE", help="the new source's metadata file to write"
     )
     pr.add_argument("--force", action="store_true", help="promote even an inconsistent replica")
+    pr.add_argument(
+        "--name", help="then put the device behind a bdr target: /dev/mapper/NAME (as bdr setup --name)"
+    )
+    pr.add_argument("--chardev", help="the target's control device /dev/CHARDEV (with --name)")
+    pr.add_argument("--buffer", default="64M", help="the target's ring size (with --name; default 64M)")
     de = sub.add_parser(
         "demote",
         help="make a source a replica (bdr_client stopped)",
@@ -198,7 +203,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "rollback":
             return history.do_rollback(args.directory, args.at)
         elif args.command == "promote":
-            return roles.do_promote(args.journal, args.target_device, args.metadata, args.force)
+            if bool(args.name) != bool(args.chardev):
+                raise SetupError("--name and --chardev go together")
+            new_target = (
+                SetupPlan(args.target_device, args.name, args.chardev, parse_buffer(args.buffer))
+                if args.name
+                else None
+            )
+            return roles.do_promote(args.journal, args.target_device, args.metadata, args.force, new_target)
         elif args.command == "demote":
             return roles.do_demote(args.journal, args.metadata, args.name)
         elif args.command == "verify":

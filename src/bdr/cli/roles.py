@@ -16,16 +16,25 @@ from ..seq import NO_SEQ, fmt_seq, prev_seq
 from ..server.daemon import open_record_area
 from ..server.errors import ServerError
 from ..server.replica import Replica
+from .targets import SetupError, SetupPlan, check_plan, setup
 
 
 class RoleError(Exception):
     """The role cannot change; the message says why and what to do."""
 
 
-def promote(journal_path: str, replica_path: str, metadata: str, force: bool) -> Generations:
+def promote(
+    journal_path: str, replica_path: str, metadata: str, force: bool, plan: SetupPlan | None = None
+) -> Generations:
     """The replica (its bdr_server stopped) becomes a source: a staged resync is replayed if committed or
     discarded if not, the replica's generation ends at its last durable sequence number and a new one begins,
-    written to the new source's metadata file and to the journal (which no server serves from then on)."""
+    written to the new source's metadata file and to the journal (which no server serves from then on).  With
+    ``plan`` the device is then put behind a bdr target, so that no write escapes capture."""
+    if plan is not None:
+        try:
+            check_plan(plan)
+        except SetupError as exc:
+            raise RoleError(str(exc)) from exc
     try:
         journal = Journal(journal_path, lock="bdr promote")
     except JournalError as exc:
@@ -61,11 +70,19 @@ def promote(journal_path: str, replica_path: str, metadata: str, force: bool) ->
         gens = old.successor(end)
         write_metadata(Path(metadata), SourceMeta(gens))
         journal.store(replica_state.promoted(jh, gens))
-        return gens
     except MetadataError as exc:
         raise RoleError(str(exc)) from exc
     finally:
         journal.close()
+    if plan is not None:
+        try:
+            setup(plan)
+        except SetupError as exc:
+            raise RoleError(
+                f"{replica_path} is promoted ({gens.describe()}), but its bdr target was not created: {exc}; "
+                f"create it with bdr setup before writing to the device"
+            ) from exc
+    return gens
 
 
 def demote(journal_path: str, metadata: str, name: str | None = None) -> tuple[SourceMeta | None, bool]:
@@ -138,17 +155,22 @@ def _gens(g: Generations | None) -> str:
     return g.describe() if g is not None else "no generation"
 
 
-def do_promote(journal: str, replica: str, metadata: str, force: bool) -> int:
+def do_promote(journal: str, replica: str, metadata: str, force: bool, plan: SetupPlan | None) -> int:
     try:
-        gens = promote(journal, replica, metadata, force)
+        gens = promote(journal, replica, metadata, force, plan)
     except RoleError as exc:
         print(f"bdr promote: {exc}", file=sys.stderr)
         return 1
     print(f"{replica} is a source now, {gens.describe()}; its metadata is in {metadata}.")
+    target = (
+        f"use /dev/mapper/{plan.name}"
+        if plan is not None
+        else f"put it behind a bdr target (bdr setup --device {replica} --name NAME --chardev CHARDEV), use "
+        "/dev/mapper/NAME"
+    )
     print(
-        "Next: put it behind a bdr target (bdr setup --device "
-        f"{replica} --name NAME --chardev CHARDEV), use /dev/mapper/NAME, and start bdr_client with "
-        f"--metadata {metadata}. On the old source, stop bdr_client and run bdr demote before serving it."
+        f"Next: {target}, and start bdr_client with --metadata {metadata}. On the old source, stop bdr_client "
+        "and run bdr demote before serving it."
     )
     return 0
 
