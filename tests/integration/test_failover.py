@@ -146,6 +146,11 @@ def test_failover_failback_and_split_brain(lab: Lab) -> None:
     ), table
     assert "at the last connect: split brain" in table, table
 
+    # a client that keeps no generations cannot say it descends from A's data either
+    legacy = start(lab, "client-b-legacy", *client_b[:-2])
+    assert legacy.wait(30) != 0
+    assert "keeps a generation history" in legacy.log() and "(SPLIT_BRAIN)" in legacy.log(), legacy.log()
+    assert (digest(lab.src), digest(lab.replica)) == before
     # the operator keeps B's data: A's server discards its local changes
     assert srv_a.stop() == 0
     srv_a = start(lab, "server-a3", *serve_a, "--discard-local-changes")
@@ -155,4 +160,5 @@ def test_failover_failback_and_split_brain(lab: Lab) -> None:
     Writer(prod_b, 100, seed=3).join()
     drained(prod_b, cl_b)
     assert lab.identical()
+    srv_a.wait_log("--discard-local-changes is spent")  # a later split brain is refused again
     prod_b.close()

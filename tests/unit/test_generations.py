@@ -49,6 +49,18 @@ def test_encoding_round_trips_and_rejects_damage(tmp_path: Path) -> None:
     assert m is not None and m.generations == g and m.acked and m.synced == 77
     assert load_or_create(meta).synced is None  # a client start clears the mark of a stop in sync
     assert read_metadata(meta) == SourceMeta(g, MetaFlag.ACKED)
+
+    # a client start after one that did not stop in sync, once a replica held some of the generation: writes
+    # never sent may be on the source, so a new generation begins
+    write_metadata(meta, SourceMeta(g, MetaFlag.ACKED))
+    after_crash = load_or_create(meta)
+    assert after_crash.generations.past[-1][0] == g.current and not after_crash.acked
+    write_metadata(meta, SourceMeta(g))  # no replica has any of it: the writes stay in the generation
+    assert load_or_create(meta).generations == g
+    write_metadata(meta, SourceMeta(g, MetaFlag.ACKED | MetaFlag.SYNCED, 5, b"r" * 16, b"q" * 16))
+    m = load_or_create(meta)
+    assert m.generations == g and m.synced is None and m.gen_ring == b"q" * 16
+    write_metadata(meta, SourceMeta(g))
     damaged = bytearray(meta.read_bytes())
     damaged[20] ^= 1
     meta.write_bytes(bytes(damaged))

@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 
 from .. import replica_state
+from ..client.identity import ring_identity
 from ..client.metadata import MetadataError, SourceMeta, read_metadata, write_metadata
 from ..generations import Generations
 from ..journal import JFlag, Journal, JournalError
+from ..kernel.layout import RingError
+from ..kernel.ring import RingConsumer
 from ..seq import NO_SEQ, fmt_seq, prev_seq
 from ..server.daemon import open_record_area
 from ..server.errors import ServerError
@@ -82,7 +85,21 @@ def promote(
                 f"{replica_path} is promoted ({gens.describe()}), but its bdr target was not created: {exc}; "
                 f"create it with bdr setup before writing to the device"
             ) from exc
+        # the target's ring holds every write of the new generation from its seq 0 while it lives: the old
+        # source, once demoted after a stop in sync, needs only those (no resync)
+        try:
+            write_metadata(Path(metadata), SourceMeta(gens, gen_ring=_ring_id(plan.chardev)))
+        except (MetadataError, RingError) as exc:
+            raise RoleError(str(exc)) from exc
     return gens
+
+
+def _ring_id(chardev: str) -> bytes:
+    ring = RingConsumer(f"/dev/{chardev}")
+    try:
+        return ring_identity(ring)
+    finally:
+        ring.close()
 
 
 def demote(journal_path: str, metadata: str, name: str | None = None) -> tuple[SourceMeta | None, bool]:
@@ -100,8 +117,13 @@ def demote(journal_path: str, metadata: str, name: str | None = None) -> tuple[S
     try:
         at: int | None = None
         if name is not None:
-            last = _remove_target(name)
-            if meta is not None and meta.synced is not None and last == meta.synced:
+            ring, last = _remove_target(name)
+            if (
+                meta is not None
+                and meta.synced is not None
+                and last == meta.synced
+                and ring == meta.synced_ring
+            ):
                 at = meta.synced
             else:
                 print(
@@ -128,27 +150,31 @@ def _dmsetup(*args: str) -> str:
     return res.stdout
 
 
-def _remove_target(name: str) -> int:
-    """Remove the bdr target ``name`` once nothing uses it; the seq of the last write it captured (NO_SEQ:
-    none), or NO_SEQ if its ring still held records or had overflowed."""
+def _remove_target(name: str) -> tuple[bytes, int]:
+    """Remove the bdr target ``name`` once nothing uses it: its ring's identity, and the seq of the last write
+    it captured (NO_SEQ: none, or its ring still held records or had overflowed)."""
     if shutil.which("dmsetup") is None:
         raise RoleError("dmsetup not found: install the dmsetup package")
+    table = _dmsetup("table", name).split()
+    if len(table) < 6 or table[2] != "bdr":
+        raise RoleError(f"/dev/mapper/{name} is not a bdr target")
     info = _dmsetup("info", "-c", "--noheadings", "-o", "open", name).strip()
     if info != "0":
         raise RoleError(f"/dev/mapper/{name} is in use ({info} open): unmount it and stop what uses it first")
+    try:
+        ring = _ring_id(table[4])  # fails while bdr_client holds the ring
+    except RingError as exc:
+        raise RoleError(f"{exc} (stop bdr_client first)") from exc
     _dmsetup("suspend", name)  # nothing is written from here on
     try:
-        fields = _dmsetup("status", name).split()
-        if len(fields) < 4 or fields[2] != "bdr":
-            raise RoleError(f"/dev/mapper/{name} is not a bdr target")
-        st = dict(f.split("=", 1) for f in fields[3:] if "=" in f)
+        st = dict(f.split("=", 1) for f in _dmsetup("status", name).split()[3:] if "=" in f)
+        _dmsetup("remove", name)
     except BaseException:
         _dmsetup("resume", name)
         raise
-    _dmsetup("remove", name)
     empty = st.get("fill", "").startswith("0/") and st.get("state") == "capturing"
     nseq = int(st.get("next_seq", "0"))
-    return prev_seq(nseq) if empty and nseq else NO_SEQ
+    return ring, prev_seq(nseq) if empty and nseq else NO_SEQ
 
 
 def _gens(g: Generations | None) -> str:

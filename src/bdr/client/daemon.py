@@ -308,7 +308,8 @@ class Client:
                 log.error("I/O error: %s; reconnecting in %.2fs", exc, backoff)
             finally:
                 sock.close()
-                self._unreplicated_mark = self._ring_head()
+                # records not acknowledged when the connection ended count as written without a replica
+                self._unreplicated_mark = None if self.oneshot else self.ring.tail
                 self.session = None
                 self.replication.resync_progress = None
                 if self.verify is not None:
@@ -336,8 +337,9 @@ class Client:
             raise ClientError(str(exc)) from exc
         self.meta = meta
 
-    def acknowledged(self) -> None:
-        """A replica acknowledged a write durable: from now on it may hold some of the current generation."""
+    def about_to_replicate(self) -> None:
+        """Before STREAM or SCAN_BEGIN: from now on a replica may hold some of the current generation (it takes
+        the generation at once), so a write made without it will begin a new one."""
         if self.meta is not None and not self.meta.acked:
             self._store_meta(self.meta.with_(flags=self.meta.flags | MetaFlag.ACKED))
 
@@ -376,7 +378,11 @@ class Client:
         last = prev_seq(ring.tail_seq())
         if last != r.server_durable:
             return
-        self._store_meta(self.meta.with_(flags=self.meta.flags | MetaFlag.SYNCED, synced_seq=last))
+        self._store_meta(
+            self.meta.with_(
+                flags=self.meta.flags | MetaFlag.SYNCED, synced_seq=last, synced_ring=self.ring_id
+            )
+        )
         log.warning("stopped in sync: the replica holds every write up to seq %d", last)
 
     def _refused(self, message: str) -> bool:

@@ -4,10 +4,13 @@ generation, and where the source stood when its client last stopped with everyth
 
 One 4 KiB block, little-endian, then zeros and a checksum (the journal header's sealing)::
 
-    0         8       12         16            24
-    +---------+-------+----------+-------------+---------------------+
-    | magic   | flags | reserved | synced_seq  | generation history  |
-    +---------+-------+----------+-------------+---------------------+
+    0         8       12         16            24             40           56
+    +---------+-------+----------+-------------+--------------+------------+---------------------+
+    | magic   | flags | reserved | synced_seq  | synced_ring  | gen_ring   | generation history  |
+    +---------+-------+----------+-------------+--------------+------------+---------------------+
+
+``synced_ring``: the capture ring of ``synced_seq``; ``gen_ring``: the ring created with the current generation
+(``bdr promote --name``), which then holds every write of the generation from its seq 0 while it lives.
 
 It is replaced whole: written to a temporary file, synced, renamed over the old one, and the directory synced,
 so a crash leaves the old block or the new one, never a torn one.
@@ -30,7 +33,8 @@ from ..seq import NO_SEQ, fmt_seq
 log = logging.getLogger("bdr.client")
 
 MAGIC = b"BDRSMETA"
-_FIXED = struct.Struct("<8sIIQ")
+_FIXED = struct.Struct("<8sIIQ16s16s")
+NO_RING = bytes(16)
 
 
 class MetaFlag(enum.IntFlag):
@@ -44,6 +48,8 @@ class SourceMeta:
     generations: Generations
     flags: MetaFlag = MetaFlag.NONE
     synced_seq: int = NO_SEQ  # with SYNCED: the last seq the replica holds (the ring held nothing after it)
+    synced_ring: bytes = NO_RING  # the ring identity of synced_seq
+    gen_ring: bytes = NO_RING  # the ring created with the current generation (NO_RING: not known)
 
     @property
     def acked(self) -> bool:
@@ -80,18 +86,19 @@ def read_metadata(path: Path) -> SourceMeta | None:
             f"source metadata {path} is damaged or not BDR source metadata (bad magic or checksum); refusing "
             "to guess the source's generation. Restore it, or move it away to start a new generation history"
         )
-    _, flags, _, synced = _FIXED.unpack_from(block)
+    _, flags, _, synced, synced_ring, gen_ring = _FIXED.unpack_from(block)
     try:
         gens = Generations.unpack(memoryview(block)[_FIXED.size :])
     except GenerationsError as exc:
         raise MetadataError(f"source metadata {path}: {exc}") from None
     if gens is None:
         raise MetadataError(f"source metadata {path} holds no generation")
-    return SourceMeta(gens, MetaFlag(flags & 0x3), synced)
+    return SourceMeta(gens, MetaFlag(flags & 0x3), synced, synced_ring, gen_ring)
 
 
 def write_metadata(path: Path, meta: SourceMeta) -> None:
-    block = seal(_FIXED.pack(MAGIC, meta.flags, 0, meta.synced_seq) + meta.generations.pack())
+    fixed = _FIXED.pack(MAGIC, meta.flags, 0, meta.synced_seq, meta.synced_ring, meta.gen_ring)
+    block = seal(fixed + meta.generations.pack())
     assert len(block) == BLOCK
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -112,8 +119,11 @@ def write_metadata(path: Path, meta: SourceMeta) -> None:
 
 
 def load_or_create(path: Path) -> SourceMeta:
-    """The source's metadata; a first generation when the file does not exist yet (a new source).  A mark of
-    a stop in sync is cleared: the source is being written again."""
+    """The source's metadata at a client start; a first generation when the file does not exist yet (a new
+    source).  A replica holds some of the current generation (ACKED) and the last client did not stop in sync
+    (it crashed, or stopped with writes not replicated): writes it never sent may be on the source, so a new
+    generation begins, and a replica promoted meanwhile is a split brain, not a replica that is behind.  A mark
+    of a stop in sync is cleared: the source is being written again."""
     meta = read_metadata(path)
     if meta is None:
         meta = SourceMeta(Generations.first())
@@ -121,7 +131,14 @@ def load_or_create(path: Path) -> SourceMeta:
         log.info("source metadata %s created: %s", path, meta.describe())
         return meta
     log.info("source metadata %s: %s", path, meta.describe())
-    if meta.synced is not None:
-        meta = meta.with_(flags=meta.flags & ~MetaFlag.SYNCED, synced_seq=NO_SEQ)
+    if meta.acked and meta.synced is None:
+        meta = SourceMeta(meta.generations.successor(NO_SEQ))
+        write_metadata(path, meta)
+        log.warning(
+            "the last bdr_client did not stop in sync: writes it never sent may be on the source; %s begins",
+            meta.generations.describe(),
+        )
+    elif meta.synced is not None:
+        meta = meta.with_(flags=meta.flags & ~MetaFlag.SYNCED, synced_seq=NO_SEQ, synced_ring=NO_RING)
         write_metadata(path, meta)
     return meta

@@ -164,8 +164,6 @@ class ClientSession:
     def on_ack(self, ack: p.Ack) -> None:
         self.inflight.on_ack(ack)
         self.replication.server_durable = ack.durable_seq
-        if ack.durable_seq != p.NO_SEQ and self.client.meta is not None and not self.client.meta.acked:
-            self.client.acknowledged()
 
     def wait_for(self, what: str, cond: Callable[[], bool], timeout: float = IO_TIMEOUT) -> None:
         """Process the server's messages until ``cond()``.  ``timeout`` counts time without progress: on a slow,
@@ -243,9 +241,11 @@ class ClientSession:
                 c.generations.describe(),
                 "no generation yet" if w.generations is None else w.generations.describe(),
             )
+        c.about_to_replicate()
         if (
             w.flags & p.WelcomeFlag.AT_GENERATION_START
-            and c.generations is not None
+            and c.meta is not None
+            and c.meta.gen_ring == c.ring_id  # the ring created with this generation: it holds all of it
             and self.ring.tail == 0
             and not self.ring.state()
             and self.replication.pending_dirty is None

@@ -70,6 +70,8 @@ class ServerSession:
         self.ids_match = False
         self.generational = generational if generational is not None else Generational()
         self.behind = False  # the generations say the replica is behind: it is resynced, never resumed
+        self.replaces = False  # ... by a source its generations descend from: no WRONG_SOURCE refusal
+        self.discarding = False  # this connection uses --discard-local-changes (spent once its resync begins)
         # ... but it holds the source's data as of the start of its generation: streaming all of it will do
         self.gen_start = False
         self.ack_pending = False
@@ -283,6 +285,24 @@ class ServerSession:
                 d.text,
             )
             self.behind = True
+            # the histories share a generation: the client's source replaces this replica's data (no WRONG_SOURCE)
+            self.replaces = (
+                h.generations is not None
+                and jh.generations is not None
+                and bool(h.generations.common(jh.generations))
+            )
+            self.discarding = True
+        elif v is Verdict.LEGACY and jh.generations is not None and not self.ids_match:
+            # a source without generations cannot say it descends from what this replica holds
+            text = (
+                f"the replica keeps a generation history ({jh.generations.describe()}) and the client's source "
+                "keeps none: start bdr_client with its --metadata file, or, to overwrite this replica with this "
+                "source anyway, restart bdr_server with --discard-local-changes"
+            )
+            if not g.discard_local_changes:
+                raise Refusal(p.ErrorCode.SPLIT_BRAIN, text)
+            log.warning("client %s: %s; --discard-local-changes given", self.peer, text)
+            self.behind = self.discarding = True
         elif v is Verdict.REPLICA_BEHIND and self.ids_match and d.since_seq is not None:
             # the source only went on writing while disconnected, in the same capture ring: the ring (or a
             # resync) brings the replica forward from its resume point; it takes the new history once it does
@@ -297,7 +317,7 @@ class ServerSession:
             self.behind = self.gen_start = True
         elif v is Verdict.REPLICA_BEHIND:
             log.warning("client %s: %s", self.peer, d.text)
-            self.behind = True
+            self.behind = self.replaces = True
         elif v is Verdict.ADOPT:
             assert h.generations is not None
             log.info("client %s: %s", self.peer, d.text)
@@ -359,6 +379,14 @@ class ServerSession:
         """Store a transition that makes the replica mirror the client's source."""
         self.journal.store(new)
         self.ids_match = True
+        if self.discarding and self.generational.discard_local_changes:
+            # the operator's choice is made: the replica takes this source's history; a later split brain
+            # (with any client) is refused again
+            self.generational.discard_local_changes = False
+            log.warning(
+                "the replica now takes the data of client %s's source; --discard-local-changes is spent",
+                self.peer,
+            )
 
     def _stream(self, s: p.Stream) -> bytes | None:
         if s.flags & p.StreamFlag.FROM_GENERATION_START:
@@ -418,7 +446,7 @@ class ServerSession:
         if (
             replica_state.mirrors_another_source(jh, self._source())
             and not (b.mode is p.ScanMode.FULL or b.flags & p.ScanFlag.DIRECT)
-            and not self.behind  # the generations say this source's data replaces the replica's
+            and not self.replaces  # the generations say this source's data replaces the replica's
         ):
             raise Refusal(
                 p.ErrorCode.WRONG_SOURCE,
