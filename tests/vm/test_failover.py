@@ -164,6 +164,7 @@ def first_boot(g: Guest, bdr_ko: Path) -> tuple[Host, Host]:
     b.start_server()
     a.start_client(b)
     g.run(f"mkfs.ext4 -q -E nodiscard {a.mapper} && mount {a.mapper} {a.mnt}")
+    a.wait_synced()  # the first resync committed: B holds the file system
     return a, b
 
 
@@ -171,7 +172,7 @@ def test_planned_switchover_loses_no_marker_and_scans_nothing(guest: Guest, bdr_
     g = guest
     a, b = first_boot(g, bdr_ko)
     start_markers(g, a.mnt)
-    g.run("sleep 15")
+    g.run("sleep 8")
     # the switchover: the application stops, the source drains, A is demoted, B promoted
     t0 = time.monotonic()
     last = stop_markers(g)
@@ -193,7 +194,7 @@ def test_planned_switchover_loses_no_marker_and_scans_nothing(guest: Guest, bdr_
     start_markers(g, b.mnt)
     server_log = a.start_server()
     client_log = b.start_client(a)
-    g.run("sleep 10")
+    g.run("sleep 6")
     last2 = stop_markers(g)
     assert last2 > last
     g.run(f"umount {b.mnt}")
@@ -250,7 +251,7 @@ def test_unplanned_failover_failback_and_split_brain(tmp_path: Path, lab_kernel:
     with lab.boot(disks=VM_DISKS, memory=VM_MEMORY, kver=lab_kernel, images=images, cache="none") as g:
         a, b = first_boot(g, bdr_ko)
         start_markers(g, a.mnt)
-        g.run("sleep 8")
+        g.run("sleep 5")
         g.power_cut()  # A dies while it writes (and B with it: one guest)
     with lab.boot(disks=VM_DISKS, memory=VM_MEMORY, kver=lab_kernel, images=images, cache="none") as g:
         a, b = network(g, bdr_ko)
@@ -265,7 +266,7 @@ def test_unplanned_failover_failback_and_split_brain(tmp_path: Path, lab_kernel:
         assert res.rc == 0, res.output
         g.run(f"mount {b.mapper} {b.mnt}")
         start_markers(g, b.mnt)
-        g.run("sleep 8")
+        g.run("sleep 5")
         stop_markers(g)
         g.run(f"umount {b.mnt}")
         # A comes back, is demoted (its target is gone with the power cut) and served; B resyncs it
