@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -15,8 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from bdr.client.metadata import read_metadata
+from bdr import replica_state
+from bdr.client.identity import ring_identity
+from bdr.client.metadata import read_metadata, write_metadata
 from bdr.generations import fmt_id
+from bdr.journal import Journal
+from bdr.kernel.ring import RingConsumer
 from bdr.testing.ring_producer import RingProducer
 
 from .conftest import DEV, SLOTS, Daemon, Lab, Writer, free_port
@@ -161,4 +166,88 @@ def test_failover_failback_and_split_brain(lab: Lab) -> None:
     drained(prod_b, cl_b)
     assert lab.identical()
     srv_a.wait_log("--discard-local-changes is spent")  # a later split brain is refused again
+    prod_b.close()
+
+
+@pytest.mark.parametrize("same_ring", [True, False], ids=["ring-of-the-generation", "another-ring"])
+def test_switchover_after_a_stop_in_sync_streams_without_a_scan(lab: Lab, same_ring: bool) -> None:
+    """A stops in sync and is demoted at that seq (what bdr demote --name finds in an empty ring); B is promoted
+    with a ring created for the new generation (bdr promote --name): B streams its writes since, no scan.  If
+    B's ring is not the one created with the generation, B resyncs A instead.  Both end identical."""
+    a_meta, b_meta = lab.tmp / "a.meta", lab.tmp / "b.meta"
+    a_journal = lab.tmp / "a.journal"
+    lab.images(src_random=True)
+    prod_a = lab.make_producer()
+    srv_b = lab.server()
+    srv_b.wait_log("listening on")
+    cl_a = lab.client("--metadata", str(a_meta))
+    Writer(prod_a, 200, seed=1).join()
+    lab.wait_drained()
+    cl_a.signal(signal.SIGTERM)
+    assert cl_a.wait() == 0
+    meta_a = read_metadata(a_meta)
+    assert meta_a is not None and meta_a.synced is not None, cl_a.log()
+    assert srv_b.stop() == 0
+    # bdr demote --name: the target's ring was empty at the seq of the stop in sync
+    j = Journal(a_journal)
+    j.store(replica_state.demoted(j.header, meta_a.generations, meta_a.synced))
+    j.close()
+    prod_a.close()
+    lab.producer = None
+    res = cli(
+        "promote",
+        "--journal",
+        str(lab.journal),
+        "--target-device",
+        str(lab.replica),
+        "--metadata",
+        str(b_meta),
+    )
+    assert res.returncode == 0, res.stderr
+    ring_b = lab.tmp / "ring-b"
+    prod_b = RingProducer(ring_b, SLOTS, DEV, source=lab.replica)
+    Writer(prod_b, 200, seed=2).join()  # B is written before it reaches A
+    # bdr promote --name: the ring created with the generation is recorded
+    meta_b = read_metadata(b_meta)
+    assert meta_b is not None
+    with RingConsumer(ring_b, dev_size=DEV) as ring:
+        rid = ring_identity(ring) if same_ring else bytes(15) + b"x"
+    write_metadata(b_meta, meta_b.with_(gen_ring=rid))
+    port = free_port()
+    srv_a = start(
+        lab,
+        "server-a",
+        "bdr.server",
+        "--address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--verbose",
+        "--target-device",
+        str(lab.src),
+        "--journal",
+        str(a_journal),
+    )
+    srv_a.wait_log("listening on")
+    client_b = [
+        "bdr.client",
+        "--address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--verbose",
+        "--metadata",
+        str(b_meta),
+    ]
+    client_b += ["--control-device", str(ring_b), "--source-device", str(lab.replica)]
+    cl_b = start(lab, "client-b", *client_b)
+    Writer(prod_b, 100, seed=3).join()
+    drained(prod_b, cl_b)
+    assert lab.identical()
+    scanned = re.search(r"scan \d+ \(hash\) of the whole device", cl_b.log())
+    if same_ring:
+        assert "no scan" in cl_b.log() and not scanned, cl_b.log()
+        assert "streams its generation from its first write" in srv_a.log()
+    else:
+        assert scanned and "no scan" not in cl_b.log(), cl_b.log()
     prod_b.close()
