@@ -238,8 +238,8 @@ class Client:
                 sess.stream()
             except Stopping:
                 clean = True
-                self._mark_stopped_in_sync()
                 sess.drain()
+                self._mark_stopped_in_sync()  # once what the ring held is durable on the replica
             except SourceError as exc:
                 log.error(
                     "%s: the scan cannot complete and the replica stays marked inconsistent; fix the source "
