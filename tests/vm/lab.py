@@ -804,7 +804,7 @@ class Guest:
         *,
         kver: str | None = None,
         cwd: Path | str = REPO,
-        boot_timeout: float = 120.0,
+        boot_timeout: float = 300.0,  # a TCG boot next to another busy guest on two cores can take minutes
         append: Iterable[str] = (),
         images: Mapping[str, Path] | None = None,
         cache: str = "unsafe",
