@@ -36,6 +36,14 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def promote_replica(lab: Lab, meta: Path) -> None:
+    """bdr promote of the lab's replica (its server stopped), its new source's metadata written to ``meta``."""
+    res = cli(
+        "promote", "--journal", str(lab.journal), "--target-device", str(lab.replica), "--metadata", str(meta)
+    )
+    assert res.returncode == 0, res.stderr
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -77,16 +85,7 @@ def test_failover_failback_and_split_brain(lab: Lab) -> None:
     cl_a.kill()
     prod_a.write(7 * 4096, random.Random(9).randbytes(4096), block=True)  # unacknowledged
     assert srv_b.stop() == 0
-    res = cli(
-        "promote",
-        "--journal",
-        str(lab.journal),
-        "--target-device",
-        str(lab.replica),
-        "--metadata",
-        str(b_meta),
-    )
-    assert res.returncode == 0, res.stderr
+    promote_replica(lab, b_meta)
     gen_b = read_metadata(b_meta).generations  # type: ignore[union-attr]
     assert gen_b.past[-1][0] == gen_a.current and gen_b.current != gen_a.current
     again = lab.server()  # no server serves a promoted replica
@@ -195,16 +194,7 @@ def test_switchover_after_a_stop_in_sync_streams_without_a_scan(lab: Lab, same_r
     j.close()
     prod_a.close()
     lab.producer = None
-    res = cli(
-        "promote",
-        "--journal",
-        str(lab.journal),
-        "--target-device",
-        str(lab.replica),
-        "--metadata",
-        str(b_meta),
-    )
-    assert res.returncode == 0, res.stderr
+    promote_replica(lab, b_meta)
     ring_b = lab.tmp / "ring-b"
     prod_b = RingProducer(ring_b, SLOTS, DEV, source=lab.replica)
     Writer(prod_b, 200, seed=2).join()  # B is written before it reaches A
