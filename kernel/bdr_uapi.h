@@ -110,6 +110,10 @@ struct bdr_record {
 #define BDR_STATE_OVERFLOW	(1U << 0)	/* ring full: writes go to the bitmap */
 #define BDR_STATE_DIRTY		(1U << 1)	/* the bitmap has regions to resync */
 #define BDR_STATE_DEAD		(1U << 2)	/* the target was removed */
+#define BDR_STATE_RECOVERED	(1U << 3)	/* the dirty bitmap was loaded from the
+						 * meta_device when the ring was
+						 * created (see BDR_IOC_TRACK_INFO);
+						 * cleared by BDR_IOC_TAKE_DIRTY */
 
 /* Page 0 of the mapping.  Producer and consumer fields on separate lines. */
 struct bdr_ring_ctl {
@@ -189,9 +193,83 @@ struct bdr_dirty {
 	__u64 state;			/* out: state before the handover */
 };
 
+/*
+ * Persistent change tracking (the "meta_device <dev>" feature argument).
+ *
+ * The meta_device holds 4096-byte blocks, little endian:
+ *   block 0   struct bdr_meta_header (the rest of the block is zero)
+ *   block 1.. the tracking bitmap: bit r (byte r / 8, bit r % 8) covers the
+ *             same sectors as bit r of the dirty bitmap
+ * and must hold at least 4096 + bdr_info.bitmap_bytes rounded up to 4096.
+ *
+ * Rules:
+ *  - A write, discard or write-zeroes goes to <device> only once the bits
+ *    of all its regions are on the meta_device (written with FUA): after a
+ *    crash, every region that may differ from the replica is marked.
+ *  - Bits are cleared only by BDR_IOC_TRACK_CLEAR, which the client calls
+ *    when the replica holds every write up to a ring position; the zeros
+ *    are written lazily, after the header that names that position.
+ *  - A new ring whose meta_device holds a valid area loads its bits into
+ *    the dirty bitmap and starts in BDR_STATE_RECOVERED (and
+ *    BDR_STATE_DIRTY if any bit is set).  A zeroed block 0 is formatted
+ *    with no bit set; anything else in it, or another geometry, is refused.
+ *  - If a metadata write fails, tracking stops and every later write to
+ *    the device fails (a write that cannot be tracked is never done).
+ */
+#define BDR_META_MAGIC		0x54524442U	/* "BDRT" little endian */
+#define BDR_META_VERSION	1U
+#define BDR_META_BLOCK		4096U
+
+struct bdr_meta_header {
+	__le32 magic;
+	__le32 version;
+	__le64 dev_sectors;		/* geometry the bitmap was made for */
+	__le32 region_sectors;
+	__le32 reserved0;
+	__le64 nr_regions;
+	__u8 clear_ring[16];		/* the client's name of the ring and the */
+	__le64 clear_pos;		/* position of the last clear (zeros: none) */
+	__le64 reserved1;
+	__le32 reserved2;
+	__le32 crc;			/* crc32_le(~0, bytes 0..67) */
+};
+
+/* bdr_track.flags */
+#define BDR_TRACK_ENABLED	(1U << 0)	/* the table has a meta_device */
+#define BDR_TRACK_RECOVERED	(1U << 1)	/* its area was valid when loaded */
+#define BDR_TRACK_FAILED	(1U << 2)	/* a metadata write failed */
+
+/* BDR_IOC_TRACK_INFO: the change tracking of the ring (zeros without one) */
+struct bdr_track {
+	__u64 flags;
+	__u8 clear_ring[16];		/* the last clear as loaded, or as */
+	__u64 clear_pos;		/* set since by BDR_IOC_TRACK_CLEAR */
+	__u64 loaded_regions;		/* bits set when the area was loaded */
+	__u64 marked_regions;		/* bits set now */
+	__u64 meta_writes;		/* metadata blocks written */
+	__u64 clears;			/* BDR_IOC_TRACK_CLEAR calls that cleared */
+	__u64 reserved;
+};
+
+/*
+ * BDR_IOC_TRACK_CLEAR: the replica durably holds every record before ring
+ * position pos and every region of every bitmap taken so far; clear every
+ * tracking bit (nothing is written if none is set and ring is unchanged).  Refused with EBUSY unless head == pos, no write is in
+ * flight and the ring is neither overflowing nor dirty.  Requires the
+ * chardev open for writing (EBADF); EOPNOTSUPP without a meta_device; EIO
+ * once tracking failed.
+ */
+struct bdr_track_clear {
+	__u64 pos;
+	__u8 ring[16];			/* the client's name of this ring, kept in
+					 * the header as clear_ring */
+};
+
 #define BDR_IOC_MAGIC		0xBD
 #define BDR_IOC_INFO		_IOR(BDR_IOC_MAGIC, 1, struct bdr_info)
 #define BDR_IOC_STATUS		_IOR(BDR_IOC_MAGIC, 2, struct bdr_status)
 #define BDR_IOC_TAKE_DIRTY	_IOWR(BDR_IOC_MAGIC, 3, struct bdr_dirty)
+#define BDR_IOC_TRACK_INFO	_IOR(BDR_IOC_MAGIC, 4, struct bdr_track)
+#define BDR_IOC_TRACK_CLEAR	_IOW(BDR_IOC_MAGIC, 5, struct bdr_track_clear)
 
 #endif /* _UAPI_LINUX_BDR_H */

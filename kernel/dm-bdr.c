@@ -42,11 +42,21 @@
  * The kernel never reads back what it wrote into the control page: the
  * client can write to all of it.  It reads only the consumer fields there
  * (tail, seen), and checks them.
+ *
+ * Persistent change tracking (feature argument "meta_device <dev>", layout
+ * and rules in bdr_uapi.h): a write whose regions are not yet marked on the
+ * meta device waits (DM_MAPIO_SUBMITTED) on the ring's meta list while one
+ * worker writes the marked bitmap blocks with FUA; it is then admitted like
+ * any other write.  Marks are cleared only by BDR_IOC_TRACK_CLEAR, with no
+ * write in flight; the cleared blocks are written by the same worker, in
+ * order, so a mark made after a clear is never overwritten by its zeros.
  */
 
 #include <linux/bio.h>
 #include <linux/bitmap.h>
+#include <linux/blkdev.h>
 #include <linux/cdev.h>
+#include <linux/crc32.h>
 #include <linux/ctype.h>
 #include <linux/delay.h>
 #include <linux/device-mapper.h>
@@ -88,6 +98,37 @@ MODULE_PARM_DESC(copy_delay_ms,
 		 "Testing only: sleep this many ms before copying a bio of more than 4 slots (default 0)");
 
 static struct workqueue_struct *bdr_copy_wq;
+static struct workqueue_struct *bdr_meta_wq;
+
+#define BDR_META_SECTORS	(BDR_META_BLOCK >> SECTOR_SHIFT)
+#define BDR_META_BITS		(BDR_META_BLOCK * 8U)
+#define BDR_META_CRC_BYTES	offsetof(struct bdr_meta_header, crc)
+
+struct bdr_ring;
+
+/* Persistent change tracking of a ring: its meta_device and marks. */
+struct bdr_meta {
+	struct bdr_ring *ring;
+	struct block_device *bdev;	/* of the tables' meta_device; NULL once the last table is gone */
+	dev_t devt;
+	u32 nr_blocks;			/* bitmap blocks, after the header block */
+	struct page *page;		/* one block of I/O, the worker's */
+	struct work_struct work;
+
+	spinlock_t lock;		/* all below; taken before ring->lock */
+	unsigned long *bits;		/* marks, as the device will hold them */
+	unsigned long *durable;		/* marks known to be on the device */
+	unsigned long *dirty_blocks;	/* bitmap blocks to write */
+	bool header_dirty;
+	u8 clear_ring[16];		/* the last clear (as in the header) */
+	u64 clear_pos;
+	u64 writes;			/* tracked writes from map to end_io */
+	struct list_head waiting;	/* bdr_io waiting for their marks */
+	u64 gen_next;			/* the metadata write that starts next */
+	int error;			/* a metadata write failed: writes fail */
+	bool recovered;
+	u64 loaded, meta_writes, clears;
+};
 
 struct bdr_ring {
 	struct device dev;		/* refcount of the whole ring */
@@ -134,11 +175,14 @@ struct bdr_ring {
 	unsigned long *spare;		/* zeroed bitmap swapped in by take */
 
 	wait_queue_head_t wq;		/* poll() and the handover wait here */
+
+	struct bdr_meta *meta;		/* NULL without a meta_device */
 };
 
 /* Per-target context. */
 struct bdr_c {
 	struct dm_dev *dev;
+	struct dm_dev *meta_dev;		/* NULL without change tracking */
 	struct bdr_ring *ring;
 
 	spinlock_t io_lock;
@@ -162,6 +206,8 @@ struct bdr_io {
 	u16 flags;			/* BDR_REC_FUA, from the bio at map time */
 	bool tracked;			/* on inflight or waiting */
 	bool copied;			/* the deferred copy is done */
+	bool meta_counted;		/* counted in meta->writes */
+	u64 meta_gen;			/* waits for this metadata write */
 };
 
 static DEFINE_MUTEX(bdr_lock);		/* bdr_rings, ring->targets */
@@ -417,7 +463,20 @@ struct bdr_geometry {
 	sector_t dev_sectors;
 	dev_t lower;
 	struct mapped_device *md;
+	struct block_device *meta_bdev;	/* NULL: no change tracking */
 };
+
+static void bdr_meta_free(struct bdr_meta *m)
+{
+	if (!m)
+		return;
+	if (m->page)
+		__free_page(m->page);
+	kvfree(m->bits);
+	kvfree(m->durable);
+	bitmap_free(m->dirty_blocks);
+	kfree(m);
+}
 
 static void bdr_ring_free_mem(struct bdr_ring *r)
 {
@@ -425,6 +484,156 @@ static void bdr_ring_free_mem(struct bdr_ring *r)
 	kvfree(r->resv);
 	kvfree(r->bitmap);
 	kvfree(r->spare);
+	bdr_meta_free(r->meta);
+}
+
+/* Read or write metadata block nr (0: the header) through m->page. */
+static int bdr_meta_io(struct bdr_meta *m, u32 nr, blk_opf_t opf)
+{
+	struct bio *bio;
+	int ret;
+
+	bio = bio_alloc(m->bdev, 1, opf, GFP_NOIO);
+	bio->bi_iter.bi_sector = (sector_t)nr * BDR_META_SECTORS;
+	__bio_add_page(bio, m->page, BDR_META_BLOCK, 0);
+	ret = submit_bio_wait(bio);
+	bio_put(bio);
+	return ret;
+}
+
+static int bdr_meta_write(struct bdr_meta *m, u32 nr)
+{
+	m->meta_writes++;
+	return bdr_meta_io(m, nr, REQ_OP_WRITE | REQ_SYNC | REQ_FUA | REQ_META | REQ_PRIO);
+}
+
+/* Write the header naming the last clear. */
+static int bdr_meta_write_header(struct bdr_meta *m, const u8 *ring, u64 pos)
+{
+	struct bdr_ring *r = m->ring;
+	struct bdr_meta_header *h = page_address(m->page);
+
+	memset(h, 0, BDR_META_BLOCK);
+	h->magic = cpu_to_le32(BDR_META_MAGIC);
+	h->version = cpu_to_le32(BDR_META_VERSION);
+	h->dev_sectors = cpu_to_le64(r->dev_sectors);
+	h->region_sectors = cpu_to_le32(1U << r->region_shift);
+	h->nr_regions = cpu_to_le64(r->nr_regions);
+	memcpy(h->clear_ring, ring, sizeof(h->clear_ring));
+	h->clear_pos = cpu_to_le64(pos);
+	h->crc = cpu_to_le32(crc32_le(~0U, (const u8 *)h, BDR_META_CRC_BYTES));
+	return bdr_meta_write(m, 0);
+}
+
+/* Copy bitmap block nr of m->bits to m->page.  Under m->lock. */
+static void bdr_meta_copy_block(struct bdr_meta *m, u32 nr)
+{
+	memcpy(page_address(m->page), (u8 *)m->bits + (size_t)nr * BDR_META_BLOCK, BDR_META_BLOCK);
+}
+
+/*
+ * The tracking area of a new ring: format a zeroed one, or load a valid one
+ * into the dirty bitmap (BDR_STATE_RECOVERED).  Called before the ring is
+ * visible, without locks.
+ */
+static void bdr_meta_work(struct work_struct *work);
+
+static int bdr_meta_load(struct bdr_ring *r, struct block_device *bdev, char **error)
+{
+	const struct bdr_meta_header *h;
+	struct bdr_meta *m;
+	u32 i, total_bits;
+	int ret;
+
+	if (IS_ENABLED(CONFIG_CPU_BIG_ENDIAN)) {
+		*error = "meta_device needs a little-endian host";
+		return -EINVAL;
+	}
+	m = kzalloc(sizeof(*m), GFP_KERNEL);
+	if (!m) {
+		*error = "Cannot allocate the tracking state";
+		return -ENOMEM;
+	}
+	r->meta = m;		/* freed with the ring */
+	m->ring = r;
+	m->bdev = bdev;
+	m->devt = bdev->bd_dev;
+	m->nr_blocks = DIV_ROUND_UP(r->bitmap_bytes, BDR_META_BLOCK);
+	total_bits = m->nr_blocks * BDR_META_BITS;
+	spin_lock_init(&m->lock);
+	INIT_LIST_HEAD(&m->waiting);
+	INIT_WORK(&m->work, bdr_meta_work);
+	m->page = alloc_page(GFP_KERNEL);
+	m->bits = kvzalloc((size_t)m->nr_blocks * BDR_META_BLOCK, GFP_KERNEL);
+	m->durable = kvzalloc((size_t)m->nr_blocks * BDR_META_BLOCK, GFP_KERNEL);
+	m->dirty_blocks = bitmap_zalloc(m->nr_blocks, GFP_KERNEL);
+	if (!m->page || !m->bits || !m->durable || !m->dirty_blocks) {
+		*error = "Cannot allocate the tracking bitmap";
+		return -ENOMEM;
+	}
+	if (bdev_nr_bytes(bdev) < (u64)(1 + m->nr_blocks) * BDR_META_BLOCK) {
+		*error = "meta_device too small: it needs 4096 bytes plus one bit per region, in 4096-byte blocks";
+		return -EINVAL;
+	}
+	ret = bdr_meta_io(m, 0, REQ_OP_READ | REQ_META | REQ_PRIO);
+	if (ret) {
+		*error = "Cannot read the meta_device";
+		return ret;
+	}
+	h = page_address(m->page);
+	if (!memchr_inv(h, 0, BDR_META_BLOCK)) {
+		/* A new area: no bit set, written before any write is let through. */
+		memset(page_address(m->page), 0, BDR_META_BLOCK);
+		for (i = 0; i < m->nr_blocks; i++) {
+			ret = bdr_meta_write(m, 1 + i);
+			if (ret)
+				goto write_failed;
+		}
+		ret = bdr_meta_write_header(m, m->clear_ring, 0);
+		if (ret)
+			goto write_failed;
+		DMINFO("%s: meta_device formatted: %u regions tracked", r->name, r->nr_regions);
+		return 0;
+	}
+	if (le32_to_cpu(h->magic) != BDR_META_MAGIC || le32_to_cpu(h->version) != BDR_META_VERSION) {
+		*error = "meta_device holds no bdr tracking area: zero its first 4096 bytes to use it";
+		return -EINVAL;
+	}
+	if (le32_to_cpu(h->crc) != crc32_le(~0U, (const u8 *)h, BDR_META_CRC_BYTES)) {
+		*error = "meta_device's tracking header is damaged (checksum): zero its first 4096 bytes to start afresh";
+		return -EINVAL;
+	}
+	if (le64_to_cpu(h->dev_sectors) != r->dev_sectors ||
+	    le32_to_cpu(h->region_sectors) != 1U << r->region_shift ||
+	    le64_to_cpu(h->nr_regions) != r->nr_regions) {
+		*error = "meta_device tracks another device size or region size: zero its first 4096 bytes to start afresh";
+		return -EINVAL;
+	}
+	memcpy(m->clear_ring, h->clear_ring, sizeof(m->clear_ring));
+	m->clear_pos = le64_to_cpu(h->clear_pos);
+	for (i = 0; i < m->nr_blocks; i++) {
+		ret = bdr_meta_io(m, 1 + i, REQ_OP_READ | REQ_META | REQ_PRIO);
+		if (ret) {
+			*error = "Cannot read the meta_device's bitmap";
+			return ret;
+		}
+		memcpy((u8 *)m->bits + (size_t)i * BDR_META_BLOCK, page_address(m->page),
+		       BDR_META_BLOCK);
+	}
+	bitmap_clear(m->bits, r->nr_regions, total_bits - r->nr_regions);
+	bitmap_copy(m->durable, m->bits, total_bits);
+	bitmap_copy(r->bitmap, m->bits, r->nr_regions);
+	m->loaded = bitmap_weight(m->bits, r->nr_regions);
+	m->recovered = true;
+	r->state = BDR_STATE_RECOVERED | (m->loaded ? BDR_STATE_DIRTY : 0);
+	r->ctl->state = r->state;
+	DMINFO("%s: meta_device loaded: %llu of %u regions may differ from the replica",
+	       r->name, m->loaded, r->nr_regions);
+	return 0;
+
+write_failed:
+	*error = "Cannot write the meta_device";
+	return ret;
 }
 
 static void bdr_ring_release(struct device *dev)
@@ -492,6 +701,11 @@ static struct bdr_ring *bdr_ring_alloc(const struct bdr_geometry *geo, char **er
 	r->ctl->data_offset = r->data_offset;
 	r->ctl->mmap_size = r->mem_size;
 	r->ctl->instance = r->instance;
+	if (geo->meta_bdev) {
+		ret = bdr_meta_load(r, geo->meta_bdev, error);
+		if (ret)
+			goto free_mem;
+	}
 
 	minor = ida_alloc_max(&bdr_minor_ida, BDR_MINORS - 1, GFP_KERNEL);
 	if (minor < 0) {
@@ -538,6 +752,10 @@ static struct bdr_ring *bdr_ring_find(const struct bdr_geometry *geo, char **err
 		}
 		if (r->lower != geo->lower) {
 			*error = "A reload cannot change <device>: the ring holds its writes; remove and create the target";
+			return ERR_PTR(-EINVAL);
+		}
+		if ((r->meta ? r->meta->devt : 0) != (geo->meta_bdev ? geo->meta_bdev->bd_dev : 0)) {
+			*error = "A reload cannot add, remove or change meta_device: remove and create the target";
 			return ERR_PTR(-EINVAL);
 		}
 		if (r->nr_slots != geo->nr_slots || r->region_shift != ilog2(geo->region_sectors) ||
@@ -620,6 +838,13 @@ static void bdr_ring_put_target(struct bdr_ring *r)
 		bdr_set_state(r, r->state | BDR_STATE_DEAD);
 		spin_unlock_irqrestore(&r->lock, irqflags);
 		wake_up_all(&r->wq);
+		if (r->meta) {
+			/* Finish the metadata writes due; the device is released after us. */
+			flush_work(&r->meta->work);
+			spin_lock_irqsave(&r->meta->lock, irqflags);
+			r->meta->bdev = NULL;
+			spin_unlock_irqrestore(&r->meta->lock, irqflags);
+		}
 		cdev_device_del(&r->cdev, &r->dev);
 		r->registered = false;
 	}
@@ -769,7 +994,7 @@ static long bdr_ioctl_take_dirty(struct bdr_ring *r, struct file *file, void __u
 	d.state = r->state;
 	/* Writes that reserved slots before the handover count as before it. */
 	pos = r->reserve;
-	bdr_set_state(r, r->state & ~(BDR_STATE_OVERFLOW | BDR_STATE_DIRTY));
+	bdr_set_state(r, r->state & ~(BDR_STATE_OVERFLOW | BDR_STATE_DIRTY | BDR_STATE_RECOVERED));
 	spin_unlock_irqrestore(&r->lock, irqflags);
 
 	/* ... and are published before the handover returns (bdr_uapi.h). */
@@ -793,6 +1018,82 @@ out:
 	return ret;
 }
 
+static long bdr_ioctl_track_info(struct bdr_ring *r, void __user *arg)
+{
+	struct bdr_meta *m = r->meta;
+	struct bdr_track t = {};
+	unsigned long irqflags;
+
+	if (m) {
+		spin_lock_irqsave(&m->lock, irqflags);
+		t.flags = BDR_TRACK_ENABLED | (m->recovered ? BDR_TRACK_RECOVERED : 0) |
+			  (m->error ? BDR_TRACK_FAILED : 0);
+		memcpy(t.clear_ring, m->clear_ring, sizeof(t.clear_ring));
+		t.clear_pos = m->clear_pos;
+		t.loaded_regions = m->loaded;
+		t.meta_writes = m->meta_writes;
+		t.clears = m->clears;
+		spin_unlock_irqrestore(&m->lock, irqflags);
+		t.marked_regions = bitmap_weight(m->bits, r->nr_regions);	/* racy, for reporting */
+	}
+	return copy_to_user(arg, &t, sizeof(t)) ? -EFAULT : 0;
+}
+
+static bool bdr_block_marked(struct bdr_meta *m, u32 nr)
+{
+	u32 start = nr * BDR_META_BITS;
+
+	return find_next_bit(m->bits, start + BDR_META_BITS, start) < start + BDR_META_BITS;
+}
+
+static long bdr_ioctl_track_clear(struct bdr_ring *r, struct file *file, void __user *arg)
+{
+	struct bdr_meta *m = r->meta;
+	struct bdr_track_clear c;
+	unsigned long irqflags;
+	bool empty, write = false;
+	long ret = 0;
+	u32 nr;
+
+	if (!m)
+		return -EOPNOTSUPP;
+	if (!(file->f_mode & FMODE_WRITE))
+		return -EBADF;
+	if (copy_from_user(&c, arg, sizeof(c)))
+		return -EFAULT;
+
+	spin_lock_irqsave(&m->lock, irqflags);
+	spin_lock(&r->lock);
+	if (r->dead)
+		ret = -ENODEV;
+	else if (m->error)
+		ret = -EIO;
+	else if (m->writes || r->head != c.pos || r->reserve != r->head ||
+		 (r->state & (BDR_STATE_OVERFLOW | BDR_STATE_DIRTY | BDR_STATE_RECOVERED)))
+		ret = -EBUSY;
+	spin_unlock(&r->lock);
+	if (!ret) {
+		empty = bitmap_empty(m->bits, m->nr_blocks * BDR_META_BITS);
+		/* Nothing marked since a clear of this ring: the older point still holds. */
+		if (!empty || memcmp(m->clear_ring, c.ring, sizeof(c.ring))) {
+			for (nr = 0; nr < m->nr_blocks; nr++)
+				if (bdr_block_marked(m, nr))
+					__set_bit(nr, m->dirty_blocks);
+			bitmap_zero(m->bits, m->nr_blocks * BDR_META_BITS);
+			bitmap_zero(m->durable, m->nr_blocks * BDR_META_BITS);
+			memcpy(m->clear_ring, c.ring, sizeof(m->clear_ring));
+			m->clear_pos = c.pos;
+			m->header_dirty = true;
+			m->clears++;
+			write = true;
+		}
+	}
+	spin_unlock_irqrestore(&m->lock, irqflags);
+	if (write)
+		queue_work(bdr_meta_wq, &m->work);
+	return ret;
+}
+
 static long bdr_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 {
 	struct bdr_ring *r = file->private_data;
@@ -807,6 +1108,10 @@ static long bdr_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		return copy_to_user(uarg, &st, sizeof(st)) ? -EFAULT : 0;
 	case BDR_IOC_TAKE_DIRTY:
 		return bdr_ioctl_take_dirty(r, file, uarg);
+	case BDR_IOC_TRACK_INFO:
+		return bdr_ioctl_track_info(r, uarg);
+	case BDR_IOC_TRACK_CLEAR:
+		return bdr_ioctl_track_clear(r, file, uarg);
 	default:
 		return -ENOTTY;
 	}
@@ -882,6 +1187,182 @@ static void bdr_io_done(struct bdr_c *bc, struct bdr_io *io)
 		queue_work(bc->wq, &bc->submit_work);
 }
 
+/*
+ * Track io for overlaps: true if it must wait (it is then submitted by
+ * bdr_io_done), false if the caller submits it now.
+ */
+static bool bdr_admit(struct bdr_c *bc, struct bdr_io *io)
+{
+	unsigned long irqflags;
+	bool wait;
+
+	INIT_LIST_HEAD(&io->list);
+	io->tracked = true;
+	spin_lock_irqsave(&bc->io_lock, irqflags);
+	wait = bdr_overlaps(&bc->inflight, io) || bdr_overlaps(&bc->waiting, io) ||
+	       bdr_overlaps(&bc->ready, io);
+	list_add_tail(&io->list, wait ? &bc->waiting : &bc->inflight);
+	spin_unlock_irqrestore(&bc->io_lock, irqflags);
+	return wait;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Persistent change tracking: the I/O path                                */
+
+enum bdr_meta_verdict { BDR_META_MARKED, BDR_META_WAIT, BDR_META_FAILED };
+
+/* The regions of io, clipped to the device: [*first, *last]. */
+static bool bdr_io_regions(struct bdr_ring *r, struct bdr_io *io, u32 *first, u32 *last)
+{
+	u64 l;
+
+	if (io->end <= io->start)
+		return false;
+	*first = io->start >> r->region_shift;
+	l = (io->end - 1) >> r->region_shift;
+	*last = min_t(u64, l, r->nr_regions - 1);
+	return *first <= *last;
+}
+
+/*
+ * Count io as a write in flight, and let it go on if its regions are marked
+ * on the meta device; otherwise mark them and queue it for the worker.
+ */
+static enum bdr_meta_verdict bdr_meta_map(struct bdr_meta *m, struct bdr_io *io)
+{
+	struct bdr_ring *r = m->ring;
+	enum bdr_meta_verdict v = BDR_META_MARKED;
+	unsigned long irqflags;
+	u32 first, last, b;
+
+	spin_lock_irqsave(&m->lock, irqflags);
+	if (unlikely(m->error)) {
+		spin_unlock_irqrestore(&m->lock, irqflags);
+		return BDR_META_FAILED;
+	}
+	m->writes++;
+	io->meta_counted = true;
+	if (bdr_io_regions(r, io, &first, &last) &&
+	    find_next_zero_bit(m->durable, last + 1, first) <= last) {
+		bitmap_set(m->bits, first, last - first + 1);
+		for (b = first / BDR_META_BITS; b <= last / BDR_META_BITS; b++)
+			__set_bit(b, m->dirty_blocks);
+		io->meta_gen = m->gen_next;
+		list_add_tail(&io->list, &m->waiting);
+		v = BDR_META_WAIT;
+	}
+	spin_unlock_irqrestore(&m->lock, irqflags);
+	if (v == BDR_META_WAIT)
+		queue_work(bdr_meta_wq, &m->work);
+	return v;
+}
+
+/* A counted write completed (and reserved its slots, or went to the bitmap). */
+static void bdr_meta_end(struct bdr_meta *m)
+{
+	unsigned long irqflags;
+
+	spin_lock_irqsave(&m->lock, irqflags);
+	m->writes--;
+	spin_unlock_irqrestore(&m->lock, irqflags);
+}
+
+/* Write bitmap block nr from m->bits; then its marks are durable. */
+static int bdr_meta_write_block(struct bdr_meta *m, u32 nr)
+{
+	unsigned long *disk = page_address(m->page);
+	size_t w, words = BDR_META_BLOCK / sizeof(unsigned long);
+	size_t base = (size_t)nr * words;
+	unsigned long irqflags;
+	int ret;
+
+	spin_lock_irqsave(&m->lock, irqflags);
+	__clear_bit(nr, m->dirty_blocks);
+	bdr_meta_copy_block(m, nr);
+	spin_unlock_irqrestore(&m->lock, irqflags);
+	ret = bdr_meta_write(m, 1 + nr);
+	if (ret)
+		return ret;
+	/*
+	 * The device holds the copy now.  A mark cleared meanwhile stays
+	 * cleared: only marks still set count as durable, and the clear's own
+	 * write of this block comes after this one.
+	 */
+	spin_lock_irqsave(&m->lock, irqflags);
+	for (w = 0; w < words; w++)
+		m->durable[base + w] |= disk[w] & m->bits[base + w];
+	spin_unlock_irqrestore(&m->lock, irqflags);
+	return 0;
+}
+
+/* The one writer of the meta device: header, then dirty blocks, then release. */
+static void bdr_meta_work(struct work_struct *work)
+{
+	struct bdr_meta *m = container_of(work, struct bdr_meta, work);
+	struct bdr_io *io, *tmp;
+	unsigned long irqflags;
+	LIST_HEAD(go);
+	u8 ci[16];
+	u64 gen, cp;
+	bool header;
+	u32 nr;
+	int ret;
+
+	for (;;) {
+		ret = 0;
+		spin_lock_irqsave(&m->lock, irqflags);
+		if (m->error || !m->bdev) {
+			list_splice_init(&m->waiting, &go);
+			spin_unlock_irqrestore(&m->lock, irqflags);
+			break;
+		}
+		header = m->header_dirty;
+		m->header_dirty = false;
+		memcpy(ci, m->clear_ring, sizeof(ci));
+		cp = m->clear_pos;
+		if (!header && bitmap_empty(m->dirty_blocks, m->nr_blocks)) {
+			spin_unlock_irqrestore(&m->lock, irqflags);
+			return;
+		}
+		gen = m->gen_next++;
+		spin_unlock_irqrestore(&m->lock, irqflags);
+
+		if (header)
+			ret = bdr_meta_write_header(m, ci, cp);
+		for (nr = 0; !ret && nr < m->nr_blocks; nr++)
+			if (test_bit(nr, m->dirty_blocks))
+				ret = bdr_meta_write_block(m, nr);
+
+		spin_lock_irqsave(&m->lock, irqflags);
+		if (ret) {
+			m->error = ret;
+			list_splice_init(&m->waiting, &go);
+			spin_unlock_irqrestore(&m->lock, irqflags);
+			DMERR("%s: a write to the meta_device failed (%d): change tracking stopped, writes to the device fail",
+			      m->ring->name, ret);
+			break;
+		}
+		list_for_each_entry_safe(io, tmp, &m->waiting, list)
+			if ((s64)(io->meta_gen - gen) <= 0)
+				list_move_tail(&io->list, &go);
+		spin_unlock_irqrestore(&m->lock, irqflags);
+
+		list_for_each_entry_safe(io, tmp, &go, list) {
+			list_del(&io->list);
+			if (!bdr_admit(io->bc, io))
+				dm_submit_bio_remap(dm_bio_from_per_bio_data(io, sizeof(*io)), NULL);
+		}
+	}
+	/* Tracking failed or the target is gone: fail what waits. */
+	list_for_each_entry_safe(io, tmp, &go, list) {
+		struct bio *bio = dm_bio_from_per_bio_data(io, sizeof(*io));
+
+		list_del(&io->list);
+		bio->bi_status = BLK_STS_IOERR;
+		bio_endio(bio);
+	}
+}
+
 /* ---------------------------------------------------------------------- */
 /* Target                                                                  */
 
@@ -919,8 +1400,11 @@ static int bdr_read_region(struct dm_arg_set *as, u32 *region_sectors, char **er
 	return 0;
 }
 
-/* [<#feature_args> [region_sectors <n>]], or the older form: [<region_sectors>] */
-static int bdr_parse_features(struct dm_arg_set *as, u32 *region_sectors, char **error)
+#define BDR_USAGE "<device> <chardev_name> <buffer_size_in_writes> [<#feature_args> [region_sectors <n>] [meta_device <dev>]]"
+
+/* [<#feature_args> [region_sectors <n>] [meta_device <dev>]], or the older form: [<region_sectors>] */
+static int bdr_parse_features(struct dm_arg_set *as, u32 *region_sectors, const char **meta,
+			      char **error)
 {
 	unsigned int nr;
 	const char *key;
@@ -932,21 +1416,23 @@ static int bdr_parse_features(struct dm_arg_set *as, u32 *region_sectors, char *
 			return 0;
 		return bdr_read_region(as, region_sectors, error);
 	}
-	if (bdr_read_uint(as, 1, 2, &nr) || nr != as->argc) {
-		*error = "Invalid argument count: <device> <chardev_name> <buffer_size_in_writes> [<#feature_args> [region_sectors <n>]]";
+	if (bdr_read_uint(as, 1, 4, &nr) || nr != as->argc) {
+		*error = "Invalid argument count: " BDR_USAGE;
 		return -EINVAL;
 	}
 	while (as->argc) {
 		key = dm_shift_arg(as);
-		if (strcasecmp(key, "region_sectors")) {
-			*error = "Unrecognised feature argument: expected region_sectors <n>";
+		if (strcasecmp(key, "region_sectors") && strcasecmp(key, "meta_device")) {
+			*error = "Unrecognised feature argument: expected region_sectors <n> or meta_device <dev>";
 			return -EINVAL;
 		}
 		if (!as->argc) {
-			*error = "Invalid argument count: region_sectors takes a value";
+			*error = "Invalid argument count: a feature argument takes a value";
 			return -EINVAL;
 		}
-		if (bdr_read_region(as, region_sectors, error))
+		if (!strcasecmp(key, "meta_device"))
+			*meta = dm_shift_arg(as);
+		else if (bdr_read_region(as, region_sectors, error))
 			return -EINVAL;
 	}
 	return 0;
@@ -969,6 +1455,7 @@ static int bdr_parse_features(struct dm_arg_set *as, u32 *region_sectors, char *
  *                        2^24 (default BDR_DEFAULT_REGION_SECTORS); grown to
  *                        the smallest power of two that covers the device in
  *                        at most BDR_MAX_REGIONS regions
+ *   meta_device <dev>    persistent change tracking on <dev> (bdr_uapi.h)
  *
  * A fourth argument alone is the region size (the older form of the line).
  * I/O is split at min(buffer_size_in_writes, 256) slots, so that every bio
@@ -978,6 +1465,7 @@ static int bdr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 {
 	struct dm_arg_set as = { .argc = argc, .argv = argv };
 	struct bdr_geometry geo = { .region_sectors = BDR_DEFAULT_REGION_SECTORS };
+	const char *meta = NULL;
 	u32 asked_region;
 	const char *device;
 	u64 ring_bytes;
@@ -986,7 +1474,7 @@ static int bdr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	int ret;
 
 	if (argc < 3) {
-		ti->error = "Invalid argument count: <device> <chardev_name> <buffer_size_in_writes> [<#feature_args> [region_sectors <n>]]";
+		ti->error = "Invalid argument count: " BDR_USAGE;
 		return -EINVAL;
 	}
 	if (ti->begin) {
@@ -1009,7 +1497,7 @@ static int bdr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 		ti->error = "buffer_size_in_writes needs more than a quarter of the memory";
 		return -ENOMEM;
 	}
-	ret = bdr_parse_features(&as, &geo.region_sectors, &ti->error);
+	ret = bdr_parse_features(&as, &geo.region_sectors, &meta, &ti->error);
 	if (ret)
 		return ret;
 	asked_region = geo.region_sectors;
@@ -1044,6 +1532,19 @@ static int bdr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 		goto free_bc;
 	}
 	geo.lower = bc->dev->bdev->bd_dev;
+	if (meta) {
+		ret = dm_get_device(ti, meta, dm_table_get_mode(ti->table), &bc->meta_dev);
+		if (ret) {
+			ti->error = "meta_device lookup failed";
+			goto put_dev;
+		}
+		if (bc->meta_dev->bdev->bd_dev == geo.lower) {
+			ti->error = "meta_device must be another device than <device>";
+			ret = -EINVAL;
+			goto put_dev;
+		}
+		geo.meta_bdev = bc->meta_dev->bdev;
+	}
 
 	ret = dm_set_target_max_io_len(ti, (sector_t)min(geo.nr_slots, 256U) * BDR_SLOT_SECTORS);
 	if (ret) {
@@ -1076,6 +1577,8 @@ static int bdr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 destroy_wq:
 	destroy_workqueue(bc->wq);
 put_dev:
+	if (bc->meta_dev)
+		dm_put_device(ti, bc->meta_dev);
 	dm_put_device(ti, bc->dev);
 free_bc:
 	kfree(bc);
@@ -1090,6 +1593,8 @@ static void bdr_dtr(struct dm_target *ti)
 	destroy_workqueue(bc->wq);
 	WARN_ON_ONCE(!list_empty(&bc->inflight) || !list_empty(&bc->waiting));
 	bdr_ring_put_target(bc->ring);
+	if (bc->meta_dev)
+		dm_put_device(ti, bc->meta_dev);
 	dm_put_device(ti, bc->dev);
 	kfree(bc);
 }
@@ -1113,8 +1618,6 @@ static int bdr_map(struct dm_target *ti, struct bio *bio)
 {
 	struct bdr_c *bc = ti->private;
 	struct bdr_io *io = dm_per_bio_data(bio, sizeof(*io));
-	unsigned long irqflags;
-	bool wait;
 
 	bio_set_dev(bio, bc->dev->bdev);
 	if (bio_sectors(bio) || op_is_zone_mgmt(bio_op(bio)))
@@ -1123,6 +1626,7 @@ static int bdr_map(struct dm_target *ti, struct bio *bio)
 	io->bc = bc;
 	io->tracked = false;
 	io->copied = false;
+	io->meta_counted = false;
 	io->iter = bio->bi_iter;
 	io->start = bio->bi_iter.bi_sector;
 	io->end = bio_end_sector(bio);
@@ -1136,14 +1640,17 @@ static int bdr_map(struct dm_target *ti, struct bio *bio)
 	if (!io->op || io->op == BDR_OP_FLUSH)
 		return DM_MAPIO_REMAPPED;
 
-	INIT_LIST_HEAD(&io->list);
-	io->tracked = true;
-	spin_lock_irqsave(&bc->io_lock, irqflags);
-	wait = bdr_overlaps(&bc->inflight, io) || bdr_overlaps(&bc->waiting, io) ||
-	       bdr_overlaps(&bc->ready, io);
-	list_add_tail(&io->list, wait ? &bc->waiting : &bc->inflight);
-	spin_unlock_irqrestore(&bc->io_lock, irqflags);
-	return wait ? DM_MAPIO_SUBMITTED : DM_MAPIO_REMAPPED;
+	if (bc->ring->meta) {
+		switch (bdr_meta_map(bc->ring->meta, io)) {
+		case BDR_META_FAILED:
+			return DM_MAPIO_KILL;
+		case BDR_META_WAIT:
+			return DM_MAPIO_SUBMITTED;
+		case BDR_META_MARKED:
+			break;
+		}
+	}
+	return bdr_admit(bc, io) ? DM_MAPIO_SUBMITTED : DM_MAPIO_REMAPPED;
 }
 
 static int bdr_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *error)
@@ -1156,10 +1663,15 @@ static int bdr_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *error
 	if (io->copied || !io->op)
 		return DM_ENDIO_DONE;
 	if (bdr_reserve(r, io, *error) == BDR_NOT_PUBLISHED) {
+		if (io->meta_counted)
+			bdr_meta_end(r->meta);
 		if (io->tracked)
 			bdr_io_done(bc, io);
 		return DM_ENDIO_DONE;
 	}
+	/* Reserved before it stops counting: a clear then sees it in the ring. */
+	if (io->meta_counted)
+		bdr_meta_end(r->meta);
 	/* Reserved: a write that overlaps this one now comes after it in the ring. */
 	if (io->tracked)
 		bdr_io_done(bc, io);
@@ -1200,15 +1712,24 @@ static void bdr_status(struct dm_target *ti, status_type_t type,
 		       bdr_state_name(st.state), st.head - st.tail, r->nr_slots,
 		       st.records, st.bytes, st.dropped, st.failed,
 		       st.dirty_regions, st.overflows, st.next_seq);
+		if (r->meta)
+			DMEMIT(" tracked_regions=%u meta_writes=%llu meta_failed=%d",
+			       (unsigned int)bitmap_weight(r->meta->bits, r->nr_regions),
+			       READ_ONCE(r->meta->meta_writes), READ_ONCE(r->meta->error) ? 1 : 0);
 		break;
 	case STATUSTYPE_TABLE:
-		DMEMIT("%s %s %u 2 region_sectors %u", bc->dev->name, r->name, r->nr_slots,
-		       1U << r->region_shift);
+		DMEMIT("%s %s %u %d region_sectors %u", bc->dev->name, r->name, r->nr_slots,
+		       bc->meta_dev ? 4 : 2, 1U << r->region_shift);
+		if (bc->meta_dev)
+			DMEMIT(" meta_device %s", bc->meta_dev->name);
 		break;
 	case STATUSTYPE_IMA:
 		DMEMIT_TARGET_NAME_VERSION(ti->type);
-		DMEMIT(",device_name=%s,chardev_name=%s,buffer_size_in_writes=%u,region_sectors=%u;",
+		DMEMIT(",device_name=%s,chardev_name=%s,buffer_size_in_writes=%u,region_sectors=%u",
 		       bc->dev->name, r->name, r->nr_slots, 1U << r->region_shift);
+		if (bc->meta_dev)
+			DMEMIT(",meta_device=%s", bc->meta_dev->name);
+		DMEMIT(";");
 		break;
 	}
 }
@@ -1229,7 +1750,7 @@ static void bdr_io_hints(struct dm_target *ti, struct queue_limits *limits)
 
 static struct target_type bdr_target = {
 	.name = "bdr",
-	.version = {1, 1, 0},
+	.version = {1, 2, 0},
 	.features = DM_TARGET_SINGLETON,
 	.module = THIS_MODULE,
 	.ctr = bdr_ctr,
@@ -1249,9 +1770,15 @@ static int __init dm_bdr_init(void)
 	bdr_copy_wq = alloc_workqueue("bdr_copy", WQ_MEM_RECLAIM | WQ_UNBOUND | WQ_HIGHPRI, 0);
 	if (!bdr_copy_wq)
 		return -ENOMEM;
+	/* Metadata writes: writes to the device wait for them. */
+	bdr_meta_wq = alloc_workqueue("bdr_meta", WQ_MEM_RECLAIM | WQ_UNBOUND | WQ_HIGHPRI, 0);
+	if (!bdr_meta_wq) {
+		ret = -ENOMEM;
+		goto destroy_wq;
+	}
 	ret = alloc_chrdev_region(&bdr_devt, 0, BDR_MINORS, "bdr");
 	if (ret)
-		goto destroy_wq;
+		goto destroy_meta_wq;
 	ret = class_register(&bdr_class);
 	if (ret)
 		goto unregister_region;
@@ -1264,6 +1791,8 @@ unregister_class:
 	class_unregister(&bdr_class);
 unregister_region:
 	unregister_chrdev_region(bdr_devt, BDR_MINORS);
+destroy_meta_wq:
+	destroy_workqueue(bdr_meta_wq);
 destroy_wq:
 	destroy_workqueue(bdr_copy_wq);
 	return ret;
@@ -1275,6 +1804,7 @@ static void __exit dm_bdr_exit(void)
 	class_unregister(&bdr_class);
 	unregister_chrdev_region(bdr_devt, BDR_MINORS);
 	ida_destroy(&bdr_minor_ida);
+	destroy_workqueue(bdr_meta_wq);
 	destroy_workqueue(bdr_copy_wq);
 }
 

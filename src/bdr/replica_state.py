@@ -112,6 +112,20 @@ def mirrors(h: Header, src: Source) -> bool:
     )
 
 
+def trackable(h: Header, src: Source) -> bool:
+    """The replica is a consistent copy of this source device at its durable point in ring ``h.ring_id``, with no
+    resync under way: what a resync of only the regions the source tracked since then needs (the generations
+    must also say that nothing else wrote the replica)."""
+    return bool(
+        h.flags & JFlag.SOURCE_KNOWN
+        and h.source_id == src.source_id
+        and h.source_size == src.source_size
+        and h.flags & JFlag.SEQ_VALID
+        and h.flags & JFlag.CONSISTENT
+        and not h.flags & (JFlag.SCANNING | JFlag.IO_ERROR | JFlag.PROMOTED)
+    )
+
+
 def mirrors_another_source(h: Header, src: Source) -> bool:
     """The replica is known to mirror another source device (not only another ring of the same one)."""
     return bool(

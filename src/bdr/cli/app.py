@@ -47,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--region-size", type=int, help="dirty bitmap region in sectors (power of two, default 128)"
     )
+    s.add_argument(
+        "--meta-device",
+        metavar="DEV",
+        help="persistent change tracking on this small block device (4 KiB plus one bit per region): after a "
+        "crash or reboot of this host only the regions written since the replica was last in sync are resynced",
+    )
+    s.add_argument(
+        "--new-meta",
+        action="store_true",
+        help="zero the header of --meta-device first: a new tracking area (the next client start scans the "
+        "whole device)",
+    )
     r = sub.add_parser("remove", help="remove a bdr target", description="Remove /dev/mapper/NAME.")
     r.add_argument("name")
     st = sub.add_parser(
@@ -181,7 +193,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             else:
                 plan = SetupPlan(
-                    args.device, args.name, args.chardev, parse_buffer(args.buffer), args.region_size
+                    args.device,
+                    args.name,
+                    args.chardev,
+                    parse_buffer(args.buffer),
+                    args.region_size,
+                    args.meta_device,
+                    args.new_meta,
                 )
             targets.setup(plan)
         elif args.command == "remove":

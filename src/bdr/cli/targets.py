@@ -54,10 +54,16 @@ class SetupPlan:
     chardev: str
     slots: int
     region_sectors: int | None = None
+    meta_device: str | None = None  # persistent change tracking (feature argument meta_device)
+    new_meta: bool = False  # zero the meta device's header first
 
     def table(self, sectors: int) -> str:
         line = f"0 {sectors} bdr {self.device} {self.chardev} {self.slots}"
-        return line + (f" {self.region_sectors}" if self.region_sectors else "")
+        if self.meta_device is None:
+            return line + (f" {self.region_sectors}" if self.region_sectors else "")
+        features = [] if self.region_sectors is None else ["region_sectors", str(self.region_sectors)]
+        features += ["meta_device", self.meta_device]
+        return f"{line} {len(features)} {' '.join(features)}"
 
 
 def check_plan(plan: SetupPlan) -> None:
@@ -84,6 +90,27 @@ def check_plan(plan: SetupPlan) -> None:
         plan.region_sectors < 8 or plan.region_sectors & (plan.region_sectors - 1)
     ):
         raise SetupError("region size must be a power of two of at least 8 sectors (4 KiB)")
+    if plan.meta_device is not None:
+        try:
+            mst = os.stat(plan.meta_device)
+        except FileNotFoundError:
+            raise SetupError(f"meta device {plan.meta_device} does not exist") from None
+        if not stat.S_ISBLK(mst.st_mode):
+            raise SetupError(f"meta device {plan.meta_device} is not a block device")
+        if mst.st_rdev == st.st_rdev:
+            raise SetupError("the meta device must be another device than --device")
+    elif plan.new_meta:
+        raise SetupError("--new-meta needs --meta-device")
+
+
+def _zero_meta_header(dev: str) -> None:
+    """A new tracking area: the target formats a meta device whose first 4 KiB are zeros."""
+    fd = os.open(dev, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, bytes(abi.BDR_META_BLOCK), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def setup(plan: SetupPlan, out: Callable[[str], None] = print) -> None:
@@ -92,6 +119,11 @@ def setup(plan: SetupPlan, out: Callable[[str], None] = print) -> None:
     if res.returncode != 0:
         raise SetupError(f"cannot read the size of {plan.device}: {res.stderr.strip()}")
     table = plan.table(int(res.stdout))
+    if plan.meta_device is not None and plan.new_meta:
+        try:
+            _zero_meta_header(plan.meta_device)
+        except OSError as exc:
+            raise SetupError(f"cannot zero the header of {plan.meta_device}: {exc.strerror}") from exc
     res = run(["dmsetup", "create", plan.name, "--table", table])
     if res.returncode != 0:
         hint = " (see 'dmesg | grep bdr' for the reason)"
@@ -103,6 +135,8 @@ def setup(plan: SetupPlan, out: Callable[[str], None] = print) -> None:
     memory = plan.slots * abi.SLOT_BYTES
     out(f"created /dev/mapper/{plan.name} over {plan.device} (table: {table})")
     out(f"control device /dev/{plan.chardev}: ring of {plan.slots} writes, {memory / (1 << 20):.1f} MiB")
+    if plan.meta_device is not None:
+        out(f"change tracking on {plan.meta_device}: 'dmesg | grep bdr' says whether it was new or loaded")
     out("use only /dev/mapper/" + plan.name + " from now on, not " + plan.device)
 
 

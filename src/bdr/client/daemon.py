@@ -29,7 +29,7 @@ from ..log import BenchClock, setup_logging
 from ..scan.verify import VerifyJob
 from ..security import tls
 from ..seq import NO_SEQ, fmt_seq, prev_seq
-from . import startup, transport
+from . import startup, tracking, transport
 from . import status as client_status
 from .errors import EXIT_OK, EXIT_REFUSED, EXIT_SOURCE, EXIT_USAGE, ClientError, SourceError, Stopping
 from .identity import ring_identity, source_identity
@@ -83,6 +83,8 @@ class Client:
             raise ClientError(str(exc)) from exc
         self.source_id = source_identity(src, self.dev_size)
         self.ring_id = oneshot_ring_identity(src, self.dev_size) if self.oneshot else ring_identity(self.ring)
+        # the target's persistent change tracking (meta_device), cleared whenever the replica is in sync
+        self.tracker = None if self.oneshot else tracking.Clearer(self.ring, self.ring_id)
         self.server_text = f"{args.address}:{args.port}"
         self.start_flags = startup.Flags(args.full_replication, args.full_scan, args.no_replication)
         self.stopping = False
@@ -240,6 +242,7 @@ class Client:
                 clean = True
                 sess.drain()
                 self._mark_stopped_in_sync()  # once what the ring held is durable on the replica
+                self._clear_tracking_at_stop()
             except SourceError as exc:
                 log.error(
                     "%s: the scan cannot complete and the replica stays marked inconsistent; fix the source "
@@ -384,6 +387,16 @@ class Client:
             )
         )
         log.warning("stopped in sync: the replica holds every write up to seq %d", last)
+
+    def _clear_tracking_at_stop(self) -> None:
+        """Stopping with every captured write durable on the replica: clear the meta_device's marks, so that a
+        reboot before the next start resyncs only what is written meanwhile."""
+        r, ring = self.replication, self.ring
+        if self.tracker is None or ring.tail != ring.head() or ring.state():
+            return
+        if r.pending_dirty is not None or r.force_scan or r.unzeroed or not r.replica_consistent:
+            return
+        self.tracker.in_sync(ring.head(), force=True)
 
     def _refused(self, message: str) -> bool:
         """The server refused our credentials, or we refused the server's: an error for the operator."""

@@ -30,8 +30,10 @@ def resync(
     whole: bool,
     why: str,
     direct: bool = False,
+    tracked: bool = False,
 ) -> None:
-    """Resync ``extents``; ring records from ``sess.sent`` on are applied after the scan's blocks."""
+    """Resync ``extents``; ring records from ``sess.sent`` on are applied after the scan's blocks.  ``tracked``:
+    the extents are the regions the meta_device marked (SCAN_BEGIN TRACKED: the replica may adopt this ring)."""
     c, rs = sess.client, sess.replication
     sess.in_sync = False
     if whole:
@@ -46,13 +48,13 @@ def resync(
         "scan %d (%s) of %s (%d bytes): %s",
         sid,
         st.mode,
-        "the whole device" if whole else f"{len(extents)} dirty extents",
+        "the whole device" if whole else f"{len(extents)} {'tracked' if tracked else 'dirty'} extents",
         total,
         why,
     )
     t0 = time.monotonic()
-    flags = p.ScanFlag.WHOLE_DEVICE if whole else p.ScanFlag.NONE
-    if rs.journal_full is not None and not direct:
+    flags = p.ScanFlag.WHOLE_DEVICE if whole else p.ScanFlag.TRACKED if tracked else p.ScanFlag.NONE
+    if rs.journal_full is not None and not direct and not tracked:
         direct = True
         log.warning("scan %d writes the replica directly: the server's journal is too small for it", sid)
     if direct:

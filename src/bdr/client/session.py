@@ -27,7 +27,7 @@ from ..kernel.ring import Batch
 from ..scan.verify import VerifyJob
 from ..security import auth, tls
 from ..seq import fmt_seq
-from . import discards, scans, startup
+from . import discards, scans, startup, tracking
 from .errors import Stopping
 from .inflight import InflightBatches
 from .startup import Start
@@ -264,6 +264,8 @@ class ClientSession:
                 self.ring.head() - self.ring.tail,
             )
             return
+        if self.ring.state() & abi.State.RECOVERED and self._tracked_start(w, first):
+            return
         pos = self.ring.find_seq(startup.resume_seq(w)) if startup.can_resume(w, same) else None
         self.replication.started = True
         d = startup.decide(w, same, pos is not None, first, c.start_flags, self.replication.force_scan)
@@ -290,6 +292,43 @@ class ClientSession:
             direct = d.start is Start.FULL_SCAN  # --full-scan: the server writes the replica directly
             self.resync(mode, [(0, c.dev_size)], whole=True, why=d.why, direct=direct)
         self.replication.force_scan = False
+
+    def _tracked_start(self, w: p.Welcome, first: bool) -> bool:
+        """The target loaded the marks of its meta_device (a source crash or reboot): take them (any scan covers
+        them from now on), and resync only the marked regions if the replica allows it (``tracking``)."""
+        c, ring = self.client, self.ring
+        trk = ring.tracking()
+        dm = ring.take_dirty()
+        why = None
+        if trk is None:
+            why = "the target has no meta_device any more"
+        elif first and (
+            c.start_flags.full_replication or c.start_flags.full_scan or c.start_flags.no_replication
+        ):
+            why = "a start-up flag asks for another start"
+        elif self.replication.journal_full is not None:
+            why = "the server's journal is too small for a staged resync"
+        else:
+            why = tracking.refusal(w, trk, c.ring_id)
+        if why is not None:
+            log.warning(
+                "the meta_device marks %d regions written since the replica was last in sync, but %s: not using them",
+                dm.nr_dirty,
+                why,
+            )
+            return False
+        extents = dm.extents(c.dev_size)
+        self.replication.started = True
+        self.replication.force_scan = False
+        self.sent = ring.tail
+        self.resync(
+            p.ScanMode.HASH,
+            extents,
+            whole=False,
+            why=f"the meta_device marks {dm.nr_dirty} regions written since the replica was last in sync",
+            tracked=True,
+        )
+        return True
 
     # -- streaming ------------------------------------------------------------------------------------------------
 
@@ -378,6 +417,8 @@ class ClientSession:
                     head,
                     fmt_seq(self.inflight.durable),
                 )
+            if self.in_sync and self.client.tracker is not None:
+                self.client.tracker.in_sync(head)
             self.client.report_bench(self)
             quiet = ring.is_chardev and not self.inflight and ring.tail == head
             self.pump(wait=0.5 if quiet else 0.002, ring_too=quiet)
@@ -423,10 +464,16 @@ class ClientSession:
     # -- scans (bdr.client.scans) ----------------------------------------------------------------------------------
 
     def resync(
-        self, mode: p.ScanMode, extents: list[tuple[int, int]], whole: bool, why: str, direct: bool = False
+        self,
+        mode: p.ScanMode,
+        extents: list[tuple[int, int]],
+        whole: bool,
+        why: str,
+        direct: bool = False,
+        tracked: bool = False,
     ) -> None:
         """Resync ``extents``; ring records from ``self.sent`` on are applied after the scan's blocks."""
-        scans.resync(self, mode, extents, whole, why, direct)
+        scans.resync(self, mode, extents, whole, why, direct, tracked)
 
     def verify_step(self, job: VerifyJob) -> None:
         scans.verify_step(self, job)

@@ -42,6 +42,7 @@ class State(enum.IntFlag):
     OVERFLOW = 1 << 0
     DIRTY = 1 << 1
     DEAD = 1 << 2
+    RECOVERED = 1 << 3  # the dirty bitmap was loaded from the meta_device (persistent change tracking)
 
 
 class Record(ctypes.Structure):
@@ -131,6 +132,61 @@ class Dirty(ctypes.Structure):
     )
 
 
+BDR_META_MAGIC = 0x54524442
+BDR_META_VERSION = 1
+BDR_META_BLOCK = 4096
+
+
+class MetaHeader(ctypes.LittleEndianStructure):
+    """``struct bdr_meta_header``: block 0 of a meta_device (little endian, on disk)."""
+
+    _fields_ = (
+        ("magic", ctypes.c_uint32),
+        ("version", ctypes.c_uint32),
+        ("dev_sectors", ctypes.c_uint64),
+        ("region_sectors", ctypes.c_uint32),
+        ("reserved0", ctypes.c_uint32),
+        ("nr_regions", ctypes.c_uint64),
+        ("clear_ring", ctypes.c_uint8 * 16),
+        ("clear_pos", ctypes.c_uint64),
+        ("reserved1", ctypes.c_uint64),
+        ("reserved2", ctypes.c_uint32),
+        ("crc", ctypes.c_uint32),
+    )
+
+
+class TrackFlag(enum.IntFlag):
+    """``bdr_track.flags``."""
+
+    ENABLED = 1 << 0
+    RECOVERED = 1 << 1
+    FAILED = 1 << 2
+
+
+class Track(ctypes.Structure):
+    """``struct bdr_track``: answer of BDR_IOC_TRACK_INFO."""
+
+    _fields_ = (
+        ("flags", ctypes.c_uint64),
+        ("clear_ring", ctypes.c_uint8 * 16),
+        ("clear_pos", ctypes.c_uint64),
+        ("loaded_regions", ctypes.c_uint64),
+        ("marked_regions", ctypes.c_uint64),
+        ("meta_writes", ctypes.c_uint64),
+        ("clears", ctypes.c_uint64),
+        ("reserved", ctypes.c_uint64),
+    )
+
+
+class TrackClear(ctypes.Structure):
+    """``struct bdr_track_clear``: argument of BDR_IOC_TRACK_CLEAR."""
+
+    _fields_ = (
+        ("pos", ctypes.c_uint64),
+        ("ring", ctypes.c_uint8 * 16),
+    )
+
+
 # <asm-generic/ioctl.h>: dir(2) | size(14) | type(8) | nr(8)
 _IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
 _IOC_NRSHIFT = 0
@@ -153,6 +209,8 @@ BDR_IOC_MAGIC = 0xBD
 BDR_IOC_INFO = _ioc(_IOC_READ, 1, ctypes.sizeof(Info))
 BDR_IOC_STATUS = _ioc(_IOC_READ, 2, ctypes.sizeof(Status))
 BDR_IOC_TAKE_DIRTY = _ioc(_IOC_READ | _IOC_WRITE, 3, ctypes.sizeof(Dirty))
+BDR_IOC_TRACK_INFO = _ioc(_IOC_READ, 4, ctypes.sizeof(Track))
+BDR_IOC_TRACK_CLEAR = _ioc(_IOC_WRITE, 5, ctypes.sizeof(TrackClear))
 
 RECORD_SIZE = ctypes.sizeof(Record)
 SLOT_BYTES = RECORD_SIZE + BDR_SLOT_DATA  # memory one "write" of buffer_size_in_writes costs

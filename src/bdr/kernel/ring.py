@@ -43,6 +43,27 @@ from .dirty import DirtyMap
 from .layout import DIRTY_SUFFIX, PAGE, Geometry, RingError, ring_layout
 
 
+@dataclass(frozen=True, slots=True)
+class Tracking:
+    """BDR_IOC_TRACK_INFO: the target's persistent change tracking (``meta_device``)."""
+
+    flags: abi.TrackFlag
+    clear_ring: bytes  # the ring and position of the last clear: the replica held every record before it
+    clear_pos: int
+    loaded_regions: int  # regions marked when the meta_device was loaded
+    marked_regions: int
+    meta_writes: int
+    clears: int
+
+    @property
+    def recovered(self) -> bool:
+        return bool(self.flags & abi.TrackFlag.RECOVERED)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.flags & abi.TrackFlag.FAILED)
+
+
 @dataclass(slots=True)
 class Batch:
     """Records at ring positions [start, end): their descriptors and their data, as views of the mapping."""
@@ -247,7 +268,7 @@ class RingConsumer:
         return int(self._ctl.tail)
 
     def state(self) -> abi.State:
-        return abi.State(int(self._ctl.state) & 0x7)
+        return abi.State(int(self._ctl.state) & 0xF)
 
     def next_seq(self) -> int:
         """The sequence number the producer will give its next record."""
@@ -425,6 +446,48 @@ class RingConsumer:
             fcntl.flock(self._dirty_fd, fcntl.LOCK_UN)
         nr_dirty = int.from_bytes(bitmap, "little").bit_count()
         return DirtyMap(bitmap, region_bytes, ring_head, nseq, nr_dirty, state)
+
+    # -- persistent change tracking ----------------------------------------------------------------------------
+
+    def tracking(self) -> Tracking | None:
+        """The target's persistent change tracking (BDR_IOC_TRACK_INFO); None without a meta_device (or on a
+        ring file)."""
+        if not self.is_chardev:
+            return None
+        t = abi.Track()
+        try:
+            fcntl.ioctl(self._fd, abi.BDR_IOC_TRACK_INFO, t, True)
+        except OSError as exc:
+            if exc.errno == errno.ENOTTY:  # a module without change tracking
+                return None
+            raise RingError(f"{self.path}: BDR_IOC_TRACK_INFO failed: {exc.strerror}") from exc
+        flags = abi.TrackFlag(t.flags)
+        if not flags & abi.TrackFlag.ENABLED:
+            return None
+        return Tracking(
+            flags,
+            bytes(t.clear_ring),
+            t.clear_pos,
+            t.loaded_regions,
+            t.marked_regions,
+            t.meta_writes,
+            t.clears,
+        )
+
+    def clear_tracking(self, pos: int, ring_id: bytes) -> bool:
+        """BDR_IOC_TRACK_CLEAR: the replica durably holds every record before ``pos`` and every region of
+        every bitmap taken; ``ring_id`` (the client's name of this ring) is kept with ``pos``.  False if the
+        kernel saw a write in flight or a record after ``pos`` (try later)."""
+        c = abi.TrackClear()
+        c.pos = pos
+        c.ring[:] = ring_id
+        try:
+            fcntl.ioctl(self._fd, abi.BDR_IOC_TRACK_CLEAR, c, True)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                return False
+            raise RingError(f"{self.path}: BDR_IOC_TRACK_CLEAR failed: {exc.strerror}") from exc
+        return True
 
     def close(self) -> None:
         if self._fd < 0:

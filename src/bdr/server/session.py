@@ -244,6 +244,8 @@ class ServerSession:
             flags &= ~p.WelcomeFlag.SEQ_VALID  # no resume point: the client resyncs
         if self.gen_start:
             flags |= p.WelcomeFlag.AT_GENERATION_START
+        if self._trackable(jh):
+            flags |= p.WelcomeFlag.TRACKABLE
         durable = self.applier.durable
         log.info(
             "client %s: source %s size %d, replica %s, durable seq %s%s",
@@ -325,6 +327,17 @@ class ServerSession:
                 self.journal.store(replica_state.generations_adopted(jh, h.generations))
         else:
             log.info("client %s: %s", self.peer, d.text)
+
+    def _trackable(self, jh: replica_state.Header) -> bool:
+        """A resync of only the regions the client's source tracked can bring this replica up to date: it is a
+        consistent copy of that source device, and the generations say nothing else wrote it since."""
+        d = self.generational.decision
+        return (
+            not self.discarding
+            and d is not None
+            and d.verdict in (Verdict.SAME, Verdict.REPLICA_BEHIND)
+            and replica_state.trackable(jh, self._source())
+        )
 
     # -- the staged resync ---------------------------------------------------------------------------------------
 
@@ -455,8 +468,19 @@ class ServerSession:
                 "refusing to turn it into a copy of this source; to replace it on purpose, start bdr_client "
                 "with --full-scan or --full-replication",
             )
+        tracked = bool(b.flags & p.ScanFlag.TRACKED)
+        if tracked and (whole or b.mode is not p.ScanMode.HASH or b.flags & p.ScanFlag.DIRECT):
+            raise p.RemoteProtocolError(
+                p.ErrorCode.BAD_FIELD, "SCAN_BEGIN TRACKED is a journal hash scan of some regions"
+            )
+        if tracked and not self._trackable(jh):
+            raise Refusal(
+                p.ErrorCode.IDENTITY_MISMATCH,
+                "a resync of the regions the source tracked needs a consistent replica of that source that "
+                "nothing else wrote since; scan the whole device",
+            )
         interrupted = replica_state.resync_interrupted(self.journal.header) and not self.resync_owned
-        if not whole and (not self.ids_match or interrupted):
+        if not whole and not tracked and (not self.ids_match or interrupted):
             raise Refusal(
                 p.ErrorCode.IDENTITY_MISMATCH,
                 "a partial scan needs a replica of the same source with no interrupted resync; scan the whole device",
@@ -487,7 +511,7 @@ class ServerSession:
             "scan %d started (%s, %s, %d-byte blocks, %s)",
             b.scan_id,
             b.mode.name.lower(),
-            "whole device" if whole else "dirty regions",
+            "whole device" if whole else "tracked regions" if tracked else "dirty regions",
             b.block_size,
             "staged in the journal" if journaled else "direct",
         )

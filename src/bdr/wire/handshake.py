@@ -227,6 +227,10 @@ class WelcomeFlag(enum.IntFlag):
     # the replica holds the client's source as it was when the source's current generation began (a switchover
     # after a stop in sync): streaming every write of the generation brings it up to date, no scan needed
     AT_GENERATION_START = 1 << 5
+    # the replica is a consistent copy of the client's source device as of durable_seq of ring_id, and the
+    # generations say nothing else wrote it since: a resync of only the regions the source's persistent change
+    # tracking marked since a point at or before that one brings it up to date (SCAN_BEGIN TRACKED)
+    TRACKABLE = 1 << 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +285,7 @@ class Welcome:
             raise _fail(
                 ErrorCode.BAD_VERSION, f"server speaks protocol {version}, we speak {PROTOCOL_VERSION}"
             )
-        if wflags & ~0x3F:
+        if wflags & ~0x7F:
             raise _fail(ErrorCode.BAD_FIELD, f"WELCOME flags {wflags:#x} has unknown bits")
         _check_block_size("WELCOME", block_size)
         return cls(

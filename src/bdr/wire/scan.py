@@ -31,6 +31,9 @@ class ScanFlag(enum.IntFlag):
     NONE = 0
     WHOLE_DEVICE = 1 << 0  # the scan covers the whole device (required when the source identity changes)
     DIRECT = 1 << 1  # write the replica directly (--full-scan), not staged in the server's journal
+    # the extents are every region the source's persistent change tracking marked since a point the replica
+    # holds (WELCOME TRACKABLE): a partial scan that may adopt a new capture ring
+    TRACKED = 1 << 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +63,7 @@ class ScanBegin:
         scan_id, mode, sflags, r1, block_size, r2 = cls._S.unpack(p)
         if mode not in (1, 2):
             raise _fail(ErrorCode.BAD_FIELD, f"SCAN_BEGIN mode {mode} unknown")
-        if sflags & ~3:
+        if sflags & ~7:
             raise _fail(ErrorCode.BAD_FIELD, f"SCAN_BEGIN flags {sflags:#x} has unknown bits")
         _check_zero("SCAN_BEGIN", "reserved", r1 | r2)
         if (
