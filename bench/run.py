@@ -19,6 +19,7 @@ BENCHES = [
     "stream",  # ring -> bdr_client -> TCP -> bdr_server -> replica file, vs plain loopback TCP (host)
     "tls",  # the same stream with mutual TLS + shared secret, vs plaintext in the same run (host)
     "vm_resync",  # start-up resync of a 64 MiB device with 1 % changed, in the VM, vs streaming the same blocks
+    "failback",  # failback resync in the VM: bytes sent vs bytes of the blocks that differ
     "history",  # streaming with the point-in-time history on vs off; restore of a 1 GiB device vs a plain copy
     "oneshot",  # one-shot sync of a 2 GiB image (1 % of pages changed) vs rsync --inplace --no-whole-file (host)
 ]

@@ -158,3 +158,16 @@ def test_setup_table_lines() -> None:
     assert tracked.table(2048) == "0 2048 bdr /dev/vdb bdr_rep 1000 2 meta_device /dev/vdc"
     both = SetupPlan("/dev/vdb", "rep", "bdr_rep", 1000, 256, "/dev/vdc")
     assert both.table(2048) == "0 2048 bdr /dev/vdb bdr_rep 1000 4 region_sectors 256 meta_device /dev/vdc"
+
+
+def test_promote_puts_the_device_behind_a_target_with_a_new_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bdr.cli import app, roles
+
+    got: list[SetupPlan | None] = []
+    monkeypatch.setattr(roles, "do_promote", lambda j, r, m, f, plan: got.append(plan) or 0)
+    base = ["promote", "--journal", "/j", "--target-device", "/dev/vdb", "--metadata", "/m"]
+    assert app.main([*base, "--name", "rep", "--chardev", "bdr_rep", "--meta-device", "/dev/vdc"]) == 0
+    plan = got[-1]
+    assert plan is not None and plan.meta_device == "/dev/vdc" and plan.new_meta
+    assert plan.table(8) == "0 8 bdr /dev/vdb bdr_rep 16256 2 meta_device /dev/vdc"
+    assert app.main([*base, "--meta-device", "/dev/vdc"]) != 0  # a record needs the target

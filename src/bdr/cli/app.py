@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--chardev", help="the target's control device /dev/CHARDEV (with --name)")
     pr.add_argument("--buffer", default="64M", help="the target's ring size (with --name; default 64M)")
+    pr.add_argument(
+        "--meta-device",
+        metavar="DEV",
+        help="the target's persistent change tracking (with --name; as bdr setup --meta-device); its header "
+        "is zeroed first: the record starts with the new generation",
+    )
     de = sub.add_parser(
         "demote",
         help="make a source a replica (bdr_client stopped)",
@@ -223,8 +229,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "promote":
             if bool(args.name) != bool(args.chardev):
                 raise SetupError("--name and --chardev go together")
+            if args.meta_device and not args.name:
+                raise SetupError("--meta-device needs --name and --chardev")
             new_target = (
-                SetupPlan(args.target_device, args.name, args.chardev, parse_buffer(args.buffer))
+                SetupPlan(
+                    args.target_device,
+                    args.name,
+                    args.chardev,
+                    parse_buffer(args.buffer),
+                    meta_device=args.meta_device,
+                    new_meta=bool(args.meta_device),
+                )
                 if args.name
                 else None
             )
