@@ -78,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         # A replicates to B
         g.run(f"{BIN}/bdr setup --device {a} --name repa --chardev bdr_a --buffer 32M")
         g.run(
-            f"nohup {BIN}/bdr_server --port {PORT_B} --target-device {b} --journal {jb} --verbose"
+            f"nohup {BIN}/bdr_server --address 127.0.0.1 --port {PORT_B} --target-device {b} --journal {jb} --verbose"
             " > /tmp/b-server.log 2>&1 &"
         )
         wait_log(g, "/tmp/b-server.log", "listening")
         g.run(
-            f"nohup {BIN}/bdr_client --control-device /dev/bdr_a --source-device /dev/mapper/repa --port {PORT_B}"
+            f"nohup {BIN}/bdr_client --control-device /dev/bdr_a --source-device /dev/mapper/repa --address 127.0.0.1 --port {PORT_B}"
             " --metadata /tmp/a.meta --verbose > /tmp/a-client.log 2>&1 &"
         )
         g.run(f"dd if=/dev/urandom of=/dev/mapper/repa bs=1M count={DEVICE // MiB} oflag=direct status=none")
@@ -102,13 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         differ = int(g.run(f"{BIN}/python /tmp/diff.py {a} {b}").output.split()[-1]) * BLOCK
         # failback: A is served, B resyncs it
         g.run(
-            f"nohup {BIN}/bdr_server --port {PORT_A} --target-device {a} --journal {ja} --verbose"
+            f"nohup {BIN}/bdr_server --address 127.0.0.1 --port {PORT_A} --target-device {a} --journal {ja} --verbose"
             " > /tmp/a-server.log 2>&1 &"
         )
         wait_log(g, "/tmp/a-server.log", "listening")
         t0 = time.monotonic()
         g.run(
-            f"nohup {BIN}/bdr_client --control-device /dev/bdr_b --source-device /dev/mapper/repb --port {PORT_A}"
+            f"nohup {BIN}/bdr_client --control-device /dev/bdr_b --source-device /dev/mapper/repb --address 127.0.0.1 --port {PORT_A}"
             " --metadata /tmp/b.meta --verbose > /tmp/b-client.log 2>&1 &"
         )
         wait_log(g, "/tmp/b-client.log", "scan [0-9]+ done in")
