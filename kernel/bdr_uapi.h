@@ -207,8 +207,9 @@ struct bdr_dirty {
  *    of all its regions are on the meta_device (written with FUA): after a
  *    crash, every region that may differ from the replica is marked.
  *  - Bits are cleared only by BDR_IOC_TRACK_CLEAR, which the client calls
- *    when the replica holds every write up to a ring position; the zeros
- *    are written lazily, after the header that names that position.
+ *    when the replica holds every write up to a ring position; <device> is
+ *    flushed, then the header that names that position is written, then
+ *    the zeros (lazily, by the worker that writes the marks).
  *  - A new ring whose meta_device holds a valid area loads its bits into
  *    the dirty bitmap and starts in BDR_STATE_RECOVERED (and
  *    BDR_STATE_DIRTY if any bit is set).  A zeroed block 0 is formatted
@@ -227,9 +228,9 @@ struct bdr_meta_header {
 	__le32 region_sectors;
 	__le32 reserved0;
 	__le64 nr_regions;
-	__u8 clear_ring[16];		/* the client's name of the ring and the */
-	__le64 clear_pos;		/* position of the last clear (zeros: none) */
-	__le64 reserved1;
+	__u8 clear_ring[16];		/* the client's name of the ring, the */
+	__le64 clear_pos;		/* position and the client's generation */
+	__le64 clear_generation;	/* of the last clear (zeros: none) */
 	__le32 reserved2;
 	__le32 crc;			/* crc32_le(~0, bytes 0..67) */
 };
@@ -244,25 +245,26 @@ struct bdr_track {
 	__u64 flags;
 	__u8 clear_ring[16];		/* the last clear as loaded, or as */
 	__u64 clear_pos;		/* set since by BDR_IOC_TRACK_CLEAR */
+	__u64 clear_generation;
 	__u64 loaded_regions;		/* bits set when the area was loaded */
 	__u64 marked_regions;		/* bits set now */
 	__u64 meta_writes;		/* metadata blocks written */
 	__u64 clears;			/* BDR_IOC_TRACK_CLEAR calls that cleared */
-	__u64 reserved;
 };
 
 /*
  * BDR_IOC_TRACK_CLEAR: the replica durably holds every record before ring
  * position pos and every region of every bitmap taken so far; clear every
- * tracking bit (nothing is written if none is set and ring is unchanged).  Refused with EBUSY unless head == pos, no write is in
+ * tracking bit (nothing is written if none is set and ring and generation
+ * are unchanged).  Refused with EBUSY unless head == pos, no write is in
  * flight and the ring is neither overflowing nor dirty.  Requires the
  * chardev open for writing (EBADF); EOPNOTSUPP without a meta_device; EIO
  * once tracking failed.
  */
 struct bdr_track_clear {
 	__u64 pos;
-	__u8 ring[16];			/* the client's name of this ring, kept in
-					 * the header as clear_ring */
+	__u8 ring[16];			/* the client's name of this ring and */
+	__u64 generation;		/* its generation, kept in the header */
 };
 
 #define BDR_IOC_MAGIC		0xBD

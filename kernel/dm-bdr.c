@@ -109,10 +109,13 @@ struct bdr_ring;
 /* Persistent change tracking of a ring: its meta_device and marks. */
 struct bdr_meta {
 	struct bdr_ring *ring;
-	struct block_device *bdev;	/* of the tables' meta_device; NULL once the last table is gone */
+	struct block_device *bdev;	/* of the tables' meta_device */
+	struct block_device *data;	/* the tables' <device>: flushed before a clear is written */
 	dev_t devt;
 	u32 nr_blocks;			/* bitmap blocks, after the header block */
 	struct page *page;		/* one block of I/O, the worker's */
+	struct bio bio;			/* the worker's, not from a shared bio_set: */
+	struct bio_vec bvec;		/* writes wait for it under memory pressure */
 	struct work_struct work;
 
 	spinlock_t lock;		/* all below; taken before ring->lock */
@@ -122,10 +125,11 @@ struct bdr_meta {
 	bool header_dirty;
 	u8 clear_ring[16];		/* the last clear (as in the header) */
 	u64 clear_pos;
+	u64 clear_generation;
 	u64 writes;			/* tracked writes from map to end_io */
 	struct list_head waiting;	/* bdr_io waiting for their marks */
-	u64 gen_next;			/* the metadata write that starts next */
 	int error;			/* a metadata write failed: writes fail */
+	bool dying;			/* the last table is going: no more work */
 	bool recovered;
 	u64 loaded, meta_writes, clears;
 };
@@ -207,7 +211,6 @@ struct bdr_io {
 	bool tracked;			/* on inflight or waiting */
 	bool copied;			/* the deferred copy is done */
 	bool meta_counted;		/* counted in meta->writes */
-	u64 meta_gen;			/* waits for this metadata write */
 };
 
 static DEFINE_MUTEX(bdr_lock);		/* bdr_rings, ring->targets */
@@ -464,12 +467,14 @@ struct bdr_geometry {
 	dev_t lower;
 	struct mapped_device *md;
 	struct block_device *meta_bdev;	/* NULL: no change tracking */
+	struct block_device *lower_bdev;
 };
 
 static void bdr_meta_free(struct bdr_meta *m)
 {
 	if (!m)
 		return;
+	cancel_work_sync(&m->work);
 	if (m->page)
 		__free_page(m->page);
 	kvfree(m->bits);
@@ -490,14 +495,13 @@ static void bdr_ring_free_mem(struct bdr_ring *r)
 /* Read or write metadata block nr (0: the header) through m->page. */
 static int bdr_meta_io(struct bdr_meta *m, u32 nr, blk_opf_t opf)
 {
-	struct bio *bio;
 	int ret;
 
-	bio = bio_alloc(m->bdev, 1, opf, GFP_NOIO);
-	bio->bi_iter.bi_sector = (sector_t)nr * BDR_META_SECTORS;
-	__bio_add_page(bio, m->page, BDR_META_BLOCK, 0);
-	ret = submit_bio_wait(bio);
-	bio_put(bio);
+	bio_init(&m->bio, m->bdev, &m->bvec, 1, opf);
+	m->bio.bi_iter.bi_sector = (sector_t)nr * BDR_META_SECTORS;
+	__bio_add_page(&m->bio, m->page, BDR_META_BLOCK, 0);
+	ret = submit_bio_wait(&m->bio);
+	bio_uninit(&m->bio);
 	return ret;
 }
 
@@ -508,7 +512,7 @@ static int bdr_meta_write(struct bdr_meta *m, u32 nr)
 }
 
 /* Write the header naming the last clear. */
-static int bdr_meta_write_header(struct bdr_meta *m, const u8 *ring, u64 pos)
+static int bdr_meta_write_header(struct bdr_meta *m, const u8 *ring, u64 pos, u64 generation)
 {
 	struct bdr_ring *r = m->ring;
 	struct bdr_meta_header *h = page_address(m->page);
@@ -521,6 +525,7 @@ static int bdr_meta_write_header(struct bdr_meta *m, const u8 *ring, u64 pos)
 	h->nr_regions = cpu_to_le64(r->nr_regions);
 	memcpy(h->clear_ring, ring, sizeof(h->clear_ring));
 	h->clear_pos = cpu_to_le64(pos);
+	h->clear_generation = cpu_to_le64(generation);
 	h->crc = cpu_to_le32(crc32_le(~0U, (const u8 *)h, BDR_META_CRC_BYTES));
 	return bdr_meta_write(m, 0);
 }
@@ -538,7 +543,8 @@ static void bdr_meta_copy_block(struct bdr_meta *m, u32 nr)
  */
 static void bdr_meta_work(struct work_struct *work);
 
-static int bdr_meta_load(struct bdr_ring *r, struct block_device *bdev, char **error)
+static int bdr_meta_load(struct bdr_ring *r, struct block_device *bdev, struct block_device *data,
+			 char **error)
 {
 	const struct bdr_meta_header *h;
 	struct bdr_meta *m;
@@ -557,6 +563,7 @@ static int bdr_meta_load(struct bdr_ring *r, struct block_device *bdev, char **e
 	r->meta = m;		/* freed with the ring */
 	m->ring = r;
 	m->bdev = bdev;
+	m->data = data;
 	m->devt = bdev->bd_dev;
 	m->nr_blocks = DIV_ROUND_UP(r->bitmap_bytes, BDR_META_BLOCK);
 	total_bits = m->nr_blocks * BDR_META_BITS;
@@ -589,7 +596,7 @@ static int bdr_meta_load(struct bdr_ring *r, struct block_device *bdev, char **e
 			if (ret)
 				goto write_failed;
 		}
-		ret = bdr_meta_write_header(m, m->clear_ring, 0);
+		ret = bdr_meta_write_header(m, m->clear_ring, 0, 0);
 		if (ret)
 			goto write_failed;
 		DMINFO("%s: meta_device formatted: %u regions tracked", r->name, r->nr_regions);
@@ -611,6 +618,7 @@ static int bdr_meta_load(struct bdr_ring *r, struct block_device *bdev, char **e
 	}
 	memcpy(m->clear_ring, h->clear_ring, sizeof(m->clear_ring));
 	m->clear_pos = le64_to_cpu(h->clear_pos);
+	m->clear_generation = le64_to_cpu(h->clear_generation);
 	for (i = 0; i < m->nr_blocks; i++) {
 		ret = bdr_meta_io(m, 1 + i, REQ_OP_READ | REQ_META | REQ_PRIO);
 		if (ret) {
@@ -702,7 +710,7 @@ static struct bdr_ring *bdr_ring_alloc(const struct bdr_geometry *geo, char **er
 	r->ctl->mmap_size = r->mem_size;
 	r->ctl->instance = r->instance;
 	if (geo->meta_bdev) {
-		ret = bdr_meta_load(r, geo->meta_bdev, error);
+		ret = bdr_meta_load(r, geo->meta_bdev, geo->lower_bdev, error);
 		if (ret)
 			goto free_mem;
 	}
@@ -783,17 +791,36 @@ static bool bdr_dev_name_taken(const char *name)
 	return true;
 }
 
+/* Another live ring keeps its marks on this meta device.  Under bdr_lock. */
+static bool bdr_meta_taken(const struct bdr_geometry *geo)
+{
+	struct bdr_ring *r;
+
+	if (!geo->meta_bdev)
+		return false;
+	list_for_each_entry(r, &bdr_rings, node)
+		if (r->meta && r->meta->devt == geo->meta_bdev->bd_dev && r->md != geo->md)
+			return true;
+	return false;
+}
+
 /* Find the ring of a reloaded table, or create and register a new one. */
 static struct bdr_ring *bdr_ring_get(const struct bdr_geometry *geo, char **error)
 {
 	struct bdr_ring *r, *fresh;
+	bool taken;
 	int ret;
 
 	mutex_lock(&bdr_lock);
 	r = bdr_ring_find(geo, error);
+	taken = !r && bdr_meta_taken(geo);
 	mutex_unlock(&bdr_lock);
 	if (r)
 		return r;
+	if (taken) {
+		*error = "meta_device is in use by another bdr target";
+		return ERR_PTR(-EBUSY);
+	}
 
 	if (bdr_dev_name_taken(geo->name)) {
 		*error = "Invalid chardev_name: /dev/<chardev_name> already exists";
@@ -809,6 +836,12 @@ static struct bdr_ring *bdr_ring_get(const struct bdr_geometry *geo, char **erro
 		mutex_unlock(&bdr_lock);
 		put_device(&fresh->dev);
 		return r;
+	}
+	if (bdr_meta_taken(geo)) {
+		mutex_unlock(&bdr_lock);
+		put_device(&fresh->dev);
+		*error = "meta_device is in use by another bdr target";
+		return ERR_PTR(-EBUSY);
 	}
 	cdev_init(&fresh->cdev, &bdr_fops);
 	fresh->cdev.owner = THIS_MODULE;
@@ -839,11 +872,16 @@ static void bdr_ring_put_target(struct bdr_ring *r)
 		spin_unlock_irqrestore(&r->lock, irqflags);
 		wake_up_all(&r->wq);
 		if (r->meta) {
-			/* Finish the metadata writes due; the device is released after us. */
+			/*
+			 * Finish the metadata writes due; the devices are released
+			 * after us.  Nothing queues work once dying is set, and the
+			 * worker stops at its next pass.
+			 */
 			flush_work(&r->meta->work);
 			spin_lock_irqsave(&r->meta->lock, irqflags);
-			r->meta->bdev = NULL;
+			r->meta->dying = true;
 			spin_unlock_irqrestore(&r->meta->lock, irqflags);
+			flush_work(&r->meta->work);
 		}
 		cdev_device_del(&r->cdev, &r->dev);
 		r->registered = false;
@@ -1030,6 +1068,7 @@ static long bdr_ioctl_track_info(struct bdr_ring *r, void __user *arg)
 			  (m->error ? BDR_TRACK_FAILED : 0);
 		memcpy(t.clear_ring, m->clear_ring, sizeof(t.clear_ring));
 		t.clear_pos = m->clear_pos;
+		t.clear_generation = m->clear_generation;
 		t.loaded_regions = m->loaded;
 		t.meta_writes = m->meta_writes;
 		t.clears = m->clears;
@@ -1051,7 +1090,7 @@ static long bdr_ioctl_track_clear(struct bdr_ring *r, struct file *file, void __
 	struct bdr_meta *m = r->meta;
 	struct bdr_track_clear c;
 	unsigned long irqflags;
-	bool empty, write = false;
+	bool empty;
 	long ret = 0;
 	u32 nr;
 
@@ -1064,7 +1103,7 @@ static long bdr_ioctl_track_clear(struct bdr_ring *r, struct file *file, void __
 
 	spin_lock_irqsave(&m->lock, irqflags);
 	spin_lock(&r->lock);
-	if (r->dead)
+	if (r->dead || m->dying)
 		ret = -ENODEV;
 	else if (m->error)
 		ret = -EIO;
@@ -1075,7 +1114,8 @@ static long bdr_ioctl_track_clear(struct bdr_ring *r, struct file *file, void __
 	if (!ret) {
 		empty = bitmap_empty(m->bits, m->nr_blocks * BDR_META_BITS);
 		/* Nothing marked since a clear of this ring: the older point still holds. */
-		if (!empty || memcmp(m->clear_ring, c.ring, sizeof(c.ring))) {
+		if (!empty || memcmp(m->clear_ring, c.ring, sizeof(c.ring)) ||
+		    m->clear_generation != c.generation) {
 			for (nr = 0; nr < m->nr_blocks; nr++)
 				if (bdr_block_marked(m, nr))
 					__set_bit(nr, m->dirty_blocks);
@@ -1083,14 +1123,14 @@ static long bdr_ioctl_track_clear(struct bdr_ring *r, struct file *file, void __
 			bitmap_zero(m->durable, m->nr_blocks * BDR_META_BITS);
 			memcpy(m->clear_ring, c.ring, sizeof(m->clear_ring));
 			m->clear_pos = c.pos;
+			m->clear_generation = c.generation;
 			m->header_dirty = true;
 			m->clears++;
-			write = true;
+			/* Under the lock: once the last table is dying, nothing is queued. */
+			queue_work(bdr_meta_wq, &m->work);
 		}
 	}
 	spin_unlock_irqrestore(&m->lock, irqflags);
-	if (write)
-		queue_work(bdr_meta_wq, &m->work);
 	return ret;
 }
 
@@ -1247,13 +1287,11 @@ static enum bdr_meta_verdict bdr_meta_map(struct bdr_meta *m, struct bdr_io *io)
 		bitmap_set(m->bits, first, last - first + 1);
 		for (b = first / BDR_META_BITS; b <= last / BDR_META_BITS; b++)
 			__set_bit(b, m->dirty_blocks);
-		io->meta_gen = m->gen_next;
 		list_add_tail(&io->list, &m->waiting);
+		queue_work(bdr_meta_wq, &m->work);
 		v = BDR_META_WAIT;
 	}
 	spin_unlock_irqrestore(&m->lock, irqflags);
-	if (v == BDR_META_WAIT)
-		queue_work(bdr_meta_wq, &m->work);
 	return v;
 }
 
@@ -1267,6 +1305,8 @@ static void bdr_meta_end(struct bdr_meta *m)
 	spin_unlock_irqrestore(&m->lock, irqflags);
 }
 
+#define BDR_META_RESTART	1	/* a clear came: its header goes first */
+
 /* Write bitmap block nr from m->bits; then its marks are durable. */
 static int bdr_meta_write_block(struct bdr_meta *m, u32 nr)
 {
@@ -1277,6 +1317,10 @@ static int bdr_meta_write_block(struct bdr_meta *m, u32 nr)
 	int ret;
 
 	spin_lock_irqsave(&m->lock, irqflags);
+	if (m->header_dirty) {
+		spin_unlock_irqrestore(&m->lock, irqflags);
+		return BDR_META_RESTART;
+	}
 	__clear_bit(nr, m->dirty_blocks);
 	bdr_meta_copy_block(m, nr);
 	spin_unlock_irqrestore(&m->lock, irqflags);
@@ -1299,19 +1343,20 @@ static int bdr_meta_write_block(struct bdr_meta *m, u32 nr)
 static void bdr_meta_work(struct work_struct *work)
 {
 	struct bdr_meta *m = container_of(work, struct bdr_meta, work);
+	struct bdr_ring *r = m->ring;
 	struct bdr_io *io, *tmp;
 	unsigned long irqflags;
+	u32 nr, first, last;
 	LIST_HEAD(go);
-	u8 ci[16];
-	u64 gen, cp;
+	u64 cp, cg;
 	bool header;
-	u32 nr;
+	u8 ci[16];
 	int ret;
 
 	for (;;) {
 		ret = 0;
 		spin_lock_irqsave(&m->lock, irqflags);
-		if (m->error || !m->bdev) {
+		if (m->error || m->dying) {
 			list_splice_init(&m->waiting, &go);
 			spin_unlock_irqrestore(&m->lock, irqflags);
 			break;
@@ -1320,18 +1365,27 @@ static void bdr_meta_work(struct work_struct *work)
 		m->header_dirty = false;
 		memcpy(ci, m->clear_ring, sizeof(ci));
 		cp = m->clear_pos;
+		cg = m->clear_generation;
 		if (!header && bitmap_empty(m->dirty_blocks, m->nr_blocks)) {
 			spin_unlock_irqrestore(&m->lock, irqflags);
 			return;
 		}
-		gen = m->gen_next++;
 		spin_unlock_irqrestore(&m->lock, irqflags);
 
+		/*
+		 * A clear: the writes it covers completed, perhaps only into
+		 * <device>'s volatile cache; they must be on the disk before
+		 * their marks go.
+		 */
 		if (header)
-			ret = bdr_meta_write_header(m, ci, cp);
+			ret = blkdev_issue_flush(m->data);
+		if (header && !ret)
+			ret = bdr_meta_write_header(m, ci, cp, cg);
 		for (nr = 0; !ret && nr < m->nr_blocks; nr++)
 			if (test_bit(nr, m->dirty_blocks))
 				ret = bdr_meta_write_block(m, nr);
+		if (ret == BDR_META_RESTART)
+			ret = 0;
 
 		spin_lock_irqsave(&m->lock, irqflags);
 		if (ret) {
@@ -1342,8 +1396,10 @@ static void bdr_meta_work(struct work_struct *work)
 			      m->ring->name, ret);
 			break;
 		}
+		/* Whatever waits for marks that are durable now goes on. */
 		list_for_each_entry_safe(io, tmp, &m->waiting, list)
-			if ((s64)(io->meta_gen - gen) <= 0)
+			if (!bdr_io_regions(r, io, &first, &last) ||
+			    find_next_zero_bit(m->durable, last + 1, first) > last)
 				list_move_tail(&io->list, &go);
 		spin_unlock_irqrestore(&m->lock, irqflags);
 
@@ -1532,6 +1588,7 @@ static int bdr_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 		goto free_bc;
 	}
 	geo.lower = bc->dev->bdev->bd_dev;
+	geo.lower_bdev = bc->dev->bdev;
 	if (meta) {
 		ret = dm_get_device(ti, meta, dm_table_get_mode(ti->table), &bc->meta_dev);
 		if (ret) {

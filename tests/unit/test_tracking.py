@@ -15,11 +15,13 @@ from bdr.client import tracking
 from bdr.generations import Generations
 from bdr.journal import Journal
 from bdr.kernel import abi
+from bdr.kernel.layout import RingError
 from bdr.kernel.ring import Tracking
 from bdr.server import ServerSession, SessionClosed
 
 SRC, R1, R2 = b"s" * 16, b"1" * 16, b"2" * 16
 G = Generations.first()
+GENS = {G.current, G.successor(4).current}  # the source's own: the current one and the one a restart ended
 
 
 def hello(ring: bytes, gens: Generations | None, src: bytes = SRC) -> p.Hello:
@@ -88,38 +90,46 @@ def welcome(flags: p.WelcomeFlag, ring: bytes = R1, durable: int = 4) -> p.Welco
 
 
 def marks(
-    flags: abi.TrackFlag = abi.TrackFlag.ENABLED | abi.TrackFlag.RECOVERED, ring: bytes = R1, pos: int = 5
+    flags: abi.TrackFlag = abi.TrackFlag.ENABLED | abi.TrackFlag.RECOVERED,
+    ring: bytes = R1,
+    pos: int = 5,
+    gen: int = G.current,
 ) -> Tracking:
-    return Tracking(flags, ring, pos, 3, 3, 10, 1)
+    return Tracking(flags, ring, pos, gen, 3, 3, 10, 1)
 
 
 def test_when_the_client_uses_the_marks() -> None:
     ok = p.WelcomeFlag.TRACKABLE | p.WelcomeFlag.SEQ_VALID | p.WelcomeFlag.CONSISTENT
-    assert tracking.refusal(welcome(ok), marks(), R2) is None
-    assert tracking.refusal(welcome(ok, durable=9), marks(pos=5), R2) is None
-    assert tracking.refusal(welcome(ok), marks(pos=0), R2) is None
-    assert "new" in str(tracking.refusal(welcome(ok), marks(abi.TrackFlag.ENABLED), R2))
+    assert tracking.refusal(welcome(ok), marks(), GENS) is None
+    assert tracking.refusal(welcome(ok, durable=9), marks(pos=5), GENS) is None
+    assert tracking.refusal(welcome(ok), marks(pos=0), GENS) is None
+    assert "new" in str(tracking.refusal(welcome(ok), marks(abi.TrackFlag.ENABLED), GENS))
     failed = abi.TrackFlag.ENABLED | abi.TrackFlag.RECOVERED | abi.TrackFlag.FAILED
-    assert "failed" in str(tracking.refusal(welcome(ok), marks(failed), R2))
-    assert "--metadata" in str(tracking.refusal(welcome(ok & ~p.WelcomeFlag.TRACKABLE), marks(), R2))
+    assert "failed" in str(tracking.refusal(welcome(ok), marks(failed), GENS))
+    assert "--metadata" in str(tracking.refusal(welcome(ok & ~p.WelcomeFlag.TRACKABLE), marks(), GENS))
     # the marks count from a clear in another ring, or from a point the replica has not reached
-    assert "another capture ring" in str(tracking.refusal(welcome(ok, ring=R2), marks(ring=R1), R2))
+    assert "another capture ring" in str(tracking.refusal(welcome(ok, ring=R2), marks(ring=R1), GENS))
     assert "another capture ring" in str(
-        tracking.refusal(welcome(ok, ring=bytes(16)), marks(ring=bytes(16)), R2)
+        tracking.refusal(welcome(ok, ring=bytes(16)), marks(ring=bytes(16)), GENS)
     )
-    assert "before the last clear" in str(tracking.refusal(welcome(ok, durable=3), marks(pos=5), R2))
+    assert "before the last clear" in str(tracking.refusal(welcome(ok, durable=3), marks(pos=5), GENS))
+    # cleared in a generation this source did not continue (it was a replica, or promoted, since)
+    other = Generations.first().current
+    assert "last cleared in generation" in str(tracking.refusal(welcome(ok), marks(gen=other), GENS))
 
 
 class FakeRing:
-    def __init__(self, busy: bool = False) -> None:
+    def __init__(self, busy: bool | None = False) -> None:
         self.cleared: list[tuple[int, bytes]] = []
         self.busy = busy
 
     def tracking(self) -> Tracking:
         return marks()
 
-    def clear_tracking(self, pos: int, ring_id: bytes) -> bool:
-        self.cleared.append((pos, ring_id))
+    def clear_tracking(self, pos: int, ring_id: bytes, generation: int) -> bool:
+        if self.busy is None:
+            raise RingError("/dev/bdr_x: BDR_IOC_TRACK_CLEAR failed: Input/output error")
+        self.cleared.append((pos, generation))
         return not self.busy
 
 
@@ -130,21 +140,26 @@ def test_the_client_clears_the_marks_when_in_sync_at_most_every_few_seconds(
     monkeypatch.setattr(tracking.time, "monotonic", lambda: now[0])
     ring = FakeRing()
     c = tracking.Clearer(ring, R2)  # type: ignore[arg-type]
-    c.in_sync(7)
-    c.in_sync(7)  # nothing new since
+    c.in_sync(7, 1)
+    c.in_sync(7, 1)  # nothing new since
     now[0] += 1
-    c.in_sync(9)  # too soon
-    assert ring.cleared == [(7, R2)]
+    c.in_sync(9, 1)  # too soon
+    assert ring.cleared == [(7, 1)]
     now[0] += tracking.CLEAR_EVERY
-    c.in_sync(9)
-    c.in_sync(12, force=True)  # a stop in sync clears at once
-    assert ring.cleared == [(7, R2), (9, R2), (12, R2)]
+    c.in_sync(9, 1)
+    c.in_sync(12, 1, force=True)  # a stop in sync clears at once
+    c.in_sync(12, 2, force=True)  # a new generation: the clear names it
+    assert ring.cleared == [(7, 1), (9, 1), (12, 1), (12, 2)]
     busy = FakeRing(busy=True)
     c = tracking.Clearer(busy, R2)  # type: ignore[arg-type]
-    c.in_sync(3)
+    c.in_sync(3, 1)
     now[0] += tracking.CLEAR_EVERY
-    c.in_sync(3)  # refused (a write was in flight): tried again
-    assert busy.cleared == [(3, R2), (3, R2)]
+    c.in_sync(3, 1)  # refused (a write was in flight): tried again
+    assert busy.cleared == [(3, 1), (3, 1)]
+    failing = FakeRing(busy=None)  # the meta device failed: tracking is off, the client goes on
+    c = tracking.Clearer(failing, R2)  # type: ignore[arg-type]
+    c.in_sync(3, 1)
+    assert not c.enabled
 
 
 def test_setup_table_lines() -> None:

@@ -33,7 +33,7 @@ from . import startup, tracking, transport
 from . import status as client_status
 from .errors import EXIT_OK, EXIT_REFUSED, EXIT_SOURCE, EXIT_USAGE, ClientError, SourceError, Stopping
 from .identity import ring_identity, source_identity
-from .metadata import MetadataError, MetaFlag, SourceMeta, load_or_create, write_metadata
+from .metadata import MetadataError, MetaFlag, SourceMeta, load_or_create, read_metadata, write_metadata
 from .oneshot import NoRing, oneshot_ring_identity
 from .options import build_parser, load_security
 from .session import ClientSession
@@ -76,6 +76,7 @@ class Client:
             raise
         try:
             self.meta_path = Path(args.metadata) if getattr(args, "metadata", None) else None
+            before = read_metadata(self.meta_path) if self.meta_path is not None else None
             self.meta = load_or_create(self.meta_path) if self.meta_path is not None else None
         except MetadataError as exc:
             self.ring.close()
@@ -85,6 +86,14 @@ class Client:
         self.ring_id = oneshot_ring_identity(src, self.dev_size) if self.oneshot else ring_identity(self.ring)
         # the target's persistent change tracking (meta_device), cleared whenever the replica is in sync
         self.tracker = None if self.oneshot else tracking.Clearer(self.ring, self.ring_id)
+        # the generations in which marks may have been cleared for this process to use them: the current
+        # one and the one a start after a crash ended (not one begun elsewhere, e.g. by bdr promote, while
+        # this device may have been written without a target: a replica, or set up without a meta_device)
+        self.track_generations: set[int] = set()
+        if self.meta is not None:
+            self.track_generations.add(self.meta.generations.current)
+            if before is not None:
+                self.track_generations.add(before.generations.current)
         self.server_text = f"{args.address}:{args.port}"
         self.start_flags = startup.Flags(args.full_replication, args.full_scan, args.no_replication)
         self.stopping = False
@@ -360,6 +369,7 @@ class Client:
             return
         gens = self.meta.generations.successor(self.replication.server_durable)
         self._store_meta(SourceMeta(gens))
+        self.track_generations.add(gens.current)
         log.warning(
             "the source was written while no replica was connected: %s begins (the replica resumes into it "
             "or is resynced)",
@@ -396,7 +406,11 @@ class Client:
             return
         if r.pending_dirty is not None or r.force_scan or r.unzeroed or not r.replica_consistent:
             return
-        self.tracker.in_sync(ring.head(), force=True)
+        self.tracker.in_sync(ring.head(), self._generation_id(), force=True)
+
+    def _generation_id(self) -> int:
+        """The current generation's id (0 without --metadata), for the marks of a meta_device."""
+        return self.meta.generations.current if self.meta is not None else 0
 
     def _refused(self, message: str) -> bool:
         """The server refused our credentials, or we refused the server's: an error for the operator."""

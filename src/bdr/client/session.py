@@ -309,7 +309,7 @@ class ClientSession:
         elif self.replication.journal_full is not None:
             why = "the server's journal is too small for a staged resync"
         else:
-            why = tracking.refusal(w, trk, c.ring_id)
+            why = tracking.refusal(w, trk, c.track_generations)
         if why is not None:
             log.warning(
                 "the meta_device marks %d regions written since the replica was last in sync, but %s: not using them",
@@ -418,7 +418,7 @@ class ClientSession:
                     fmt_seq(self.inflight.durable),
                 )
             if self.in_sync and self.client.tracker is not None:
-                self.client.tracker.in_sync(head)
+                self.client.tracker.in_sync(head, self.client._generation_id())
             self.client.report_bench(self)
             quiet = ring.is_chardev and not self.inflight and ring.tail == head
             self.pump(wait=0.5 if quiet else 0.002, ring_too=quiet)

@@ -13,6 +13,8 @@ import logging
 import time
 
 from .. import wire as p
+from ..generations import fmt_id
+from ..kernel.layout import RingError
 from ..kernel.ring import RingConsumer, Tracking
 from ..seq import prev_seq, seq_after
 
@@ -21,8 +23,10 @@ log = logging.getLogger("bdr.client")
 CLEAR_EVERY = 5.0  # seconds between clears: a write after a clear waits for one metadata write per region
 
 
-def refusal(welcome: p.Welcome, trk: Tracking, ring_id: bytes) -> str | None:
-    """Why the marks of a recovered meta_device cannot bring this replica up to date (None: they can)."""
+def refusal(welcome: p.Welcome, trk: Tracking, generations: set[int]) -> str | None:
+    """Why the marks of a recovered meta_device cannot bring this replica up to date (None: they can).
+    ``generations``: those this source went on writing in without a break since (the current one, and the one a
+    start after a crash ended)."""
     if not trk.recovered:
         return "the meta_device was new when the target was created"
     if trk.failed:
@@ -31,6 +35,11 @@ def refusal(welcome: p.Welcome, trk: Tracking, ring_id: bytes) -> str | None:
         return (
             "the replica is not a consistent copy of this source that nothing else wrote since (the server "
             "decides this from the generations: bdr_client needs --metadata)"
+        )
+    if trk.clear_generation not in generations:
+        return (
+            f"they were last cleared in generation {fmt_id(trk.clear_generation)}, not in this source's current "
+            "one or the one it continued after a crash (the device may have been written without them since)"
         )
     if trk.clear_ring != welcome.ring_id or trk.clear_ring == bytes(16):
         return "the replica's resume point is in another capture ring than the last clear of the marks"
@@ -46,17 +55,24 @@ class Clearer:
         self.ring = ring
         self.ring_id = ring_id
         self.enabled = ring.tracking() is not None
-        self.cleared_at: int | None = None  # ring position of the last clear
+        self.cleared_at: tuple[int, int] | None = None  # ring position and generation of the last clear
         self.last = -CLEAR_EVERY
 
-    def in_sync(self, pos: int, force: bool = False) -> None:
-        """The replica durably holds every record before ring position ``pos`` and every dirty region taken."""
-        if not self.enabled or pos == self.cleared_at:
+    def in_sync(self, pos: int, generation: int, force: bool = False) -> None:
+        """The replica durably holds every record before ring position ``pos`` and every dirty region taken;
+        ``generation``: the source's current one."""
+        if not self.enabled or (pos, generation) == self.cleared_at:
             return
         now = time.monotonic()
         if not force and now - self.last < CLEAR_EVERY:
             return
         self.last = now
-        if self.ring.clear_tracking(pos, self.ring_id):
-            self.cleared_at = pos
+        try:
+            cleared = self.ring.clear_tracking(pos, self.ring_id, generation)
+        except RingError as exc:
+            self.enabled = False
+            log.error("%s: change tracking is off until bdr_client restarts (the next start scans more)", exc)
+            return
+        if cleared:
+            self.cleared_at = (pos, generation)
             log.debug("change tracking cleared at ring position %d", pos)

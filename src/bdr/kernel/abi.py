@@ -149,7 +149,7 @@ class MetaHeader(ctypes.LittleEndianStructure):
         ("nr_regions", ctypes.c_uint64),
         ("clear_ring", ctypes.c_uint8 * 16),
         ("clear_pos", ctypes.c_uint64),
-        ("reserved1", ctypes.c_uint64),
+        ("clear_generation", ctypes.c_uint64),
         ("reserved2", ctypes.c_uint32),
         ("crc", ctypes.c_uint32),
     )
@@ -170,11 +170,11 @@ class Track(ctypes.Structure):
         ("flags", ctypes.c_uint64),
         ("clear_ring", ctypes.c_uint8 * 16),
         ("clear_pos", ctypes.c_uint64),
+        ("clear_generation", ctypes.c_uint64),
         ("loaded_regions", ctypes.c_uint64),
         ("marked_regions", ctypes.c_uint64),
         ("meta_writes", ctypes.c_uint64),
         ("clears", ctypes.c_uint64),
-        ("reserved", ctypes.c_uint64),
     )
 
 
@@ -184,6 +184,7 @@ class TrackClear(ctypes.Structure):
     _fields_ = (
         ("pos", ctypes.c_uint64),
         ("ring", ctypes.c_uint8 * 16),
+        ("generation", ctypes.c_uint64),
     )
 
 

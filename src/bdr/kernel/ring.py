@@ -50,6 +50,7 @@ class Tracking:
     flags: abi.TrackFlag
     clear_ring: bytes  # the ring and position of the last clear: the replica held every record before it
     clear_pos: int
+    clear_generation: int  # the source's generation then (bdr_client --metadata; 0 without)
     loaded_regions: int  # regions marked when the meta_device was loaded
     marked_regions: int
     meta_writes: int
@@ -468,19 +469,21 @@ class RingConsumer:
             flags,
             bytes(t.clear_ring),
             t.clear_pos,
+            t.clear_generation,
             t.loaded_regions,
             t.marked_regions,
             t.meta_writes,
             t.clears,
         )
 
-    def clear_tracking(self, pos: int, ring_id: bytes) -> bool:
+    def clear_tracking(self, pos: int, ring_id: bytes, generation: int) -> bool:
         """BDR_IOC_TRACK_CLEAR: the replica durably holds every record before ``pos`` and every region of
         every bitmap taken; ``ring_id`` (the client's name of this ring) is kept with ``pos``.  False if the
         kernel saw a write in flight or a record after ``pos`` (try later)."""
         c = abi.TrackClear()
         c.pos = pos
         c.ring[:] = ring_id
+        c.generation = generation
         try:
             fcntl.ioctl(self._fd, abi.BDR_IOC_TRACK_CLEAR, c, True)
         except OSError as exc:
