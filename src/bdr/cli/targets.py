@@ -66,15 +66,20 @@ class SetupPlan:
         return f"{line} {len(features)} {' '.join(features)}"
 
 
+def _block_device(path: str, what: str) -> os.stat_result:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SetupError(f"{what} {path} does not exist") from None
+    if not stat.S_ISBLK(st.st_mode):
+        raise SetupError(f"{what} {path} is not a block device")
+    return st
+
+
 def check_plan(plan: SetupPlan) -> None:
     if shutil.which("dmsetup") is None:
         raise SetupError("dmsetup not found: install the dmsetup package")
-    try:
-        st = os.stat(plan.device)
-    except FileNotFoundError:
-        raise SetupError(f"device {plan.device} does not exist") from None
-    if not stat.S_ISBLK(st.st_mode):
-        raise SetupError(f"{plan.device} is not a block device")
+    st = _block_device(plan.device, "device")
     for what, value in (("mapper name", plan.name), ("chardev name", plan.chardev)):
         if not NAME_RE.match(value) or value in (".", ".."):
             raise SetupError(f"invalid {what} {value!r}: 1-31 characters of A-Z a-z 0-9 _ . -")
@@ -91,13 +96,7 @@ def check_plan(plan: SetupPlan) -> None:
     ):
         raise SetupError("region size must be a power of two of at least 8 sectors (4 KiB)")
     if plan.meta_device is not None:
-        try:
-            mst = os.stat(plan.meta_device)
-        except FileNotFoundError:
-            raise SetupError(f"meta device {plan.meta_device} does not exist") from None
-        if not stat.S_ISBLK(mst.st_mode):
-            raise SetupError(f"meta device {plan.meta_device} is not a block device")
-        if mst.st_rdev == st.st_rdev:
+        if _block_device(plan.meta_device, "meta device").st_rdev == st.st_rdev:
             raise SetupError("the meta device must be another device than --device")
     elif plan.new_meta:
         raise SetupError("--new-meta needs --meta-device")
