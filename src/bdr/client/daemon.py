@@ -406,9 +406,9 @@ class Client:
             return
         if r.pending_dirty is not None or r.force_scan or r.unzeroed or not r.replica_consistent:
             return
-        self.tracker.in_sync(ring.head(), self._generation_id(), force=True)
+        self.tracker.in_sync(ring.head(), self.generation_id(), force=True)
 
-    def _generation_id(self) -> int:
+    def generation_id(self) -> int:
         """The current generation's id (0 without --metadata), for the marks of a meta_device."""
         return self.meta.generations.current if self.meta is not None else 0
 

@@ -418,7 +418,7 @@ class ClientSession:
                     fmt_seq(self.inflight.durable),
                 )
             if self.in_sync and self.client.tracker is not None:
-                self.client.tracker.in_sync(head, self.client._generation_id())
+                self.client.tracker.in_sync(head, self.client.generation_id())
             self.client.report_bench(self)
             quiet = ring.is_chardev and not self.inflight and ring.tail == head
             self.pump(wait=0.5 if quiet else 0.002, ring_too=quiet)
