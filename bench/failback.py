@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tests.vm.lab import Guest, boot, build_module  # noqa: E402
+from tests.vm.test_failover import differing_blocks, wait_log  # noqa: E402
 
 from vm_resync import _WRITER  # noqa: E402
 
@@ -32,31 +33,6 @@ BLOCK = 4096
 DEVICE = 64 * MiB
 BIN = f"{REPO}/.venv/bin"
 PORT_B, PORT_A = 8600, 8601
-
-_DIFF = r"""
-import mmap, os, sys
-fds = [os.open(p, os.O_RDONLY | os.O_DIRECT) for p in sys.argv[1:3]]
-bufs = [mmap.mmap(-1, 1 << 20) for _ in fds]
-n = 0
-off = 0
-while True:
-    got = [os.preadv(fd, [b], off) for fd, b in zip(fds, bufs)]
-    if not got[0]:
-        break
-    for i in range(0, got[0], 4096):
-        if bufs[0][i:i + 4096] != bufs[1][i:i + 4096]:
-            n += 1
-    off += got[0]
-print(n)
-"""
-
-
-def wait_log(g: Guest, log: str, pattern: str, timeout: float = 300) -> None:
-    g.run(
-        f"end=$(($(date +%s) + {int(timeout)})); while [ $(date +%s) -lt $end ]; do"
-        f" grep -Eq '{pattern}' {log} 2>/dev/null && exit 0; sleep 0.2; done; tail -30 {log}; exit 1",
-        timeout=timeout + 60,
-    )
 
 
 def wait_empty(g: Guest, name: str) -> None:
@@ -74,14 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     with boot(disks={"a": "64M", "b": "64M", "ja": "32M", "jb": "32M"}, memory="2048M") as g:
         a, b, ja, jb = (g.disk(n) for n in ("a", "b", "ja", "jb"))
         g.run(f"modprobe dm-mod && insmod {ko}")
-        g.run(f"cat > /tmp/writer.py <<'EOF'\n{_WRITER}\nEOF\ncat > /tmp/diff.py <<'EOF'\n{_DIFF}\nEOF")
+        g.run(f"cat > /tmp/writer.py <<'EOF'\n{_WRITER}\nEOF")
         # A replicates to B
         g.run(f"{BIN}/bdr setup --device {a} --name repa --chardev bdr_a --buffer 32M")
         g.run(
             f"nohup {BIN}/bdr_server --address 127.0.0.1 --port {PORT_B} --target-device {b} --journal {jb} --verbose"
             " > /tmp/b-server.log 2>&1 &"
         )
-        wait_log(g, "/tmp/b-server.log", "listening")
+        wait_log(g, "/tmp/b-server.log", "listening", 300)
         g.run(
             f"nohup {BIN}/bdr_client --control-device /dev/bdr_a --source-device /dev/mapper/repa --address 127.0.0.1 --port {PORT_B}"
             " --metadata /tmp/a.meta --verbose > /tmp/a-client.log 2>&1 &"
@@ -99,19 +75,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         g.run(f"{BIN}/python /tmp/writer.py /dev/mapper/repb {args.b_blocks} 12")
         g.run(f"{BIN}/bdr demote --journal {ja} --metadata /tmp/a.meta --name repa")
-        differ = int(g.run(f"{BIN}/python /tmp/diff.py {a} {b}").output.split()[-1]) * BLOCK
+        differ = differing_blocks(g, a, b) * BLOCK
         # failback: A is served, B resyncs it
         g.run(
             f"nohup {BIN}/bdr_server --address 127.0.0.1 --port {PORT_A} --target-device {a} --journal {ja} --verbose"
             " > /tmp/a-server.log 2>&1 &"
         )
-        wait_log(g, "/tmp/a-server.log", "listening")
+        wait_log(g, "/tmp/a-server.log", "listening", 300)
         t0 = time.monotonic()
         g.run(
             f"nohup {BIN}/bdr_client --control-device /dev/bdr_b --source-device /dev/mapper/repb --address 127.0.0.1 --port {PORT_A}"
             " --metadata /tmp/b.meta --verbose > /tmp/b-client.log 2>&1 &"
         )
-        wait_log(g, "/tmp/b-client.log", "scan [0-9]+ done in")
+        wait_log(g, "/tmp/b-client.log", "scan [0-9]+ done in", 300)
         took = time.monotonic() - t0
         wait_empty(g, "repb")
         log = g.run("cat /tmp/b-client.log").output
@@ -124,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         assert m, log[-3000:]
         scanned, scan_s, sent = int(m.group(2)), float(m.group(3)), int(m.group(6))
         g.run("pkill -TERM -f bin/bdr_client; while pgrep -f bin/bdr_client; do sleep 0.1; done")
-        identical = int(g.run(f"{BIN}/python /tmp/diff.py {a} {b}").output.split()[-1]) == 0
+        identical = differing_blocks(g, a, b) == 0
         g.run("pkill -TERM -f bin/bdr_server; dmsetup remove repb", check=False)
         g.check_kernel_log()
     print(
