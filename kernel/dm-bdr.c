@@ -232,20 +232,34 @@ static u32 bdr_slot_add(const struct bdr_ring *r, u32 slot, u32 n)
 }
 
 /* Mark the regions of [start, end) dirty.  Under r->lock. */
-static void bdr_mark_dirty(struct bdr_ring *r, sector_t start, sector_t end)
+/*
+ * The regions of sectors [start, end), clipped to the device: [*first,
+ * *last]; false if there is none.  nr_regions <= BDR_MAX_REGIONS: a u32
+ * (and the bitmap API's unsigned int) holds every region number.
+ */
+static bool bdr_regions(const struct bdr_ring *r, sector_t start, sector_t end, u32 *first,
+			u32 *last)
 {
-	u64 first, last;
+	u64 f, l;
 
 	if (end <= start)
+		return false;
+	f = start >> r->region_shift;
+	l = min_t(u64, (end - 1) >> r->region_shift, r->nr_regions - 1);
+	if (f > l)
+		return false;
+	*first = f;
+	*last = l;
+	return true;
+}
+
+static void bdr_mark_dirty(struct bdr_ring *r, sector_t start, sector_t end)
+{
+	u32 first, last;
+
+	if (!bdr_regions(r, start, end, &first, &last))
 		return;
-	first = start >> r->region_shift;
-	last = (end - 1) >> r->region_shift;
-	if (last >= r->nr_regions)
-		last = r->nr_regions - 1;
-	if (first > last)
-		return;
-	/* nr_regions <= BDR_MAX_REGIONS: the bitmap API's unsigned int holds it */
-	bitmap_set(r->bitmap, (unsigned int)first, (unsigned int)(last - first + 1));
+	bitmap_set(r->bitmap, first, last - first + 1);
 	r->state |= BDR_STATE_DIRTY;
 }
 
@@ -1251,19 +1265,6 @@ static bool bdr_admit(struct bdr_c *bc, struct bdr_io *io)
 
 enum bdr_meta_verdict { BDR_META_MARKED, BDR_META_WAIT, BDR_META_FAILED };
 
-/* The regions of io, clipped to the device: [*first, *last]. */
-static bool bdr_io_regions(struct bdr_ring *r, struct bdr_io *io, u32 *first, u32 *last)
-{
-	u64 l;
-
-	if (io->end <= io->start)
-		return false;
-	*first = io->start >> r->region_shift;
-	l = (io->end - 1) >> r->region_shift;
-	*last = min_t(u64, l, r->nr_regions - 1);
-	return *first <= *last;
-}
-
 /*
  * Count io as a write in flight, and let it go on if its regions are marked
  * on the meta device; otherwise mark them and queue it for the worker.
@@ -1282,7 +1283,7 @@ static enum bdr_meta_verdict bdr_meta_map(struct bdr_meta *m, struct bdr_io *io)
 	}
 	m->writes++;
 	io->meta_counted = true;
-	if (bdr_io_regions(r, io, &first, &last) &&
+	if (bdr_regions(r, io->start, io->end, &first, &last) &&
 	    find_next_zero_bit(m->durable, last + 1, first) <= last) {
 		bitmap_set(m->bits, first, last - first + 1);
 		for (b = first / BDR_META_BITS; b <= last / BDR_META_BITS; b++)
@@ -1398,7 +1399,7 @@ static void bdr_meta_work(struct work_struct *work)
 		}
 		/* Whatever waits for marks that are durable now goes on. */
 		list_for_each_entry_safe(io, tmp, &m->waiting, list)
-			if (!bdr_io_regions(r, io, &first, &last) ||
+			if (!bdr_regions(r, io->start, io->end, &first, &last) ||
 			    find_next_zero_bit(m->durable, last + 1, first) > last)
 				list_move_tail(&io->list, &go);
 		spin_unlock_irqrestore(&m->lock, irqflags);
