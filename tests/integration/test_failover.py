@@ -139,16 +139,21 @@ def test_failover_failback_and_split_brain(lab: Lab) -> None:
     gen_b2 = read_metadata(b_meta).generations  # type: ignore[union-attr]
     gen_a2 = read_metadata(a_meta2).generations  # type: ignore[union-attr]
     assert fmt_id(gen_b2.current) in refusal and fmt_id(gen_a2.current) in refusal, refusal
+    # B's one write since the split went through its ring and is counted; A's was written to the device with
+    # no capture ring (no target in this lab), which nothing counts
+    assert "the source's side wrote 4.0 KiB and the replica's 0 B" in refusal, refusal
     assert "SPLIT_BRAIN" in cl_b.log() and "--discard-local-changes" in cl_b.log()
     assert (digest(lab.src), digest(lab.replica)) == before  # nothing written on either side
     st = wait_for("the decision in the status", lambda s: s["servers"][0]["generations_decision"], run)
     assert st["servers"][0]["generations_decision"].startswith("split brain")
+    assert st["servers"][0]["split_brain"] == {"source_written": 4096, "replica_written": 0}
     table = bdr("status", run_dir=run).stdout
     assert (
         f"role replica, generation {fmt_id(gen_a2.current)}, last client's generation {fmt_id(gen_b2.current)}"
         in table
     ), table
     assert "at the last connect: split brain" in table, table
+    assert "SPLIT BRAIN: written since the split: source's side 4.0 KiB, this replica's 0 B" in table, table
 
     # a client that keeps no generations cannot say it descends from A's data either
     legacy = start(lab, "client-b-legacy", *client_b[:-2])

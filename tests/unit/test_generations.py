@@ -13,12 +13,16 @@ from bdr.client.metadata import (
     MetadataError,
     MetaFlag,
     SourceMeta,
+    WrittenCount,
     load_or_create,
     read_metadata,
     write_metadata,
 )
-from bdr.generations import PAST_MAX, Generations, GenerationsError, Verdict, decide, fmt_id
+from bdr.generations import PAST_MAX, UNKNOWN, Generations, GenerationsError, Verdict, decide, fmt_id
 from bdr.journal import JFlag, Journal
+from bdr.kernel.ring import RingConsumer
+from bdr.server.session import welcome_history
+from bdr.testing.ring_producer import RingProducer
 
 
 def test_encoding_round_trips_and_rejects_damage(tmp_path: Path) -> None:
@@ -104,3 +108,79 @@ def test_scans_take_the_sources_history_and_promotion_ends_the_generation() -> N
     h = replica_state.demoted(h, g)
     assert h.generations == g and not h.flags & JFlag.PROMOTED
     assert replica_state.resume_point(h) is None  # the next client resyncs it
+
+
+def test_written_counts_travel_with_the_history_and_older_encodings_still_read(tmp_path: Path) -> None:
+    g = Generations.first().with_written(4096).successor(41).with_written(12288)
+    assert g.written == (4096, 12288) and g.current_written == 12288
+    assert Generations.unpack(g.pack()) == g
+    # a history written before the counts existed reads as not counted, and a successor counts from zero
+    old = g.bare()
+    assert old.written is None and Generations.unpack(old.pack()) == old
+    assert old.successor(50).written == (UNKNOWN, UNKNOWN, 0)
+    assert old.with_written(7).written == (UNKNOWN, 7)
+    assert Generations.unpack(old.pack() + bytes(32)) == old  # the zeros after it in a journal header
+    with pytest.raises(GenerationsError):
+        Generations.unpack(g.pack()[:-1])  # counts cut short
+    # the handshake carries the counts; a WELCOME to a client that does not know them leaves them out
+    hello = p.Hello(1, p.ALL_FEATURES, 512, 1 << 20, b"s" * 16, b"r" * 16, g)
+    assert p.Hello.parse(memoryview(hello.pack()), 0).generations == g
+    assert welcome_history(g, p.ALL_FEATURES) == g
+    assert welcome_history(g, p.Feature.GENERATIONS) == old
+    assert welcome_history(g, 0) is None
+    # the metadata file keeps them, and where in which ring the current generation's count stands
+    meta = tmp_path / "meta"
+    write_metadata(meta, SourceMeta(g, counted_ring=b"r" * 16, counted_pos=9))
+    m = read_metadata(meta)
+    assert m is not None and m.generations == g and (m.counted_ring, m.counted_pos) == (b"r" * 16, 9)
+
+
+def test_a_split_brain_says_how_much_each_side_wrote_since_it() -> None:
+    shared = Generations.first().with_written(1 << 30)  # written before the split: not counted in it
+    source = shared.successor(48).with_written(3 << 20).successor(60).with_written(4096)
+    replica = shared.successor(50).with_written(8192)
+    d = decide(source, replica)
+    assert d.verdict is Verdict.SPLIT_BRAIN and d.split_written == ((3 << 20) + 4096, 8192)
+    assert "the source's side wrote 3.0 MiB and the replica's 8.0 KiB" in d.text, d.text
+    # a generation begun before the counts existed: said, not guessed
+    d = decide(source, shared.bare().successor(50).bare())
+    assert d.split_written == ((3 << 20) + 4096, None) and "an amount not counted" in d.text
+    # no shared generation: everything each side holds
+    d = decide(Generations.first().with_written(512), replica)
+    assert d.split_written == (512, (1 << 30) + 8192)
+    assert decide(replica, replica).split_written is None
+
+
+def test_the_client_counts_the_bytes_written_in_its_generation(tmp_path: Path) -> None:
+    """What the ring's records carry, whether released or still in the ring, across a restart on the same ring
+    (counted once) and on another ring (all of its records)."""
+    dev = 4 << 20
+    src = tmp_path / "src.img"
+    src.write_bytes(bytes(dev))
+    prod = RingProducer(tmp_path / "ring", 64, dev, source=src)
+    cons = RingConsumer(tmp_path / "ring", dev_size=dev)
+    try:
+        meta = SourceMeta(Generations.first())
+        count = WrittenCount(cons, b"r" * 16, meta)
+        prod.write(0, bytes(4096), block=True)
+        prod.write(8192, bytes(8192), block=True)  # two records of a slot's 4 KiB
+        prod.flush(block=True)
+        prod.discard(65536, 65536, block=True)  # no data: not counted
+        assert count.now() == (12288, 5)
+        cons.release(2)  # released records stay counted
+        assert count.now() == (12288, 5)
+        stored = count.stamp(meta, b"r" * 16)
+        assert stored.generations.current_written == 12288 and stored.counted_pos == 5
+        # a restart on the same ring counts only the records after the stored position
+        prod.write(0, bytes(4096), block=True)
+        assert WrittenCount(cons, b"r" * 16, stored).now()[0] == 12288 + 4096
+        # on another ring, all of that ring's records (here the last 4096 of the 8192 write, and the new 4096)
+        assert WrittenCount(cons, b"x" * 16, stored).now()[0] == 12288 + 4096 + 4096
+        # a new generation begins with the record at position 5
+        count.restart(5)
+        assert count.now()[0] == 4096
+        # a generation begun before the counts existed stays not counted
+        assert WrittenCount(cons, b"r" * 16, SourceMeta(Generations(5))).now()[0] == UNKNOWN
+    finally:
+        cons.close()
+        prod.close()

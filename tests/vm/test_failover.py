@@ -14,6 +14,7 @@ replicated device, an application writing fsync'd numbered markers (tests/vm/mar
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import time
@@ -252,6 +253,11 @@ def differing_blocks(g: Guest, x: str, y: str) -> int:
     return int(g.run(f"{DIFF} {x} {y}").output.split()[-1])
 
 
+def captured(g: Guest, name: str) -> int:
+    """Bytes of write data the bdr target ``name`` captured since it was created."""
+    return int(g.run(f"dmsetup status {name}").output.split("bytes=")[1].split()[0])
+
+
 def fsck_clean_copy(g: Guest, dev: str) -> None:
     """A copy of ``dev`` mounts (its ext4 journal replayed, as after a crash) and fscks clean."""
     cpy = g.disk("cpy")
@@ -296,7 +302,7 @@ def test_unplanned_failover_failback_and_split_brain(tmp_path: Path, lab_kernel:
         # A comes back, is demoted (its target is gone with the power cut) and served; B resyncs it
         res = g.run(f"{BIN}/bdr demote --journal {a.journal} --metadata {a.meta}")
         assert "resyncs it" in res.output, res.output
-        written = int(g.run(f"dmsetup status {b.mapper_name}").output.split("bytes=")[1].split()[0])
+        written = captured(g, b.mapper_name)
         differ = differing_blocks(g, a.dev, b.dev) * BLOCK
         server_log = a.start_server()
         client_log = b.start_client(a)
@@ -321,13 +327,16 @@ def test_unplanned_failover_failback_and_split_brain(tmp_path: Path, lab_kernel:
 
         # split brain: B is written while apart from A, and A is promoted and written too
         b.stop("client")
+        b_before = captured(g, b.mapper_name)
         g.run(f"mount {b.mapper} {b.mnt} && echo b > {b.mnt}/b-alone && umount {b.mnt}")
+        b_wrote = captured(g, b.mapper_name) - b_before
         a.stop("server")
         a2 = f"{a.meta}2"
         g.run(
             f"{BIN}/bdr promote --journal {a.journal} --target-device {a.dev} --metadata {a2} {a.target_args}"
         )
         g.run(f"mount {a.mapper} {a.mnt} && echo a > {a.mnt}/a-alone && umount {a.mnt}")
+        a_wrote = captured(g, a.mapper_name)  # the target bdr promote created: all of it is A's since
         g.run(f"{BIN}/bdr demote --journal {a.journal} --metadata {a2} --name {a.mapper_name}")
         before = sha(g, a.dev), sha(g, b.dev)
         server_log = a.start_server()
@@ -341,6 +350,16 @@ def test_unplanned_failover_failback_and_split_brain(tmp_path: Path, lab_kernel:
         assert refusal, server
         gens = set(re.findall(r"generation ([0-9a-f]{16})", refusal.group(1)))
         assert len(gens) >= 3, refusal.group(1)  # the shared one, the source's and the replica's
+        # how much each side wrote since the split: what each target captured, in the message and the status
+        amounts = re.search(
+            r"since then the source's side wrote (.+?) and the replica's (.+?);", refusal.group(1)
+        )
+        assert amounts, refusal.group(1)
+        servers = json.loads(g.run(f"{BIN}/bdr status --json").output)["servers"]
+        split = next(s["split_brain"] for s in servers if s.get("split_brain"))
+        print(f"split brain: B wrote {b_wrote} bytes, A {a_wrote}; the refusal says {amounts.group(0)}")
+        assert b_wrote > 0 and a_wrote > 0
+        assert split == {"source_written": b_wrote, "replica_written": a_wrote}, split
         assert (sha(g, a.dev), sha(g, b.dev)) == before  # nothing written on either side
         # the operator keeps B's data; the server is killed at two points of the resync, and a copy of A
         # after each restart (the journal replayed) fscks clean

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import replica_state
 from ..client.identity import ring_identity
-from ..client.metadata import MetadataError, SourceMeta, read_metadata, write_metadata
+from ..client.metadata import MetadataError, SourceMeta, WrittenCount, read_metadata, write_metadata
 from ..generations import Generations
 from ..journal import JFlag, Journal, JournalError
 from ..kernel.layout import RingError
@@ -88,7 +88,8 @@ def promote(
         # the target's ring holds every write of the new generation from its seq 0 while it lives: the old
         # source, once demoted after a stop in sync, needs only those (no resync)
         try:
-            write_metadata(Path(metadata), SourceMeta(gens, gen_ring=_ring_id(plan.chardev)))
+            ring = _ring_id(plan.chardev)
+            write_metadata(Path(metadata), SourceMeta(gens, gen_ring=ring, counted_ring=ring))
         except (MetadataError, RingError) as exc:
             raise RoleError(str(exc)) from exc
     return gens
@@ -117,7 +118,9 @@ def demote(journal_path: str, metadata: str, name: str | None = None) -> tuple[S
     try:
         at: int | None = None
         if name is not None:
-            ring, last = _remove_target(name)
+            ring, last, written = _remove_target(name, meta)
+            if meta is not None and written is not None:
+                meta = meta.with_(generations=meta.generations.with_written(written))
             if (
                 meta is not None
                 and meta.synced is not None
@@ -150,9 +153,10 @@ def _dmsetup(*args: str) -> str:
     return res.stdout
 
 
-def _remove_target(name: str) -> tuple[bytes, int]:
-    """Remove the bdr target ``name`` once nothing uses it: its ring's identity, and the seq of the last write
-    it captured (NO_SEQ: none, or its ring still held records or had overflowed)."""
+def _remove_target(name: str, meta: SourceMeta | None) -> tuple[bytes, int, int | None]:
+    """Remove the bdr target ``name`` once nothing uses it: its ring's identity, the seq of the last write
+    it captured (NO_SEQ: none, or its ring still held records or had overflowed), and the bytes written in the
+    current generation of ``meta`` counting what the ring still held (None: no metadata)."""
     if shutil.which("dmsetup") is None:
         raise RoleError("dmsetup not found: install the dmsetup package")
     table = _dmsetup("table", name).split()
@@ -162,19 +166,28 @@ def _remove_target(name: str) -> tuple[bytes, int]:
     if info != "0":
         raise RoleError(f"/dev/mapper/{name} is in use ({info} open): unmount it and stop what uses it first")
     try:
-        ring = _ring_id(table[4])  # fails while bdr_client holds the ring
+        consumer = RingConsumer(f"/dev/{table[4]}")  # fails while bdr_client holds the ring
     except RingError as exc:
         raise RoleError(f"{exc} (stop bdr_client first)") from exc
-    _dmsetup("suspend", name)  # nothing is written from here on
     try:
-        st = dict(f.split("=", 1) for f in _dmsetup("status", name).split()[3:] if "=" in f)
+        ring = ring_identity(consumer)
+        _dmsetup("suspend", name)  # nothing is written from here on
+        try:
+            st = dict(f.split("=", 1) for f in _dmsetup("status", name).split()[3:] if "=" in f)
+            written = WrittenCount(consumer, ring, meta).now()[0] if meta is not None else None
+        except BaseException:
+            _dmsetup("resume", name)
+            raise
+    finally:
+        consumer.close()
+    try:
         _dmsetup("remove", name)
     except BaseException:
         _dmsetup("resume", name)
         raise
     empty = st.get("fill", "").startswith("0/") and st.get("state") == "capturing"
     nseq = int(st.get("next_seq", "0"))
-    return ring, prev_seq(nseq) if empty and nseq else NO_SEQ
+    return ring, prev_seq(nseq) if empty and nseq else NO_SEQ, written
 
 
 def _gens(g: Generations | None) -> str:

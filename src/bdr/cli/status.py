@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bdr import status as daemon_status
+from bdr.generations import fmt_bytes
 from bdr.history import fmt_time
 
 from .targets import SetupError, module_loaded, run
@@ -111,12 +112,7 @@ def status(run_dir: Path = daemon_status.RUN_DIR) -> dict[str, list[dict[str, ob
 
 
 def size(n: object) -> str:
-    value = float(n) if isinstance(n, int | float) else 0.0
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return "?"
+    return fmt_bytes(n if isinstance(n, int | float) else 0)
 
 
 def print_status(report: dict[str, list[dict[str, object]]]) -> None:
@@ -152,7 +148,9 @@ def print_status(report: dict[str, list[dict[str, object]]]) -> None:
         if rs.get("journal_full"):
             print(f"{'':<16} the server's journal is too small for resyncs: {rs['journal_full']}")
         if c.get("generations"):
-            print(f"{'':<16} role source, generation {c['generations']['current']}")
+            g = c["generations"]
+            written = f", {size(g['written'])} written in it" if g.get("written") is not None else ""
+            print(f"{'':<16} role source, generation {g['current']}{written}")
     for srv in servers:
         print(
             f"server {srv.get('listen')}: {srv.get('state')}, replica {srv.get('replica')} "
@@ -169,6 +167,16 @@ def print_status(report: dict[str, list[dict[str, object]]]) -> None:
             print(f"{'':<7}role replica, generation {mine}, last client's generation {theirs}")
         if srv.get("generations_decision"):
             print(f"{'':<7}at the last connect: {srv['generations_decision']}")
+        split = srv.get("split_brain")
+        if isinstance(split, dict):
+            print(
+                f"{'':<7}SPLIT BRAIN: written since the split: source's side {written_text(split['source_written'])}, "
+                f"this replica's {written_text(split['replica_written'])}"
+            )
+
+
+def written_text(n: int | None) -> str:
+    return size(n) if n is not None else "not counted"
 
 
 def history_line(h: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ from .. import __version__, config
 from .. import wire as p
 from ..daemon.errors import ConnectionLost
 from ..daemon.wakeup import Wakeup
-from ..generations import Generations
+from ..generations import UNKNOWN, Generations
 from ..kernel.layout import RingError
 from ..kernel.ring import RingConsumer
 from ..log import BenchClock, setup_logging
@@ -33,7 +33,15 @@ from . import startup, tracking, transport
 from . import status as client_status
 from .errors import EXIT_OK, EXIT_REFUSED, EXIT_SOURCE, EXIT_USAGE, ClientError, SourceError, Stopping
 from .identity import ring_identity, source_identity
-from .metadata import MetadataError, MetaFlag, SourceMeta, load_or_create, read_metadata, write_metadata
+from .metadata import (
+    MetadataError,
+    MetaFlag,
+    SourceMeta,
+    WrittenCount,
+    load_or_create,
+    read_metadata,
+    write_metadata,
+)
 from .oneshot import NoRing, oneshot_ring_identity
 from .options import build_parser, load_security
 from .session import ClientSession
@@ -84,6 +92,12 @@ class Client:
             raise ClientError(str(exc)) from exc
         self.source_id = source_identity(src, self.dev_size)
         self.ring_id = oneshot_ring_identity(src, self.dev_size) if self.oneshot else ring_identity(self.ring)
+        # the bytes written in the current generation (shown at a split brain)
+        self.written = (
+            WrittenCount(self.ring, self.ring_id, self.meta)
+            if self.meta is not None and not self.oneshot
+            else None
+        )
         # the target's persistent change tracking (meta_device), cleared whenever the replica is in sync
         self.tracker = None if self.oneshot else tracking.Clearer(self.ring, self.ring_id)
         # the generations in which marks may have been cleared for this process to use them: the current
@@ -339,10 +353,17 @@ class Client:
 
     @property
     def generations(self) -> Generations | None:
-        return self.meta.generations if self.meta is not None else None
+        """The source's generation history, with the bytes written in the current generation as of now."""
+        if self.meta is None:
+            return None
+        if self.written is None:
+            return self.meta.generations
+        return self.meta.generations.with_written(self.written.now()[0])
 
     def _store_meta(self, meta: SourceMeta) -> None:
         assert self.meta_path is not None
+        if self.written is not None:
+            meta = self.written.stamp(meta, self.ring_id)
         try:
             write_metadata(self.meta_path, meta)
         except MetadataError as exc:
@@ -367,7 +388,14 @@ class Client:
             return
         if head == self._unreplicated_mark or not self.meta.acked:
             return
-        gens = self.meta.generations.successor(self.replication.server_durable)
+        gens = self.meta.generations
+        mark = max(self._unreplicated_mark, self.ring.tail)
+        if self.written is not None:
+            written, upto = self.written.now()
+            if written != UNKNOWN:  # the records from the mark on are the new generation's
+                gens = gens.with_written(written - self.ring.data_bytes(mark, upto))
+            self.written.restart(mark)
+        gens = gens.successor(self.replication.server_durable)
         self._store_meta(SourceMeta(gens))
         self.track_generations.add(gens.current)
         log.warning(
@@ -436,6 +464,11 @@ class Client:
             st.lag_sum, st.lag_n, st.lag_max = 0.0, 0, 0.0
 
     def close(self) -> None:
+        if self.meta is not None and self.written is not None:
+            try:
+                self._store_meta(self.meta)  # the bytes written in the generation, counted up to now
+            except ClientError as exc:
+                log.error("%s", exc)
         self.status.close()
         self.ring.close()
         self.source.close()

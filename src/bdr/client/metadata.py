@@ -12,6 +12,17 @@ One 4 KiB block, little-endian, then zeros and a checksum (the journal header's 
 ``synced_ring``: the capture ring of ``synced_seq``; ``gen_ring``: the ring created with the current generation
 (``bdr promote --name``), which then holds every write of the generation from its seq 0 while it lives.
 
+The history carries the bytes written in each generation (``bdr.generations``).  The current one's count covers
+the records of ring ``counted_ring`` before ring position ``counted_pos``, at byte 2048::
+
+    2048           2064          2072
+    +--------------+-------------+
+    | counted_ring | counted_pos |
+    +--------------+-------------+
+
+A client that starts on that ring adds the records from ``counted_pos`` on; on another ring (the host rebooted),
+all of that ring's records.  ``WrittenCount`` keeps the count while the client runs.
+
 It is replaced whole: written to a temporary file, synced, renamed over the old one, and the directory synced,
 so a crash leaves the old block or the new one, never a torn one.
 """
@@ -26,14 +37,17 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..generations import Generations, GenerationsError
+from ..generations import UNKNOWN, Generations, GenerationsError
 from ..journal.copies import BLOCK, intact, seal
+from ..kernel.ring import RingConsumer
 from ..seq import NO_SEQ, fmt_seq
 
 log = logging.getLogger("bdr.client")
 
 MAGIC = b"BDRSMETA"
 _FIXED = struct.Struct("<8sIIQ16s16s")
+_COUNTED = struct.Struct("<16sQ")
+_COUNTED_AT = 2048
 NO_RING = bytes(16)
 
 
@@ -50,6 +64,8 @@ class SourceMeta:
     synced_seq: int = NO_SEQ  # with SYNCED: the last seq the replica holds (the ring held nothing after it)
     synced_ring: bytes = NO_RING  # the ring identity of synced_seq
     gen_ring: bytes = NO_RING  # the ring created with the current generation (NO_RING: not known)
+    counted_ring: bytes = NO_RING  # the current generation's written count covers this ring's records ...
+    counted_pos: int = 0  # ... before this position
 
     @property
     def acked(self) -> bool:
@@ -87,18 +103,22 @@ def read_metadata(path: Path) -> SourceMeta | None:
             "to guess the source's generation. Restore it, or move it away to start a new generation history"
         )
     _, flags, _, synced, synced_ring, gen_ring = _FIXED.unpack_from(block)
+    counted_ring, counted_pos = _COUNTED.unpack_from(block, _COUNTED_AT)
     try:
         gens = Generations.unpack(memoryview(block)[_FIXED.size :])
     except GenerationsError as exc:
         raise MetadataError(f"source metadata {path}: {exc}") from None
     if gens is None:
         raise MetadataError(f"source metadata {path} holds no generation")
-    return SourceMeta(gens, MetaFlag(flags & 0x3), synced, synced_ring, gen_ring)
+    return SourceMeta(gens, MetaFlag(flags & 0x3), synced, synced_ring, gen_ring, counted_ring, counted_pos)
 
 
 def write_metadata(path: Path, meta: SourceMeta) -> None:
     fixed = _FIXED.pack(MAGIC, meta.flags, 0, meta.synced_seq, meta.synced_ring, meta.gen_ring)
-    block = seal(fixed + meta.generations.pack())
+    gens = meta.generations.pack()
+    assert len(fixed) + len(gens) <= _COUNTED_AT
+    body = (fixed + gens).ljust(_COUNTED_AT, b"\0") + _COUNTED.pack(meta.counted_ring, meta.counted_pos)
+    block = seal(body)
     assert len(block) == BLOCK
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -132,6 +152,7 @@ def load_or_create(path: Path) -> SourceMeta:
         return meta
     log.info("source metadata %s: %s", path, meta.describe())
     if meta.acked and meta.synced is None:
+        # the count of the generation that ends is what was stored; the ring's records since are the new one's
         meta = SourceMeta(meta.generations.successor(NO_SEQ))
         write_metadata(path, meta)
         log.warning(
@@ -142,3 +163,38 @@ def load_or_create(path: Path) -> SourceMeta:
         meta = meta.with_(flags=meta.flags & ~MetaFlag.SYNCED, synced_seq=NO_SEQ, synced_ring=NO_RING)
         write_metadata(path, meta)
     return meta
+
+
+class WrittenCount:
+    """The bytes written in the current generation while the client runs: the count in the metadata, plus the
+    data of the ring's records since (those released by the ring's ``released_data``, and those still in it)."""
+
+    def __init__(self, ring: RingConsumer, ring_id: bytes, meta: SourceMeta) -> None:
+        self.ring = ring
+        tail, head = ring.tail, ring.head()
+        pos = meta.counted_pos if meta.counted_ring == ring_id and tail <= meta.counted_pos <= head else tail
+        stored = meta.generations.current_written
+        self.known = stored != UNKNOWN
+        self.base = stored - ring.data_bytes(tail, pos) if self.known else 0
+        self.released = ring.released_data
+
+    def now(self) -> tuple[int, int]:
+        """(bytes written in the generation, the ring position they count up to)."""
+        ring = self.ring
+        tail, head = ring.tail, ring.head()
+        if not self.known:
+            return UNKNOWN, head
+        return self.base + ring.released_data - self.released + ring.data_bytes(tail, head), head
+
+    def restart(self, at: int) -> None:
+        """A new generation begins with the ring's record at position ``at`` (not released yet)."""
+        self.base = -self.ring.data_bytes(self.ring.tail, at)
+        self.released = self.ring.released_data
+        self.known = True
+
+    def stamp(self, meta: SourceMeta, ring_id: bytes) -> SourceMeta:
+        """``meta`` with the current generation's count as of now, to be stored."""
+        written, pos = self.now()
+        return meta.with_(
+            generations=meta.generations.with_written(written), counted_ring=ring_id, counted_pos=pos
+        )

@@ -134,6 +134,7 @@ class RingConsumer:
         self._fd = fd
         self._dirty_fd = -1
         self._dirty_map: mmap.mmap | None = None
+        self.released_data = 0  # bytes of write data in the records released through this consumer
         try:
             self.is_chardev = stat.S_ISCHR(os.fstat(fd).st_mode)
             self.geometry = self._query_geometry(dev_size)
@@ -279,6 +280,7 @@ class RingConsumer:
         """Store the new tail: slots before pos may be reused by the producer."""
         if pos < self._ctl.tail or pos > self._ctl.head:
             raise RingError(f"release to {pos} outside [tail {self._ctl.tail}, head {self._ctl.head}]")
+        self.released_data += self.data_bytes(self._ctl.tail, pos)
         self._ctl.tail = pos
 
     def mark_seen(self, pos: int) -> None:

@@ -196,6 +196,11 @@ class Server:
             "generations": to_json(jh.generations),
             "peer_generations": to_json(self.generational.peer),
             "generations_decision": d.text if (d := self.generational.decision) is not None else None,
+            "split_brain": (
+                {"source_written": d.split_written[0], "replica_written": d.split_written[1]}
+                if d is not None and d.split_written is not None
+                else None
+            ),
         }
         self.board.publish(snap)
 

@@ -46,6 +46,13 @@ class Generational:
     decision: Decision | None = None
 
 
+def welcome_history(gens: Generations | None, features: int) -> Generations | None:
+    """The replica's generation history as a WELCOME to a client with ``features`` may carry it."""
+    if gens is None or not features & p.Feature.GENERATIONS:
+        return None
+    return gens if features & p.Feature.WRITTEN else gens.bare()
+
+
 class ServerSession:
     """The protocol state machine of one client connection on the server side."""
 
@@ -266,7 +273,7 @@ class ServerSession:
                 jh.source_id,
                 jh.ring_id,
                 durable,
-                jh.generations if h.features & p.Feature.GENERATIONS else None,
+                welcome_history(jh.generations, h.features),
             )
         )
 

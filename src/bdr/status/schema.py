@@ -165,6 +165,8 @@ class ServerSnapshot(TypedDict):
     generations: dict[str, Any] | None  # the replica's generation history (bdr.generations.to_json)
     peer_generations: dict[str, Any] | None  # the last client's
     generations_decision: str | None  # what the two decided at the last connect
+    # after a split brain: bytes written since the split, {"source_written", "replica_written"} (None: not counted)
+    split_brain: dict[str, int | None] | None
 
 
 SERVER_STATES = ("listening", "replicating", "resyncing", "stopping", "failed")

@@ -113,6 +113,7 @@ class Feature(enum.IntFlag):
     SCAN_XXH3_128 = 1 << 0  # block hashes are xxh3_128 digests
     DISCARD = 1 << 1  # DISCARD / WRITE_ZEROES records are understood
     GENERATIONS = 1 << 2  # WELCOME may carry the replica's generation history
+    WRITTEN = 1 << 3  # generation histories may carry the bytes written in each generation
 
 
-ALL_FEATURES: Final = Feature.SCAN_XXH3_128 | Feature.DISCARD | Feature.GENERATIONS
+ALL_FEATURES: Final = Feature.SCAN_XXH3_128 | Feature.DISCARD | Feature.GENERATIONS | Feature.WRITTEN
