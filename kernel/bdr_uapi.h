@@ -273,5 +273,7 @@ struct bdr_track_clear {
 #define BDR_IOC_TAKE_DIRTY	_IOWR(BDR_IOC_MAGIC, 3, struct bdr_dirty)
 #define BDR_IOC_TRACK_INFO	_IOR(BDR_IOC_MAGIC, 4, struct bdr_track)
 #define BDR_IOC_TRACK_CLEAR	_IOW(BDR_IOC_MAGIC, 5, struct bdr_track_clear)
+/* pos: the client's tail; clears the marks of the epoch before the current one */
+#define BDR_IOC_TRACK_ROTATE	_IOW(BDR_IOC_MAGIC, 6, struct bdr_track_clear)
 
 #endif /* _UAPI_LINUX_BDR_H */

@@ -127,11 +127,21 @@ struct bdr_meta {
 	u64 clear_pos;
 	u64 clear_generation;
 	u64 writes;			/* tracked writes from map to end_io */
+	/*
+	 * Epochs, for BDR_IOC_TRACK_ROTATE: epoch[e] holds the regions of
+	 * the writes mapped or ended in epoch e (parity), epoch_writes[e]
+	 * counts those mapped in it still before end_io; the current epoch
+	 * began at ring position epoch_start.
+	 */
+	unsigned long *epoch[2];
+	u64 epoch_writes[2];
+	u64 epoch_start;
+	unsigned int cur;
 	struct list_head waiting;	/* bdr_io waiting for their marks */
 	int error;			/* a metadata write failed: writes fail */
 	bool dying;			/* the last table is going: no more work */
 	bool recovered;
-	u64 loaded, meta_writes, clears;
+	u64 loaded, meta_writes, clears, rotations;
 };
 
 struct bdr_ring {
@@ -211,6 +221,7 @@ struct bdr_io {
 	bool tracked;			/* on inflight or waiting */
 	bool copied;			/* the deferred copy is done */
 	bool meta_counted;		/* counted in meta->writes */
+	u8 meta_epoch;			/* ... and in this epoch's writes */
 };
 
 static DEFINE_MUTEX(bdr_lock);		/* bdr_rings, ring->targets */
@@ -493,6 +504,8 @@ static void bdr_meta_free(struct bdr_meta *m)
 		__free_page(m->page);
 	kvfree(m->bits);
 	kvfree(m->durable);
+	kvfree(m->epoch[0]);
+	kvfree(m->epoch[1]);
 	bitmap_free(m->dirty_blocks);
 	kfree(m);
 }
@@ -587,8 +600,10 @@ static int bdr_meta_load(struct bdr_ring *r, struct block_device *bdev, struct b
 	m->page = alloc_page(GFP_KERNEL);
 	m->bits = kvzalloc((size_t)m->nr_blocks * BDR_META_BLOCK, GFP_KERNEL);
 	m->durable = kvzalloc((size_t)m->nr_blocks * BDR_META_BLOCK, GFP_KERNEL);
+	m->epoch[0] = kvzalloc((size_t)m->nr_blocks * BDR_META_BLOCK, GFP_KERNEL);
+	m->epoch[1] = kvzalloc((size_t)m->nr_blocks * BDR_META_BLOCK, GFP_KERNEL);
 	m->dirty_blocks = bitmap_zalloc(m->nr_blocks, GFP_KERNEL);
-	if (!m->page || !m->bits || !m->durable || !m->dirty_blocks) {
+	if (!m->page || !m->bits || !m->durable || !m->epoch[0] || !m->epoch[1] || !m->dirty_blocks) {
 		*error = "Cannot allocate the tracking bitmap";
 		return -ENOMEM;
 	}
@@ -1135,6 +1150,9 @@ static long bdr_ioctl_track_clear(struct bdr_ring *r, struct file *file, void __
 					__set_bit(nr, m->dirty_blocks);
 			bitmap_zero(m->bits, m->nr_blocks * BDR_META_BITS);
 			bitmap_zero(m->durable, m->nr_blocks * BDR_META_BITS);
+			bitmap_zero(m->epoch[0], m->nr_blocks * BDR_META_BITS);
+			bitmap_zero(m->epoch[1], m->nr_blocks * BDR_META_BITS);
+			m->epoch_start = c.pos;
 			memcpy(m->clear_ring, c.ring, sizeof(m->clear_ring));
 			m->clear_pos = c.pos;
 			m->clear_generation = c.generation;
@@ -1144,6 +1162,73 @@ static long bdr_ioctl_track_clear(struct bdr_ring *r, struct file *file, void __
 			queue_work(bdr_meta_wq, &m->work);
 		}
 	}
+	spin_unlock_irqrestore(&m->lock, irqflags);
+	return ret;
+}
+
+/*
+ * Clear the marks of the regions not written in the current epoch, once
+ * every write of the earlier epochs is acknowledged durable on the replica:
+ * no write mapped in the previous epoch is before end_io, and the client
+ * released the ring up to the current epoch's start (pos, its tail).  The
+ * marks kept then cover every write after that start, which becomes the
+ * clear point; a new epoch begins at the ring's reserve position.
+ */
+static long bdr_ioctl_track_rotate(struct bdr_ring *r, struct file *file, void __user *arg)
+{
+	struct bdr_meta *m = r->meta;
+	struct bdr_track_clear c;
+	size_t w, words = BDR_META_BLOCK / sizeof(unsigned long);
+	unsigned long *keep, irqflags;
+	unsigned int prev;
+	long ret = 0;
+	u32 nr;
+
+	if (!m)
+		return -EOPNOTSUPP;
+	if (!(file->f_mode & FMODE_WRITE))
+		return -EBADF;
+	if (copy_from_user(&c, arg, sizeof(c)))
+		return -EFAULT;
+
+	spin_lock_irqsave(&m->lock, irqflags);
+	spin_lock(&r->lock);
+	prev = m->cur ^ 1;
+	if (r->dead || m->dying)
+		ret = -ENODEV;
+	else if (m->error)
+		ret = -EIO;
+	else if (m->epoch_writes[prev] || c.pos < m->epoch_start || c.pos > bdr_consumer_tail(r) ||
+		 (r->state & (BDR_STATE_OVERFLOW | BDR_STATE_DIRTY | BDR_STATE_RECOVERED)))
+		ret = -EBUSY;
+	if (!ret) {
+		keep = m->epoch[m->cur];
+		for (nr = 0; nr < m->nr_blocks; nr++) {
+			bool changed = false;
+
+			for (w = (size_t)nr * words; w < (size_t)(nr + 1) * words; w++) {
+				if (m->bits[w] & ~keep[w]) {
+					m->bits[w] &= keep[w];
+					changed = true;
+				}
+				m->durable[w] &= keep[w];
+			}
+			if (changed)
+				__set_bit(nr, m->dirty_blocks);
+		}
+		memcpy(m->clear_ring, c.ring, sizeof(m->clear_ring));
+		m->clear_pos = m->epoch_start;
+		m->clear_generation = c.generation;
+		m->header_dirty = true;
+		m->clears++;
+		m->rotations++;
+		bitmap_zero(m->epoch[prev], m->nr_blocks * BDR_META_BITS);
+		m->cur = prev;
+		m->epoch_start = r->reserve;
+		/* Under the lock: once the last table is dying, nothing is queued. */
+		queue_work(bdr_meta_wq, &m->work);
+	}
+	spin_unlock(&r->lock);
 	spin_unlock_irqrestore(&m->lock, irqflags);
 	return ret;
 }
@@ -1164,6 +1249,8 @@ static long bdr_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		return bdr_ioctl_take_dirty(r, file, uarg);
 	case BDR_IOC_TRACK_INFO:
 		return bdr_ioctl_track_info(r, uarg);
+	case BDR_IOC_TRACK_ROTATE:
+		return bdr_ioctl_track_rotate(r, file, uarg);
 	case BDR_IOC_TRACK_CLEAR:
 		return bdr_ioctl_track_clear(r, file, uarg);
 	default:
@@ -1283,8 +1370,14 @@ static enum bdr_meta_verdict bdr_meta_map(struct bdr_meta *m, struct bdr_io *io)
 	}
 	m->writes++;
 	io->meta_counted = true;
-	if (bdr_regions(r, io->start, io->end, &first, &last) &&
-	    find_next_zero_bit(m->durable, last + 1, first) <= last) {
+	io->meta_epoch = m->cur;
+	m->epoch_writes[m->cur]++;
+	if (!bdr_regions(r, io->start, io->end, &first, &last)) {
+		spin_unlock_irqrestore(&m->lock, irqflags);
+		return v;
+	}
+	bitmap_set(m->epoch[m->cur], first, last - first + 1);
+	if (find_next_zero_bit(m->durable, last + 1, first) <= last) {
 		bitmap_set(m->bits, first, last - first + 1);
 		for (b = first / BDR_META_BITS; b <= last / BDR_META_BITS; b++)
 			__set_bit(b, m->dirty_blocks);
@@ -1296,13 +1389,21 @@ static enum bdr_meta_verdict bdr_meta_map(struct bdr_meta *m, struct bdr_io *io)
 	return v;
 }
 
-/* A counted write completed (and reserved its slots, or went to the bitmap). */
-static void bdr_meta_end(struct bdr_meta *m)
+/*
+ * A counted write completed (and reserved its slots, or went to the bitmap):
+ * its regions belong to the epoch it ends in too, which may be later than
+ * the one it was mapped in.
+ */
+static void bdr_meta_end(struct bdr_meta *m, struct bdr_io *io)
 {
 	unsigned long irqflags;
+	u32 first, last;
 
 	spin_lock_irqsave(&m->lock, irqflags);
 	m->writes--;
+	m->epoch_writes[io->meta_epoch]--;
+	if (bdr_regions(m->ring, io->start, io->end, &first, &last))
+		bitmap_set(m->epoch[m->cur], first, last - first + 1);
 	spin_unlock_irqrestore(&m->lock, irqflags);
 }
 
@@ -1722,14 +1823,14 @@ static int bdr_end_io(struct dm_target *ti, struct bio *bio, blk_status_t *error
 		return DM_ENDIO_DONE;
 	if (bdr_reserve(r, io, *error) == BDR_NOT_PUBLISHED) {
 		if (io->meta_counted)
-			bdr_meta_end(r->meta);
+			bdr_meta_end(r->meta, io);
 		if (io->tracked)
 			bdr_io_done(bc, io);
 		return DM_ENDIO_DONE;
 	}
 	/* Reserved before it stops counting: a clear then sees it in the ring. */
 	if (io->meta_counted)
-		bdr_meta_end(r->meta);
+		bdr_meta_end(r->meta, io);
 	/* Reserved: a write that overlaps this one now comes after it in the ring. */
 	if (io->tracked)
 		bdr_io_done(bc, io);
@@ -1771,9 +1872,10 @@ static void bdr_status(struct dm_target *ti, status_type_t type,
 		       st.records, st.bytes, st.dropped, st.failed,
 		       st.dirty_regions, st.overflows, st.next_seq);
 		if (r->meta)
-			DMEMIT(" tracked_regions=%u meta_writes=%llu meta_failed=%d",
+			DMEMIT(" tracked_regions=%u meta_writes=%llu meta_failed=%d meta_rotations=%llu",
 			       (unsigned int)bitmap_weight(r->meta->bits, r->nr_regions),
-			       READ_ONCE(r->meta->meta_writes), READ_ONCE(r->meta->error) ? 1 : 0);
+			       READ_ONCE(r->meta->meta_writes), READ_ONCE(r->meta->error) ? 1 : 0,
+			       READ_ONCE(r->meta->rotations));
 		break;
 	case STATUSTYPE_TABLE:
 		DMEMIT("%s %s %u %d region_sectors %u", bc->dev->name, r->name, r->nr_slots,
@@ -1808,7 +1910,7 @@ static void bdr_io_hints(struct dm_target *ti, struct queue_limits *limits)
 
 static struct target_type bdr_target = {
 	.name = "bdr",
-	.version = {1, 2, 0},
+	.version = {1, 3, 0},
 	.features = DM_TARGET_SINGLETON,
 	.module = THIS_MODULE,
 	.ctr = bdr_ctr,

@@ -132,6 +132,12 @@ class FakeRing:
         self.cleared.append((pos, generation))
         return not self.busy
 
+    def rotate_tracking(self, pos: int, ring_id: bytes, generation: int) -> bool:
+        if self.busy is None:
+            raise RingError("/dev/bdr_x: BDR_IOC_TRACK_ROTATE failed: Input/output error")
+        self.cleared.append((-pos, generation))
+        return not self.busy
+
 
 def test_the_client_clears_the_marks_when_in_sync_at_most_every_few_seconds(
     monkeypatch: pytest.MonkeyPatch,
@@ -160,6 +166,27 @@ def test_the_client_clears_the_marks_when_in_sync_at_most_every_few_seconds(
     c = tracking.Clearer(failing, R2)  # type: ignore[arg-type]
     c.in_sync(3, 1)
     assert not c.enabled
+
+
+def test_under_writes_the_client_rotates_the_epochs_at_most_every_few_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: now[0])
+    ring = FakeRing()
+    c = tracking.Clearer(ring, R2)  # type: ignore[arg-type]
+    c.acked(5, 1)
+    now[0] += 1
+    c.acked(8, 1)  # too soon
+    now[0] += tracking.CLEAR_EVERY
+    c.acked(11, 1)
+    assert ring.cleared == [(-5, 1), (-11, 1)]
+    c.in_sync(11, 1, force=True)  # a full clear after a rotation at the same position still happens
+    assert ring.cleared[-1] == (11, 1)
+    failing = FakeRing(busy=None)  # an older module, or a failed meta device: no more rotations
+    c = tracking.Clearer(failing, R2)  # type: ignore[arg-type]
+    c.acked(3, 1)
+    assert not c.rotating
 
 
 def test_setup_table_lines() -> None:

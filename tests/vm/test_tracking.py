@@ -1,7 +1,8 @@
 """Persistent change tracking in the 6.12 guest: a bdr target with a meta_device, ext4 on it, the source guest
 power-cut while an application writes; after the reboot the new target loads the marks and the client resyncs
 only the marked regions (bytes scanned printed, far below the device size), ending identical and fsck-clean.
-Without a meta_device a new target still means a scan of the whole device.  Then the target's own rules: a
+Without a meta_device a new target still means a scan of the whole device.  Under a load that never lets the
+ring empty, the marks of regions no longer written still go.  Then the target's own rules: a
 write whose mark cannot be written fails and leaves the device untouched, and table lines naming an unusable
 meta_device are refused with a message.
 """
@@ -84,12 +85,17 @@ def crashed(tmp_path_factory: pytest.TempPathFactory, lab_kernel: str, bdr_ko: P
         g1.run("for i in $(seq 20); do head -c 300K /dev/urandom > /tmp/mnt/base$i; done; sync")
         p.wait_synced()
         wait_cleared(g1)
-        # the application: files rewritten and fsync'd, over and over, until the power goes
+        # the application: files rewritten and fsync'd, over and over, and a file under steady direct writes
+        # that keep the ring from emptying (the client rotates the marks' epochs meanwhile), until the power goes
         g1.run(
             "nohup sh -c 'i=0; while :; do dd if=/dev/urandom of=/tmp/mnt/app$((i % 6)) bs=64K count=3"
             " conv=fsync status=none; i=$((i + 1)); done' > /dev/null 2>&1 &"
         )
-        time.sleep(4)
+        g1.run(
+            "nohup fio --name=hot --filename=/tmp/mnt/hot --size=1M --rw=randwrite --bs=4k --direct=1"
+            " --ioengine=libaio --iodepth=16 --time_based --runtime=600 > /dev/null 2>&1 &"
+        )
+        time.sleep(15)
         marked = int(status(g1, "rep")["tracked_regions"])
         assert marked > 0
         g1.power_cut()
@@ -139,6 +145,43 @@ def test_source_power_cut_resyncs_only_the_tracked_regions(crashed: Guest) -> No
     log = g.run(f"cat {p.client_log}").output
     assert re.search(r"scan \d+ \(hash\) of the whole device", log), log
     assert p.same_on_disk()
+    p.remove()
+
+
+def test_marks_of_regions_no_longer_written_go_while_writes_go_on(crashed: Guest) -> None:
+    """Under a steady write load that seldom lets the ring empty (fio, 100 writes a second on the first MiB, and
+    acknowledgements 200 ms away: netem on the loopback), the marks of a 16 MiB area written once meanwhile are
+    cleared by the client's epochs within a few of them (an epoch lasts 5 s), not kept until the load stops."""
+    g = crashed
+    setup_target(g, f"--meta-device {g.disk('meta')} --new-meta")
+    p = pair(g)
+    p.start_server()
+    p.start_client()
+    p.wait_synced()
+    g.run("modprobe sch_netem && tc qdisc add dev lo root netem delay 100ms")
+    g.run(
+        f"nohup fio --name=hot --filename={p.mapper} --rw=randwrite --bs=4k --size=1M --direct=1"
+        " --ioengine=libaio --iodepth=4 --rate_iops=100 --time_based --runtime=600 --randrepeat=0"
+        " > /tmp/fio-hot.out 2>&1 &"
+    )
+    try:
+        g.run(f"dd if=/dev/urandom of={p.mapper} bs=64K count=256 seek=256 oflag=direct status=none")
+        seen = [int(status(g, "rep")["tracked_regions"])]
+        # marked (an epoch may already have taken the first of them, if the dd outlasted it)
+        assert seen[0] >= 128, seen
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and seen[-1] > 32:
+            time.sleep(2)
+            seen.append(int(status(g, "rep")["tracked_regions"]))
+        print(f"marked regions while fio writes the first MiB: {seen}")
+        assert g.run("pgrep -x fio", check=False).rc == 0, "fio stopped early"
+        assert seen[-1] <= 32, f"the marks of the area written during the load stayed: {seen}"
+        assert int(status(g, "rep")["meta_rotations"]) > 0
+    finally:
+        g.run("pkill -x fio; while pgrep -x fio >/dev/null; do sleep 0.2; done; tc qdisc del dev lo root")
+    p.wait_synced()
+    assert p.same_on_disk()
+    g.check_kernel_log()
     p.remove()
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from .. import wire as p
 from ..daemon.errors import ConnectionLost
 from ..kernel import abi
-from ..kernel.ring import Batch
+from ..kernel.ring import Batch, RingConsumer
 from ..scan.verify import VerifyJob
 from ..security import auth, tls
 from ..seq import fmt_seq
@@ -375,6 +375,7 @@ class ClientSession:
             head = ring.head()
             pending = self.replication.pending_dirty
             limit = head if pending is None else min(head, pending.ring_head)
+            self._rotate_marks(ring)
             job = self.client.verify
             if (
                 job is not None
@@ -422,6 +423,15 @@ class ClientSession:
             self.client.report_bench(self)
             quiet = ring.is_chardev and not self.inflight and ring.tail == head
             self.pump(wait=0.5 if quiet else 0.002, ring_too=quiet)
+
+    def _rotate_marks(self, ring: RingConsumer) -> None:
+        """While writes go on: the marks of the regions not written lately may go (tracking.Clearer.acked), if
+        the replica is a consistent copy holding every record before the tail and no resync is due."""
+        rs, tracker = self.replication, self.client.tracker
+        if tracker is None or rs.pending_dirty is not None or rs.unzeroed or rs.force_scan:
+            return
+        if rs.replica_consistent and not ring.state():
+            tracker.acked(ring.tail, self.client.generation_id())
 
     def drain(self) -> None:
         """Stop: send what the ring holds (for a few seconds at most), wait for it to be durable, say goodbye."""

@@ -1,7 +1,9 @@
 """The source's persistent change tracking (the target's ``meta_device``), from the client's side.
 
 The target marks a region on its meta device before any write to it reaches the disk; only the client clears
-the marks, when the replica holds every write up to the ring head, naming that ring and position.  After a
+the marks: all of them when the replica holds every write up to the ring head, naming that ring and position;
+and while writes go on, those of the regions not written in the kernel's current epoch, once the replica holds
+every write before it (an epoch lasts CLEAR_EVERY seconds or more).  After a
 crash or a reboot the new target loads the marks into its dirty bitmap (``State.RECOVERED``): if the replica
 still stands at or after the point of the last clear, and nothing else wrote it since (WELCOME ``TRACKABLE``),
 a resync of only the marked regions brings it up to date, instead of a scan of the whole device.
@@ -57,6 +59,7 @@ class Clearer:
         self.enabled = ring.tracking() is not None
         self.cleared_at: tuple[int, int] | None = None  # ring position and generation of the last clear
         self.last = -CLEAR_EVERY
+        self.rotating = self.enabled  # off with a module that cannot rotate: the marks go only when in sync
 
     def in_sync(self, pos: int, generation: int, force: bool = False) -> None:
         """The replica durably holds every record before ring position ``pos`` and every dirty region taken;
@@ -76,3 +79,27 @@ class Clearer:
         if cleared:
             self.cleared_at = (pos, generation)
             log.debug("change tracking cleared at ring position %d", pos)
+
+    def acked(self, tail: int, generation: int) -> None:
+        """While writes go on: the replica durably holds every record before ring position ``tail`` and every
+        dirty region taken.  At most every CLEAR_EVERY seconds, the marks of the regions not written since the
+        last such call go (an epoch of the kernel's), so that they cover only recent writes."""
+        if not self.enabled or not self.rotating:
+            return
+        now = time.monotonic()
+        if now - self.last < CLEAR_EVERY:
+            return
+        self.last = now
+        try:
+            rotated = self.ring.rotate_tracking(tail, self.ring_id, generation)
+        except RingError as exc:
+            self.rotating = False
+            log.error(
+                "%s: the marks are cleared only when the replica is in sync until bdr_client restarts (a crash "
+                "under a steady load then resyncs more)",
+                exc,
+            )
+            return
+        if rotated:
+            self.cleared_at = None
+            log.debug("change tracking: marks of the regions not written since the last epoch cleared")

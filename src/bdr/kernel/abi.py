@@ -212,6 +212,7 @@ BDR_IOC_STATUS = _ioc(_IOC_READ, 2, ctypes.sizeof(Status))
 BDR_IOC_TAKE_DIRTY = _ioc(_IOC_READ | _IOC_WRITE, 3, ctypes.sizeof(Dirty))
 BDR_IOC_TRACK_INFO = _ioc(_IOC_READ, 4, ctypes.sizeof(Track))
 BDR_IOC_TRACK_CLEAR = _ioc(_IOC_WRITE, 5, ctypes.sizeof(TrackClear))
+BDR_IOC_TRACK_ROTATE = _ioc(_IOC_WRITE, 6, ctypes.sizeof(TrackClear))
 
 RECORD_SIZE = ctypes.sizeof(Record)
 SLOT_BYTES = RECORD_SIZE + BDR_SLOT_DATA  # memory one "write" of buffer_size_in_writes costs

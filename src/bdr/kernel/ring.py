@@ -482,16 +482,26 @@ class RingConsumer:
         """BDR_IOC_TRACK_CLEAR: the replica durably holds every record before ``pos`` and every region of
         every bitmap taken; ``ring_id`` (the client's name of this ring) is kept with ``pos``.  False if the
         kernel saw a write in flight or a record after ``pos`` (try later)."""
+        return self._track_ioctl(abi.BDR_IOC_TRACK_CLEAR, "BDR_IOC_TRACK_CLEAR", pos, ring_id, generation)
+
+    def rotate_tracking(self, pos: int, ring_id: bytes, generation: int) -> bool:
+        """BDR_IOC_TRACK_ROTATE, while writes go on: the replica durably holds every record before ``pos`` (the
+        tail) and every region of every bitmap taken.  The kernel clears the marks of the regions not written
+        in its current epoch if every write of the earlier ones is before ``pos``, and begins a new epoch; the
+        current epoch's start becomes the clear point kept with ``ring_id``.  False: not yet (try later)."""
+        return self._track_ioctl(abi.BDR_IOC_TRACK_ROTATE, "BDR_IOC_TRACK_ROTATE", pos, ring_id, generation)
+
+    def _track_ioctl(self, req: int, name: str, pos: int, ring_id: bytes, generation: int) -> bool:
         c = abi.TrackClear()
         c.pos = pos
         c.ring[:] = ring_id
         c.generation = generation
         try:
-            fcntl.ioctl(self._fd, abi.BDR_IOC_TRACK_CLEAR, c, True)
+            fcntl.ioctl(self._fd, req, c, True)
         except OSError as exc:
             if exc.errno == errno.EBUSY:
                 return False
-            raise RingError(f"{self.path}: BDR_IOC_TRACK_CLEAR failed: {exc.strerror}") from exc
+            raise RingError(f"{self.path}: {name} failed: {exc.strerror}") from exc
         return True
 
     def close(self) -> None:
