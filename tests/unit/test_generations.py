@@ -174,6 +174,13 @@ def test_the_client_counts_the_bytes_written_in_its_generation(tmp_path: Path) -
         # a restart on the same ring counts only the records after the stored position
         prod.write(0, bytes(4096), block=True)
         assert WrittenCount(cons, b"r" * 16, stored).now()[0] == 12288 + 4096
+        # a start after a crash begins a new generation: it counts only the records after the stored position
+        path = tmp_path / "meta"
+        write_metadata(path, stored.with_(flags=MetaFlag.ACKED))
+        after = load_or_create(path)
+        assert after.generations.past[-1][0] == stored.generations.current
+        assert after.generations.written == (12288, 0)
+        assert WrittenCount(cons, b"r" * 16, after).now()[0] == 4096
         # on another ring, all of that ring's records (here the last 4096 of the 8192 write, and the new 4096)
         assert WrittenCount(cons, b"x" * 16, stored).now()[0] == 12288 + 4096 + 4096
         # a new generation begins with the record at position 5

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import random
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from bdr import wire as p
 from bdr.client import Client, ClientSession, Stopping
+from bdr.generations import Generations
 from bdr.journal import JFlag, Journal
 from bdr.server import Applier, Replica, ServerSession, SessionClosed
 from bdr.testing.ring_producer import RingProducer
@@ -69,8 +71,9 @@ class MemServer:
         self.journal.close()
 
 
-def client_for(tmp: Path, **flags: bool) -> Client:
+def client_for(tmp: Path, metadata: Path | None = None, **flags: bool) -> Client:
     args = argparse.Namespace(
+        metadata=str(metadata) if metadata is not None else None,
         address="memory",
         port=1,
         control_device=str(tmp / "ring"),
@@ -350,3 +353,30 @@ def test_resync_pending_is_on_disk_before_the_bitmap_is_taken(tmp_path: Path) ->
     assert isinstance(w, p.Welcome) and w.flags & p.WelcomeFlag.SCANNING
     with pytest.raises(SessionClosed):
         talk(sess2, c2, p.ScanBegin(3, p.ScanMode.HASH, p.ScanFlag.NONE, 65536))
+
+
+def test_a_server_older_than_the_written_counts_gets_the_history_without_them(
+    setup: tuple[Path, RingProducer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bdr_server that knows generations but not their written counts refuses a HELLO carrying them
+    (BAD_LENGTH): the client then sends the history without them, and replication goes on."""
+    tmp, prod = setup
+
+    def older(data: bytes | memoryview) -> int:  # the history's size as such a server reads it
+        count: int = struct.unpack_from("<H", data)[0]
+        return 12 + 16 * count
+
+    monkeypatch.setattr(Generations, "encoded_size", staticmethod(older))
+    server = MemServer(tmp)
+    client = client_for(tmp, metadata=tmp / "source.meta")
+    assert client.hello_counts
+    refused = Run(client, server)
+    refused.thread.join(20)
+    assert isinstance(refused.error, p.PeerError) and refused.error.code is p.ErrorCode.BAD_LENGTH
+    assert not client.hello_counts
+    run = Run(client, server)
+    run.wait_streaming()
+    random_writes(prod, 20, seed=3)
+    run.stop()
+    assert run.error is None
+    assert same(tmp)

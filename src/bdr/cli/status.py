@@ -170,8 +170,8 @@ def print_status(report: dict[str, list[dict[str, object]]]) -> None:
         split = srv.get("split_brain")
         if isinstance(split, dict):
             print(
-                f"{'':<7}SPLIT BRAIN: written since the split: source's side {written_text(split['source_written'])}, "
-                f"this replica's {written_text(split['replica_written'])}"
+                f"{'':<7}at the last connect, SPLIT BRAIN: written since the split: source's side "
+                f"{written_text(split['source_written'])}, this replica's {written_text(split['replica_written'])}"
             )
 
 

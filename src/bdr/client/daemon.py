@@ -92,7 +92,9 @@ class Client:
             raise ClientError(str(exc)) from exc
         self.source_id = source_identity(src, self.dev_size)
         self.ring_id = oneshot_ring_identity(src, self.dev_size) if self.oneshot else ring_identity(self.ring)
-        # the bytes written in the current generation (shown at a split brain)
+        # the bytes written in the current generation (shown at a split brain), sent in HELLO unless the server
+        # is older than the counts
+        self.hello_counts = True
         self.written = (
             WrittenCount(self.ring, self.ring_id, self.meta)
             if self.meta is not None and not self.oneshot

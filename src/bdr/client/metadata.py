@@ -152,8 +152,10 @@ def load_or_create(path: Path) -> SourceMeta:
         return meta
     log.info("source metadata %s: %s", path, meta.describe())
     if meta.acked and meta.synced is None:
-        # the count of the generation that ends is what was stored; the ring's records since are the new one's
-        meta = SourceMeta(meta.generations.successor(NO_SEQ))
+        # the count of the generation that ends is what was stored; the ring's records after it are the new one's
+        meta = SourceMeta(
+            meta.generations.successor(NO_SEQ), counted_ring=meta.counted_ring, counted_pos=meta.counted_pos
+        )
         write_metadata(path, meta)
         log.warning(
             "the last bdr_client did not stop in sync: writes it never sent may be on the source; %s begins",

@@ -209,14 +209,28 @@ class ClientSession:
         c = self.client
         if self.auth is not None:
             self.authenticate()
+        gens = c.generations
+        counted = gens is not None and gens.written is not None and c.hello_counts
+        if gens is not None and not counted:
+            gens = gens.bare()
         self.send(
             self.conn.send(
-                p.Hello(
-                    p.PROTOCOL_VERSION, p.ALL_FEATURES, 512, c.dev_size, c.source_id, c.ring_id, c.generations
-                )
+                p.Hello(p.PROTOCOL_VERSION, p.ALL_FEATURES, 512, c.dev_size, c.source_id, c.ring_id, gens)
             )
         )
-        self.wait_for("WELCOME", lambda: self.welcome is not None)
+        try:
+            self.wait_for("WELCOME", lambda: self.welcome is not None)
+        except p.PeerError as exc:
+            if counted and exc.code in (p.ErrorCode.BAD_LENGTH, p.ErrorCode.BAD_FIELD):
+                # a bdr_server from before the written counts: the next HELLO carries the history without them
+                c.hello_counts = False
+                log.warning(
+                    "server %s refused the generation history with written counts (%s): it predates them; "
+                    "sending it without them from now on (upgrade bdr_server to see them at a split brain)",
+                    c.server_text,
+                    exc.message,
+                )
+            raise
         assert self.welcome is not None
         return self.welcome
 
