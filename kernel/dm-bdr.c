@@ -1114,30 +1114,47 @@ static bool bdr_block_marked(struct bdr_meta *m, u32 nr)
 	return find_next_bit(m->bits, start + BDR_META_BITS, start) < start + BDR_META_BITS;
 }
 
+/* The argument of a TRACK_CLEAR or TRACK_ROTATE, from a writer of a ring with a meta_device. */
+static long bdr_track_arg(struct bdr_ring *r, struct file *file, void __user *arg,
+			  struct bdr_track_clear *c)
+{
+	if (!r->meta)
+		return -EOPNOTSUPP;
+	if (!(file->f_mode & FMODE_WRITE))
+		return -EBADF;
+	if (copy_from_user(c, arg, sizeof(*c)))
+		return -EFAULT;
+	return 0;
+}
+
+/* Under the meta lock and the ring lock: may the marks change at all? */
+static long bdr_track_usable(struct bdr_ring *r)
+{
+	if (r->dead || r->meta->dying)
+		return -ENODEV;
+	if (r->meta->error)
+		return -EIO;
+	return 0;
+}
+
 static long bdr_ioctl_track_clear(struct bdr_ring *r, struct file *file, void __user *arg)
 {
 	struct bdr_meta *m = r->meta;
 	struct bdr_track_clear c;
 	unsigned long irqflags;
 	bool empty;
-	long ret = 0;
+	long ret;
 	u32 nr;
 
-	if (!m)
-		return -EOPNOTSUPP;
-	if (!(file->f_mode & FMODE_WRITE))
-		return -EBADF;
-	if (copy_from_user(&c, arg, sizeof(c)))
-		return -EFAULT;
+	ret = bdr_track_arg(r, file, arg, &c);
+	if (ret)
+		return ret;
 
 	spin_lock_irqsave(&m->lock, irqflags);
 	spin_lock(&r->lock);
-	if (r->dead || m->dying)
-		ret = -ENODEV;
-	else if (m->error)
-		ret = -EIO;
-	else if (m->writes || r->head != c.pos || r->reserve != r->head ||
-		 (r->state & (BDR_STATE_OVERFLOW | BDR_STATE_DIRTY | BDR_STATE_RECOVERED)))
+	ret = bdr_track_usable(r);
+	if (!ret && (m->writes || r->head != c.pos || r->reserve != r->head ||
+		     (r->state & (BDR_STATE_OVERFLOW | BDR_STATE_DIRTY | BDR_STATE_RECOVERED))))
 		ret = -EBUSY;
 	spin_unlock(&r->lock);
 	if (!ret) {
@@ -1181,25 +1198,19 @@ static long bdr_ioctl_track_rotate(struct bdr_ring *r, struct file *file, void _
 	size_t w, words = BDR_META_BLOCK / sizeof(unsigned long);
 	unsigned long *keep, irqflags;
 	unsigned int prev;
-	long ret = 0;
+	long ret;
 	u32 nr;
 
-	if (!m)
-		return -EOPNOTSUPP;
-	if (!(file->f_mode & FMODE_WRITE))
-		return -EBADF;
-	if (copy_from_user(&c, arg, sizeof(c)))
-		return -EFAULT;
+	ret = bdr_track_arg(r, file, arg, &c);
+	if (ret)
+		return ret;
 
 	spin_lock_irqsave(&m->lock, irqflags);
 	spin_lock(&r->lock);
 	prev = m->cur ^ 1;
-	if (r->dead || m->dying)
-		ret = -ENODEV;
-	else if (m->error)
-		ret = -EIO;
-	else if (m->epoch_writes[prev] || c.pos < m->epoch_start || c.pos > bdr_consumer_tail(r) ||
-		 (r->state & (BDR_STATE_OVERFLOW | BDR_STATE_DIRTY | BDR_STATE_RECOVERED)))
+	ret = bdr_track_usable(r);
+	if (!ret && (m->epoch_writes[prev] || c.pos < m->epoch_start || c.pos > bdr_consumer_tail(r) ||
+		     (r->state & (BDR_STATE_OVERFLOW | BDR_STATE_DIRTY | BDR_STATE_RECOVERED))))
 		ret = -EBUSY;
 	if (!ret) {
 		keep = m->epoch[m->cur];

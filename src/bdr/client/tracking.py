@@ -61,15 +61,19 @@ class Clearer:
         self.last = -CLEAR_EVERY
         self.rotating = self.enabled  # off with a module that cannot rotate: the marks go only when in sync
 
+    def _due(self, force: bool = False) -> bool:
+        """CLEAR_EVERY seconds since the last clear or rotation asked for (or ``force``): this one is asked."""
+        now = time.monotonic()
+        if not force and now - self.last < CLEAR_EVERY:
+            return False
+        self.last = now
+        return True
+
     def in_sync(self, pos: int, generation: int, force: bool = False) -> None:
         """The replica durably holds every record before ring position ``pos`` and every dirty region taken;
         ``generation``: the source's current one."""
-        if not self.enabled or (pos, generation) == self.cleared_at:
+        if not self.enabled or (pos, generation) == self.cleared_at or not self._due(force):
             return
-        now = time.monotonic()
-        if not force and now - self.last < CLEAR_EVERY:
-            return
-        self.last = now
         try:
             cleared = self.ring.clear_tracking(pos, self.ring_id, generation)
         except RingError as exc:
@@ -84,12 +88,8 @@ class Clearer:
         """While writes go on: the replica durably holds every record before ring position ``tail`` and every
         dirty region taken.  At most every CLEAR_EVERY seconds, the marks of the regions not written since the
         last such call go (an epoch of the kernel's), so that they cover only recent writes."""
-        if not self.enabled or not self.rotating:
+        if not self.enabled or not self.rotating or not self._due():
             return
-        now = time.monotonic()
-        if now - self.last < CLEAR_EVERY:
-            return
-        self.last = now
         try:
             rotated = self.ring.rotate_tracking(tail, self.ring_id, generation)
         except RingError as exc:
