@@ -162,6 +162,11 @@ def condition(h: Header) -> Condition:
     return Condition.CONSISTENT
 
 
+def demoted_intact(h: Header) -> bool:
+    """The device is as ``bdr demote`` left it: consistent, and no resync or stream adopted a source since."""
+    return condition(h) is Condition.CONSISTENT and not h.flags & JFlag.SOURCE_KNOWN
+
+
 # -- transitions ----------------------------------------------------------------------------------------------
 
 

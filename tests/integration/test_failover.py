@@ -22,6 +22,8 @@ from bdr.client.metadata import read_metadata, write_metadata
 from bdr.generations import fmt_id
 from bdr.journal import Journal
 from bdr.kernel.ring import RingConsumer
+from bdr.seq import NO_SEQ, next_seq
+from bdr.testing.meta_area import pack_meta_area
 from bdr.testing.ring_producer import RingProducer
 
 from .conftest import DEV, SLOTS, Daemon, Lab, Writer, free_port
@@ -246,4 +248,82 @@ def test_switchover_after_a_stop_in_sync_streams_without_a_scan(lab: Lab, same_r
         assert "streams its generation from its first write" in srv_a.log()
     else:
         assert scanned and "no scan" not in cl_b.log(), cl_b.log()
+    prod_b.close()
+
+
+@pytest.mark.parametrize("cleared", ["at-the-promotion-point", "after-it"])
+def test_failback_resyncs_only_the_regions_the_old_source_marked(lab: Lab, cleared: str) -> None:
+    """A is lost with writes B never had; B is promoted (bdr promote --name: a ring created with the new
+    generation) and written.  A is demoted with its meta device: its marks, last cleared at the point B held,
+    are kept in A's journal and offered to B, which resyncs only those regions and then streams its writes since
+    the promotion from its ring.  Marks cleared after that point could miss A's writes: B scans the whole device.
+    Both end identical."""
+    a_meta, b_meta = lab.tmp / "a.meta", lab.tmp / "b.meta"
+    a_journal, a_track = lab.tmp / "a.journal", lab.tmp / "a.track"
+    lab.images(src_random=True)
+    prod_a = lab.make_producer()
+    srv_b = lab.server()
+    srv_b.wait_log("listening on")
+    cl_a = lab.client("--metadata", str(a_meta))
+    Writer(prod_a, 200, seed=1).join()
+    lab.wait_drained()
+    cl_a.kill()
+    with RingConsumer(lab.ring, dev_size=DEV) as ring:
+        ring_a = ring_identity(ring)
+    lost = [7, 300, 301, 5000]  # A's writes that never reached B (4 KiB blocks)
+    for blk in lost:
+        prod_a.write(blk * 4096, random.Random(blk).randbytes(4096), block=True)
+    assert srv_b.stop() == 0
+    prod_a.close()
+    lab.producer = None
+    promote_replica(lab, b_meta)
+    meta_b = read_metadata(b_meta)
+    meta_a = read_metadata(a_meta)
+    assert meta_b is not None and meta_a is not None
+    assert meta_b.base_ring == ring_a and meta_b.base_seq != NO_SEQ, meta_b
+    ring_b = lab.tmp / "ring-b"
+    prod_b = RingProducer(ring_b, SLOTS, DEV, source=lab.replica)
+    Writer(prod_b, 200, seed=2).join()  # B is written before it reaches A
+    with RingConsumer(ring_b, dev_size=DEV) as ring:
+        write_metadata(b_meta, meta_b.with_(gen_ring=ring_identity(ring)))
+    # A's meta device: its lost writes' regions (64 KiB) marked, and one region it did not write
+    region = 64 << 10
+    marked = sorted({blk * 4096 // region for blk in lost} | {200})
+    pos = next_seq(meta_b.base_seq) + (1 if cleared == "after-it" else 0)
+    a_track.write_bytes(pack_meta_area(DEV, region, ring_a, pos, meta_a.generations.current, marked))
+    res = cli("demote", "--journal", str(a_journal), "--metadata", str(a_meta), "--meta-device", str(a_track))
+    assert res.returncode == 0, res.stderr
+    assert f"kept the marks of {a_track}: {len(marked)} ranges, {len(marked) * region} bytes" in res.stdout
+    port = free_port()
+    srv_a = start(
+        lab,
+        "server-a",
+        *["bdr.server", "--address", "127.0.0.1", "--port", str(port), "--verbose"],
+        *["--target-device", str(lab.src), "--journal", str(a_journal)],
+    )
+    srv_a.wait_log("listening on")
+    client_b = ["bdr.client", "--address", "127.0.0.1", "--port", str(port), "--verbose"]
+    client_b += [
+        "--metadata",
+        str(b_meta),
+        "--control-device",
+        str(ring_b),
+        "--source-device",
+        str(lab.replica),
+    ]
+    cl_b = start(lab, "client-b", *client_b)
+    Writer(prod_b, 100, seed=3).join()
+    drained(prod_b, cl_b)
+    assert lab.identical()
+    log = cl_b.log()
+    assert "offering the marks kept when this device was demoted" in srv_a.log()
+    if cleared == "after-it":
+        assert "but they were last cleared at seq" in log and "of the whole device" in log, log
+        return
+    scan = re.search(r"scan \d+ \(hash\) of (\d+) marked extents \((\d+) bytes\)", log)
+    assert scan and int(scan.group(2)) == len(marked) * region, log
+    assert "of the whole device" not in log, log
+    done = re.search(r"scan \d+ done in .*: (\d+) blocks compared, (\d+) differed", log)
+    assert done and int(done.group(1)) == len(marked) * region // 4096, log
+    assert 0 < int(done.group(2)) <= len(lost) + 200, log  # A's lost blocks, and B's writes the scan read
     prod_b.close()

@@ -57,5 +57,6 @@ def test_the_server_may_send() -> None:
             M.SCAN_DONE: st,
             M.ERROR: State.CLOSED,
             M.GOODBYE: State.CLOSED,
+            **({M.MARKS: State.READY} if st is State.READY else {}),  # after WELCOME, before STREAM or a scan
         }
     assert allowed(State.CLOSED, S) == {}

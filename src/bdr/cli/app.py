@@ -183,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the source's bdr target (mapper name), still set up: bdr demote removes it, and if nothing was "
         "written since bdr_client stopped in sync, the promoted side needs no resync (a planned switchover)",
     )
+    de.add_argument(
+        "--meta-device",
+        metavar="DEV",
+        help="the source's change tracking (bdr setup --meta-device), when its target is gone (a crash or a "
+        "reboot; with --name, the target's own is read): its marks are kept in the journal, and the promoted "
+        "side resyncs only the regions they mark instead of the whole device",
+    )
     return p
 
 
@@ -245,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return roles.do_promote(args.journal, args.target_device, args.metadata, args.force, new_target)
         elif args.command == "demote":
-            return roles.do_demote(args.journal, args.metadata, args.name)
+            return roles.do_demote(args.journal, args.metadata, args.name, args.meta_device)
         elif args.command == "verify":
             try:
                 return verify.verify(args.name, args.run_dir, args.json)

@@ -10,10 +10,19 @@ from pathlib import Path
 
 from .. import replica_state
 from ..client.identity import ring_identity
-from ..client.metadata import MetadataError, SourceMeta, WrittenCount, read_metadata, write_metadata
-from ..generations import Generations
+from ..client.metadata import (
+    NO_RING,
+    MetadataError,
+    SourceMeta,
+    WrittenCount,
+    read_metadata,
+    write_metadata,
+)
+from ..generations import Generations, fmt_id
 from ..journal import JFlag, Journal, JournalError
+from ..journal.marks import FailbackMarks
 from ..kernel.layout import RingError
+from ..kernel.meta import MetaError, read_marks
 from ..kernel.ring import RingConsumer
 from ..seq import NO_SEQ, fmt_seq, prev_seq
 from ..server.daemon import open_record_area
@@ -71,7 +80,11 @@ def promote(
         end = jh.durable_seq if jh.flags & JFlag.SEQ_VALID else NO_SEQ
         old = jh.generations if jh.generations is not None else Generations.first()
         gens = old.successor(end)
-        write_metadata(Path(metadata), SourceMeta(gens))
+        # where the replica stood in the old source's ring: a demoted old source's marks cleared at or before
+        # it hold every write the old source made after it
+        base_ring = jh.ring_id if jh.flags & JFlag.SEQ_VALID and end != NO_SEQ else NO_RING
+        base = SourceMeta(gens, base_ring=base_ring, base_seq=end if base_ring != NO_RING else NO_SEQ)
+        write_metadata(Path(metadata), base)
         journal.store(replica_state.promoted(jh, gens))
     except MetadataError as exc:
         raise RoleError(str(exc)) from exc
@@ -89,7 +102,7 @@ def promote(
         # source, once demoted after a stop in sync, needs only those (no resync)
         try:
             ring = _ring_id(plan.chardev)
-            write_metadata(Path(metadata), SourceMeta(gens, gen_ring=ring, counted_ring=ring))
+            write_metadata(Path(metadata), base.with_(gen_ring=ring, counted_ring=ring))
         except (MetadataError, RingError) as exc:
             raise RoleError(str(exc)) from exc
     return gens
@@ -103,13 +116,17 @@ def _ring_id(chardev: str) -> bytes:
         ring.close()
 
 
-def demote(journal_path: str, metadata: str, name: str | None = None) -> tuple[SourceMeta | None, bool]:
+def demote(
+    journal_path: str, metadata: str, name: str | None = None, meta_device: str | None = None
+) -> tuple[SourceMeta | None, bool]:
     """A source (its bdr_client stopped) becomes a replica: the journal its bdr_server will use takes the
     source's generation history, and no resume point in any ring.  With ``name`` (the source's bdr target,
     still set up) the target is removed here: suspended first, so that nothing is written between the check
     and the removal, then, if its ring is empty and its last write is the one the client stopped in sync at,
     the journal says the device holds the generation exactly up to that seq (the promoted side then streams
-    its writes since, with no scan).  Returns the metadata, and whether the device is at that point."""
+    its writes since, with no scan).  The marks of the target's meta device (``meta_device``, or the one in
+    its table) are kept in the journal when they hold every write since the replica's last point: the promoted
+    side then resyncs only those regions.  Returns the metadata, and whether the device is at that point."""
     try:
         meta = read_metadata(Path(metadata))
         journal = Journal(journal_path, lock="bdr demote")
@@ -118,7 +135,8 @@ def demote(journal_path: str, metadata: str, name: str | None = None) -> tuple[S
     try:
         at: int | None = None
         if name is not None:
-            ring, last, written = _remove_target(name, meta)
+            ring, last, written, table_meta = _remove_target(name, meta)
+            meta_device = meta_device or table_meta
             if meta is not None and written is not None:
                 meta = meta.with_(generations=meta.generations.with_written(written))
             if (
@@ -140,10 +158,55 @@ def demote(journal_path: str, metadata: str, name: str | None = None) -> tuple[S
                     + "): the next client resyncs this device",
                     file=sys.stderr,
                 )
+        journal.store_marks(_failback_marks(meta_device, meta))
         journal.store(replica_state.demoted(journal.header, meta.generations if meta else None, at))
+    except JournalError as exc:
+        raise RoleError(str(exc)) from exc
     finally:
         journal.close()
     return meta, at is not None
+
+
+def _failback_marks(meta_device: str | None, meta: SourceMeta | None) -> FailbackMarks | None:
+    """The marks of ``meta_device`` to keep, if they hold every write of this source since its replica's last
+    point: they were last cleared in its current generation (at a point the replica held)."""
+    if meta_device is None:
+        return None
+    try:
+        m = read_marks(meta_device)
+    except MetaError as exc:
+        print(f"bdr demote: {exc}: the promoted side resyncs the whole device", file=sys.stderr)
+        return None
+    why = None
+    if meta is None:
+        why = "the source kept no generations"
+    elif m.clear_ring == NO_RING:
+        why = "they were never cleared (they do not say what the replica held)"
+    elif m.clear_generation != meta.generations.current:
+        why = (
+            f"they were last cleared in generation {fmt_id(m.clear_generation)}, not in this source's current "
+            f"one ({fmt_id(meta.generations.current)})"
+        )
+    if why is not None or meta is None:
+        print(f"bdr demote: not keeping the marks of {meta_device}: {why}", file=sys.stderr)
+        return None
+    print(
+        f"bdr demote: kept the marks of {meta_device}: {len(m.extents)} ranges, {m.marked_bytes} bytes that may "
+        "hold writes the replica never had"
+    )
+    return FailbackMarks(meta.generations.current, m.dev_size, m.clear_ring, m.clear_pos, m.extents)
+
+
+def _dev_path(dev: str) -> str:
+    """A device of a table line (a path, or major:minor) as a path."""
+    if dev.startswith("/"):
+        return dev
+    try:
+        uevent = Path(f"/sys/dev/block/{dev}/uevent").read_text()
+    except OSError:
+        return f"/dev/block/{dev}"
+    names = [line.split("=", 1)[1] for line in uevent.splitlines() if line.startswith("DEVNAME=")]
+    return f"/dev/{names[0]}" if names else f"/dev/block/{dev}"
 
 
 def _dmsetup(*args: str) -> str:
@@ -153,15 +216,17 @@ def _dmsetup(*args: str) -> str:
     return res.stdout
 
 
-def _remove_target(name: str, meta: SourceMeta | None) -> tuple[bytes, int, int | None]:
+def _remove_target(name: str, meta: SourceMeta | None) -> tuple[bytes, int, int | None, str | None]:
     """Remove the bdr target ``name`` once nothing uses it: its ring's identity, the seq of the last write
-    it captured (NO_SEQ: none, or its ring still held records or had overflowed), and the bytes written in the
-    current generation of ``meta`` counting what the ring still held (None: no metadata)."""
+    it captured (NO_SEQ: none, or its ring still held records or had overflowed), the bytes written in the
+    current generation of ``meta`` counting what the ring still held (None: no metadata), and its meta device
+    (None: none)."""
     if shutil.which("dmsetup") is None:
         raise RoleError("dmsetup not found: install the dmsetup package")
     table = _dmsetup("table", name).split()
     if len(table) < 6 or table[2] != "bdr":
         raise RoleError(f"/dev/mapper/{name} is not a bdr target")
+    meta_dev = _dev_path(table[table.index("meta_device") + 1]) if "meta_device" in table[6:] else None
     info = _dmsetup("info", "-c", "--noheadings", "-o", "open", name).strip()
     if info != "0":
         raise RoleError(f"/dev/mapper/{name} is in use ({info} open): unmount it and stop what uses it first")
@@ -187,7 +252,7 @@ def _remove_target(name: str, meta: SourceMeta | None) -> tuple[bytes, int, int 
         raise
     empty = st.get("fill", "").startswith("0/") and st.get("state") == "capturing"
     nseq = int(st.get("next_seq", "0"))
-    return ring, prev_seq(nseq) if empty and nseq else NO_SEQ, written
+    return ring, prev_seq(nseq) if empty and nseq else NO_SEQ, written, meta_dev
 
 
 def _gens(g: Generations | None) -> str:
@@ -214,9 +279,9 @@ def do_promote(journal: str, replica: str, metadata: str, force: bool, plan: Set
     return 0
 
 
-def do_demote(journal: str, metadata: str, name: str | None) -> int:
+def do_demote(journal: str, metadata: str, name: str | None, meta_device: str | None = None) -> int:
     try:
-        meta, exact = demote(journal, metadata, name)
+        meta, exact = demote(journal, metadata, name, meta_device)
     except RoleError as exc:
         print(f"bdr demote: {exc}", file=sys.stderr)
         return 1

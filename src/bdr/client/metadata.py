@@ -23,6 +23,15 @@ the records of ring ``counted_ring`` before ring position ``counted_pos``, at by
 A client that starts on that ring adds the records from ``counted_pos`` on; on another ring (the host rebooted),
 all of that ring's records.  ``WrittenCount`` keeps the count while the client runs.
 
+A generation that ``bdr promote`` began records what the replica held then, at byte 2072: the source's ring
+and the last seq of it the replica held (the past generation's end).  A demoted old source's marks that were last
+cleared at or before that point in that ring hold every write the old source made after it::
+
+    2072        2088       2096
+    +-----------+----------+
+    | base_ring | base_seq |
+    +-----------+----------+
+
 It is replaced whole: written to a temporary file, synced, renamed over the old one, and the directory synced,
 so a crash leaves the old block or the new one, never a torn one.
 """
@@ -48,6 +57,8 @@ MAGIC = b"BDRSMETA"
 _FIXED = struct.Struct("<8sIIQ16s16s")
 _COUNTED = struct.Struct("<16sQ")
 _COUNTED_AT = 2048
+_BASE = struct.Struct("<16sQ")
+_BASE_AT = _COUNTED_AT + _COUNTED.size
 NO_RING = bytes(16)
 
 
@@ -66,6 +77,8 @@ class SourceMeta:
     gen_ring: bytes = NO_RING  # the ring created with the current generation (NO_RING: not known)
     counted_ring: bytes = NO_RING  # the current generation's written count covers this ring's records ...
     counted_pos: int = 0  # ... before this position
+    base_ring: bytes = NO_RING  # bdr promote: the replica held the old source's ring base_ring ...
+    base_seq: int = NO_SEQ  # ... up to this seq when the current generation began
 
     @property
     def acked(self) -> bool:
@@ -104,20 +117,35 @@ def read_metadata(path: Path) -> SourceMeta | None:
         )
     _, flags, _, synced, synced_ring, gen_ring = _FIXED.unpack_from(block)
     counted_ring, counted_pos = _COUNTED.unpack_from(block, _COUNTED_AT)
+    base_ring, base_seq = _BASE.unpack_from(block, _BASE_AT)
     try:
         gens = Generations.unpack(memoryview(block)[_FIXED.size :])
     except GenerationsError as exc:
         raise MetadataError(f"source metadata {path}: {exc}") from None
     if gens is None:
         raise MetadataError(f"source metadata {path} holds no generation")
-    return SourceMeta(gens, MetaFlag(flags & 0x3), synced, synced_ring, gen_ring, counted_ring, counted_pos)
+    return SourceMeta(
+        gens,
+        MetaFlag(flags & 0x3),
+        synced,
+        synced_ring,
+        gen_ring,
+        counted_ring,
+        counted_pos,
+        base_ring,
+        base_seq,
+    )
 
 
 def write_metadata(path: Path, meta: SourceMeta) -> None:
     fixed = _FIXED.pack(MAGIC, meta.flags, 0, meta.synced_seq, meta.synced_ring, meta.gen_ring)
     gens = meta.generations.pack()
     assert len(fixed) + len(gens) <= _COUNTED_AT
-    body = (fixed + gens).ljust(_COUNTED_AT, b"\0") + _COUNTED.pack(meta.counted_ring, meta.counted_pos)
+    body = (
+        (fixed + gens).ljust(_COUNTED_AT, b"\0")
+        + _COUNTED.pack(meta.counted_ring, meta.counted_pos)
+        + _BASE.pack(meta.base_ring, meta.base_seq)
+    )
     block = seal(body)
     assert len(block) == BLOCK
     tmp = path.with_name(f".{path.name}.tmp")

@@ -31,9 +31,11 @@ def resync(
     why: str,
     direct: bool = False,
     tracked: bool = False,
+    marked: bool = False,
 ) -> None:
     """Resync ``extents``; ring records from ``sess.sent`` on are applied after the scan's blocks.  ``tracked``:
-    the extents are the regions the meta_device marked (SCAN_BEGIN TRACKED: the replica may adopt this ring)."""
+    the extents are the regions the meta_device marked (SCAN_BEGIN TRACKED: the replica may adopt this ring);
+    ``marked``: those a demoted old source's marked (SCAN_BEGIN MARKED)."""
     c, rs = sess.client, sess.replication
     sess.in_sync = False
     if whole:
@@ -48,13 +50,17 @@ def resync(
         "scan %d (%s) of %s (%d bytes): %s",
         sid,
         st.mode,
-        "the whole device" if whole else f"{len(extents)} {'tracked' if tracked else 'dirty'} extents",
+        "the whole device"
+        if whole
+        else f"{len(extents)} {'tracked' if tracked else 'marked' if marked else 'dirty'} extents",
         total,
         why,
     )
     t0 = time.monotonic()
     flags = p.ScanFlag.WHOLE_DEVICE if whole else p.ScanFlag.TRACKED if tracked else p.ScanFlag.NONE
-    if rs.journal_full is not None and not direct and not tracked:
+    if marked:
+        flags = p.ScanFlag.MARKED
+    if rs.journal_full is not None and not direct and not tracked and not marked:
         direct = True
         log.warning("scan %d writes the replica directly: the server's journal is too small for it", sid)
     if direct:

@@ -58,6 +58,7 @@ class ClientSession:
         self.auth_reply: p.AuthChallenge | p.AuthOk | None = None
         self.rx_bytes = 0  # received so far: progress for wait_for
         self.welcome: p.Welcome | None = None
+        self.marks: p.Marks | None = None  # a demoted source's marks (after a WELCOME with MARKED)
         self.sent = self.ring.tail  # ring position of the next record to send
         self.inflight = InflightBatches(self.ring, client.stats)  # sent, not yet acknowledged durable
         self.scan_replies: collections.deque[p.ScanHashes] = collections.deque()
@@ -151,6 +152,8 @@ class ClientSession:
                 self.on_ack(ev)
             elif isinstance(ev, p.Welcome):
                 self.welcome = ev
+            elif isinstance(ev, p.Marks):
+                self.marks = ev
             elif isinstance(ev, p.ScanHashes):
                 self.scan_replies.append(ev)
             elif isinstance(ev, p.ScanDone):
@@ -232,6 +235,8 @@ class ClientSession:
                 )
             raise
         assert self.welcome is not None
+        if self.welcome.flags & p.WelcomeFlag.MARKED:
+            self.wait_for("MARKS", lambda: self.marks is not None)
         return self.welcome
 
     def start(self) -> None:
@@ -278,6 +283,8 @@ class ClientSession:
                 self.ring.head() - self.ring.tail,
             )
             return
+        if self.marks is not None and self._marked_start(self.marks, first):
+            return
         if self.ring.state() & abi.State.RECOVERED and self._tracked_start(w, first):
             return
         pos = self.ring.find_seq(startup.resume_seq(w)) if startup.can_resume(w, same) else None
@@ -306,6 +313,43 @@ class ClientSession:
             direct = d.start is Start.FULL_SCAN  # --full-scan: the server writes the replica directly
             self.resync(mode, [(0, c.dev_size)], whole=True, why=d.why, direct=direct)
         self.replication.force_scan = False
+
+    def _marked_start(self, marks: p.Marks, first: bool) -> bool:
+        """The replica is a demoted old source, as it was when this source's generation began except in the
+        regions its meta device marked: resync those, then stream every write of the generation from the ring,
+        if the ring holds them all and the marks hold every write the old source made after that point."""
+        c, ring = self.client, self.ring
+        why = tracking.marks_refusal(marks, c.meta, c.ring_id)
+        if why is None and (ring.tail != 0 or ring.state() or self.replication.pending_dirty is not None):
+            why = "the capture ring no longer holds every write since the promotion"
+        elif why is None and first and (c.start_flags.full_replication or c.start_flags.full_scan):
+            why = "a start-up flag asks for another start"
+        elif why is None and self.replication.journal_full is not None:
+            why = "the server's journal is too small for a staged resync"
+        n = sum(ln for _, ln in marks.extents)
+        if why is not None:
+            log.warning(
+                "the replica (the old source) marks %d bytes it may have written after this source's promotion, "
+                "but %s: not using them",
+                n,
+                why,
+            )
+            return False
+        extents = [(o, min(ln, c.dev_size - o)) for o, ln in marks.extents if o < c.dev_size]
+        self.replication.started = True
+        self.replication.force_scan = False
+        self.sent = ring.tail
+        self.resync(
+            p.ScanMode.HASH,
+            extents,
+            whole=False,
+            why=(
+                f"the replica (the old source) marks {len(extents)} ranges ({n} bytes) it may have written after "
+                f"this source's promotion; the {ring.head()} writes since the promotion follow"
+            ),
+            marked=True,
+        )
+        return True
 
     def _tracked_start(self, w: p.Welcome, first: bool) -> bool:
         """The target loaded the marks of its meta_device (a source crash or reboot): take them (any scan covers
@@ -495,9 +539,10 @@ class ClientSession:
         why: str,
         direct: bool = False,
         tracked: bool = False,
+        marked: bool = False,
     ) -> None:
         """Resync ``extents``; ring records from ``self.sent`` on are applied after the scan's blocks."""
-        scans.resync(self, mode, extents, whole, why, direct, tracked)
+        scans.resync(self, mode, extents, whole, why, direct, tracked, marked)
 
     def verify_step(self, job: VerifyJob) -> None:
         scans.verify_step(self, job)

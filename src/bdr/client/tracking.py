@@ -19,6 +19,7 @@ from ..generations import fmt_id
 from ..kernel.layout import RingError
 from ..kernel.ring import RingConsumer, Tracking
 from ..seq import prev_seq, seq_after
+from .metadata import NO_RING, SourceMeta
 
 log = logging.getLogger("bdr.client")
 
@@ -47,6 +48,28 @@ def refusal(welcome: p.Welcome, trk: Tracking, generations: set[int]) -> str | N
         return "the replica's resume point is in another capture ring than the last clear of the marks"
     if trk.clear_pos and seq_after(prev_seq(trk.clear_pos), welcome.durable_seq):
         return f"the replica is durable up to seq {welcome.durable_seq}, before the last clear at {trk.clear_pos}"
+    return None
+
+
+def marks_refusal(marks: p.Marks, meta: SourceMeta | None, ring_id: bytes) -> str | None:
+    """Why a demoted old source's ``marks`` cannot bring it up to this source's data (None: they can, with
+    every write of this source's generation after them).  This source was promoted from a replica that held
+    the old source's ring ``meta.base_ring`` up to ``meta.base_seq``; the marks hold every write the old source
+    made after their last clear."""
+    if meta is None or meta.gen_ring != ring_id:
+        return "this source's capture ring was not created with its generation (bdr promote --name)"
+    if not meta.generations.past or meta.generations.past[-1][0] != marks.generation:
+        return (
+            f"they were last cleared in generation {fmt_id(marks.generation)}, not in the one this source was "
+            "promoted from"
+        )
+    if meta.base_ring == NO_RING or marks.clear_ring != meta.base_ring:
+        return "they were last cleared in another capture ring than the one this source was promoted at"
+    if marks.clear_pos and seq_after(prev_seq(marks.clear_pos), meta.base_seq):
+        return (
+            f"they were last cleared at seq {marks.clear_pos}, after seq {meta.base_seq} where this source's "
+            "replica stood when it was promoted"
+        )
     return None
 
 

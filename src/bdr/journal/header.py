@@ -45,6 +45,10 @@ from ..generations import Generations, GenerationsError
 from ..seq import NO_SEQ
 from .copies import BLOCK, BothCopiesCorrupt, TwoCopies, intact, seal
 from .errors import JournalError, JournalIOError
+from .marks import AT as MARKS_AT
+from .marks import MAGIC as MARKS_MAGIC
+from .marks import MAX_BYTES as MARKS_MAX
+from .marks import FailbackMarks
 
 MAGIC = b"BDRJRNL\x00"
 VERSION = 1
@@ -200,6 +204,31 @@ class Journal:
             ) from exc
         self.header = new
         return new
+
+    def store_marks(self, marks: FailbackMarks | None) -> None:
+        """Keep a demoted source's marks (``marks``), or none, durably; before the header that uses them."""
+        blob = marks.pack() if marks is not None else bytes(len(MARKS_MAGIC))
+        if self.is_block and os.lseek(self._fd, 0, os.SEEK_END) < MARKS_AT + len(blob):
+            if marks is None:
+                return  # too small ever to have held any
+            raise JournalError(
+                f"journal device {self.path} is too small to keep the marks ({len(blob)} bytes)"
+            )
+        try:
+            os.pwrite(self._fd, blob, MARKS_AT)
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise JournalIOError(
+                exc.errno, f"journal {self.path}: I/O error: {exc.strerror or exc}", str(self.path)
+            ) from exc
+
+    def load_marks(self) -> FailbackMarks | None:
+        """The marks ``store_marks`` kept; None if there are none (or they are damaged: then they do not serve)."""
+        try:
+            blob = os.pread(self._fd, MARKS_MAX, MARKS_AT)
+        except OSError:
+            return None
+        return FailbackMarks.unpack(blob)
 
     def close(self) -> None:
         if self._fd >= 0:

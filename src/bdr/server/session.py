@@ -11,6 +11,7 @@ from .. import replica_state, scan
 from .. import wire as p
 from ..generations import Decision, Generations, Verdict, decide
 from ..journal import Journal, JournalFull, StorageError
+from ..journal.marks import FailbackMarks
 from ..security import auth
 from ..seq import fmt_seq, seq_after
 from .applier import Applier
@@ -81,6 +82,8 @@ class ServerSession:
         self.discarding = False  # this connection uses --discard-local-changes (spent once its resync begins)
         # ... but it holds the source's data as of the start of its generation: streaming all of it will do
         self.gen_start = False
+        # ... except in the regions its meta device marked when it was demoted (offered in MARKS)
+        self.marks: FailbackMarks | None = None
         self.ack_pending = False
         self.resync_owned = False  # SCANNING was set by this connection (RESYNC_PENDING), not inherited
         self.verified = 0  # bytes hashed for online verify requests (bdr verify)
@@ -253,6 +256,9 @@ class ServerSession:
             flags |= p.WelcomeFlag.AT_GENERATION_START
         if self._trackable(jh):
             flags |= p.WelcomeFlag.TRACKABLE
+        self.marks = self._failback_marks(h, jh)
+        if self.marks is not None:
+            flags |= p.WelcomeFlag.MARKED
         durable = self.applier.durable
         log.info(
             "client %s: source %s size %d, replica %s, durable seq %s%s",
@@ -263,7 +269,7 @@ class ServerSession:
             fmt_seq(durable),
             ", interrupted scan" if replica_state.resync_interrupted(jh) else "",
         )
-        return self.conn.send(
+        welcome = self.conn.send(
             p.Welcome(
                 p.PROTOCOL_VERSION,
                 flags,
@@ -276,6 +282,32 @@ class ServerSession:
                 welcome_history(jh.generations, h.features),
             )
         )
+        if self.marks is None:
+            return welcome
+        m = self.marks
+        return welcome + self.conn.send(p.Marks(m.generation, m.clear_ring, m.clear_pos, m.extents))
+
+    def _failback_marks(self, h: p.Hello, jh: replica_state.Header) -> FailbackMarks | None:
+        """The marks ``bdr demote`` kept, if they can bring this replica (the old source) up to the client's
+        source: the generations say the client's source was promoted from this one's current generation, and
+        nothing wrote the replica since it was demoted."""
+        if not self.behind or self.gen_start or self.discarding or not h.features & p.Feature.MARKS:
+            return None
+        m = self.journal.load_marks()
+        if m is None or jh.generations is None or m.generation != jh.generations.current:
+            return None
+        if h.generations is None or h.generations.ended_at(m.generation) is None:
+            return None
+        if m.dev_size != h.device_size or not replica_state.demoted_intact(jh):
+            return None
+        log.info(
+            "client %s: offering the marks kept when this device was demoted: %d ranges, %d bytes it may have "
+            "written after the client's source was promoted",
+            self.peer,
+            len(m.extents),
+            m.marked_bytes,
+        )
+        return m
 
     def _decide(self, h: p.Hello, jh: replica_state.Header) -> None:
         """What the two generation histories allow (bdr.generations): refuse, resync, or go on."""
@@ -486,8 +518,18 @@ class ServerSession:
                 "a resync of the regions the source tracked needs a consistent replica of that source that "
                 "nothing else wrote since; scan the whole device",
             )
+        marked = bool(b.flags & p.ScanFlag.MARKED)
+        if marked and (whole or tracked or b.mode is not p.ScanMode.HASH or b.flags & p.ScanFlag.DIRECT):
+            raise p.RemoteProtocolError(
+                p.ErrorCode.BAD_FIELD, "SCAN_BEGIN MARKED is a journal hash scan of some regions"
+            )
+        if marked and self.marks is None:
+            raise Refusal(
+                p.ErrorCode.IDENTITY_MISMATCH,
+                "no marks were offered to this connection; scan the whole device",
+            )
         interrupted = replica_state.resync_interrupted(self.journal.header) and not self.resync_owned
-        if not whole and not tracked and (not self.ids_match or interrupted):
+        if not whole and not tracked and not marked and (not self.ids_match or interrupted):
             raise Refusal(
                 p.ErrorCode.IDENTITY_MISMATCH,
                 "a partial scan needs a replica of the same source with no interrupted resync; scan the whole device",
@@ -518,7 +560,13 @@ class ServerSession:
             "scan %d started (%s, %s, %d-byte blocks, %s)",
             b.scan_id,
             b.mode.name.lower(),
-            "whole device" if whole else "tracked regions" if tracked else "dirty regions",
+            "whole device"
+            if whole
+            else "tracked regions"
+            if tracked
+            else "marked regions"
+            if marked
+            else "dirty regions",
             b.block_size,
             "staged in the journal" if journaled else "direct",
         )

@@ -24,6 +24,7 @@ Conversation (client = source side, server = replica side)::
            <-------------------------------  AUTH_OK(server MAC) | ERROR(AUTH_FAILED)
     HELLO  ------------------------------->
            <-------------------------------  WELCOME | ERROR
+           <-------------------------------  MARKS                   after a WELCOME with MARKED only
     STREAM (resume at seq)  -------------->                      quick resume
     DATA, DATA(SYNC), SYNC  -------------->
            <-------------------------------  ACK(applied, durable)   (when its input is idle, its durable seq moved, or every few MiB)
@@ -107,6 +108,7 @@ from .handshake import AuthProof as AuthProof
 from .handshake import Error as Error
 from .handshake import Hello as Hello
 from .handshake import HelloFlag as HelloFlag
+from .handshake import Marks as Marks
 from .handshake import Welcome as Welcome
 from .handshake import WelcomeFlag as WelcomeFlag
 from .messages import Goodbye as Goodbye

@@ -77,6 +77,7 @@ TRANSITIONS: dict[tuple[State, Role, MsgType], State] = {
     (State.AUTH_OK, S, M.AUTH_OK): State.HELLO,
     (State.HELLO, C, M.HELLO): State.WELCOME,
     (State.WELCOME, S, M.WELCOME): State.READY,
+    (State.READY, S, M.MARKS): State.READY,  # right after a WELCOME with MARKED
     (State.READY, C, M.STREAM): State.STREAMING,
     (State.READY, C, M.SCAN_BEGIN): State.SCANNING,
     (State.STREAMING, C, M.DATA): State.STREAMING,

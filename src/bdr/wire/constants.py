@@ -66,6 +66,7 @@ class MsgType(enum.IntEnum):
     AUTH_CHALLENGE = 17
     AUTH_PROOF = 18
     AUTH_OK = 19
+    MARKS = 20
 
 
 class FrameFlag(enum.IntFlag):
@@ -114,6 +115,9 @@ class Feature(enum.IntFlag):
     DISCARD = 1 << 1  # DISCARD / WRITE_ZEROES records are understood
     GENERATIONS = 1 << 2  # WELCOME may carry the replica's generation history
     WRITTEN = 1 << 3  # generation histories may carry the bytes written in each generation
+    MARKS = 1 << 4  # WELCOME MARKED and MARKS are understood (a failback resync of a demoted source's marks)
 
 
-ALL_FEATURES: Final = Feature.SCAN_XXH3_128 | Feature.DISCARD | Feature.GENERATIONS | Feature.WRITTEN
+ALL_FEATURES: Final = (
+    Feature.SCAN_XXH3_128 | Feature.DISCARD | Feature.GENERATIONS | Feature.WRITTEN | Feature.MARKS
+)

@@ -231,6 +231,10 @@ class WelcomeFlag(enum.IntFlag):
     # generations say nothing else wrote it since: a resync of only the regions the source's persistent change
     # tracking marked since a point at or before that one brings it up to date (SCAN_BEGIN TRACKED)
     TRACKABLE = 1 << 6
+    # the replica is a demoted source that holds the client's source as it was when the source's current
+    # generation began, except in the regions its meta device marked (MARKS follows WELCOME): a resync of those
+    # (SCAN_BEGIN MARKED), then every write of the generation, bring it up to date
+    MARKED = 1 << 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,12 +289,59 @@ class Welcome:
             raise _fail(
                 ErrorCode.BAD_VERSION, f"server speaks protocol {version}, we speak {PROTOCOL_VERSION}"
             )
-        if wflags & ~0x7F:
+        if wflags & ~0xFF:
             raise _fail(ErrorCode.BAD_FIELD, f"WELCOME flags {wflags:#x} has unknown bits")
         _check_block_size("WELCOME", block_size)
         return cls(
             version, WelcomeFlag(wflags), features, block_size, size, source_id, ring_id, durable, gens
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Marks:
+    """Server -> client, right after a WELCOME with MARKED: the regions the demoted source's meta device marked
+    when it was demoted.  They hold every write it made after its ring position ``clear_pos`` of ring
+    ``clear_ring`` in ``generation``, the point of the marks' last clear.
+
+    0            8            24          32      36         40
+    +------------+------------+-----------+-------+----------+-------------------------------+
+    | generation | clear_ring | clear_pos | count | reserved | count x (offset, length) u64  |
+    +------------+------------+-----------+-------+----------+-------------------------------+
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.MARKS
+    _S: ClassVar[struct.Struct] = struct.Struct("<Q16sQII")
+    _E: ClassVar[struct.Struct] = struct.Struct("<QQ")
+
+    generation: int
+    clear_ring: bytes
+    clear_pos: int
+    extents: list[tuple[int, int]]
+
+    def pack(self) -> bytes:
+        head = self._S.pack(self.generation, self.clear_ring, self.clear_pos, len(self.extents), 0)
+        return head + b"".join(self._E.pack(o, n) for o, n in self.extents)
+
+    @classmethod
+    def parse(cls, p: memoryview, flags: int) -> Marks:
+        if len(p) < cls._S.size:
+            raise _fail(
+                ErrorCode.BAD_LENGTH, f"MARKS payload is {len(p)} bytes, expected at least {cls._S.size}"
+            )
+        gen, ring, pos, count, rsvd = cls._S.unpack_from(p)
+        _check_zero("MARKS", "reserved", rsvd)
+        _check_len("MARKS", p, cls._S.size + count * cls._E.size)
+        ext: list[tuple[int, int]] = []
+        end = 0
+        for i in range(count):
+            o, n = cls._E.unpack_from(p, cls._S.size + i * cls._E.size)
+            if not n or o < end or o % SECTOR or n % SECTOR:
+                raise _fail(
+                    ErrorCode.BAD_FIELD, f"MARKS extent {i} ({o}, +{n}) is empty, unaligned or out of order"
+                )
+            ext.append((o, n))
+            end = o + n
+        return cls(gen, bytes(ring), pos, ext)
 
 
 @dataclass(frozen=True, slots=True)

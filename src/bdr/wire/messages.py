@@ -12,7 +12,7 @@ from typing import ClassVar
 from .constants import ErrorCode, FrameFlag, MsgType
 from .errors import _fail
 from .fields import _check_len, _check_zero, frame_header
-from .handshake import AuthBegin, AuthChallenge, AuthOk, AuthProof, Error, Hello, Welcome
+from .handshake import AuthBegin, AuthChallenge, AuthOk, AuthProof, Error, Hello, Marks, Welcome
 from .scan import ScanBegin, ScanData, ScanDone, ScanEnd, ScanHashes, ScanRequest
 from .stream import Ack, Data, ResyncPending, Stream, Sync
 
@@ -71,6 +71,7 @@ Message = (
     | AuthChallenge
     | AuthProof
     | AuthOk
+    | Marks
 )
 
 _SIMPLE_PARSERS: dict[MsgType, Callable[[memoryview, int], Message]] = {
@@ -91,6 +92,7 @@ _SIMPLE_PARSERS: dict[MsgType, Callable[[memoryview, int], Message]] = {
     MsgType.AUTH_CHALLENGE: AuthChallenge.parse,
     MsgType.AUTH_PROOF: AuthProof.parse,
     MsgType.AUTH_OK: AuthOk.parse,
+    MsgType.MARKS: Marks.parse,
 }
 
 

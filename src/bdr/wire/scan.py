@@ -34,6 +34,9 @@ class ScanFlag(enum.IntFlag):
     # the extents are every region the source's persistent change tracking marked since a point the replica
     # holds (WELCOME TRACKABLE): a partial scan that may adopt a new capture ring
     TRACKED = 1 << 2
+    # the extents are the regions a demoted source marked (WELCOME MARKED); the ring records of the source's
+    # generation from its start follow the scan
+    MARKED = 1 << 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +66,7 @@ class ScanBegin:
         scan_id, mode, sflags, r1, block_size, r2 = cls._S.unpack(p)
         if mode not in (1, 2):
             raise _fail(ErrorCode.BAD_FIELD, f"SCAN_BEGIN mode {mode} unknown")
-        if sflags & ~7:
+        if sflags & ~0xF:
             raise _fail(ErrorCode.BAD_FIELD, f"SCAN_BEGIN flags {sflags:#x} has unknown bits")
         _check_zero("SCAN_BEGIN", "reserved", r1 | r2)
         if (
