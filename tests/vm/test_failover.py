@@ -4,10 +4,10 @@ replicated device, an application writing fsync'd numbered markers (tests/vm/mar
 
 1. Planned switchover under the application: it stops, the source drains, A is demoted and B promoted; the
    application goes on on B at once; no fsync'd marker is lost, nothing is scanned, and A ends identical to B.
-2. Unplanned failover: the guest is power-cut while A writes; B is promoted, its ext4 fscks clean, the
-   application writes on B; A comes back, is demoted, and B resyncs it, sending no more than 1.2x the bytes of
-   the blocks that differ (B's writes since the promotion and A's writes that never reached B), A being a
-   fsck-clean copy whenever it is sampled; then both sides are written apart: the reconnect is refused as a
+2. Unplanned failover: the guest is power-cut while A (a target with a meta device) writes; B is promoted, its
+   ext4 fscks clean, the application writes on B; A comes back, is demoted with its meta device's marks, and B
+   resyncs only the regions A marked (sending no more than 1.2x the bytes of the blocks that differ), then
+   streams its writes since the promotion, A being a fsck-clean copy whenever it is sampled; then both sides are written apart: the reconnect is refused as a
    split brain naming both generations, nothing written on either side, until A's server is told to discard
    its changes, and A ends identical to B.
 """
@@ -24,7 +24,7 @@ from tests.vm import lab
 from tests.vm.lab import Guest
 from tests.vm.pair import BIN, REPO
 
-VM_DISKS = {"src": "64M", "dst": "64M", "ja": "16M", "jb": "16M", "meta": "8M", "cpy": "64M"}
+VM_DISKS = {"src": "64M", "dst": "64M", "ja": "16M", "jb": "16M", "meta": "8M", "cpy": "64M", "trk": "1M"}
 VM_MEMORY = "1536M"
 A_IP, B_IP, PORT = "192.0.2.1", "192.0.2.2", 7788
 MARKERS = f"{BIN}/python {REPO}/tests/vm/markers.py"
@@ -54,9 +54,10 @@ class Host:
     def target_args(self) -> str:
         return f"--name {self.mapper_name} --chardev {self.chardev} --buffer 32M"
 
-    def setup_target(self) -> None:
+    def setup_target(self, *extra: str) -> None:
         self.g.run(
-            f"{BIN}/bdr setup --device {self.dev} --name {self.mapper_name} --chardev {self.chardev} --buffer 32M"
+            f"{BIN}/bdr setup --device {self.dev} --name {self.mapper_name} --chardev {self.chardev} --buffer 32M "
+            + " ".join(extra)
         )
 
     def start_server(self, *extra: str) -> str:
@@ -162,11 +163,11 @@ def markers_present(g: Guest, mnt: str, last: int) -> None:
     assert nums[:last] == list(range(1, last + 1)), f"markers lost: {len(nums)} lines, expected 1..{last}"
 
 
-def first_boot(g: Guest, bdr_ko: Path) -> tuple[Host, Host]:
-    """A replicates to B, ext4 made on A's target, both in sync."""
+def first_boot(g: Guest, bdr_ko: Path, *target: str) -> tuple[Host, Host]:
+    """A replicates to B, ext4 made on A's target (``target``: more bdr setup flags), both in sync."""
     g.run(f"mkfs.ext4 -q {g.disk('meta')}")
     a, b = network(g, bdr_ko)
-    a.setup_target()
+    a.setup_target(*target)
     b.start_server()
     a.start_client(b)
     g.run(f"mkfs.ext4 -q -E nodiscard {a.mapper} && mount {a.mapper} {a.mnt}")
@@ -279,7 +280,7 @@ def scan_done(log: str) -> re.Match[str]:
 def test_unplanned_failover_failback_and_split_brain(tmp_path: Path, lab_kernel: str, bdr_ko: Path) -> None:
     images = {name: tmp_path / f"{name}.img" for name in VM_DISKS}
     with lab.boot(disks=VM_DISKS, memory=VM_MEMORY, kver=lab_kernel, images=images, cache="none") as g:
-        a, b = first_boot(g, bdr_ko)
+        a, b = first_boot(g, bdr_ko, f"--meta-device {g.disk('trk')} --new-meta")
         start_markers(g, a.mnt)
         g.run("sleep 5")
         g.power_cut()  # A dies while it writes (and B with it: one guest)
@@ -299,22 +300,34 @@ def test_unplanned_failover_failback_and_split_brain(tmp_path: Path, lab_kernel:
         g.run("sleep 3")
         stop_markers(g)
         g.run(f"umount {b.mnt}")
-        # A comes back, is demoted (its target is gone with the power cut) and served; B resyncs it
-        res = g.run(f"{BIN}/bdr demote --journal {a.journal} --metadata {a.meta}")
+        # A comes back, is demoted (its target is gone with the power cut; its meta device's marks are kept)
+        # and served; B resyncs the regions A marked, then streams its writes since the promotion
+        res = g.run(
+            f"{BIN}/bdr demote --journal {a.journal} --metadata {a.meta} --meta-device {g.disk('trk')}"
+        )
         assert "resyncs it" in res.output, res.output
+        kept = re.search(r"kept the marks of \S+: (\d+) ranges, (\d+) bytes", res.output)
+        assert kept, res.output
+        marked = int(kept.group(2))
         written = captured(g, b.mapper_name)
         differ = differing_blocks(g, a.dev, b.dev) * BLOCK
         server_log = a.start_server()
         client_log = b.start_client(a)
         wait_log(g, client_log, r"scan [0-9]+ done")
-        m = scan_done(g.run(f"cat {client_log}").output)
-        sent = int(m.group(3))
+        log = g.run(f"cat {client_log}").output
+        m = scan_done(log)
+        compared, sent = int(m.group(1)) * BLOCK, int(m.group(3))
         print(
-            f"failback resync: {sent} bytes sent; {differ} bytes in the blocks that differ, where B wrote since "
-            f"its promotion ({written} bytes of writes captured) or A wrote what never reached B"
+            f"failback resync: A marked {marked} bytes (of {64 << 20}), B compared {compared} and sent {sent} "
+            f"in the scan, then {written} bytes of writes since its promotion from its ring: {sent + written} "
+            f"bytes sent; {differ} bytes in the blocks that differ"
         )
-        assert 0 < sent <= 1.2 * differ
-        assert "the replica is behind and is resynced" in g.run(f"cat {server_log}").output
+        assert re.search(rf"scan \d+ \(hash\) of {kept.group(1)} marked extents \({marked} bytes\)", log), log
+        assert "of the whole device" not in log, log
+        assert compared == marked < (64 << 20) // 4  # only the marked regions were read
+        assert sent <= 1.2 * differ  # only what differs in them
+        assert sent + written <= 1.2 * (marked + written)
+        assert "offering the marks kept when this device was demoted" in g.run(f"cat {server_log}").output
         # A follows B while B writes: a copy of A at any moment is a file system that fscks clean
         g.run(f"mount {b.mapper} {b.mnt}")
         start_markers(g, b.mnt)

@@ -27,7 +27,8 @@ most ``ENCODED_MAX`` bytes; all zero: none).  Both came without a version bump: 
 reads zeros there and stores zeros, which is what zeros mean (no history kept; no generation known, so the next
 source's is taken).  Everything after them up to the checksum is zero; new fields go there (and bump the
 version when an older reader must not ignore them).
-The record area (``format``, ``area``) keeps its own state block at 8 KiB and its records from 1 MiB on.
+The record area (``format``, ``area``) keeps its own state block at 8 KiB and its records from 1 MiB on; a
+demoted source's marks (``marks``) sit at 64 KiB.
 """
 
 from __future__ import annotations
