@@ -1,11 +1,12 @@
 """Failback in the VM lab: bytes the resync sends against the bytes of the blocks that changed.
 
-A (source, 64 MiB of random data) replicates to B.  B's server is killed, A writes blocks B never receives,
-A's client is killed; B is promoted (`bdr promote --force`, its device behind a target) and written; A is
-demoted and served, and B's client resyncs it.  Printed: the bytes of 4 KiB blocks that differ between A and B
+A (source, 64 MiB of random data, a target with a meta device) replicates to B.  B's server is killed, A writes
+blocks B never receives, A's client is killed; B is promoted (`bdr promote --force`, its device behind a target)
+and written; A is demoted (`--name`: its marks are kept) and served, and B's client resyncs the regions A marked,
+then streams its writes since the promotion.  Printed: the bytes of 4 KiB blocks that differ between A and B
 before the resync (what A wrote that never reached B plus what B wrote since its promotion), the bytes the
-resync sent (the ratio is the target: at most 1.2), the bytes it read on each side, its time, and whether A
-ends identical to B.
+failback sent (scan blocks and B's ring records; the ratio is the target: at most 1.2), the bytes the scan read
+on each side, its time, and whether A ends identical to B.
 
 Usage: python bench/failback.py [--a-blocks N] [--b-blocks N]
 """
@@ -24,7 +25,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tests.vm.lab import Guest, boot, build_module  # noqa: E402
-from tests.vm.test_failover import differing_blocks, wait_log  # noqa: E402
+from tests.vm.test_failover import captured, differing_blocks, wait_log  # noqa: E402
 
 from vm_resync import _WRITER  # noqa: E402
 
@@ -47,12 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv or [])
     ko = build_module()
-    with boot(disks={"a": "64M", "b": "64M", "ja": "32M", "jb": "32M"}, memory="2048M") as g:
-        a, b, ja, jb = (g.disk(n) for n in ("a", "b", "ja", "jb"))
+    with boot(disks={"a": "64M", "b": "64M", "ja": "32M", "jb": "32M", "ma": "1M"}, memory="2048M") as g:
+        a, b, ja, jb, ma = (g.disk(n) for n in ("a", "b", "ja", "jb", "ma"))
         g.run(f"modprobe dm-mod && insmod {ko}")
         g.run(f"cat > /tmp/writer.py <<'EOF'\n{_WRITER}\nEOF")
         # A replicates to B
-        g.run(f"{BIN}/bdr setup --device {a} --name repa --chardev bdr_a --buffer 32M")
+        g.run(
+            f"{BIN}/bdr setup --device {a} --name repa --chardev bdr_a --buffer 32M --meta-device {ma} --new-meta"
+        )
         g.run(
             f"nohup {BIN}/bdr_server --address 127.0.0.1 --port {PORT_B} --target-device {b} --journal {jb} --verbose"
             " > /tmp/b-server.log 2>&1 &"
@@ -64,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         g.run(f"dd if=/dev/urandom of=/dev/mapper/repa bs=1M count={DEVICE // MiB} oflag=direct status=none")
         wait_empty(g, "repa")
+        # streamed writes after the initial resync: B knows up to which seq of A's ring it holds A's data
+        g.run(f"{BIN}/python /tmp/writer.py /dev/mapper/repa 16 10")
+        wait_empty(g, "repa")
         # B's server dies; A writes what B never gets; A's client dies
         g.run("pkill -KILL -f bin/bdr_server; while pgrep -f bin/bdr_server; do sleep 0.1; done")
         g.run(f"{BIN}/python /tmp/writer.py /dev/mapper/repa {args.a_blocks} 11")
@@ -74,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             " --name repb --chardev bdr_b --buffer 32M"
         )
         g.run(f"{BIN}/python /tmp/writer.py /dev/mapper/repb {args.b_blocks} 12")
-        g.run(f"{BIN}/bdr demote --journal {ja} --metadata /tmp/a.meta --name repa")
+        demoted = g.run(f"{BIN}/bdr demote --journal {ja} --metadata /tmp/a.meta --name repa").output
+        assert "kept the marks" in demoted, demoted
         differ = differing_blocks(g, a, b) * BLOCK
+        streamed = captured(g, "repb")  # B's writes since its promotion: its ring sends them after the scan
         # failback: A is served, B resyncs it
         g.run(
             f"nohup {BIN}/bdr_server --address 127.0.0.1 --port {PORT_A} --target-device {a} --journal {ja} --verbose"
@@ -98,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             re.S,
         )
         assert m, log[-3000:]
-        scanned, scan_s, sent = int(m.group(2)), float(m.group(3)), int(m.group(6))
+        assert "marked extents" in m.group(1), log[-3000:]
+        scanned, scan_s, scan_sent = int(m.group(2)), float(m.group(3)), int(m.group(6))
+        sent = scan_sent + streamed
         g.run("pkill -TERM -f bin/bdr_client; while pgrep -f bin/bdr_client; do sleep 0.1; done")
         identical = differing_blocks(g, a, b) == 0
         g.run("pkill -TERM -f bin/bdr_server; dmsetup remove repb", check=False)
@@ -109,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"  bytes in the 4 KiB blocks that differ      {differ:>12}")
     print(
-        f"  bytes the failback resync sent            {sent:>12}   ratio {sent / differ:.2f} (target <= 1.2)"
+        f"  bytes the failback sent                   {sent:>12}   ratio {sent / differ:.2f} (target <= 1.2)"
     )
+    print(f"    of which scan blocks                    {scan_sent:>12}")
+    print(f"    of which B's writes from its ring       {streamed:>12}")
     print(
         f"  bytes it compared (read on each side)     {scanned:>12}   ({scanned / DEVICE:.2f} of the device)"
     )
@@ -123,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                 "bench": "failback",
                 "differ_bytes": differ,
                 "sent_bytes": sent,
+                "scan_sent_bytes": scan_sent,
+                "streamed_bytes": streamed,
                 "ratio": round(sent / differ, 3),
                 "scanned_bytes": scanned,
                 "seconds": round(took, 2),
