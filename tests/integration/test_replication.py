@@ -57,6 +57,24 @@ def test_server_killed_and_restarted_mid_stream(lab: Lab) -> None:
     assert "scan 2" not in log
 
 
+def test_restart_after_a_scan_with_no_write_since_resumes_without_a_scan(lab: Lab) -> None:
+    """A resync during which nothing was written names the next record's seq as the resume point: the replica
+    knows where it stands in the ring before any record comes, so a restart resumes instead of scanning again."""
+    lab.images(src_random=True)
+    lab.make_producer()
+    srv = lab.server()
+    srv.wait_log("listening on")
+    cli = lab.client()
+    cli.wait_log("scan 1 done")
+    srv.wait_log(r"scan 1 done in .* (committed and applied|resume at seq 0)")
+    assert cli.stop() == 0
+    cli = lab.client()
+    cli.wait_log("quick resume at seq 0")
+    assert cli.stop() == 0
+    assert len(re.findall(r"scan \d+ \(hash\)", cli.log())) == 1, cli.log()  # the first start's only
+    assert lab.identical()
+
+
 def test_connection_cut_mid_stream(lab: Lab) -> None:
     lab.images()
     prod = lab.make_producer()

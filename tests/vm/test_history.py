@@ -20,7 +20,7 @@ import pytest
 from tests.vm.lab import Guest
 from tests.vm.pair import BIN, Pair
 
-VM_DISKS = {"src": "64M", "dst": "64M", "jnl": "32M", "rst": "64M", "hist": "160M"}
+VM_DISKS = {"src": "32M", "dst": "32M", "jnl": "32M", "rst": "32M", "hist": "160M"}
 HIST = "/tmp/hist/h"
 MARKERS = f"{BIN}/python {Path(__file__).resolve().parent / 'markers.py'}"
 CTL = "/tmp/markers-ctl"

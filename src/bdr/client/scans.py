@@ -86,7 +86,10 @@ def resync(
         sess.pump()
     prog.close()
     # ring records from start_pos on follow the scan; the replica is consistent again once the server has
-    # applied them up to what the ring holds now (writes during the scan may be half-read by the scan)
+    # applied them up to what the ring holds now (writes during the scan may be half-read by the scan).  With
+    # none, the next record's seq is where the stream resumes: the server then knows where the replica stands
+    # in this ring before any record comes (next_seq is loaded before head, so it is the seq at start_pos then)
+    next_seq = sess.ring.next_seq()
     head = sess.ring.head()
     eflags = p.ScanEndFlag.NONE
     resume = consistent = 0
@@ -95,6 +98,9 @@ def resync(
         resume, consistent = sess.ring.seq_at(start_pos), sess.ring.seq_at(head - 1)
     if sess.ring.state() & (abi.State.OVERFLOW | abi.State.DIRTY):
         eflags |= p.ScanEndFlag.MORE_TO_COME
+    elif head == start_pos:
+        eflags |= p.ScanEndFlag.HAS_RESUME_SEQ
+        resume = next_seq
     sess.scan_done = None
     sess.send(sess.conn.send(p.ScanEnd(sid, eflags, resume, consistent)))
     sess.wait_for("SCAN_DONE", lambda: sess.scan_done is not None, timeout=300)

@@ -526,8 +526,10 @@ class ServerSession:
         if marked and self.marks is None:
             raise Refusal(
                 p.ErrorCode.IDENTITY_MISMATCH,
-                "no marks were offered to this connection; scan the whole device",
+                "no marks were offered to this connection, or they were used; scan the whole device",
             )
+        if marked:
+            self.marks = None  # used once: the resync that begins here may change the replica
         interrupted = replica_state.resync_interrupted(self.journal.header) and not self.resync_owned
         if not whole and not tracked and not marked and (not self.ids_match or interrupted):
             raise Refusal(
