@@ -3,8 +3,10 @@ receiving scan blocks, during the journal commit and during the journal apply; a
 (QEMU SIGKILLed, cache=none disks kept, a new guest booted on them) during the apply.  After the restart the
 replica is the old or the new consistent state (by recorded checksums of both), then converges to identical.
 
-Each resync is a dirty-region journal scan: the client is stopped, 16 MiB are written through a 2 MiB ring
-(it overflows), and the client's next start resyncs the dirty regions through the server's journal.
+Each resync is a journal scan of the whole device: the client is stopped, 16 MiB are written through a 2 MiB
+ring (it overflows), and the target is made anew (as after a reboot of a source without a meta device: no
+resume point in its ring), so that the client's next start resyncs through the server's journal, and nothing
+reaches the replica before the commit.
 """
 
 from __future__ import annotations
@@ -56,14 +58,18 @@ def restart_logs(p: Pair) -> None:
 
 
 def pending_resync(p: Pair, seek: int) -> tuple[str, str]:
-    """With the pair in sync: stop both daemons with 16 MiB written meanwhile (the ring overflows), so the next
-    client start resyncs the dirty regions through the journal.  (old, new) checksums of the replica."""
+    """With the pair in sync: stop both daemons with 16 MiB written meanwhile (the ring overflows), then make a
+    new target (as a reboot of the source host does: no resume point in its ring), so that the next client start
+    resyncs the whole device through the journal, and the replica is not written before the commit.  (old, new)
+    checksums of the replica."""
     g = p.g
     p.wait_synced()
     p.stop_client()
     g.run(f"dd if=/dev/urandom of={p.mapper} bs=64K count=256 seek={seek} oflag=direct status=none")
     assert p.status()["state"] == "overflow"
     p.stop_server()
+    g.run(f"{BIN}/bdr remove {p.name}")
+    p.setup()
     return sha(g, p.dst), sha(g, p.mapper)
 
 
