@@ -11,11 +11,14 @@ from tests.unit.test_session import DEV, MemServer, talk
 
 from bdr import replica_state
 from bdr import wire as p
+from bdr.cli import roles
 from bdr.client import tracking
-from bdr.client.metadata import SourceMeta
+from bdr.client.metadata import NO_RING, SourceMeta, read_metadata
 from bdr.generations import Generations
+from bdr.journal import JFlag, Journal
 from bdr.journal.marks import FailbackMarks, coarsen
 from bdr.kernel.meta import MetaError, read_marks
+from bdr.seq import NO_SEQ
 from bdr.server import ServerSession, SessionClosed
 from bdr.testing.meta_area import pack_meta_area
 
@@ -127,3 +130,35 @@ def test_marks_on_the_wire() -> None:
     bad = p.Marks(7, R_OLD, 9, [(8192, 4096), (0, 4096)])  # out of order
     with pytest.raises(p.ProtocolError, match="out of order"):
         p.parse_payload(p.MsgType.MARKS, 0, memoryview(p.encode(bad))[p.HEADER_SIZE :])
+
+
+def test_demote_takes_the_marks_of_the_meta_device_the_target_wrote_them_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    mine.write_bytes(b"x")
+    other.write_bytes(b"y")
+    assert roles._target_meta_device("t", str(mine), None) == str(mine)
+    assert roles._target_meta_device("t", str(mine), str(mine)) == str(mine)
+    assert roles._target_meta_device("t", str(mine), str(other)) is None
+    assert f"marked its writes on {mine}" in capsys.readouterr().err
+    assert roles._target_meta_device("t", None, str(other)) is None
+    assert "had no meta device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("consistent", [True, False])
+def test_promote_records_where_the_replica_stood_only_if_it_is_consistent(
+    tmp_path: Path, consistent: bool
+) -> None:
+    img, jpath, meta = tmp_path / "replica.img", tmp_path / "journal", tmp_path / "b.meta"
+    img.write_bytes(bytes(DEV))
+    j = Journal(jpath)
+    flags = JFlag.SEQ_VALID | JFlag.SOURCE_KNOWN | JFlag.HAS_DATA | JFlag.CONSISTENT
+    if not consistent:
+        flags = (flags & ~JFlag.CONSISTENT) | JFlag.SCANNING  # a direct resync was running
+    j.commit(flags=flags, ring_id=R_OLD, source_id=b"a" * 16, source_size=DEV, durable_seq=41, generations=A)
+    j.close()
+    roles.promote(str(jpath), str(img), str(meta), force=True)
+    m = read_metadata(meta)
+    assert m is not None and m.generations.past[-1] == (A.current, 41)
+    assert (m.base_ring, m.base_seq) == ((R_OLD, 41) if consistent else (NO_RING, NO_SEQ))

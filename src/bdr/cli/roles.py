@@ -3,7 +3,9 @@ replica (``bdr.generations`` says what the two sides then decide at connect)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +84,9 @@ def promote(
         gens = old.successor(end)
         # where the replica stood in the old source's ring: a demoted old source's marks cleared at or before
         # it hold every write the old source made after it
-        base_ring = jh.ring_id if jh.flags & JFlag.SEQ_VALID and end != NO_SEQ else NO_RING
+        # (only for a consistent replica: a forced one's durable seq may count records of a resync dropped here)
+        consistent = condition is replica_state.Condition.CONSISTENT
+        base_ring = jh.ring_id if consistent and jh.flags & JFlag.SEQ_VALID and end != NO_SEQ else NO_RING
         base = SourceMeta(gens, base_ring=base_ring, base_seq=end if base_ring != NO_RING else NO_SEQ)
         write_metadata(Path(metadata), base)
         journal.store(replica_state.promoted(jh, gens))
@@ -136,7 +140,7 @@ def demote(
         at: int | None = None
         if name is not None:
             ring, last, written, table_meta = _remove_target(name, meta)
-            meta_device = meta_device or table_meta
+            meta_device = _target_meta_device(name, table_meta, meta_device)
             if meta is not None and written is not None:
                 meta = meta.with_(generations=meta.generations.with_written(written))
             if (
@@ -158,7 +162,17 @@ def demote(
                     + "): the next client resyncs this device",
                     file=sys.stderr,
                 )
-        journal.store_marks(_failback_marks(meta_device, meta))
+        marks = _failback_marks(meta_device, meta)
+        try:
+            journal.store_marks(marks)
+        except JournalError as exc:
+            if marks is None:
+                raise
+            print(
+                f"bdr demote: not keeping the marks: {exc}: the promoted side resyncs the whole device",
+                file=sys.stderr,
+            )
+            journal.store_marks(None)
         journal.store(replica_state.demoted(journal.header, meta.generations if meta else None, at))
     except JournalError as exc:
         raise RoleError(str(exc)) from exc
@@ -195,6 +209,35 @@ def _failback_marks(meta_device: str | None, meta: SourceMeta | None) -> Failbac
         "hold writes the replica never had"
     )
     return FailbackMarks(meta.generations.current, m.dev_size, m.clear_ring, m.clear_pos, m.extents)
+
+
+def _target_meta_device(name: str, table_meta: str | None, given: str | None) -> str | None:
+    """The meta device whose marks cover the writes through target ``name``: the one in its table; none if it had
+    none, or if ``given`` (--meta-device) is another device (writes through the target missed it)."""
+    if table_meta is None:
+        if given is not None:
+            print(
+                f"bdr demote: not keeping the marks of {given}: /dev/mapper/{name} had no meta device (writes "
+                "through it were not marked)",
+                file=sys.stderr,
+            )
+        return None
+    if given is not None:
+        try:
+            a, b = os.stat(given), os.stat(table_meta)
+            blocks = stat.S_ISBLK(a.st_mode) and stat.S_ISBLK(b.st_mode)
+            same = a.st_rdev == b.st_rdev if blocks else os.path.samefile(given, table_meta)
+        except OSError as exc:
+            print(f"bdr demote: not keeping the marks of {given}: {exc.strerror}", file=sys.stderr)
+            return None
+        if not same:
+            print(
+                f"bdr demote: not keeping the marks of {given}: /dev/mapper/{name} marked its writes on "
+                f"{table_meta}",
+                file=sys.stderr,
+            )
+            return None
+    return table_meta
 
 
 def _dev_path(dev: str) -> str:

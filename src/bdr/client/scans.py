@@ -98,7 +98,8 @@ def resync(
         resume, consistent = sess.ring.seq_at(start_pos), sess.ring.seq_at(head - 1)
     if sess.ring.state() & (abi.State.OVERFLOW | abi.State.DIRTY):
         eflags |= p.ScanEndFlag.MORE_TO_COME
-    elif head == start_pos:
+    elif head == start_pos and next_seq == start_pos and not c.oneshot:
+        # (seq == position in a ring; a one-shot sync has no ring to resume in)
         eflags |= p.ScanEndFlag.HAS_RESUME_SEQ
         resume = next_seq
     sess.scan_done = None

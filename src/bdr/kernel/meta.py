@@ -9,6 +9,8 @@ after the replica's last durable point.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import struct
 import zlib
@@ -42,14 +44,39 @@ class Marks:
         return sum(n for _, n in self.extents)
 
 
+def _open(path: str) -> int:
+    """``path`` opened exclusively (a block device a target still holds is refused: its marks would go on
+    changing), past the page cache (the target writes its marks with bios of its own) where the file allows."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_EXCL
+    try:
+        try:
+            return os.open(path, flags | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # a file system without O_DIRECT
+                raise
+            return os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise MetaError(
+                f"meta device {path} is in use (a bdr target still over it?): remove the target first, or give "
+                "bdr demote its --name"
+            ) from exc
+        raise MetaError(f"cannot open meta device {path}: {exc.strerror}") from exc
+
+
+def _pread(fd: int, n: int, off: int) -> bytes:
+    """``n`` bytes at ``off`` through an aligned buffer (what O_DIRECT needs)."""
+    size = max(BLOCK, (n + BLOCK - 1) // BLOCK * BLOCK)
+    with mmap.mmap(-1, size) as buf:
+        got = os.preadv(fd, [buf], off)
+        return bytes(buf[: min(got, n)])
+
+
 def read_marks(path: str) -> Marks:
     """The tracking area of meta device ``path``."""
+    fd = _open(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise MetaError(f"cannot open meta device {path}: {exc.strerror}") from exc
-    try:
-        block = os.pread(fd, BLOCK, 0)
+        block = _pread(fd, BLOCK, 0)
         if len(block) < BLOCK:
             raise MetaError(f"meta device {path} is smaller than its {BLOCK}-byte header")
         magic, version, dev_sectors, region_sectors, _, nr_regions, ring, pos, gen, _, crc = (
@@ -68,7 +95,7 @@ def read_marks(path: str) -> Marks:
         if not region or nr_regions != (dev_size + region - 1) // region:
             raise MetaError(f"meta device {path}: inconsistent geometry in its header")
         nbytes = (nr_regions + 7) // 8
-        bitmap = os.pread(fd, nbytes, BLOCK)
+        bitmap = _pread(fd, nbytes, BLOCK)
         if len(bitmap) < nbytes:
             raise MetaError(f"meta device {path} is too small for its bitmap of {nr_regions} regions")
     except OSError as exc:
