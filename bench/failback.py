@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         # the client clears the marks once in sync (at most every 5 s): the 64 MiB copied are no longer marked
         g.run(
             "for i in $(seq 600); do n=$(dmsetup status repa | sed -n 's/.*tracked_regions=\\([0-9]*\\).*/\\1/p');"
-            " [ \"$n\" -le 16 ] && exit 0; sleep 0.1; done; dmsetup status repa; exit 1"
+            ' [ "$n" -le 16 ] && exit 0; sleep 0.1; done; dmsetup status repa; exit 1'
         )
         # B's server dies; A writes what B never gets; A's client dies
         g.run("pkill -KILL -f bin/bdr_server; while pgrep -f bin/bdr_server; do sleep 0.1; done")
