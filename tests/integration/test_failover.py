@@ -175,13 +175,9 @@ def test_failover_failback_and_split_brain(lab: Lab) -> None:
     prod_b.close()
 
 
-@pytest.mark.parametrize("same_ring", [True, False], ids=["ring-of-the-generation", "another-ring"])
-def test_switchover_after_a_stop_in_sync_streams_without_a_scan(lab: Lab, same_ring: bool) -> None:
-    """A stops in sync and is demoted at that seq (what bdr demote --name finds in an empty ring); B is promoted
-    with a ring created for the new generation (bdr promote --name): B streams its writes since, no scan.  If
-    B's ring is not the one created with the generation, B resyncs A instead.  Both end identical."""
-    a_meta, b_meta = lab.tmp / "a.meta", lab.tmp / "b.meta"
-    a_journal = lab.tmp / "a.journal"
+def a_replicates_to_b(lab: Lab, a_meta: Path) -> tuple[RingProducer, Daemon, Daemon]:
+    """A (the lab's source, random data, ``--metadata a_meta``) replicates to B (the lab's replica): its
+    producer, B's server and A's client, once 200 writes are replicated."""
     lab.images(src_random=True)
     prod_a = lab.make_producer()
     srv_b = lab.server()
@@ -189,6 +185,17 @@ def test_switchover_after_a_stop_in_sync_streams_without_a_scan(lab: Lab, same_r
     cl_a = lab.client("--metadata", str(a_meta))
     Writer(prod_a, 200, seed=1).join()
     lab.wait_drained()
+    return prod_a, srv_b, cl_a
+
+
+@pytest.mark.parametrize("same_ring", [True, False], ids=["ring-of-the-generation", "another-ring"])
+def test_switchover_after_a_stop_in_sync_streams_without_a_scan(lab: Lab, same_ring: bool) -> None:
+    """A stops in sync and is demoted at that seq (what bdr demote --name finds in an empty ring); B is promoted
+    with a ring created for the new generation (bdr promote --name): B streams its writes since, no scan.  If
+    B's ring is not the one created with the generation, B resyncs A instead.  Both end identical."""
+    a_meta, b_meta = lab.tmp / "a.meta", lab.tmp / "b.meta"
+    a_journal = lab.tmp / "a.journal"
+    prod_a, srv_b, cl_a = a_replicates_to_b(lab, a_meta)
     Writer(prod_a, 50, seed=4).join()
     cl_a.signal(signal.SIGTERM)  # at once: the client sends what its ring holds, then marks the stop in sync
     assert cl_a.wait() == 0
@@ -260,13 +267,7 @@ def test_failback_resyncs_only_the_regions_the_old_source_marked(lab: Lab, clear
     Both end identical."""
     a_meta, b_meta = lab.tmp / "a.meta", lab.tmp / "b.meta"
     a_journal, a_track = lab.tmp / "a.journal", lab.tmp / "a.track"
-    lab.images(src_random=True)
-    prod_a = lab.make_producer()
-    srv_b = lab.server()
-    srv_b.wait_log("listening on")
-    cl_a = lab.client("--metadata", str(a_meta))
-    Writer(prod_a, 200, seed=1).join()
-    lab.wait_drained()
+    prod_a, srv_b, cl_a = a_replicates_to_b(lab, a_meta)
     cl_a.kill()
     with RingConsumer(lab.ring, dev_size=DEV) as ring:
         ring_a = ring_identity(ring)

@@ -57,9 +57,15 @@ def resync(
         why,
     )
     t0 = time.monotonic()
-    flags = p.ScanFlag.WHOLE_DEVICE if whole else p.ScanFlag.TRACKED if tracked else p.ScanFlag.NONE
-    if marked:
-        flags = p.ScanFlag.MARKED
+    flags = (
+        p.ScanFlag.WHOLE_DEVICE
+        if whole
+        else p.ScanFlag.TRACKED
+        if tracked
+        else p.ScanFlag.MARKED
+        if marked
+        else p.ScanFlag.NONE
+    )
     if rs.journal_full is not None and not direct and not tracked and not marked:
         direct = True
         log.warning("scan %d writes the replica directly: the server's journal is too small for it", sid)

@@ -336,20 +336,22 @@ class ClientSession:
             )
             return False
         extents = [(o, min(ln, c.dev_size - o)) for o, ln in marks.extents if o < c.dev_size]
-        self.replication.started = True
-        self.replication.force_scan = False
-        self.sent = ring.tail
-        self.resync(
-            p.ScanMode.HASH,
+        self._resync_regions(
             extents,
-            whole=False,
-            why=(
-                f"the replica (the old source) marks {len(extents)} ranges ({n} bytes) it may have written after "
-                f"this source's promotion; the {ring.head()} writes since the promotion follow"
-            ),
+            f"the replica (the old source) marks {len(extents)} ranges ({n} bytes) it may have written after "
+            f"this source's promotion; the {ring.head()} writes since the promotion follow",
             marked=True,
         )
         return True
+
+    def _resync_regions(
+        self, extents: list[tuple[int, int]], why: str, tracked: bool = False, marked: bool = False
+    ) -> None:
+        """The start of a connection with a journal scan of some regions, then every record the ring holds."""
+        self.replication.started = True
+        self.replication.force_scan = False
+        self.sent = self.ring.tail
+        self.resync(p.ScanMode.HASH, extents, whole=False, why=why, tracked=tracked, marked=marked)
 
     def _tracked_start(self, w: p.Welcome, first: bool) -> bool:
         """The target loaded the marks of its meta_device (a source crash or reboot): take them (any scan covers
@@ -375,15 +377,9 @@ class ClientSession:
                 why,
             )
             return False
-        extents = dm.extents(c.dev_size)
-        self.replication.started = True
-        self.replication.force_scan = False
-        self.sent = ring.tail
-        self.resync(
-            p.ScanMode.HASH,
-            extents,
-            whole=False,
-            why=f"the meta_device marks {dm.nr_dirty} regions written since the replica was last in sync",
+        self._resync_regions(
+            dm.extents(c.dev_size),
+            f"the meta_device marks {dm.nr_dirty} regions written since the replica was last in sync",
             tracked=True,
         )
         return True

@@ -22,8 +22,8 @@ from .dirty import DirtyMap
 MAGIC = 0x54524442  # "BDRT"
 VERSION = 1
 BLOCK = 4096
-_HEADER = struct.Struct("<IIQIIQ16sQQII")
-_CRC_BYTES = 68
+HEADER = struct.Struct("<IIQIIQ16sQQII")  # struct bdr_meta_header
+CRC_BYTES = 68  # the CRC covers the header up to itself
 
 
 class MetaError(Exception):
@@ -80,7 +80,7 @@ def read_marks(path: str) -> Marks:
         if len(block) < BLOCK:
             raise MetaError(f"meta device {path} is smaller than its {BLOCK}-byte header")
         magic, version, dev_sectors, region_sectors, _, nr_regions, ring, pos, gen, _, crc = (
-            _HEADER.unpack_from(block)
+            HEADER.unpack_from(block)
         )
         if block[:BLOCK].count(0) == BLOCK:
             raise MetaError(f"meta device {path} holds no tracking area (its header is zeros)")
@@ -88,7 +88,7 @@ def read_marks(path: str) -> Marks:
             raise MetaError(
                 f"meta device {path} holds no BDR tracking area (magic {magic:#x}, version {version})"
             )
-        if crc != zlib.crc32(block[:_CRC_BYTES]) ^ 0xFFFFFFFF:
+        if crc != zlib.crc32(block[:CRC_BYTES]) ^ 0xFFFFFFFF:
             raise MetaError(f"meta device {path}: the tracking area's header is damaged (CRC)")
         region = region_sectors * abi.SECTOR_SIZE
         dev_size = dev_sectors * abi.SECTOR_SIZE

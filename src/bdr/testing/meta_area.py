@@ -3,13 +3,10 @@ for tests of what reads it where no kernel target can write one."""
 
 from __future__ import annotations
 
-import struct
 import zlib
 
 from ..kernel import abi
-from ..kernel.meta import BLOCK, MAGIC, VERSION
-
-_HEADER = struct.Struct("<IIQIIQ16sQQI")
+from ..kernel.meta import BLOCK, CRC_BYTES, HEADER, MAGIC, VERSION
 
 
 def pack_meta_area(
@@ -18,7 +15,7 @@ def pack_meta_area(
     """The bytes of a meta device for a ``dev_size``-byte device: marked ``regions`` (region numbers), the last
     clear at ``pos`` of ``ring`` in ``generation``."""
     nr = (dev_size + region_bytes - 1) // region_bytes
-    head = _HEADER.pack(
+    fields = (
         MAGIC,
         VERSION,
         dev_size // abi.SECTOR_SIZE,
@@ -30,7 +27,8 @@ def pack_meta_area(
         generation,
         0,
     )
-    head += struct.pack("<I", zlib.crc32(head) ^ 0xFFFFFFFF)
+    crc = zlib.crc32(HEADER.pack(*fields, 0)[:CRC_BYTES]) ^ 0xFFFFFFFF
+    head = HEADER.pack(*fields, crc)
     bitmap = bytearray((nr + 8 * BLOCK - 1) // (8 * BLOCK) * BLOCK)
     for r in regions:
         bitmap[r // 8] |= 1 << (r % 8)
