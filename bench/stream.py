@@ -5,7 +5,9 @@ The clock runs from the first record published until every record is acknowledge
 (the client releases ring slots only then), so the figure includes the server's fdatasync + metadata commits.
 Files live on /dev/shm when it exists, so the figure is the pipeline's, not the disk's.  Records at random
 offsets are also set against what the replica file alone accepts: the same 4 KiB pwrites from one thread,
-with no network and no protocol.
+with no network and no protocol.  Both patterns are also set against a bare receiver of the same run: a sender
+that only sends and a receiver that only moves the bytes into the file the way bdr_server does (splice, or a
+pwrite per 4 KiB record), with no protocol, ring or producer: the most a server built that way can make here.
 
 Usage: python bench/stream.py [--total-mib N] [--ring-mib N] [--rounds N]
 """
@@ -137,6 +139,74 @@ def write_ceiling(work: Path, total: int) -> float:
         path.unlink()
 
 
+_BARE = r"""
+import fcntl, os, random, socket, sys
+mode, path = sys.argv[1], sys.argv[2]
+lst = socket.create_server(("127.0.0.1", 0))
+print(lst.getsockname()[1], flush=True)
+conn, _ = lst.accept()
+conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+fd = os.open(path, os.O_RDWR)
+size = os.fstat(fd).st_size
+total = 0
+if mode == "sequential":  # socket -> pipe -> file, as the server's splice path, with nothing else
+    r, w = os.pipe()
+    fcntl.fcntl(w, 1031, 1 << 20)
+    while k := os.splice(conn.fileno(), w, 1 << 20):
+        done = 0
+        while done < k:
+            done += os.splice(r, fd, k - done, offset_dst=(total + done) % size)
+        total += k
+else:  # 8 MiB frames received whole, then one pwrite per 4 KiB at a random offset
+    frame = 8 << 20
+    buf = memoryview(bytearray(frame))
+    rnd = random.Random(3)
+    offsets = [rnd.randrange(0, size // 4096) * 4096 for _ in range(frame // 4096)]
+    pwrite = os.pwrite
+    while True:
+        got = 0
+        while got < frame and (n := conn.recv_into(buf[got:])):
+            got += n
+        for i in range(got // 4096):
+            pwrite(fd, buf[i * 4096 : (i + 1) * 4096], offsets[i])
+        total += got
+        if got < frame:
+            break
+os.fdatasync(fd)
+conn.sendall(str(total).encode())
+"""
+
+
+def bare_server(work: Path, total: int, pattern: str) -> float:
+    """The least any server can do with the stream, measured (MB/s): a sender that only sends, and a receiver
+    that only puts the bytes into a preallocated replica file, with no protocol, no ring and no producer.
+    ``sequential``: splice socket -> pipe -> file; ``random``: recv 8 MiB, then a pwrite per 4 KiB record at a
+    random offset.  What bdr makes is bounded by this on the same machine."""
+    path = work / "bare.img"
+    preallocate(path)
+    rx = subprocess.Popen([sys.executable, "-c", _BARE, pattern, str(path)], stdout=subprocess.PIPE)
+    try:
+        assert rx.stdout is not None
+        port = int(rx.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            block = memoryview(random.Random(1).randbytes(8 << 20))
+            t0 = time.perf_counter()
+            sent = 0
+            while sent < total:
+                n = min(len(block), total - sent)
+                s.sendall(block[:n])
+                sent += n
+            s.shutdown(socket.SHUT_WR)
+            got = int(s.recv(64))
+            dt = time.perf_counter() - t0
+        assert got == total, (got, total)
+        return total / dt / 1e6
+    finally:
+        rx.wait(30)
+        path.unlink()
+
+
 def bdr_run(
     work: Path,
     total: int,
@@ -264,10 +334,12 @@ def run(argv: list[str]) -> dict[str, object]:
     try:
         # three rounds of baseline, sequential, random and write ceiling; the median of each is used (the
         # machine is shared: one slow round does not decide the figure)
-        tcps, seqs, rnds, ceils = [], [], [], []
+        tcps, seqs, rnds, ceils, bare_seqs, bare_rnds = [], [], [], [], [], []
         for _ in range(args.rounds):
             tcps.append(baseline(total))
+            bare_seqs.append(bare_server(work, total, "sequential"))
             seqs.append(bdr_run(work, total, args.ring_mib, "sequential"))
+            bare_rnds.append(bare_server(work, total // 4, "random"))
             rnds.append(bdr_run(work, total // 4, args.ring_mib, "random"))
             ceils.append(write_ceiling(work, total // 4))
     finally:
@@ -276,6 +348,7 @@ def run(argv: list[str]) -> dict[str, object]:
     seq = sorted(seqs, key=lambda r: r["mb_s"])[len(seqs) // 2]
     rnd = sorted(rnds, key=lambda r: r["mb_s"])[len(rnds) // 2]
     ceil = statistics.median(ceils)
+    bare_seq, bare_rnd = statistics.median(bare_seqs), statistics.median(bare_rnds)
     result: dict[str, object] = {
         "bench": "stream",
         "record_bytes": RECORD,
@@ -288,6 +361,10 @@ def run(argv: list[str]) -> dict[str, object]:
         "ratio_random_4k": round(rnd["mb_s"] / tcp, 3),
         "random_4k_pwrite_ceiling_mb_s": round(ceil, 1),
         "ratio_random_4k_to_ceiling": round(rnd["mb_s"] / ceil, 3),
+        "bare_sequential_mb_s": round(bare_seq, 1),
+        "ratio_bare_sequential_to_tcp": round(bare_seq / tcp, 3),
+        "bare_random_4k_mb_s": round(bare_rnd, 1),
+        "ratio_bare_random_4k_to_tcp": round(bare_rnd / tcp, 3),
         "client_peak_rss_mb": round(max(r["client_rss_mb"] for r in seqs + rnds), 1),
         "server_peak_rss_mb": round(max(r["server_rss_mb"] for r in seqs + rnds), 1),
     }
@@ -307,6 +384,11 @@ def run(argv: list[str]) -> dict[str, object]:
     print(
         f"  random 4 KiB pwrite alone  {ceil:8.1f} MB/s   (one thread into the replica file, no network:"
         f" bdr random is {rnd['mb_s'] / ceil:.2f} of it)"
+    )
+    print(
+        f"  bare receivers (bdr's data path alone: no protocol, ring or producer): splice {bare_seq:.0f} MB/s ="
+        f" {bare_seq / tcp:.2f} of TCP (bdr sequential {seq['mb_s'] / bare_seq:.2f} of it), recv + pwrite per"
+        f" record {bare_rnd:.0f} MB/s = {bare_rnd / tcp:.2f} of TCP (bdr random {rnd['mb_s'] / bare_rnd:.2f} of it)"
     )
     print(
         f"  peak RSS client / server   {result['client_peak_rss_mb']} / {result['server_peak_rss_mb']} MB (target < 150)"
