@@ -28,3 +28,19 @@ def test_metrics_endpoint_imports_prometheus_when_opened() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True"
+
+
+def test_the_admin_tool_loads_only_the_command_it_runs() -> None:
+    """`bdr status` (called in loops by monitoring and scripts) does not load the daemons, the journal or the
+    history writer: in a slow guest each of those costs about a second per call."""
+    heavy = ("bdr.client.daemon", "bdr.server.daemon", "bdr.journal", "bdr.history", "bdr.cli.roles")
+    code = (
+        "import sys\n"
+        "from bdr.cli import main\n"
+        "main(['status', '--run-dir', sys.argv[1]])\n"
+        f"print('loaded:', *(m for m in {heavy!r} if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, "/nonexistent-bdr-run-dir"], capture_output=True, text=True
+    ).stdout
+    assert out.splitlines()[-1] == "loaded:", out

@@ -11,7 +11,7 @@ from pathlib import Path
 from bdr import status as daemon_status
 from bdr.kernel import abi
 
-from . import credentials, history, roles, status, targets, verify
+from . import targets
 from .targets import SetupError, SetupPlan, parse_buffer
 
 
@@ -218,22 +218,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "remove":
             targets.remove(args.name)
         elif args.command == "certs":
+            from . import credentials
+
             credentials.make_certs(args)
         elif args.command == "secret":
+            from . import credentials
+
             credentials.make_secret(args)
         elif args.command == "status":
+            from . import status
+
             report = status.status(args.run_dir)
             if args.json:
                 print(json.dumps(report, indent=2, sort_keys=True))
             else:
                 status.print_status(report)
         elif args.command == "history":
+            from . import history
+
             return history.show(args.directory, args.json)
         elif args.command == "restore":
+            from . import history
+
             return history.do_restore(args.directory, args.at, args.to)
         elif args.command == "rollback":
+            from . import history
+
             return history.do_rollback(args.directory, args.at)
         elif args.command == "promote":
+            from . import roles
+
             if bool(args.name) != bool(args.chardev):
                 raise SetupError("--name and --chardev go together")
             if args.meta_device and not args.name:
@@ -252,8 +266,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return roles.do_promote(args.journal, args.target_device, args.metadata, args.force, new_target)
         elif args.command == "demote":
+            from . import roles
+
             return roles.do_demote(args.journal, args.metadata, args.name, args.meta_device)
         elif args.command == "verify":
+            from . import verify
+
             try:
                 return verify.verify(args.name, args.run_dir, args.json)
             except SetupError as exc:

@@ -10,7 +10,6 @@ from typing import Any
 
 from bdr import status as daemon_status
 from bdr.generations import fmt_bytes
-from bdr.history import fmt_time
 
 from .targets import SetupError, module_loaded, run
 
@@ -182,6 +181,8 @@ def written_text(n: int | None) -> str:
 def history_line(h: dict[str, Any]) -> str:
     """The server's history in one line: range of points, space used, the last gap."""
     if h.get("points"):
+        from bdr.history import fmt_time  # the history package is not needed for anything else here
+
         span = (
             f"{h['points']} points from {fmt_time(int(h['oldest_time'] * 1e9))} (seq {h['oldest_seq']}) "
             f"to {fmt_time(int(h['newest_time'] * 1e9))} (seq {h['newest_seq']})"
