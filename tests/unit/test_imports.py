@@ -18,6 +18,12 @@ def test_daemon_modules_do_not_import_optional_libraries() -> None:
     assert out.strip() == ""
 
 
+def test_a_server_without_history_does_not_load_it() -> None:
+    code = "import sys, bdr.server.daemon, bdr.server.options\nprint('bdr.history' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_metrics_endpoint_imports_prometheus_when_opened() -> None:
     code = (
         "import sys\n"

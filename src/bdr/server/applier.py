@@ -6,14 +6,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .. import replica_state
 from .. import wire as p
-from ..history import HistoryWriter
 from ..journal import Journal, RecordArea
 from ..seq import prev_seq, seq_distance
 from .replica import Target
+
+if TYPE_CHECKING:
+    from ..history import HistoryWriter
 
 log = logging.getLogger("bdr.server")
 

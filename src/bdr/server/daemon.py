@@ -11,13 +11,13 @@ import select
 import socket
 import ssl
 import time
+from typing import TYPE_CHECKING
 
 from .. import __version__, replica_state, status
 from .. import wire as p
 from ..daemon.sockets import close_gently
 from ..daemon.wakeup import Wakeup
 from ..generations import to_json
-from ..history import HistoryError, HistoryWriter, Meta
 from ..journal import FaultPlan, JFlag, Journal, JournalError, RecordArea, StorageError
 from ..journal.format import AreaState
 from ..log import BenchClock
@@ -31,6 +31,9 @@ from .runtime import Tally
 from .security import load_security
 from .session import Generational, ServerSession
 from .splice import SpliceReceiver
+
+if TYPE_CHECKING:
+    from ..history import HistoryWriter
 
 log = logging.getLogger("bdr.server")
 
@@ -442,6 +445,8 @@ def open_history(args: argparse.Namespace, replica: Replica, journal: Journal) -
             )
             journal.store(replica_state.history_kept(journal.header, bytes(16)))
         return None
+    from ..history import HistoryError, HistoryWriter, Meta  # only a server with --history needs it
+
     meta = Meta(os.path.abspath(replica.path), replica.size, os.path.abspath(journal.path))
     try:
         writer = HistoryWriter(directory, replica.fd, meta, args.history_size, args.history_age)
