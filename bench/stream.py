@@ -89,20 +89,26 @@ def baseline(total: int) -> float:
     rx = subprocess.Popen([sys.executable, "-c", _RECEIVER, str(port)], stdout=subprocess.PIPE)
     assert rx.stdout is not None
     rx.stdout.readline()
-    s = socket.create_connection(("127.0.0.1", port))
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    block = memoryview(random.Random(1).randbytes(8 << 20))
-    t0 = time.perf_counter()
-    sent = 0
-    while sent < total:
-        n = min(len(block), total - sent)
-        s.sendall(block[:n])
-        sent += n
-    s.shutdown(socket.SHUT_WR)
-    got = int(s.recv(64))
-    dt = time.perf_counter() - t0
-    s.close()
+    mb_s = timed_send(port, total)
     rx.wait(10)
+    return mb_s
+
+
+def timed_send(port: int, total: int) -> float:
+    """Send ``total`` bytes over loopback TCP to a receiver on ``port`` that answers with the count it got, once
+    it has them all (MB/s, until that answer)."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        block = memoryview(random.Random(1).randbytes(8 << 20))
+        t0 = time.perf_counter()
+        sent = 0
+        while sent < total:
+            n = min(len(block), total - sent)
+            s.sendall(block[:n])
+            sent += n
+        s.shutdown(socket.SHUT_WR)
+        got = int(s.recv(64))
+        dt = time.perf_counter() - t0
     assert got == total, (got, total)
     return total / dt / 1e6
 
@@ -187,21 +193,7 @@ def bare_server(work: Path, total: int, pattern: str) -> float:
     rx = subprocess.Popen([sys.executable, "-c", _BARE, pattern, str(path)], stdout=subprocess.PIPE)
     try:
         assert rx.stdout is not None
-        port = int(rx.stdout.readline())
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-            block = memoryview(random.Random(1).randbytes(8 << 20))
-            t0 = time.perf_counter()
-            sent = 0
-            while sent < total:
-                n = min(len(block), total - sent)
-                s.sendall(block[:n])
-                sent += n
-            s.shutdown(socket.SHUT_WR)
-            got = int(s.recv(64))
-            dt = time.perf_counter() - t0
-        assert got == total, (got, total)
-        return total / dt / 1e6
+        return timed_send(int(rx.stdout.readline()), total)
     finally:
         rx.wait(30)
         path.unlink()
