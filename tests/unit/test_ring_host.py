@@ -40,3 +40,30 @@ def test_this_host_opens_the_ring(tmp_path: Path) -> None:
     RingProducer(path, 64, 1 << 20).close()
     with ring.RingConsumer(path, 1 << 20) as c:
         assert c.geometry.nr_slots == 64
+
+
+def test_a_ring_file_is_looked_at_again_soon_while_records_come_and_less_often_when_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ring file has no poll(): the consumer naps.  Short naps while the producer keeps publishing (a long one
+    after each drain leaves the stream idle), longer ones, up to NAP_MAX, while nothing comes."""
+    naps: list[float] = []
+    monkeypatch.setattr(ring.time, "sleep", naps.append)
+    path = tmp_path / "ring"
+    prod = RingProducer(path, 64, 1 << 20)
+    try:
+        with ring.RingConsumer(path, 1 << 20) as c:
+            for _ in range(6):
+                c.wait(1.0)
+            idle = list(naps)
+            naps.clear()
+            for _ in range(3):
+                prod.write_run(0, bytes(4096))
+                c.wait(1.0)
+            busy = list(naps)
+            c.wait(0.0001)
+    finally:
+        prod.close()
+    assert idle[0] == ring.NAP_MIN and idle[-1] == ring.NAP_MAX and idle == sorted(idle)
+    assert busy == [ring.NAP_MIN] * 3
+    assert naps[-1] == 0.0001  # never longer than the caller's timeout
