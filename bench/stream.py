@@ -9,6 +9,9 @@ with no network and no protocol.  Both patterns are also set against a bare rece
 that only sends and a receiver that only moves the bytes into the file the way bdr_server does (splice, or a
 pwrite per 4 KiB record), with no protocol, ring or producer: the most a server built that way can make here.
 
+Each run also reports the CPU time the machine spent per GiB streamed (TCP, bdr split by process), next to
+what the machine's CPUs allow a pipeline that makes the targets.
+
 Usage: python bench/stream.py [--total-mib N] [--ring-mib N] [--rounds N]
 """
 
@@ -34,6 +37,7 @@ from typing import Any
 from bdr.testing.ring_producer import RingProducer
 
 RECORD = 4096
+GIB = 1 << 30
 CHUNK_RECORDS = 256  # records per producer call (1 MiB)
 DEVICE = 512 << 20  # the replicated device (an image file)
 
@@ -56,6 +60,12 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time a live process used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_seconds() -> float:
+    """CPU time every CPU of the machine spent busy so far (user, system, interrupts: everything but idle)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
@@ -83,15 +93,18 @@ conn.sendall(str(total).encode())
 """
 
 
-def baseline(total: int) -> float:
-    """Plain loopback TCP: one process sends ``total`` bytes with sendall, another recv_into()s them (MB/s)."""
+def baseline(total: int) -> tuple[float, float]:
+    """Plain loopback TCP: one process sends ``total`` bytes with sendall, another recv_into()s them.  MB/s, and
+    the CPU time the machine spent per GiB moved."""
     port = free_port()
     rx = subprocess.Popen([sys.executable, "-c", _RECEIVER, str(port)], stdout=subprocess.PIPE)
     assert rx.stdout is not None
     rx.stdout.readline()
+    cpu0 = machine_cpu_seconds()
     mb_s = timed_send(port, total)
+    cpu = machine_cpu_seconds() - cpu0
     rx.wait(10)
-    return mb_s
+    return mb_s, cpu / (total / GIB)
 
 
 def timed_send(port: int, total: int) -> float:
@@ -262,6 +275,7 @@ def bdr_run(
     rnd = random.Random(3)
     time.sleep(1.0)  # handshake
     try:
+        c0 = (cpu_seconds(cli.pid), cpu_seconds(srv.pid), machine_cpu_seconds())
         t0 = time.perf_counter()
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         for i in order:
@@ -276,9 +290,13 @@ def bdr_run(
             time.sleep(0.0005)
         dt = time.perf_counter() - t0
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu_c, cpu_s, cpu_m = (
+            cpu_seconds(cli.pid) - c0[0],
+            cpu_seconds(srv.pid) - c0[1],
+            machine_cpu_seconds() - c0[2],
+        )
         cpu_p = ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
         rss_c, rss_s = vm_hwm_mb(cli.pid), vm_hwm_mb(srv.pid)
-        cpu_c, cpu_s = cpu_seconds(cli.pid), cpu_seconds(srv.pid)
     finally:
         for proc in (cli, srv):
             if proc.poll() is None:
@@ -303,10 +321,41 @@ def bdr_run(
         "seconds": dt,
         "client_rss_mb": rss_c,
         "server_rss_mb": rss_s,
+        # CPU time while streaming (not start-up or handshake), each process's and the whole machine's
         "client_cpu_s": cpu_c,
         "server_cpu_s": cpu_s,
         "producer_cpu_s": cpu_p,
+        "machine_cpu_s": cpu_m,
+        "gib": nchunks * len(data) / GIB,
+        "cpu_per_gib": cpu_m / (nchunks * len(data) / GIB),
     }
+
+
+def print_cpu(tcp: float, tcp_cpu: float, seq: dict[str, Any], rnd: dict[str, Any], ceil: float) -> None:
+    """Where the CPU time goes while streaming, in CPU seconds per GiB, next to what the machine's CPUs allow
+    a pipeline that makes the targets (its CPUs busy all the time, for as long as a GiB may take then)."""
+    cpus = os.cpu_count() or 1
+    gib_s = tcp * 1e6 / GIB  # loopback TCP, GiB/s
+
+    def split(r: dict[str, Any]) -> str:
+        per = r["gib"]
+        parts = (r["client_cpu_s"], r["server_cpu_s"], r["producer_cpu_s"])
+        other = r["machine_cpu_s"] - sum(parts)
+        return (
+            f"{r['cpu_per_gib']:.2f} = client {parts[0] / per:.2f} + server {parts[1] / per:.2f} + producer"
+            f" {parts[2] / per:.2f} + other {other / per:.2f} (softirq, ...); {r['cpu_per_gib'] * r['mb_s'] * 1e6 / GIB:.1f}"
+            " CPUs busy"
+        )
+
+    print(f"  CPU time while streaming, s per GiB ({cpus} CPUs):")
+    print(f"    loopback TCP             {tcp_cpu:.2f}; {tcp_cpu * gib_s:.1f} CPUs busy")
+    print(f"    bdr sequential           {split(seq)}")
+    print(f"    bdr random 4 KiB         {split(rnd)}")
+    print(f"    4 KiB pwrites alone      {GIB / (ceil * 1e6):.2f} (one thread)")
+    print(
+        f"    the most a pipeline may use to make 0.7 of TCP here: {cpus / (0.7 * gib_s):.2f}; 0.5 of TCP:"
+        f" {cpus / (0.5 * gib_s):.2f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,9 +375,11 @@ def run(argv: list[str]) -> dict[str, object]:
     try:
         # three rounds of baseline, sequential, random and write ceiling; the median of each is used (the
         # machine is shared: one slow round does not decide the figure)
-        tcps, seqs, rnds, ceils, bare_seqs, bare_rnds = [], [], [], [], [], []
+        tcps, tcp_cpus, seqs, rnds, ceils, bare_seqs, bare_rnds = [], [], [], [], [], [], []
         for _ in range(args.rounds):
-            tcps.append(baseline(total))
+            tcp_mb_s, tcp_cpu = baseline(total)
+            tcps.append(tcp_mb_s)
+            tcp_cpus.append(tcp_cpu)
             bare_seqs.append(bare_server(work, total, "sequential"))
             seqs.append(bdr_run(work, total, args.ring_mib, "sequential"))
             bare_rnds.append(bare_server(work, total // 4, "random"))
@@ -336,7 +387,7 @@ def run(argv: list[str]) -> dict[str, object]:
             ceils.append(write_ceiling(work, total // 4))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    tcp = statistics.median(tcps)
+    tcp, tcp_cpu = statistics.median(tcps), statistics.median(tcp_cpus)
     seq = sorted(seqs, key=lambda r: r["mb_s"])[len(seqs) // 2]
     rnd = sorted(rnds, key=lambda r: r["mb_s"])[len(rnds) // 2]
     ceil = statistics.median(ceils)
@@ -357,6 +408,10 @@ def run(argv: list[str]) -> dict[str, object]:
         "ratio_bare_sequential_to_tcp": round(bare_seq / tcp, 3),
         "bare_random_4k_mb_s": round(bare_rnd, 1),
         "ratio_bare_random_4k_to_tcp": round(bare_rnd / tcp, 3),
+        "cpus": os.cpu_count(),
+        "tcp_cpu_s_per_gib": round(tcp_cpu, 3),
+        "sequential_cpu_s_per_gib": round(seq["cpu_per_gib"], 3),
+        "random_4k_cpu_s_per_gib": round(rnd["cpu_per_gib"], 3),
         "client_peak_rss_mb": round(max(r["client_rss_mb"] for r in seqs + rnds), 1),
         "server_peak_rss_mb": round(max(r["server_rss_mb"] for r in seqs + rnds), 1),
     }
@@ -368,10 +423,6 @@ def run(argv: list[str]) -> dict[str, object]:
     print(
         f"  bdr sequential 4 KiB       {seq['mb_s']:8.1f} MB/s   ratio {seq['mb_s'] / tcp:.2f}   (target >= 0.7)"
     )
-    print(
-        f"  sequential run: {seq['seconds']:.2f}s wall, client CPU {seq['client_cpu_s']:.2f}s, "
-        f"server CPU {seq['server_cpu_s']:.2f}s, producer CPU {seq['producer_cpu_s']:.2f}s (daemons: incl. start-up)"
-    )
     print(f"  bdr random 4 KiB           {rnd['mb_s']:8.1f} MB/s   ratio {rnd['mb_s'] / tcp:.2f}")
     print(
         f"  random 4 KiB pwrite alone  {ceil:8.1f} MB/s   (one thread into the replica file, no network:"
@@ -382,6 +433,7 @@ def run(argv: list[str]) -> dict[str, object]:
         f" {bare_seq / tcp:.2f} of TCP (bdr sequential {seq['mb_s'] / bare_seq:.2f} of it), recv + pwrite per"
         f" record {bare_rnd:.0f} MB/s = {bare_rnd / tcp:.2f} of TCP (bdr random {rnd['mb_s'] / bare_rnd:.2f} of it)"
     )
+    print_cpu(tcp, tcp_cpu, seq, rnd, ceil)
     print(
         f"  peak RSS client / server   {result['client_peak_rss_mb']} / {result['server_peak_rss_mb']} MB (target < 150)"
     )
