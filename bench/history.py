@@ -79,7 +79,8 @@ def streaming(work: Path, total: int, rounds: int) -> dict[str, object]:
     hist = work / "history"
     warm_up(work, 2 * stream.DEVICE + 2 * HISTORY_SIZE)  # the replica of a run, the last one's, the history
     runs: dict[str, dict[str, list[float]]] = {
-        pat: {"off": [], "on": [], "bytes_per_byte": []} for pat in ("sequential", "random")
+        pat: {"off": [], "on": [], "bytes_per_byte": [], "cpu_off": [], "cpu_on": [], "server_on": []}
+        for pat in ("sequential", "random")
     }
     for _ in range(rounds):
         for pat in ("sequential", "random"):
@@ -96,6 +97,9 @@ def streaming(work: Path, total: int, rounds: int) -> dict[str, object]:
             )
             runs[pat]["off"].append(off["mb_s"])
             runs[pat]["on"].append(on["mb_s"])
+            runs[pat]["cpu_off"].append(off["cpu_per_gib"])
+            runs[pat]["cpu_on"].append(on["cpu_per_gib"])
+            runs[pat]["server_on"].append(on["server_cpu_s"] / on["gib"] - off["server_cpu_s"] / off["gib"])
             runs[pat]["bytes_per_byte"].append(appended(work / f"{pat}-logs" / "server.log") / n)
             shutil.rmtree(hist, ignore_errors=True)
     out: dict[str, object] = {}
@@ -106,6 +110,11 @@ def streaming(work: Path, total: int, rounds: int) -> dict[str, object]:
             "on_mb_s": round(on_m, 1),
             "ratio": round(on_m / off_m, 3),
             "history_bytes_per_replicated_byte": round(statistics.median(r["bytes_per_byte"]), 4),
+            # CPU time the machine spent per GiB streamed (bench/stream.py), and what the history added to the
+            # server's
+            "cpu_s_per_gib_off": round(statistics.median(r["cpu_off"]), 3),
+            "cpu_s_per_gib_on": round(statistics.median(r["cpu_on"]), 3),
+            "server_cpu_s_per_gib_added": round(statistics.median(r["server_on"]), 3),
             "rounds_off": [round(x) for x in r["off"]],
             "rounds_on": [round(x) for x in r["on"]],
         }
@@ -198,6 +207,10 @@ def run(argv: list[str]) -> dict[str, object]:
             f"  {pat:<10} history off {r['off_mb_s']:8.1f} MB/s, on {r['on_mb_s']:8.1f} MB/s   ratio "
             f"{r['ratio']:.2f} (target >= {TARGET})   history {r['history_bytes_per_replicated_byte']:.3f} "
             f"bytes per replicated byte   (rounds off {r['rounds_off']}, on {r['rounds_on']})"
+        )
+        print(
+            f"  {'':<10} CPU time per GiB streamed: off {r['cpu_s_per_gib_off']:.2f} s, on {r['cpu_s_per_gib_on']:.2f} s"
+            f" (the server's {r['server_cpu_s_per_gib_added']:+.2f} s)"
         )
     print(
         f"  restore of a {rs['device_mib']} MiB device to its oldest point ({rs['undone_writes']} writes undone, "
