@@ -8,6 +8,7 @@ import random
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -125,4 +126,59 @@ def test_daemon_loop_applies_large_frames(
     assert replica.read_bytes() == bytes(image)
     assert server.applier.stats.skipped == 700
     assert (server.spliced_frames > 0) is splice
+    server.close()
+
+
+@pytest.mark.parametrize(
+    ("what", "code"),
+    [("past the end", p.ErrorCode.OUT_OF_RANGE), ("seq gap", p.ErrorCode.BAD_RECORD)],
+)
+@pytest.mark.timeout(60)
+def test_a_large_frame_with_bad_descriptors_is_refused_before_its_data_is_spliced(
+    tmp_path: Path, what: str, code: p.ErrorCode
+) -> None:
+    """A frame large enough to be spliced whose writes still form one run: its descriptors are checked
+    before a byte of its data reaches the replica."""
+    replica = tmp_path / "replica.img"
+    replica.write_bytes(bytes(DEV))
+    args = argparse.Namespace(
+        address="127.0.0.1", port=0, target_device=str(replica), journal=str(tmp_path / "j"), benchmark=False
+    )
+    server = Server(args)
+    server.listen()
+    with socket.create_server(("127.0.0.1", 0)) as lst:
+        a = socket.create_connection(lst.getsockname()[:2])
+        b, _ = lst.accept()
+    t = threading.Thread(target=serve_one, args=(server, b, "test"), daemon=True)
+    t.start()
+    c = p.Connection(p.Role.CLIENT)
+    a.sendall(c.send(p.Hello(1, p.ALL_FEATURES, 512, DEV, SRC, RING)))
+    while (ev := c.next_event()) is p.NEED_DATA:
+        c.feed(a.recv(65536))
+    assert isinstance(ev, p.Welcome)
+    a.sendall(c.send(p.Stream(0, p.StreamFlag.ASSUME_IN_SYNC)))
+    n = 128  # 512 KiB of data: spliced
+    first = DEV // 512 - (n - 4) * 8 if what == "past the end" else 64
+    recs = [
+        (i + (1 if what == "seq gap" and i >= n // 2 else 0), first + i * 8, 4096, p.OP_WRITE)
+        for i in range(n)
+    ]
+    frame = data_frame(recs, random.Random(2), bytearray(DEV + n * 4096))
+    a.settimeout(10)
+    a.sendall(frame[:4096])  # the head and most descriptors first: the data is still on the wire
+    time.sleep(0.3)
+    got: list[p.Message] = []
+    with pytest.raises(p.PeerError) as err:
+        a.sendall(frame[4096:])
+        while True:
+            chunk = a.recv(65536)
+            assert chunk, "server closed the connection without an ERROR"
+            c.feed(chunk)
+            while (ev := c.next_event()) is not p.NEED_DATA:
+                got.append(ev)
+    t.join(10)
+    a.close()
+    assert err.value.code is code, err.value
+    assert replica.read_bytes() == bytes(DEV)
+    assert server.spliced_frames == 1  # it went the splice way, and was refused there
     server.close()

@@ -166,20 +166,23 @@ class SpliceReceiver:
             assert start is not None
             if len(start.prefix) < need or p.data_head_size(start.prefix) != need:
                 return True  # more to read (or the count just became known): come back
-        if not _long_runs(p.record_fields(start.prefix[p.DATA_HEAD.size : need])):
+        cols = p.record_fields(start.prefix[p.DATA_HEAD.size : need])
+        if not _long_runs(cols):
             self._no_splice = start.number  # small scattered writes: recv + pwrite beat two splices per run
             return False
         more = bool(select.select([sock], [], [], 0)[0])
         self.frames += 1
-        reply = self._receive_spliced(sess, sock, self.pipe, idle=not more)
+        reply = self._receive_spliced(sess, sock, self.pipe, cols, idle=not more)
         if reply:
             sock.sendall(reply)
         return True
 
-    def _receive_spliced(self, sess: ServerSession, sock: socket.socket, pipe: Pipe, idle: bool) -> bytes:
-        """Apply the DATA frame whose head and descriptors are buffered in ``conn`` while its data is still
-        on the wire: validate the descriptors, then splice the data into the replica, and tell the connection
-        how much of the body was taken off the socket.  Returns what to send."""
+    def _receive_spliced(
+        self, sess: ServerSession, sock: socket.socket, pipe: Pipe, cols: p.RecordFields, idle: bool
+    ) -> bytes:
+        """Apply the DATA frame whose head and descriptors (split into ``cols``) are buffered in ``conn`` while
+        its data is still on the wire: validate the descriptors, then splice the data into the replica, and
+        tell the connection how much of the body was taken off the socket.  Returns what to send."""
         start = sess.conn.frame_start()
         assert start is not None
         flags, length, prefix = start.flags, start.length, start.prefix
@@ -187,7 +190,7 @@ class SpliceReceiver:
             if flags & ~int(p.FrameFlag.SYNC):
                 raise p.RemoteProtocolError(p.ErrorCode.BAD_FIELD, f"frame flags {flags:#x} has unknown bits")
             sess.conn.expect_data()
-            _, cols, data_len = p.parse_data_head(prefix, length, sess.conn.device_size)
+            _, cols, data_len = p.parse_data_head(prefix, length, sess.conn.device_size, cols)
             buffered = prefix[length - data_len :]
             src = SpliceSource(sock, sess.replica, pipe, buffered, data_len)
             sess.applier.apply_from(cols, src, bool(flags & p.FrameFlag.SYNC))

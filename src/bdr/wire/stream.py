@@ -160,11 +160,12 @@ def data_head_size(prefix: memoryview | bytes) -> int | None:
 
 
 def parse_data_head(
-    prefix: memoryview, length: int, device_size: int | None = None
+    prefix: memoryview, length: int, device_size: int | None = None, cols: RecordFields | None = None
 ) -> tuple[memoryview, RecordFields, int]:
     """Parse and validate the head and descriptors of a DATA payload of ``length`` bytes from its first bytes
     (``prefix`` holds at least the descriptors; the data may still be on the wire).  Returns the descriptor
-    view, their columns and the data length."""
+    view, their columns and the data length.  ``cols``: the descriptors' columns, if the caller split them
+    already (``record_fields`` of the same bytes)."""
     if length < DATA_HEAD.size or len(prefix) < DATA_HEAD.size:
         raise _fail(ErrorCode.BAD_LENGTH, f"DATA payload of {length} bytes")
     count, data_len = DATA_HEAD.unpack_from(prefix)
@@ -176,7 +177,8 @@ def parse_data_head(
             ErrorCode.BAD_LENGTH, f"DATA of {count} records and {data_len} data bytes in {length} bytes"
         )
     records = prefix[DATA_HEAD.size : desc_end]
-    cols = record_fields(records)
+    if cols is None or len(cols.seqs) != count:
+        cols = record_fields(records)
     want = validate_records(cols, device_size)
     if want != data_len:
         raise _fail(ErrorCode.BAD_LENGTH, f"DATA records need {want} data bytes, frame has {data_len}")
