@@ -116,7 +116,7 @@ def run(argv: list[str]) -> dict[str, object]:
         f"  bare TLS stream, one connection {ceiling:6.1f} MB/s   ({cipher}; bdr TLS reaches {t_mb / ceiling:.2f} of it)"
     )
     print(
-        f"  daemon CPU per run (client + server, incl. start-up): plaintext {statistics.median(cpu['plain']):.2f}s, "
+        f"  daemon CPU per run while streaming (client + server): plaintext {statistics.median(cpu['plain']):.2f}s, "
         f"TLS {statistics.median(cpu['tls']):.2f}s"
     )
     print(f"  client --benchmark line (last TLS run):\n    {tls_line}")
