@@ -45,12 +45,11 @@ def serve_one(server: Server, sock: socket.socket, peer: str) -> None:
         server.serve(*admitted)
 
 
-@pytest.mark.parametrize("splice", [True, False])
-def test_daemon_loop_applies_large_frames(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, splice: bool
-) -> None:
-    if not splice:
-        monkeypatch.setenv("BDR_NO_SPLICE", "1")
+def streaming(
+    tmp_path: Path,
+) -> tuple[Path, Server, socket.socket, threading.Thread, p.Connection]:
+    """A server on a zeroed replica file, serving one connection in a thread; the client's socket and protocol
+    state once it is streaming (HELLO, WELCOME, STREAM asserting the replica is in sync)."""
     replica = tmp_path / "replica.img"
     replica.write_bytes(bytes(DEV))
     args = argparse.Namespace(
@@ -61,17 +60,26 @@ def test_daemon_loop_applies_large_frames(
     with socket.create_server(("127.0.0.1", 0)) as lst:
         a = socket.create_connection(lst.getsockname()[:2])
         b, _ = lst.accept()
-
     t = threading.Thread(target=serve_one, args=(server, b, "test"), daemon=True)
     t.start()
-    image = bytearray(DEV)
-    rnd = random.Random(1)
     c = p.Connection(p.Role.CLIENT)
     a.sendall(c.send(p.Hello(1, p.ALL_FEATURES, 512, DEV, SRC, RING)))
     while (ev := c.next_event()) is p.NEED_DATA:
         c.feed(a.recv(65536))
     assert isinstance(ev, p.Welcome)
     a.sendall(c.send(p.Stream(0, p.StreamFlag.ASSUME_IN_SYNC)))
+    return replica, server, a, t, c
+
+
+@pytest.mark.parametrize("splice", [True, False])
+def test_daemon_loop_applies_large_frames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, splice: bool
+) -> None:
+    if not splice:
+        monkeypatch.setenv("BDR_NO_SPLICE", "1")
+    replica, server, a, t, c = streaming(tmp_path)
+    image = bytearray(DEV)
+    rnd = random.Random(1)
     seq = 0
     frames = []
     # sequential 4 KiB runs (fast path), scattered writes with a flush and a discard (general path)
@@ -139,24 +147,7 @@ def test_a_large_frame_with_bad_descriptors_is_refused_before_its_data_is_splice
 ) -> None:
     """A frame large enough to be spliced whose writes still form one run: its descriptors are checked
     before a byte of its data reaches the replica."""
-    replica = tmp_path / "replica.img"
-    replica.write_bytes(bytes(DEV))
-    args = argparse.Namespace(
-        address="127.0.0.1", port=0, target_device=str(replica), journal=str(tmp_path / "j"), benchmark=False
-    )
-    server = Server(args)
-    server.listen()
-    with socket.create_server(("127.0.0.1", 0)) as lst:
-        a = socket.create_connection(lst.getsockname()[:2])
-        b, _ = lst.accept()
-    t = threading.Thread(target=serve_one, args=(server, b, "test"), daemon=True)
-    t.start()
-    c = p.Connection(p.Role.CLIENT)
-    a.sendall(c.send(p.Hello(1, p.ALL_FEATURES, 512, DEV, SRC, RING)))
-    while (ev := c.next_event()) is p.NEED_DATA:
-        c.feed(a.recv(65536))
-    assert isinstance(ev, p.Welcome)
-    a.sendall(c.send(p.Stream(0, p.StreamFlag.ASSUME_IN_SYNC)))
+    replica, server, a, t, c = streaming(tmp_path)
     n = 128  # 512 KiB of data: spliced
     first = DEV // 512 - (n - 4) * 8 if what == "past the end" else 64
     recs = [
@@ -167,15 +158,14 @@ def test_a_large_frame_with_bad_descriptors_is_refused_before_its_data_is_splice
     a.settimeout(10)
     a.sendall(frame[:4096])  # the head and most descriptors first: the data is still on the wire
     time.sleep(0.3)
-    got: list[p.Message] = []
     with pytest.raises(p.PeerError) as err:
         a.sendall(frame[4096:])
         while True:
             chunk = a.recv(65536)
             assert chunk, "server closed the connection without an ERROR"
             c.feed(chunk)
-            while (ev := c.next_event()) is not p.NEED_DATA:
-                got.append(ev)
+            while c.next_event() is not p.NEED_DATA:
+                pass
     t.join(10)
     a.close()
     assert err.value.code is code, err.value
