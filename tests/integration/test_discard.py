@@ -5,6 +5,7 @@ range)."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -29,16 +30,29 @@ def synced(lab: Lab) -> tuple[RingProducer, Daemon, Daemon]:
     return prod, srv, cli
 
 
+def first_data_from(path: os.PathLike[str], offset: int) -> int:
+    """Where the first allocated byte at or after offset is (the file's size if none): a hole's end.  Counting
+    the file's blocks instead would also count the extent-tree blocks a file system may add to record a hole."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as e:
+        if e.errno != errno.ENXIO:  # ENXIO: nothing is allocated past offset
+            raise
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
 def test_discard_on_a_source_that_zeroes_zeroes_and_frees_the_replica(lab: Lab) -> None:
     prod, srv, cli = synced(lab)
-    blocks = os.stat(lab.replica).st_blocks
     prod.discard(4 << 20, 8 << 20)  # the source image reads zeros there now
     lab.wait_drained()
     assert cli.stop() == 0
     assert srv.stop() == 0
     assert lab.identical()
     assert lab.replica.read_bytes()[4 << 20 : 12 << 20] == bytes(8 << 20)
-    assert os.stat(lab.replica).st_blocks <= blocks - (8 << 20) // 512  # punched: the space is given back
+    assert first_data_from(lab.replica, 4 << 20) >= 12 << 20  # punched: the space is given back
     assert "left data on the source" not in cli.log()
 
 
