@@ -3,10 +3,13 @@ bytes the replica held then; retention, gaps, torn tails, rollback and the refus
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ from bdr.history import At, History, HistoryError, HistoryWriter, Meta, PointRef
 from bdr.history import restore as restore_mod
 from bdr.history.format import HEAD_SIZE, Kind, decode, encode, segment_numbers
 from bdr.history.restore import restore, rollback
+from bdr.history.segments import HistoryIOError
 from bdr.journal import JFlag, Journal
 from bdr.server import Applier
 from bdr.server.replica import Replica
@@ -159,6 +163,75 @@ def test_before_images_that_start_with_zeros_are_kept_whole(tmp_path: Path, leng
     rig.apply([(0, length, W, 0), (64, 4096, W, 0), (0, 0, F, 0)])
     assert rig.replica_path.read_bytes() != before
     assert restored(rig, At(seq=point)) == before
+    rig.close()
+
+
+def long_runs_batch(rig: Rig) -> list[tuple[int, int, int, int]]:
+    """Writes of 1 MiB records in long runs, 5.5 MiB in all (pieces of the pipelined preserve), one of them over
+    bytes an earlier run of the same batch wrote, then a flush."""
+    mib = 1 << 20
+    return [
+        *[(k * 2048, mib, W, 0) for k in range(3)],  # [0, 3 MiB)
+        (512, mib // 2, W, 0),  # [256 KiB, 768 KiB) again
+        *[(k * 2048, mib, W, 0) for k in range(4, 6)],  # [4 MiB, 6 MiB)
+        (0, 0, F, 0),
+    ]
+
+
+def test_long_runs_are_kept_a_piece_ahead_of_their_writes_and_restore_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of long runs: its before-images are kept by the history's own thread, a piece at a time, while
+    the pieces before are written.  Each piece is durable before its write (a slow history thread shows it: a
+    write that did not wait would be read back as its own before-image), and the checkpoint before the batch
+    restores exactly, also where a run of the batch overwrote an earlier one."""
+    rig = Rig(tmp_path, size=8 << 20)
+    rig.apply([(0, 0, F, 0)])
+    point = rig.seq - 1
+    before = rig.replica_path.read_bytes()
+    threads: set[str] = set()
+    real = rig.history.preserve
+
+    def slow(ranges: list[tuple[int, int]], following: bool = True) -> None:
+        threads.add(threading.current_thread().name)
+        time.sleep(0.02)
+        real(ranges, following)
+
+    monkeypatch.setattr(rig.history, "preserve", slow)
+    rig.apply(long_runs_batch(rig))
+    with History(rig.dir) as h:
+        undo = [e for e in h.entries() if e.kind is Kind.UNDO]
+        assert [e.seq for e in h.points()] == [point, rig.seq - 1]
+    assert len(undo) == 6  # 5.5 MiB in pieces of 1 MiB
+    assert threads and all(t.startswith("bdr-history") for t in threads)
+    assert restored(rig, At(seq=point)) == before
+    assert restored(rig, At(seq=rig.seq - 1)) == rig.replica_path.read_bytes()
+    rig.close()
+
+
+def test_a_piece_whose_before_images_cannot_be_kept_is_not_written_nor_are_those_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The history fails on the third piece of a batch of long runs: the batch fails, the two pieces before it
+    reached the replica, that piece and the ones after did not."""
+    rig = Rig(tmp_path, size=8 << 20)
+    before = rig.replica_path.read_bytes()
+    real, calls = rig.history.preserve, []
+
+    def failing(ranges: list[tuple[int, int]], following: bool = True) -> None:
+        calls.append(ranges)
+        if len(calls) == 3:
+            raise HistoryIOError(errno.EIO, "history: write failed: Input/output error")
+        real(ranges, following)
+
+    monkeypatch.setattr(rig.history, "preserve", failing)
+    with pytest.raises(HistoryIOError):
+        rig.apply(long_runs_batch(rig))
+    after = rig.replica_path.read_bytes()
+    mib = 1 << 20
+    assert after[: 2 * mib] != before[: 2 * mib]
+    assert after[2 * mib :] == before[2 * mib :]
+    assert len(calls) == 3  # nothing preserved after the failure
     rig.close()
 
 

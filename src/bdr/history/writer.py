@@ -19,6 +19,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import xxhash
@@ -51,6 +52,11 @@ BATCH_MAX = 8 << 20  # before-images read into memory at a time
 LARGE = 1 << 30
 EXTENTS_MAX = 8192  # extents of one UNDO record (a large range of zeros takes no data, only its extents)
 SMALL = 64 << 10  # extents up to this size are read as bytes objects; larger ones into the batch buffer
+# writes of long runs are preserved a piece at a time by a thread of the writer, the next piece while the
+# caller writes the last one (see preserve_while_writing)
+PIECE = 1 << 20
+# the average run length from which a batch is worth it (shorter ones are Python-bound both ways)
+PIECE_RUN_MIN = 64 << 10
 _ZEROS = memoryview(bytes(CHUNK))
 _ZERO_4K = bytes(4096)
 
@@ -113,6 +119,8 @@ class HistoryWriter:
         )
         self._buf = bytearray(0)  # large before-images are read into it
         self._view = memoryview(self._buf)
+        # preserve_while_writing's thread, made when first needed
+        self._ahead: ThreadPoolExecutor | None = None
         self.bytes_preserved = 0  # replica bytes whose before-image was kept, since start
         self.undo_records = 0
         self.id = bytes(16)
@@ -360,6 +368,52 @@ class HistoryWriter:
         if following:
             self.followed_ns = now
 
+    def preserve_while_writing(
+        self, runs: list[tuple[int, int, int]], write: Callable[[list[tuple[int, int, int]]], None]
+    ) -> None:
+        """``preserve`` the (start, length, offset) runs of a batch, then ``write`` them, overlapped: the runs are
+        cut into pieces of PIECE bytes, and a thread of the writer keeps the before-images of the next piece
+        while ``write`` writes this one (its syscalls release the GIL, so the two share the machine's CPUs).
+        Each piece is an UNDO record made durable before any of its bytes is written.  A piece read while an
+        earlier one of the same batch is being written may hold part of that write where the two overlap: undone
+        newest first, the earlier record still restores the batch's before-image, and no checkpoint lies between
+        them.  Batches of short runs (or small ones) go the plain way: there each step is Python-bound and two
+        threads would only trade the GIL."""
+        total = sum(n for _, n, _ in runs)
+        if total < 2 * PIECE or total < len(runs) * PIECE_RUN_MIN:
+            self.preserve([(off, n) for _, n, off in runs])
+            write(runs)
+            return
+        pieces: list[list[tuple[int, int, int]]] = [[]]
+        room = PIECE
+        for start, n, off in runs:
+            while n:
+                k = min(n, room)
+                pieces[-1].append((start, k, off))
+                start, n, off, room = start + k, n - k, off + k, room - k
+                if not room:
+                    pieces.append([])
+                    room = PIECE
+        if not pieces[-1]:
+            pieces.pop()
+        if self._ahead is None:
+            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="bdr-history")
+        submit, preserve = self._ahead.submit, self.preserve
+        pending: Future[None] = submit(preserve, [(off, n) for _, n, off in pieces[0]])
+        try:
+            for i, piece in enumerate(pieces):
+                pending.result()  # this piece's before-images are durable
+                if i + 1 < len(pieces):
+                    pending = submit(preserve, [(off, n) for _, n, off in pieces[i + 1]])
+                write(piece)
+        finally:
+            # the history is used by one thread at a time: what is in flight ends before anything else runs
+            if not pending.done():
+                try:
+                    pending.result()
+                except Exception:  # the write's own error is the one that counts
+                    log.debug("history: a piece preserved after a failed write failed too", exc_info=True)
+
     def checkpoint(self, seq: int) -> None:
         """The replica is durable at ``seq``, a durability point of the source: a point to offer."""
         now = self.clock()
@@ -428,6 +482,9 @@ class HistoryWriter:
                 self.bytes_preserved,
                 self.undo_records,
             )
+        if self._ahead is not None:
+            self._ahead.shutdown()
+            self._ahead = None
         self.files.close()
         if self.lock_fd >= 0:
             os.close(self.lock_fd)

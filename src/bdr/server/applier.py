@@ -212,8 +212,9 @@ class Applier:
 
     def _write_runs(self, src: DataSource, runs: list[tuple[int, int, int]]) -> None:
         if self.history is not None and not self.staging:
-            self.history.preserve([(off, n) for _, n, off in runs])
-        src.write_runs(runs)
+            self.history.preserve_while_writing(runs, src.write_runs)
+        else:
+            src.write_runs(runs)
         self.stats.writes += len(runs)
 
     def _done(self, last_seq: int, records: int, nbytes: int) -> None:
