@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import random
 import struct
-import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,10 +20,12 @@ from bdr import replica_state
 from bdr import wire as p
 from bdr.history import At, History, HistoryError, HistoryWriter, Meta, PointRefused, parse_at
 from bdr.history import restore as restore_mod
-from bdr.history.format import HEAD_SIZE, Kind, decode, encode, segment_numbers
+from bdr.history import writer as writer_mod
+from bdr.history.format import HEAD_SIZE, Kind, decode, encode, segment_numbers, unpack_extents
+from bdr.history.reader import Reader
 from bdr.history.restore import restore, rollback
 from bdr.history.segments import HistoryIOError
-from bdr.journal import JFlag, Journal
+from bdr.journal import JFlag, Journal, ReplicaIOError
 from bdr.server import Applier
 from bdr.server.replica import Replica
 
@@ -167,8 +169,8 @@ def test_before_images_that_start_with_zeros_are_kept_whole(tmp_path: Path, leng
 
 
 def long_runs_batch(rig: Rig) -> list[tuple[int, int, int, int]]:
-    """Writes of 1 MiB records in long runs, 5.5 MiB in all (pieces of the pipelined preserve), one of them over
-    bytes an earlier run of the same batch wrote, then a flush."""
+    """Writes of 1 MiB records in long runs, 5.5 MiB in all (6 pieces for the reader process), one of them
+    over bytes an earlier run of the same batch wrote, then a flush."""
     mib = 1 << 20
     return [
         *[(k * 2048, mib, W, 0) for k in range(3)],  # [0, 3 MiB)
@@ -178,60 +180,179 @@ def long_runs_batch(rig: Rig) -> list[tuple[int, int, int, int]]:
     ]
 
 
-def test_long_runs_are_kept_a_piece_ahead_of_their_writes_and_restore_exactly(
+def scattered_batch(rig: Rig, count: int = 600) -> list[tuple[int, int, int, int]]:
+    """``count`` 4 KiB writes at random blocks (some written twice), then a flush: pieces of 256 writes."""
+    rnd = random.Random(count)
+    blocks = rig.replica.size // 4096
+    return [*[(rnd.randrange(blocks) * 8, 4096, W, 0) for _ in range(count)], (0, 0, F, 0)]
+
+
+def kept_extents(directory: Path) -> list[tuple[int, int]]:
+    """The (offset, length) extents of every UNDO record the history's files hold."""
+    with History(directory) as h:
+        out: list[tuple[int, int]] = []
+        for e in h.entries():
+            if e.kind is Kind.UNDO:
+                offsets, lengths, _, _ = unpack_extents(h.read_payload(e), e.offset)
+                out += zip(offsets, lengths, strict=True)
+    return out
+
+
+def watch_writes(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, int, int]]]:
+    """Check, as each piece of a batch is written to the replica, that the history's files already hold a
+    record of what each of its runs overwrites; returns the pieces written."""
+    writes: list[list[tuple[int, int, int]]] = []
+    real = rig.history.preserve_while_writing
+
+    def checked(
+        runs: list[tuple[int, int, int]], write: Callable[[list[tuple[int, int, int]]], None]
+    ) -> None:
+        def write_checked(piece: list[tuple[int, int, int]]) -> None:
+            kept = kept_extents(rig.dir)
+            for _, n, off in piece:
+                assert any(o <= off and off + n <= o + k for o, k in kept), f"{n} bytes at {off} not kept"
+            writes.append(piece)
+            write(piece)
+
+        real(runs, write_checked)
+
+    monkeypatch.setattr(rig.history, "preserve_while_writing", checked)
+    return writes
+
+
+def test_batches_are_kept_by_the_reader_process_ahead_of_their_writes_and_restore_exactly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A batch of long runs: its before-images are kept by the history's own thread, a piece at a time, while
-    the pieces before are written.  Each piece is durable before its write (a slow history thread shows it: a
-    write that did not wait would be read back as its own before-image), and the checkpoint before the batch
-    restores exactly, also where a run of the batch overwrote an earlier one."""
+    """A batch of long runs and one of scattered small writes: their before-images are kept by the reader
+    process (none by the server itself), a piece at a time, each piece's record in the history before the piece
+    is written, and each checkpoint restores exactly, also where a write of the batch overwrote an earlier
+    one."""
     rig = Rig(tmp_path, size=8 << 20)
     rig.apply([(0, 0, F, 0)])
-    point = rig.seq - 1
-    before = rig.replica_path.read_bytes()
-    threads: set[str] = set()
-    real = rig.history.preserve
-
-    def slow(ranges: list[tuple[int, int]], following: bool = True) -> None:
-        threads.add(threading.current_thread().name)
-        time.sleep(0.02)
-        real(ranges, following)
-
-    monkeypatch.setattr(rig.history, "preserve", slow)
+    states = {rig.seq - 1: rig.replica_path.read_bytes()}
+    in_server: list[int] = []
+    real_fill = writer_mod.fill_undo
+    monkeypatch.setattr(writer_mod, "fill_undo", lambda *a: in_server.append(1) or real_fill(*a))
+    writes = watch_writes(rig, monkeypatch)
     rig.apply(long_runs_batch(rig))
+    states[rig.seq - 1] = rig.replica_path.read_bytes()
+    rig.apply(scattered_batch(rig))
+    states[rig.seq - 1] = rig.replica_path.read_bytes()
+    assert rig.history.reader is not None and rig.history.reader.proc.poll() is None
+    assert not in_server  # every before-image was read by the reader process
+    assert [len(w) for w in writes] == [1, 1, 1, 2, 1, 1, 256, 256, 88]  # pieces: 1 MiB, or 256 writes
     with History(rig.dir) as h:
-        undo = [e for e in h.entries() if e.kind is Kind.UNDO]
-        assert [e.seq for e in h.points()] == [point, rig.seq - 1]
-    assert len(undo) == 6  # 5.5 MiB in pieces of 1 MiB
-    assert threads and all(t.startswith("bdr-history") for t in threads)
-    assert restored(rig, At(seq=point)) == before
-    assert restored(rig, At(seq=rig.seq - 1)) == rig.replica_path.read_bytes()
+        assert len([e for e in h.entries() if e.kind is Kind.UNDO]) == 9
+        assert [e.seq for e in h.points()] == list(states)
+    for seq, want in states.items():
+        assert restored(rig, At(seq=seq)) == want
     rig.close()
 
 
-def test_a_piece_whose_before_images_cannot_be_kept_is_not_written_nor_are_those_after(
+@pytest.mark.parametrize("limit_mib", [16, 32])
+def test_the_reader_process_keeps_records_across_segments(tmp_path: Path, limit_mib: int) -> None:
+    """A small history (segments of 2 or 4 MiB): batches whose pieces run past the end of a segment start the
+    next one between pieces (with records in flight or not), and every record and checkpoint stays readable and
+    restores exactly."""
+    rig = Rig(tmp_path, size_limit=limit_mib << 20, size=8 << 20)
+    rig.apply([(0, 0, F, 0)])
+    states = {rig.seq - 1: rig.replica_path.read_bytes()}
+    for _ in range(3):
+        rig.apply(long_runs_batch(rig))
+        states[rig.seq - 1] = rig.replica_path.read_bytes()
+        rig.apply(scattered_batch(rig, 700))
+        states[rig.seq - 1] = rig.replica_path.read_bytes()
+    assert rig.history.reader is not None
+    with History(rig.dir) as h:
+        assert len(h.segments) > 4 and not any(s.torn for s in h.segments)
+        assert h.bytes_used <= limit_mib << 20
+        offered = [e.seq for e in h.points()]
+    assert len(offered) >= 3 and offered == list(states)[-len(offered) :]
+    for seq in offered:
+        assert restored(rig, At(seq=seq)) == states[seq]
+    rig.close()
+
+
+def test_a_piece_whose_record_cannot_be_written_is_not_written_nor_are_those_after(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The history fails on the third piece of a batch of long runs: the batch fails, the two pieces before it
-    reached the replica, that piece and the ones after did not."""
+    """The reader cannot write the third piece's record: the batch fails with the history's error, the two
+    pieces before it reached the replica, that piece and the ones after did not."""
     rig = Rig(tmp_path, size=8 << 20)
     before = rig.replica_path.read_bytes()
-    real, calls = rig.history.preserve, []
+    reader = rig.history.start_reader()
+    assert reader is not None
+    real, answers = reader.result, []
 
-    def failing(ranges: list[tuple[int, int]], following: bool = True) -> None:
-        calls.append(ranges)
-        if len(calls) == 3:
+    def failing() -> int:
+        answers.append(real())
+        if len(answers) == 3:
             raise HistoryIOError(errno.EIO, "history: write failed: Input/output error")
-        real(ranges, following)
+        return answers[-1]
 
-    monkeypatch.setattr(rig.history, "preserve", failing)
+    monkeypatch.setattr(reader, "result", failing)
     with pytest.raises(HistoryIOError):
         rig.apply(long_runs_batch(rig))
     after = rig.replica_path.read_bytes()
     mib = 1 << 20
     assert after[: 2 * mib] != before[: 2 * mib]
     assert after[2 * mib :] == before[2 * mib :]
-    assert len(calls) == 3  # nothing preserved after the failure
+    assert reader.waiting == 0  # what was in flight was waited for
+    rig.close()
+
+
+def test_the_reader_process_reports_failed_reads_and_writes(tmp_path: Path) -> None:
+    """A read of the replica that fails is the replica's error, a record that cannot be written the history's;
+    each names what failed, and the reader goes on with the next request."""
+    seg = tmp_path / "segment"
+    seg.write_bytes(b"")
+    replica = os.open(tmp_path, os.O_RDONLY)  # a directory: every read fails (EISDIR)
+    readonly = os.open(seg, os.O_RDONLY)  # a segment that cannot be written (EBADF)
+    data = tmp_path / "data"
+    data.write_bytes(os.urandom(8192))
+    good = os.open(data, os.O_RDONLY)
+    try:
+        reader = Reader(replica, 1 << 20, tmp_path)
+        reader.submit(1, readonly, 0, 0, [4096], [4096])
+        with pytest.raises(ReplicaIOError, match="I/O error reading what byte 4096 holds: Is a directory"):
+            reader.result()
+        reader.close()
+        reader = Reader(good, 1 << 20, tmp_path)
+        reader.submit(1, readonly, 0, 0, [4096], [4096])
+        with pytest.raises(HistoryIOError, match=f"history {tmp_path}: write failed: Bad file descriptor"):
+            reader.result()
+        writable = os.open(seg, os.O_WRONLY)
+        reader.submit(2, writable, 0, 0, [0, 4096], [4096, 4096])
+        assert reader.result() == 2 * 16 + 8192
+        os.close(writable)
+        reader.close()
+        assert reader.proc.returncode == 0
+    finally:
+        for fd in (replica, readonly, good):
+            os.close(fd)
+
+
+def test_a_server_whose_reader_process_stopped_keeps_the_before_images_itself(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reader process killed between two batches: the next batch is kept by the server itself, with a
+    warning, and restores exactly."""
+    rig = Rig(tmp_path, size=8 << 20)
+    rig.apply([(0, 0, F, 0)])
+    states = {rig.seq - 1: rig.replica_path.read_bytes()}
+    rig.apply(long_runs_batch(rig))
+    states[rig.seq - 1] = rig.replica_path.read_bytes()
+    reader = rig.history.reader
+    assert reader is not None
+    reader.proc.kill()
+    reader.proc.wait()
+    with caplog.at_level(logging.WARNING, logger="bdr.server"):
+        rig.apply(scattered_batch(rig))
+    states[rig.seq - 1] = rig.replica_path.read_bytes()
+    assert "the server keeps the before-images itself from now on" in caplog.text
+    assert rig.history.reader is None
+    for seq, want in states.items():
+        assert restored(rig, At(seq=seq)) == want
     rig.close()
 
 

@@ -146,12 +146,6 @@ def payload_intact(entry: Entry, payload: bytes | memoryview) -> bool:
     )
 
 
-def pack_extents(offsets: list[int], lengths: list[int], flags: list[int]) -> bytes:
-    """An UNDO record's extent table."""
-    n = len(offsets)
-    return struct.pack(f"<{n}Q{n}I{n}I", *offsets, *lengths, *flags)
-
-
 def unpack_extents(payload: bytes, n: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]:
     """offsets, lengths, flags, and where the data starts."""
     table = struct.Struct(f"<{n}Q{n}I{n}I")

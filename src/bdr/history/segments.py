@@ -19,7 +19,6 @@ log = logging.getLogger("bdr.server")
 
 SEGMENT_MAX = 64 << 20  # a segment is rolled over at this size (or less for small histories)
 SEGMENTS_MIN = 8  # a size limit holds at least this many segments, so dropping one frees a small part
-IOV_MAX = 1024
 
 
 class HistoryIOError(StorageError):
@@ -111,12 +110,22 @@ class SegmentFiles:
                 exc.errno, f"history {self.directory}: {exc.strerror or exc} (segment files)"
             ) from exc
 
-    def _make_room(self, n: int) -> None:
+    def may_roll_over(self, n: int) -> bool:
+        """Whether ``prepare(n)`` may start a new segment (it does not when this is False)."""
         cur = self.segments[-1]
+        return bool(self.pos) and (
+            self._full(n) or (self.size_limit is not None and self._growth(n) + cur.size > self.size_limit)
+        )
+
+    def _full(self, n: int) -> bool:
+        """The segment being written cannot take ``n`` bytes more, or spans too long a time already."""
         span = self.age_limit_ns // SEGMENTS_MIN if self.age_limit_ns is not None else None
-        if self.pos and (
-            self.pos + n > self.segment_max or (span is not None and self.clock() - cur.first_time_ns > span)
-        ):
+        return self.pos + n > self.segment_max or (
+            span is not None and self.clock() - self.segments[-1].first_time_ns > span
+        )
+
+    def _make_room(self, n: int) -> None:
+        if self.pos and self._full(n):
             oldest = self.segments[0] if len(self.segments) > 1 else None
             self._new_segment(
                 oldest if oldest is not None and self._must_drop(oldest, self.segment_max) else None
@@ -140,21 +149,17 @@ class SegmentFiles:
     def append(self, iov: list[bytes | memoryview], n: int) -> None:
         """Write ``n`` bytes of records, encoded for the current segment (``prepare`` was called)."""
         try:
-            for i in range(0, len(iov), IOV_MAX):
-                part = iov[i : i + IOV_MAX]
-                want = sum(len(b) for b in part)
-                done = os.pwritev(self.fd, part, self.pos)
-                if done != want:  # short write: finish it one buffer at a time
-                    data = b"".join(bytes(b) for b in part)[done:]
-                    while data:
-                        k = os.pwrite(self.fd, data, self.pos + done)
-                        done += k
-                        data = data[k:]
-                self.pos += want
+            write_at(self.fd, self.pos, iov)
         except OSError as exc:
             raise HistoryIOError(
                 exc.errno, f"history {self.directory}: write failed: {exc.strerror}"
             ) from exc
+        self.appended(n)
+
+    def appended(self, n: int) -> None:
+        """``n`` bytes of records were written at ``pos`` of the current segment (by ``append``, or by the
+        writer's reader process in room ``prepare`` reserved)."""
+        self.pos += n
         cur = self.segments[-1]
         cur.size = max(cur.size, self.pos)
         cur.last_time_ns = self.clock()
@@ -185,3 +190,13 @@ class SegmentFiles:
             finally:
                 os.close(self.fd)
                 self.fd = -1
+
+
+def write_at(fd: int, pos: int, iov: list[bytes | memoryview]) -> None:
+    """Write all of the buffers ``iov`` at ``pos`` of ``fd``."""
+    want = sum(len(b) for b in iov)
+    done = os.pwritev(fd, iov, pos)
+    if done < want:  # a short write: the rest one call at a time
+        rest = memoryview(b"".join(iov))
+        while done < want:
+            done += os.pwrite(fd, rest[done:], pos + done)

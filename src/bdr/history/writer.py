@@ -3,10 +3,10 @@ made durable; a checkpoint at each durability point of the source; a gap before 
 retention by size and age, oldest segment first.
 
 Crash rule: an UNDO record is durable before the replica write it belongs to is issued (one fdatasync per
-applied batch), and a CHECKPOINT is written only once the replica is durable at its sequence number.  After a
-power cut the replica's writes past its durable point may be on disk or not; the client sends them again and
-their new before-images are logged after the old ones, so undoing newest first still ends on the true
-before-image of every block.
+applied batch, or per piece of one that the reader process keeps: see preserve_while_writing), and a CHECKPOINT
+is written only once the replica is durable at its sequence number.  After a power cut the replica's writes
+past its durable point may be on disk or not; the client sends them again and their new before-images are
+logged after the old ones, so undoing newest first still ends on the true before-image of every block.
 """
 
 from __future__ import annotations
@@ -19,18 +19,13 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import xxhash
-
-from ..journal import ReplicaIOError
 from ..seq import NO_SEQ
 from ..status.schema import HistoryStatus
 from .format import (
     CHUNK,
     FLAG_RESYNC,
-    FLAG_ZERO,
     HEAD_SIZE,
     LOCK,
     HistoryFormatError,
@@ -38,27 +33,25 @@ from .format import (
     Meta,
     NotAHistory,
     encode,
-    pack_extents,
     payload_intact,
     read_meta,
     write_meta,
 )
 from .index import History, fmt_time
+from .reader import AFTER, Reader, ReaderGone
+from .reader import EXTENTS_MAX as READER_EXTENTS
 from .segments import SEGMENT_MAX, SEGMENTS_MIN, Segment, SegmentFiles
+from .undo import fill_undo, payload_room
 
 log = logging.getLogger("bdr.server")
 
 BATCH_MAX = 8 << 20  # before-images read into memory at a time
 LARGE = 1 << 30
 EXTENTS_MAX = 8192  # extents of one UNDO record (a large range of zeros takes no data, only its extents)
-SMALL = 64 << 10  # extents up to this size are read as bytes objects; larger ones into the batch buffer
-# writes of long runs are preserved a piece at a time by a thread of the writer, the next piece while the
-# caller writes the last one (see preserve_while_writing)
+# a batch of writes is preserved a piece at a time by the reader process, the next piece while the server
+# keeps and writes this one (see preserve_while_writing)
 PIECE = 1 << 20
-# the average run length from which a batch is worth it (shorter ones are Python-bound both ways)
-PIECE_RUN_MIN = 64 << 10
-_ZEROS = memoryview(bytes(CHUNK))
-_ZERO_4K = bytes(4096)
+AHEAD = 8  # pieces the reader may be ahead of the writes (a batch of long runs is at most 8 MiB)
 
 
 class HistoryError(Exception):
@@ -117,10 +110,10 @@ class HistoryWriter:
         self.files = SegmentFiles(
             self.directory, seg_max, size_limit, self.age_limit_ns, clock, self._segment_dropped
         )
-        self._buf = bytearray(0)  # large before-images are read into it
-        self._view = memoryview(self._buf)
-        # preserve_while_writing's thread, made when first needed
-        self._ahead: ThreadPoolExecutor | None = None
+        self._view = memoryview(b"")  # UNDO payloads are read into it
+        # preserve_while_writing's reader process, started when first needed
+        self.reader: Reader | None = None
+        self.reader_failed = False
         self.bytes_preserved = 0  # replica bytes whose before-image was kept, since start
         self.undo_records = 0
         self.id = bytes(16)
@@ -279,115 +272,69 @@ class HistoryWriter:
         """Before writing each (offset, length) of the replica: append what it holds now, then fdatasync.  One
         UNDO record per batch of at most BATCH_MAX bytes; ranges that hold zeros take no data.  ``following``:
         the writes are the source's, in order (the replica follows the source up to now)."""
-        sizes = [n for _, n in ranges]
-        total = sum(sizes)
+        total = sum(n for _, n in ranges)
         if not total:
             return
-        if len(self._buf) < min(total, BATCH_MAX):
-            self._buf = bytearray(BATCH_MAX)  # kept: warm pages, no allocation per batch
-            self._view = memoryview(self._buf)
-        buf, view = self._buf, self._view
+        if not self._view:
+            self._view = memoryview(bytearray(payload_room(EXTENTS_MAX, BATCH_MAX)))  # kept: warm pages
         chunks = (
             ranges
-            if max(sizes) <= CHUNK
+            if max(n for _, n in ranges) <= CHUNK
             else [(off + k, min(CHUNK, n - k)) for off, n in ranges for k in range(0, n, CHUNK)]
         )
         now = self.clock()
-        fd, pread, preadv, room = self.replica_fd, os.pread, os.preadv, len(buf)
         i, count = 0, len(chunks)
         while i < count:
-            offsets: list[int] = []
-            lengths: list[int] = []
-            flags: list[int] = []
-            parts: list[bytes | memoryview] = []  # the data of the extents that do not hold zeros
-            add_offset, add_length, add_flag, add_part = (
-                offsets.append,
-                lengths.append,
-                flags.append,
-                parts.append,
+            j, covered = i, 0
+            while j < count and j - i < EXTENTS_MAX and covered + chunks[j][1] <= BATCH_MAX:
+                covered += chunks[j][1]
+                j += 1
+            plen, digest = fill_undo(
+                self.replica_fd, self._view, [o for o, _ in chunks[i:j]], [n for _, n in chunks[i:j]]
             )
-            pos = covered = 0  # pos: bytes of the batch buffer used
-            offset = 0
-            try:
-                while i < count and len(offsets) < EXTENTS_MAX:
-                    offset, k = chunks[i]
-                    if covered + k > room:
-                        break
-                    if k <= SMALL:
-                        # one call that returns the bytes costs less than a read into the buffer
-                        small = pread(fd, k, offset)
-                        if len(small) != k:
-                            small = _read_small_rest(fd, small, k, offset)
-                        zero = small == _ZERO_4K if k == 4096 else not small[0] and small.count(0) == k
-                        part: bytes | memoryview = small
-                    else:
-                        part = view[pos : pos + k]
-                        got = preadv(fd, [part], offset)
-                        if got != k:
-                            _read_rest(fd, part, offset, got)
-                        zero = not buf[pos] and buf.count(0, pos, pos + k) == k
-                        if not zero:
-                            pos += k
-                    add_offset(offset)
-                    add_length(k)
-                    if zero:
-                        add_flag(FLAG_ZERO)  # its data is not kept
-                    else:
-                        add_flag(0)
-                        add_part(part)
-                    covered += k
-                    i += 1
-            except OSError as exc:
-                raise ReplicaIOError(
-                    exc.errno, f"replica: I/O error reading what byte {offset} holds: {exc.strerror}"
-                ) from exc
-            table = pack_extents(offsets, lengths, flags)
-            digest = xxhash.xxh3_64(table)
-            update = digest.update
-            size = 0
-            for part in parts:
-                update(part)
-                size += len(part)
-            plen = len(table) + size
-            self.files.prepare(HEAD_SIZE + plen)
-            head = encode(
-                self.number,
-                Kind.UNDO,
-                NO_SEQ,
-                now,
-                len(offsets),
-                covered,
-                flags=0 if following else FLAG_RESYNC,
-                payload_len=plen,
-                payload_sum=digest.intdigest(),
-            )
-            self.files.append([head, table, *parts], HEAD_SIZE + plen)
-            self.undo_records += len(offsets)
+            self._append_undo(now, j - i, covered, self._view[:plen], digest, following)
+            i = j
         self.sync()
         self.bytes_preserved += total
         if following:
             self.followed_ns = now
 
+    def _append_undo(
+        self, now: int, extents: int, covered: int, payload: memoryview, digest: int, following: bool
+    ) -> None:
+        plen = len(payload)
+        self.files.prepare(HEAD_SIZE + plen)
+        head = encode(
+            self.number,
+            Kind.UNDO,
+            NO_SEQ,
+            now,
+            extents,
+            covered,
+            flags=0 if following else FLAG_RESYNC,
+            payload_len=plen,
+            payload_sum=digest,
+        )
+        self.files.append([head, payload], HEAD_SIZE + plen)
+        self.undo_records += extents
+
     def preserve_while_writing(
         self, runs: list[tuple[int, int, int]], write: Callable[[list[tuple[int, int, int]]], None]
     ) -> None:
         """``preserve`` the (start, length, offset) runs of a batch, then ``write`` them, overlapped: the runs are
-        cut into pieces of PIECE bytes, and a thread of the writer keeps the before-images of the next piece
-        while ``write`` writes this one (its syscalls release the GIL, so the two share the machine's CPUs).
-        Each piece is an UNDO record made durable before any of its bytes is written.  A piece read while an
-        earlier one of the same batch is being written may hold part of that write where the two overlap: undone
-        newest first, the earlier record still restores the batch's before-image, and no checkpoint lies between
-        them.  Batches of short runs (or small ones) go the plain way: there each step is Python-bound and two
-        threads would only trade the GIL."""
-        total = sum(n for _, n, _ in runs)
-        if total < 2 * PIECE or total < len(runs) * PIECE_RUN_MIN:
-            self.preserve([(off, n) for _, n, off in runs])
-            write(runs)
-            return
+        cut into pieces (of PIECE bytes and at most reader.EXTENTS_MAX runs), and the reader process reads the
+        before-images of the next piece while this one is kept and written.  Each piece is an UNDO record made
+        durable before any of its bytes is written.  A piece read before an earlier one of the same batch is
+        written may miss that write where the two overlap: undone newest first, the earlier record still
+        restores the batch's before-image, and no checkpoint lies between them.  A batch of one piece goes the
+        plain way (there is nothing to overlap), as does every batch when the reader process is not there."""
         pieces: list[list[tuple[int, int, int]]] = [[]]
         room = PIECE
         for start, n, off in runs:
             while n:
+                if len(pieces[-1]) == READER_EXTENTS:
+                    pieces.append([])
+                    room = PIECE
                 k = min(n, room)
                 pieces[-1].append((start, k, off))
                 start, n, off, room = start + k, n - k, off + k, room - k
@@ -396,23 +343,84 @@ class HistoryWriter:
                     room = PIECE
         if not pieces[-1]:
             pieces.pop()
-        if self._ahead is None:
-            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="bdr-history")
-        submit, preserve = self._ahead.submit, self.preserve
-        pending: Future[None] = submit(preserve, [(off, n) for _, n, off in pieces[0]])
+        reader = self.start_reader() if len(pieces) > 1 else None
+        if reader is None:
+            self.preserve([(off, n) for _, n, off in runs])
+            write(runs)
+            return
+        now = self.clock()
+        files = self.files
+        reserved: deque[int] = deque()  # room for the records in flight
+        done = ahead = 0  # pieces written; sent to the reader
+
+        def submit(piece: list[tuple[int, int, int]]) -> bool:
+            """Send a piece to the reader, its record's room reserved; False if that room would start a new
+            segment while records are in flight (the segment's end is not known until they are written)."""
+            lengths = [n for _, n, _ in piece]
+            need = HEAD_SIZE + payload_room(len(piece), sum(lengths))
+            if reserved:
+                if files.may_roll_over(sum(reserved) + need):
+                    return False
+                files.prepare(sum(reserved) + need)
+                pos = AFTER
+            else:
+                files.prepare(need)  # may start a new segment
+                pos = files.pos
+            reader.submit(self.number, files.fd, pos, now, [off for _, _, off in piece], lengths)
+            reserved.append(need)
+            return True
+
         try:
             for i, piece in enumerate(pieces):
-                pending.result()  # this piece's before-images are durable
-                if i + 1 < len(pieces):
-                    pending = submit(preserve, [(off, n) for _, n, off in pieces[i + 1]])
+                if ahead == i:
+                    submit(piece)
+                    ahead += 1
+                plen = reader.result()  # this piece's record is durable
+                reserved.popleft()
+                files.appended(HEAD_SIZE + plen)
+                self.undo_records += len(piece)
+                self.bytes_preserved += sum(n for _, n, _ in piece)
+                self.followed_ns = now
+                while ahead < len(pieces) and ahead <= i + AHEAD and submit(pieces[ahead]):
+                    ahead += 1
                 write(piece)
+                done = i + 1
+        except ReaderGone as exc:
+            log.warning("history: %s; the server keeps the before-images itself from now on", exc)
+            self._reader_gone()
+            rest = [run for piece in pieces[done:] for run in piece]
+            self.preserve([(off, n) for _, n, off in rest])
+            write(rest)
         finally:
-            # the history is used by one thread at a time: what is in flight ends before anything else runs
-            if not pending.done():
+            # after an error: the records still in flight are written (of pieces not written: harmless), and
+            # the segment's end is known again
+            if self.reader is not None and self.reader.waiting:
                 try:
-                    pending.result()
-                except Exception:  # the write's own error is the one that counts
-                    log.debug("history: a piece preserved after a failed write failed too", exc_info=True)
+                    for plen in self.reader.drain():
+                        files.appended(HEAD_SIZE + plen)
+                except ReaderGone:
+                    self._reader_gone()
+
+    def start_reader(self) -> Reader | None:
+        """The reader process (reader.py), started if it is not yet; None if it cannot be (the server keeps the
+        before-images itself then)."""
+        if self.reader is None and not self.reader_failed:
+            try:
+                self.reader = Reader(self.replica_fd, PIECE, self.directory)
+                log.info("history: reader process started (pid %d)", self.reader.proc.pid)
+            except OSError as exc:
+                log.warning(
+                    "history: cannot start the reader process (%s); before-images are read by the server itself",
+                    exc,
+                )
+                self.reader_failed = True
+        return self.reader
+
+    def _reader_gone(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        self.reader_failed = True
 
     def checkpoint(self, seq: int) -> None:
         """The replica is durable at ``seq``, a durability point of the source: a point to offer."""
@@ -482,27 +490,10 @@ class HistoryWriter:
                 self.bytes_preserved,
                 self.undo_records,
             )
-        if self._ahead is not None:
-            self._ahead.shutdown()
-            self._ahead = None
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
         self.files.close()
         if self.lock_fd >= 0:
             os.close(self.lock_fd)
             self.lock_fd = -1
-
-
-def _read_small_rest(fd: int, part: bytes, k: int, offset: int) -> bytes:
-    """The rest of a short read of ``k`` bytes."""
-    view = memoryview(bytearray(k))
-    view[: len(part)] = part
-    _read_rest(fd, view, offset, len(part))
-    return view.tobytes()
-
-
-def _read_rest(fd: int, view: memoryview, offset: int, got: int) -> None:
-    while got < len(view):
-        k = os.preadv(fd, [view[got:]], offset + got)
-        if k <= 0:
-            view[got:] = _ZEROS[: len(view) - got]  # past the end of an image file: reads as zeros
-            return
-        got += k

@@ -459,6 +459,7 @@ def open_history(args: argparse.Namespace, replica: Replica, journal: Journal) -
                 "history, or none)"
             )
         journal.store(replica_state.history_kept(journal.header, writer.id))
+    writer.start_reader()  # now rather than at the first batch, which would wait for it
     return writer
 
 

@@ -1,0 +1,191 @@
+"""The history writer's reader process: it keeps the before-images of a batch's writes, one piece of the batch
+ahead of the server's writes to the replica.
+
+Keeping a history costs the server a read of everything it overwrites and a write of it to the history.  For
+scattered small writes that is one read syscall per write, each holding the interpreter between
+microsecond-long calls: a thread of the server cannot run them alongside the writes (the two would only hand the
+interpreter lock back and forth), a process can.  For long runs it is two more copies of every byte.
+
+The server owns the history (its segments, retention, checkpoints); for each piece it reserves room in the
+segment being written and sends the piece's extents, where its UNDO record goes and the segment's file (when it
+changes).  The reader reads what the replica holds there, writes the record (header, extent table, the data
+that is not zeros), makes it durable (fdatasync) and answers with the payload's length, or with the error of a
+failed read or write.  It never writes to the replica.
+
+The server runs it as ``python -c "from bdr.history.reader import main; main()" REPLICA_FD SOCKET_FD``; it ends
+when the server closes its socket (or exits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..journal import ReplicaIOError
+from ..seq import NO_SEQ
+from .format import HEAD_SIZE, Kind, encode
+from .segments import HistoryIOError, write_at
+from .undo import fill_undo, payload_room
+
+log = logging.getLogger("bdr.server")
+
+EXTENTS_MAX = 256  # of one piece
+# segment number, position of the record in it, its time, extents; then the offsets (u64 each), lengths (u32)
+_REQUEST = struct.Struct("<QQQI")
+_REPLY = struct.Struct("<BiQ")  # what failed (OK, REPLICA, HISTORY), errno, payload length; then a message
+OK, REPLICA, HISTORY = 0, 1, 2
+REQUEST_MAX = _REQUEST.size + EXTENTS_MAX * 12
+_RUN = "from bdr.history.reader import main; main()"
+AFTER = (1 << 64) - 1  # a record's position: right after the record the reader wrote last
+
+
+class ReaderGone(Exception):
+    """The reader process is not there (it could not start, or it stopped)."""
+
+
+class Reader:
+    """The server's side: a reader process for the replica ``replica_fd`` and the history ``directory``, for
+    pieces of up to EXTENTS_MAX extents and ``piece_bytes`` bytes."""
+
+    def __init__(self, replica_fd: int, piece_bytes: int, directory: Path) -> None:
+        self.directory = directory
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            root = str(Path(__file__).resolve().parents[2])  # where the bdr package is: the reader imports it
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+            fds = (replica_fd, theirs.fileno())
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _RUN, *map(str, fds), str(payload_room(EXTENTS_MAX, piece_bytes))],
+                pass_fds=fds,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.segment = -1  # the segment whose file the reader has
+        self.waiting = 0  # requests sent and not yet answered
+
+    def submit(
+        self, segment: int, seg_fd: int, pos: int, now: int, offsets: Sequence[int], lengths: Sequence[int]
+    ) -> None:
+        """Have the reader keep these extents' before-images: an UNDO record at ``pos`` of segment ``segment``
+        (its file ``seg_fd``), or right after the reader's last record (AFTER), of time ``now``; room for it is
+        reserved.  Requests are answered in order."""
+        n = len(offsets)
+        msg = struct.pack(f"<QQQI{n}Q{n}I", segment, pos, now, n, *offsets, *lengths)
+        try:
+            if segment != self.segment:
+                socket.send_fds(self.sock, [msg], [seg_fd])
+                self.segment = segment
+            else:
+                self.sock.send(msg)
+        except OSError as exc:
+            raise ReaderGone(f"cannot reach the reader process: {exc.strerror}") from exc
+        self.waiting += 1
+
+    def result(self) -> int:
+        """The length of the oldest request's payload, its record durable.  ReplicaIOError if a read of the
+        replica failed, HistoryIOError if the history could not be written."""
+        try:
+            reply = self.sock.recv(4096)
+        except OSError as exc:
+            raise ReaderGone(f"lost the reader process: {exc.strerror}") from exc
+        if not reply:
+            code = self.proc.poll()
+            raise ReaderGone(
+                "the reader process stopped" + (f" (exit status {code})" if code is not None else "")
+            )
+        self.waiting -= 1
+        what, err, plen = _REPLY.unpack_from(reply)
+        message = reply[_REPLY.size :].decode(errors="replace")
+        if what == REPLICA:
+            raise ReplicaIOError(err, message)
+        if what == HISTORY:
+            raise HistoryIOError(err, f"history {self.directory}: {message}")
+        return int(plen)
+
+    def drain(self) -> list[int]:
+        """Wait for the answers to the requests still in flight (after an error): the payload lengths of those
+        whose records were written, in order."""
+        written = []
+        while self.waiting:
+            with contextlib.suppress(ReplicaIOError, HistoryIOError):
+                written.append(self.result())
+        return written
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            log.warning("history: the reader process (pid %d) did not end; killing it", self.proc.pid)
+            self.proc.kill()
+            self.proc.wait()
+
+
+def serve(replica_fd: int, sock: socket.socket, buf_size: int) -> None:
+    """The reader process: answer the server's requests until it closes the socket."""
+    view = memoryview(bytearray(buf_size))
+    seg_fd = -1
+    pos = 0  # where the next record goes
+    head = _REQUEST.size
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, REQUEST_MAX, 1)
+        except ConnectionResetError:
+            return
+        if not msg:
+            return
+        if fds:
+            if seg_fd >= 0:
+                os.close(seg_fd)
+            seg_fd = fds[0]
+        segment, at, now, n = _REQUEST.unpack_from(msg)
+        if at != AFTER:
+            pos = at
+        offsets = struct.unpack_from(f"<{n}Q", msg, head)
+        lengths = struct.unpack_from(f"<{n}I", msg, head + 8 * n)
+        try:
+            plen, digest = fill_undo(replica_fd, view, offsets, lengths)
+            rec = encode(
+                segment,
+                Kind.UNDO,
+                NO_SEQ,
+                now,
+                n,
+                sum(lengths),
+                payload_len=plen,
+                payload_sum=digest,
+            )
+            write_at(seg_fd, pos, [rec, view[:plen]])
+            os.fdatasync(seg_fd)
+            pos += HEAD_SIZE + plen
+            reply = _REPLY.pack(OK, 0, plen)
+        except ReplicaIOError as exc:
+            reply = _REPLY.pack(REPLICA, exc.errno or 5, 0) + str(exc.strerror).encode()[:2048]
+        except OSError as exc:
+            reply = _REPLY.pack(HISTORY, exc.errno or 5, 0) + f"write failed: {exc.strerror}".encode()
+        try:
+            sock.send(reply)
+        except OSError:  # the server is gone
+            return
+
+
+def main() -> None:
+    # a Ctrl-C at the server's terminal is the server's to handle; the reader ends when the server does
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    replica_fd, sock_fd, buf_size = map(int, sys.argv[1:])
+    serve(replica_fd, socket.socket(fileno=sock_fd), buf_size)
