@@ -143,6 +143,12 @@ def test_restore_gives_back_every_recorded_moment_while_replication_goes_on(pair
         restore(pair, at)
         check_restored(pair, m)
     stop_markers(g)
+    # the server kept the before-images of large batches in its reader process, which ran all along
+    assert g.run("pgrep -f 'from bdr.history.reader import main'", check=False).rc == 0
+    started = g.run(f"grep 'history: reader process started' {pair.server_log}", check=False)
+    assert started.rc == 0, pair.tail(pair.server_log)
+    fallback = g.run(f"grep 'before-images itself' {pair.server_log}", check=False)
+    assert fallback.rc == 1, fallback.output
     TAKEN[:] = moments
 
 
