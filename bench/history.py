@@ -111,7 +111,7 @@ def streaming(work: Path, total: int, rounds: int) -> dict[str, object]:
             "ratio": round(on_m / off_m, 3),
             "history_bytes_per_replicated_byte": round(statistics.median(r["bytes_per_byte"]), 4),
             # CPU time the machine spent per GiB streamed (bench/stream.py), and what the history added to the
-            # server's
+            # server's (with its reader process)
             "cpu_s_per_gib_off": round(statistics.median(r["cpu_off"]), 3),
             "cpu_s_per_gib_on": round(statistics.median(r["cpu_on"]), 3),
             "server_cpu_s_per_gib_added": round(statistics.median(r["server_on"]), 3),
@@ -210,7 +210,7 @@ def run(argv: list[str]) -> dict[str, object]:
         )
         print(
             f"  {'':<10} CPU time per GiB streamed: off {r['cpu_s_per_gib_off']:.2f} s, on {r['cpu_s_per_gib_on']:.2f} s"
-            f" (the server's {r['server_cpu_s_per_gib_added']:+.2f} s)"
+            f" (the server's, with its history reader, {r['server_cpu_s_per_gib_added']:+.2f} s)"
         )
     print(
         f"  restore of a {rs['device_mib']} MiB device to its oldest point ({rs['undone_writes']} writes undone, "

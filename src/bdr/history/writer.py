@@ -410,7 +410,7 @@ class HistoryWriter:
                 log.info("history: reader process started (pid %d)", self.reader.proc.pid)
             except OSError as exc:
                 log.warning(
-                    "history: cannot start the reader process (%s); before-images are read by the server itself",
+                    "history: cannot start the reader process (%s); the server keeps the before-images itself",
                     exc,
                 )
                 self.reader_failed = True
