@@ -1,4 +1,4 @@
-"""The history writer's reader process: it keeps the before-images of a batch's writes, one piece of the batch
+"""The history writer's reader process: it keeps the before-images of a batch's writes, pieces of the batch
 ahead of the server's writes to the replica.
 
 Keeping a history costs the server a read of everything it overwrites and a write of it to the history.  For
@@ -12,13 +12,14 @@ changes).  The reader reads what the replica holds there, writes the record (hea
 that is not zeros), makes it durable (fdatasync) and answers with the payload's length, or with the error of a
 failed read or write.  It never writes to the replica.
 
-The server runs it as ``python -c "from bdr.history.reader import main; main()" REPLICA_FD SOCKET_FD``; it ends
-when the server closes its socket (or exits).
+The server runs it as ``python -c "from bdr.history.reader import main; main()" REPLICA_FD SOCKET_FD
+BUFFER_SIZE``; it ends when the server closes its socket (or exits).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -175,9 +176,9 @@ def serve(replica_fd: int, sock: socket.socket, buf_size: int) -> None:
             pos += HEAD_SIZE + plen
             reply = _REPLY.pack(OK, 0, plen)
         except ReplicaIOError as exc:
-            reply = _REPLY.pack(REPLICA, exc.errno or 5, 0) + str(exc.strerror).encode()[:2048]
+            reply = _REPLY.pack(REPLICA, exc.errno or errno.EIO, 0) + str(exc.strerror).encode()[:2048]
         except OSError as exc:
-            reply = _REPLY.pack(HISTORY, exc.errno or 5, 0) + f"write failed: {exc.strerror}".encode()
+            reply = _REPLY.pack(HISTORY, exc.errno or errno.EIO, 0) + f"write failed: {exc.strerror}".encode()
         try:
             sock.send(reply)
         except OSError:  # the server is gone
@@ -185,7 +186,9 @@ def serve(replica_fd: int, sock: socket.socket, buf_size: int) -> None:
 
 
 def main() -> None:
-    # a Ctrl-C at the server's terminal is the server's to handle; the reader ends when the server does
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # a Ctrl-C at the server's terminal, a stop of the service (a signal to each of its processes) or a hang-up
+    # are the server's to handle: the reader ends when the server closes its socket or exits
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     replica_fd, sock_fd, buf_size = map(int, sys.argv[1:])
     serve(replica_fd, socket.socket(fileno=sock_fd), buf_size)
