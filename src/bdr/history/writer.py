@@ -48,8 +48,8 @@ log = logging.getLogger("bdr.server")
 BATCH_MAX = 8 << 20  # before-images read into memory at a time
 LARGE = 1 << 30
 EXTENTS_MAX = 8192  # extents of one UNDO record (a large range of zeros takes no data, only its extents)
-# a batch of writes is preserved a piece at a time by the reader process, the next piece while the server
-# keeps and writes this one (see preserve_while_writing)
+# a batch of writes is preserved a piece at a time by the reader process, ahead of the server's writes (see
+# preserve_while_writing)
 PIECE = 1 << 20
 AHEAD = 8  # pieces the reader may be ahead of the writes (a batch of long runs is at most 8 MiB)
 
@@ -111,7 +111,8 @@ class HistoryWriter:
             self.directory, seg_max, size_limit, self.age_limit_ns, clock, self._segment_dropped
         )
         self._view = memoryview(b"")  # UNDO payloads are read into it
-        # preserve_while_writing's reader process, started when first needed
+        # preserve_while_writing's reader process: started by start_reader (the server does at start), or by the
+        # first batch that needs it
         self.reader: Reader | None = None
         self.reader_failed = False
         self.bytes_preserved = 0  # replica bytes whose before-image was kept, since start
@@ -322,10 +323,10 @@ class HistoryWriter:
         self, runs: list[tuple[int, int, int]], write: Callable[[list[tuple[int, int, int]]], None]
     ) -> None:
         """``preserve`` the (start, length, offset) runs of a batch, then ``write`` them, overlapped: the runs are
-        cut into pieces (of PIECE bytes and at most reader.EXTENTS_MAX runs), and the reader process reads the
-        before-images of the next piece while this one is kept and written.  Each piece is an UNDO record made
-        durable before any of its bytes is written.  A piece read before an earlier one of the same batch is
-        written may miss that write where the two overlap: undone newest first, the earlier record still
+        cut into pieces (of PIECE bytes and at most reader.EXTENTS_MAX runs), the reader process keeps up to
+        AHEAD pieces ahead (reads their before-images, writes and syncs their records), and the server writes
+        each piece once its record is durable, never before.  A piece read before an earlier one of the same
+        batch is written may miss that write where the two overlap: undone newest first, the earlier record still
         restores the batch's before-image, and no checkpoint lies between them.  A batch of one piece goes the
         plain way (there is nothing to overlap), as does every batch when the reader process is not there."""
         pieces: list[list[tuple[int, int, int]]] = [[]]
