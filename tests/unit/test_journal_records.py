@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bdr.journal import Journal
@@ -252,6 +252,7 @@ def apply_to(area: jr.RecordArea, rpath: Path) -> bytes:
     return rpath.read_bytes()
 
 
+@settings(deadline=None)  # each example writes and reads files: its time follows the machine's load
 @given(
     ops=st.lists(
         st.tuples(st.integers(0, 63), st.integers(1, 16), st.booleans()),  # sector, sectors, zeroes?
