@@ -31,10 +31,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..journal import ReplicaIOError
-from ..seq import NO_SEQ
-from .format import HEAD_SIZE, Kind, encode
+from .format import HEAD_SIZE
 from .segments import HistoryIOError, write_at
-from .undo import fill_undo, payload_room
+from .undo import fill_undo, payload_room, undo_head
 
 log = logging.getLogger("bdr.server")
 
@@ -161,17 +160,8 @@ def serve(replica_fd: int, sock: socket.socket, buf_size: int) -> None:
         lengths = struct.unpack_from(f"<{n}I", msg, head + 8 * n)
         try:
             plen, digest = fill_undo(replica_fd, view, offsets, lengths)
-            rec = encode(
-                segment,
-                Kind.UNDO,
-                NO_SEQ,
-                now,
-                n,
-                sum(lengths),
-                payload_len=plen,
-                payload_sum=digest,
-            )
-            write_at(seg_fd, pos, [rec, view[:plen]])
+            rec_head = undo_head(segment, now, n, sum(lengths), plen, digest)
+            write_at(seg_fd, pos, [rec_head, view[:plen]])
             os.fdatasync(seg_fd)
             pos += HEAD_SIZE + plen
             reply = _REPLY.pack(OK, 0, plen)

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import xxhash
 
 from ..journal import ReplicaIOError
-from .format import CHUNK, FLAG_ZERO
+from ..seq import NO_SEQ
+from .format import CHUNK, FLAG_RESYNC, FLAG_ZERO, Kind, encode
 
 TABLE_ENTRY = 16  # bytes of the extent table per extent: offset (8), length (4), flags (4)
 _ZEROS = bytes(CHUNK)  # an extent is at most CHUNK bytes
@@ -20,6 +21,24 @@ _ZEROS = bytes(CHUNK)  # an extent is at most CHUNK bytes
 def payload_room(extents: int, data: int) -> int:
     """Bytes a payload of ``extents`` extents covering ``data`` bytes may need."""
     return extents * TABLE_ENTRY + data
+
+
+def undo_head(
+    segment: int, now: int, extents: int, covered: int, plen: int, digest: int, following: bool = True
+) -> bytes:
+    """The header of an UNDO record of ``extents`` extents covering ``covered`` bytes, its payload ``plen``
+    bytes of xxh3-64 ``digest`` (fill_undo's); ``following``: of the source's writes, not a resync's."""
+    return encode(
+        segment,
+        Kind.UNDO,
+        NO_SEQ,
+        now,
+        extents,
+        covered,
+        flags=0 if following else FLAG_RESYNC,
+        payload_len=plen,
+        payload_sum=digest,
+    )
 
 
 def fill_undo(fd: int, mem: memoryview, offsets: Sequence[int], lengths: Sequence[int]) -> tuple[int, int]:

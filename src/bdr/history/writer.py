@@ -41,7 +41,7 @@ from .index import History, fmt_time
 from .reader import AFTER, Reader, ReaderGone
 from .reader import EXTENTS_MAX as READER_EXTENTS
 from .segments import SEGMENT_MAX, SEGMENTS_MIN, Segment, SegmentFiles
-from .undo import fill_undo, payload_room
+from .undo import fill_undo, payload_room, undo_head
 
 log = logging.getLogger("bdr.server")
 
@@ -293,31 +293,15 @@ class HistoryWriter:
             plen, digest = fill_undo(
                 self.replica_fd, self._view, [o for o, _ in chunks[i:j]], [n for _, n in chunks[i:j]]
             )
-            self._append_undo(now, j - i, covered, self._view[:plen], digest, following)
+            self.files.prepare(HEAD_SIZE + plen)
+            head = undo_head(self.number, now, j - i, covered, plen, digest, following)
+            self.files.append([head, self._view[:plen]], HEAD_SIZE + plen)
+            self.undo_records += j - i
             i = j
         self.sync()
         self.bytes_preserved += total
         if following:
             self.followed_ns = now
-
-    def _append_undo(
-        self, now: int, extents: int, covered: int, payload: memoryview, digest: int, following: bool
-    ) -> None:
-        plen = len(payload)
-        self.files.prepare(HEAD_SIZE + plen)
-        head = encode(
-            self.number,
-            Kind.UNDO,
-            NO_SEQ,
-            now,
-            extents,
-            covered,
-            flags=0 if following else FLAG_RESYNC,
-            payload_len=plen,
-            payload_sum=digest,
-        )
-        self.files.append([head, payload], HEAD_SIZE + plen)
-        self.undo_records += extents
 
     def preserve_while_writing(
         self, runs: list[tuple[int, int, int]], write: Callable[[list[tuple[int, int, int]]], None]
@@ -351,24 +335,26 @@ class HistoryWriter:
             return
         now = self.clock()
         files = self.files
-        reserved: deque[int] = deque()  # room for the records in flight
+        reserved: deque[tuple[int, int]] = deque()  # the records in flight: their room, the bytes they cover
         done = ahead = 0  # pieces written; sent to the reader
 
         def submit(piece: list[tuple[int, int, int]]) -> bool:
             """Send a piece to the reader, its record's room reserved; False if that room would start a new
             segment while records are in flight (the segment's end is not known until they are written)."""
             lengths = [n for _, n, _ in piece]
-            need = HEAD_SIZE + payload_room(len(piece), sum(lengths))
+            covered = sum(lengths)
+            need = HEAD_SIZE + payload_room(len(piece), covered)
             if reserved:
-                if files.may_roll_over(sum(reserved) + need):
+                room = sum(r for r, _ in reserved) + need
+                if files.may_roll_over(room):
                     return False
-                files.prepare(sum(reserved) + need)
+                files.prepare(room)
                 pos = AFTER
             else:
                 files.prepare(need)  # may start a new segment
                 pos = files.pos
             reader.submit(self.number, files.fd, pos, now, [off for _, _, off in piece], lengths)
-            reserved.append(need)
+            reserved.append((need, covered))
             return True
 
         try:
@@ -377,10 +363,10 @@ class HistoryWriter:
                     submit(piece)
                     ahead += 1
                 plen = reader.result()  # this piece's record is durable
-                reserved.popleft()
+                _, covered = reserved.popleft()
                 files.appended(HEAD_SIZE + plen)
                 self.undo_records += len(piece)
-                self.bytes_preserved += sum(n for _, n, _ in piece)
+                self.bytes_preserved += covered
                 self.followed_ns = now
                 while ahead < len(pieces) and ahead <= i + AHEAD and submit(pieces[ahead]):
                     ahead += 1
