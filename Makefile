@@ -4,7 +4,7 @@ SHELL := /bin/bash
 
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
-APT_PKGS := linux-image-6.12-amd64 linux-headers-6.12-amd64 qemu-system-x86 busybox-static \
+APT_PKGS := linux-image-6.12-amd64 linux-headers-6.12-amd64 qemu-system-x86 busybox-static nbd-client \
             dmsetup kmod cpio xz-utils zstd fio e2fsprogs util-linux iproute2 rsync build-essential debootstrap dkms
 # The 6.12 kernel whose headers build the module (and whose image the VM lab boots).
 KVER     = $(shell ls -d /lib/modules/6.12.*/build 2>/dev/null | sort -V | tail -n1 | cut -d/ -f4)

@@ -129,6 +129,26 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("directory", metavar="DIR", help="the history directory (bdr_server --history)")
     rs.add_argument("--at", required=True, metavar="TIME|SEQ", help=at_help)
     rs.add_argument("--to", required=True, metavar="DEST", help="device or file to write")
+    ex = sub.add_parser(
+        "export",
+        help="serve the replica as it was at a past moment read-only over NBD, without copying it",
+        description="On the replica host: serve the replica as of the newest checkpoint at or before --at as a "
+        "read-only NBD export (the network block device protocol), until stopped (Ctrl-C, SIGTERM). Reads "
+        "take the replica's bytes where nothing was written since the point and the history's before-images "
+        "where something was; replication goes on meanwhile. Connect with the kernel's NBD client: "
+        "modprobe nbd; nbd-client -N NAME HOST PORT /dev/nbd0; mount -o ro /dev/nbd0 /mnt. Reads fail (EIO) "
+        "once retention drops the point. Exit status: 0 stopped, 1 the moment cannot be given back exactly (the "
+        "message names the nearest points) or an error.",
+    )
+    ex.add_argument("directory", metavar="DIR", help="the history directory (bdr_server --history)")
+    ex.add_argument("--at", required=True, metavar="TIME|SEQ", help=at_help)
+    ex.add_argument(
+        "--listen",
+        default="127.0.0.1:10809",
+        metavar="ADDR",
+        help="HOST:PORT, or the path of a Unix socket (default 127.0.0.1:10809, NBD's port, this host only)",
+    )
+    ex.add_argument("--name", default="bdr", help="the export's name (nbd-client -N NAME; default bdr)")
     rb = sub.add_parser(
         "rollback",
         help="turn the replica itself back to a past moment (bdr_server stopped)",
@@ -241,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import history
 
             return history.do_restore(args.directory, args.at, args.to)
+        elif args.command == "export":
+            from . import history
+
+            return history.do_export(args.directory, args.at, args.listen, args.name)
         elif args.command == "rollback":
             from . import history
 

@@ -1,16 +1,20 @@
-"""``bdr history``, ``bdr restore`` and ``bdr rollback``: the replica's point-in-time history, read from its
+"""``bdr history``, ``bdr restore``, ``bdr export`` and ``bdr rollback``: the replica's point-in-time history, read from its
 directory on the replica host (the server may be running, except for a rollback)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from bdr.history import At, History, HistoryError, HistoryFormatError, PointRefused, fmt_point, parse_at
+from bdr.history.export import Export, make_server
 from bdr.history.restore import Outcome, restore, rollback
+from bdr.history.view import PointView
 
 from .status import size
 from .targets import SetupError
@@ -95,3 +99,47 @@ def do_rollback(directory: str, at_text: str) -> int:
     _report("the replica is rolled back to", out)
     print("the next bdr_client start resyncs it to the source's present; until then it is that past moment")
     return 0
+
+
+def do_export(directory: str, at_text: str, listen: str, name: str) -> int:
+    at = _at(at_text)
+    try:
+        view = PointView(directory, at)
+    except PointRefused as exc:
+        print(f"bdr: cannot export {at}: {exc}", file=sys.stderr)
+        return 1
+    except (HistoryError, HistoryFormatError) as exc:
+        raise SetupError(str(exc)) from None
+    except OSError as exc:
+        raise SetupError(f"export failed: {exc.strerror or exc}") from None
+    with view:
+        try:
+            server = make_server(Export(view, name), listen)
+        except ValueError as exc:
+            raise SetupError(str(exc)) from None
+        except OSError as exc:
+            raise SetupError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        logging.basicConfig(level=logging.INFO, format="bdr export: %(message)s", stream=sys.stderr)
+        with server:
+            if listen.startswith("/"):
+                where = f"-unix {listen}"
+            else:
+                host, _, port = listen.rpartition(":")
+                where = f"{host.strip('[]')} {port}"
+            print(
+                f"exporting {view.history.meta.replica} as of {fmt_point(view.point)} read-only over NBD on "
+                f"{listen}, export {name!r} ({size(view.written)} of it from the history so far)\n"
+                f"  to use it here: modprobe nbd; nbd-client -N {name} {where} /dev/nbd0; "
+                "mount -o ro /dev/nbd0 /mnt\n"
+                "  stop with Ctrl-C or SIGTERM, after umount and nbd-client -d /dev/nbd0",
+                flush=True,
+            )
+            signal.signal(signal.SIGTERM, _interrupt)
+            with contextlib.suppress(KeyboardInterrupt):
+                server.serve_forever()
+        print(f"export of {fmt_point(view.point)} stopped")
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,192 @@
+"""A past moment read in place: the replica's bytes where nothing was written since the point, the history's
+before-images where something was, read on demand while replication goes on (``bdr export`` serves it).
+
+For each byte the moment's content is the before-image of the oldest write after the point (see restore.py).
+The view keeps a map of the ranges written since the point to where that before-image is, built from the UNDO
+records and extended as the server appends more.  A read takes the replica's bytes first and the history's
+records after: a write the read saw has its before-image among them (the server makes it durable before it
+writes the replica), so the map covers it.
+
+The view ends (ViewGone) when it can no longer give the moment exactly: retention dropped or reused a segment
+holding a before-image it needs, or the history says the replica was rewritten without before-images (a gap)
+or turned back (a rollback) after the point.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass
+
+from .format import FLAG_ZERO, HEAD_SIZE, Entry, Kind, decode, payload_intact, unpack_extents
+from .index import At, History, Segment, fmt_point
+from .writer import HistoryError
+
+
+class ViewGone(HistoryError):
+    """The point can no longer be given back (the message says why)."""
+
+
+@dataclass(frozen=True)
+class _Source:
+    segment: Segment
+    inode: int
+    pos: int  # of the range's first byte in the segment file; -1: the range held zeros
+
+
+class PointView:
+    """The replica as of the newest point at or before ``at`` of the history ``directory``, read-only."""
+
+    def __init__(self, directory: str | os.PathLike[str], at: At) -> None:
+        self.history = History(directory)
+        try:
+            self.point: Entry = self.history.select(at)
+            self.fd = os.open(self.history.meta.replica, os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            self.history.close()
+            raise
+        self.size = self.history.meta.replica_bytes
+        # the ranges written since the point, disjoint, sorted by start: [starts[i], ends[i]) is in srcs[i]
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.srcs: list[_Source] = []
+        self._last = self.point  # the newest record mapped
+        self.gone: str | None = None
+        self.history.undo_after(self.point)  # PointRefused if a gap lies after the point
+        self._extend()
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.history.close()
+
+    def __enter__(self) -> PointView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def written(self) -> int:
+        """Bytes of the replica written since the point (read from the history)."""
+        return sum(e - s for s, e in zip(self.starts, self.ends, strict=True))
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` as they were at the point.  ViewGone if that can no longer be
+        given; OSError if the replica or the history cannot be read."""
+        if self.gone is not None:
+            raise ViewGone(self.gone)
+        if offset < 0 or offset + length > self.size:
+            raise ValueError(f"bytes {offset}..{offset + length} are outside the replica ({self.size} bytes)")
+        buf = bytearray(_pread_all(self.fd, length, offset))
+        self.history.refresh()
+        self._extend()
+        for s, e, src in self._covering(offset, offset + length):
+            a, b = max(s, offset), min(e, offset + length)
+            if src.pos < 0:
+                buf[a - offset : b - offset] = bytes(b - a)
+            else:
+                buf[a - offset : b - offset] = _pread_all(src.segment.fd, b - a, src.pos + a - s)
+                self._check_kept(src)
+        return bytes(buf)
+
+    def _covering(self, a: int, b: int) -> list[tuple[int, int, _Source]]:
+        i = max(0, bisect.bisect_right(self.starts, a) - 1)
+        out = []
+        while i < len(self.starts) and self.starts[i] < b:
+            if self.ends[i] > a:
+                out.append((self.starts[i], self.ends[i], self.srcs[i]))
+            i += 1
+        return out
+
+    def _check_kept(self, src: _Source) -> None:
+        """After reading a before-image: its segment was still in the history, not dropped or reused (the
+        writer renames a segment before it writes over it), so what was read is that before-image."""
+        if not self._kept(src.segment, src.inode):
+            self._dropped()
+
+    @staticmethod
+    def _kept(seg: Segment, inode: int) -> bool:
+        try:
+            return os.stat(seg.path).st_ino == inode
+        except FileNotFoundError:
+            return False
+
+    def _dropped(self) -> None:
+        self.gone = (
+            f"the history no longer holds the before-images of {fmt_point(self.point)} (retention dropped them as "
+            "it became one of the oldest points, or a rollback cut them); it can no longer be read"
+        )
+        raise ViewGone(self.gone)
+
+    def _extend(self) -> None:
+        """Map the UNDO records appended since the last call; note a gap or a rollback after the point.  A
+        rollback writes over the history after its point, or deletes it: the newest record mapped is checked
+        to be still there."""
+        last = self._last
+        seg = next(s for s in self.history.segments if s.number == last.segment)
+        if not self._kept(seg, os.fstat(seg.fd).st_ino):
+            self._dropped()
+        if decode(os.pread(seg.fd, HEAD_SIZE, last.pos), last.segment, last.pos) != last:
+            self.gone = f"the replica was rolled back to a point before {fmt_point(self.point)}"
+            raise ViewGone(self.gone)
+        for seg in self.history.segments:
+            if seg.number < last.segment:
+                continue
+            inode = os.fstat(seg.fd).st_ino
+            for e in seg.entries:
+                if (e.segment, e.pos) <= (last.segment, last.pos):
+                    continue
+                self._last = e
+                if e.kind is Kind.GAP or e.kind is Kind.ROLLBACK:
+                    what = "rewritten without history" if e.kind is Kind.GAP else "rolled back"
+                    self.gone = (
+                        f"the replica was {what} after {fmt_point(self.point)}: {self.history.reason(e)}"
+                    )
+                    raise ViewGone(self.gone)
+                if e.kind is Kind.UNDO:
+                    self._map(seg, inode, e)
+
+    def _map(self, seg: Segment, inode: int, e: Entry) -> None:
+        payload = _pread_all(seg.fd, e.payload_len, e.pos + HEAD_SIZE)
+        if not payload_intact(e, payload):
+            self.gone = (
+                f"history {self.history.directory}: the before-images at byte {e.pos} of {seg.path.name} are "
+                "damaged (checksum), or were dropped while read"
+            )
+            raise ViewGone(self.gone)
+        offsets, lengths, flags, at = unpack_extents(payload, e.offset)
+        data = e.pos + HEAD_SIZE + at
+        for off, n, fl in zip(offsets, lengths, flags, strict=True):
+            zero = bool(fl & FLAG_ZERO)
+            self._add(off, off + n, seg, inode, -1 if zero else data)
+            if not zero:
+                data += n
+
+    def _add(self, a: int, b: int, seg: Segment, inode: int, pos: int) -> None:
+        """Map the parts of [a, b) not mapped yet (an older write's before-image wins) to ``pos`` (of a)."""
+        holes = []
+        at = a
+        for s, e, _ in self._covering(a, b):
+            if s > at:
+                holes.append((at, s))
+            at = max(at, e)
+        if at < b:
+            holes.append((at, b))
+        for s, e in holes:
+            i = bisect.bisect_left(self.starts, s)
+            self.starts.insert(i, s)
+            self.ends.insert(i, e)
+            self.srcs.insert(i, _Source(seg, inode, -1 if pos < 0 else pos + s - a))
+
+
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    parts = []
+    while n:
+        got = os.pread(fd, n, offset)
+        if not got:  # past the end of an image file: zeros
+            parts.append(bytes(n))
+            break
+        parts.append(got)
+        n -= len(got)
+        offset += len(got)
+    return b"".join(parts)
