@@ -103,6 +103,58 @@ def test_a_view_ends_when_retention_drops_its_point(tmp_path: Path) -> None:
         rig.close()
 
 
+def test_a_view_ends_when_retention_drops_a_before_image_it_still_needs(tmp_path: Path) -> None:
+    """The oldest segments go while the newest record the view knows stays: a read of a range whose before-image
+    was in a dropped segment fails, one of a range nothing overwrote is still given."""
+    rig = Rig(tmp_path, size_limit=16 << 20, size=8 << 20)
+    model = bytearray(rig.replica_path.read_bytes())
+    track(rig, model, [(0, 4096, W, 0), (0, 0, F, 0)])
+    view = PointView(rig.dir, At(seq=rig.seq - 1))
+    want = rig.states[rig.seq - 1]
+    try:
+        track(rig, model, [(0, 1 << 20, W, 0), (0, 0, F, 0)])  # its before-image: in the first segment
+        for k in range(3):
+            track(rig, model, [((k + 1) * 2048, 1 << 20, W, 0), (0, 0, F, 0)])
+        assert view.read(0, 1 << 20) == want[: 1 << 20]  # the view knows the records up to here
+        for k in range(11):  # the first segments go; the newest the view knows stays
+            track(rig, model, [((k % 3 + 5) * 2048, 1 << 20, W, 0), (0, 0, F, 0)])
+        assert not (rig.dir / "0000000000000001.seg").exists()
+        assert view.read((8 << 20) - 4096, 4096) == want[-4096:]
+        with pytest.raises(ViewGone, match="retention"):
+            view.read(4096, 4096)
+    finally:
+        view.close()
+        rig.close()
+
+
+def test_a_write_applied_while_a_view_reads_is_not_taken_for_the_moment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server writes the replica just after the view read the history's records: the view read the
+    replica before them, so it has the moment's bytes."""
+    rig = Rig(tmp_path)
+    model = bytearray(rig.replica_path.read_bytes())
+    track(rig, model, [(0, 4096, W, 0), (0, 0, F, 0)])
+    view = PointView(rig.dir, At(seq=rig.seq - 1))
+    want = rig.states[rig.seq - 1]
+    real = view.history.refresh
+    writes = [[(0, 65536, W, 0), (0, 0, F, 0)]]
+
+    def refresh_then_write() -> None:
+        real()
+        if writes:
+            track(rig, model, writes.pop())
+
+    monkeypatch.setattr(view.history, "refresh", refresh_then_write)
+    try:
+        assert view.read(0, 65536) == want[:65536]
+        assert not writes and model[:65536] != bytearray(want[:65536])
+        assert view.read(0, 65536) == want[:65536]
+    finally:
+        view.close()
+        rig.close()
+
+
 def test_a_view_ends_at_a_gap_or_a_rollback_after_its_point(tmp_path: Path) -> None:
     rig = Rig(tmp_path, size_limit=16 << 20, size=16 << 20)
     model = bytearray(rig.replica_path.read_bytes())
