@@ -213,14 +213,17 @@ class Client:
             if kind != nbd.REP_INFO and kind != nbd.REP_SERVER:
                 return out
 
-    def go(self, name: str) -> tuple[int, int]:
-        """NBD_OPT_GO: the export's size and transmission flags."""
-        self.option(nbd.OPT_GO, struct.pack(">I", len(name)) + name.encode() + struct.pack(">H", 0))
-        got = self.replies(nbd.OPT_GO)
+    def go(self, name: str, infos: tuple[int, ...] = (), opt: int = nbd.OPT_GO) -> tuple[int, int, bytes]:
+        """NBD_OPT_GO (or INFO) asking for ``infos``: the export's size, transmission flags and the
+        NBD_INFO_BLOCK_SIZE reply (b"" if none)."""
+        asked = struct.pack(f">H{len(infos)}H", len(infos), *infos)
+        self.option(opt, struct.pack(">I", len(name)) + name.encode() + asked)
+        got = self.replies(opt)
         assert got[-1][0] == nbd.REP_ACK, got
         info = next(d for k, d in got if k == nbd.REP_INFO and d[:2] == b"\0\0")
         _, size, flags = struct.unpack(">HQH", info)
-        return size, flags
+        sizes = next((d for k, d in got if k == nbd.REP_INFO and d[:2] == b"\0\3"), b"")
+        return size, flags, sizes
 
     def request(self, cmd: int, offset: int, length: int, data: bytes = b"") -> tuple[int, bytes]:
         self.handle += 1
@@ -250,8 +253,10 @@ def test_the_nbd_server_serves_the_point_read_only(tmp_path: Path) -> None:
         assert c.replies(nbd.OPT_GO)[0][0] == nbd.REP_ERR_UNKNOWN
         c.option(99, b"")
         assert c.replies(99) == [(nbd.REP_ERR_UNSUP, b"")]
-        size, flags = c.go("then")
+        assert c.go("then", opt=nbd.OPT_INFO)[2] == b""  # block sizes only when asked for
+        size, flags, sizes = c.go("then", (nbd.INFO_BLOCK_SIZE,))
         assert size == SIZE and flags & nbd.TFLAG_READ_ONLY
+        assert struct.unpack(">HIII", sizes) == (nbd.INFO_BLOCK_SIZE, 1, 4096, nbd.READ_MAX)
         got = b"".join(c.request(nbd.CMD_READ, off, 16384)[1] for off in range(0, SIZE, 16384))
         assert got == rig.states[point] != bytes(model)
         assert c.request(nbd.CMD_READ, 4096 + 512, 1000) == (0, rig.states[point][4608:5608])

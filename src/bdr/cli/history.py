@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -135,8 +136,13 @@ def do_export(directory: str, at_text: str, listen: str, name: str) -> int:
                 flush=True,
             )
             signal.signal(signal.SIGTERM, _interrupt)
-            with contextlib.suppress(KeyboardInterrupt):
-                server.serve_forever()
+            try:
+                with contextlib.suppress(KeyboardInterrupt):
+                    server.serve_forever()
+            finally:
+                if listen.startswith("/"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(listen)
         print(f"export of {fmt_point(view.point)} stopped")
     return 0
 

@@ -114,11 +114,14 @@ class Export:
                     continue
                 (k,) = struct.unpack_from(">I", data)
                 name = data[4 : 4 + k].decode(errors="replace")
+                asked = data[6 + k :]
+                wants = set(struct.unpack(f">{len(asked) // 2}H", asked[: len(asked) // 2 * 2]))
                 if name not in ("", self.name):
                     reply(REP_ERR_UNKNOWN, f"no export {name!r}; this server offers {self.name!r}".encode())
                     continue
                 reply(REP_INFO, struct.pack(">HQH", INFO_EXPORT, self.view.size, TRANSMISSION_FLAGS))
-                reply(REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1, 4096, READ_MAX))
+                if INFO_BLOCK_SIZE in wants:
+                    reply(REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1, 4096, READ_MAX))
                 reply(REP_ACK)
                 if opt == OPT_GO:
                     return True

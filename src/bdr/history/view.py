@@ -39,24 +39,32 @@ class PointView:
 
     def __init__(self, directory: str | os.PathLike[str], at: At) -> None:
         self.history = History(directory)
-        try:
-            self.point: Entry = self.history.select(at)
-            self.fd = os.open(self.history.meta.replica, os.O_RDONLY | os.O_CLOEXEC)
-        except BaseException:
-            self.history.close()
-            raise
+        self.fd = -1
         self.size = self.history.meta.replica_bytes
         # the ranges written since the point, disjoint, sorted by start: [starts[i], ends[i]) is in srcs[i]
         self.starts: list[int] = []
         self.ends: list[int] = []
         self.srcs: list[_Source] = []
-        self._last = self.point  # the newest record mapped
         self.gone: str | None = None
-        self.history.undo_after(self.point)  # PointRefused if a gap lies after the point
-        self._extend()
+        try:
+            self.point: Entry = self.history.select(at)
+            self._last = self.point  # the newest record mapped
+            self.history.undo_after(self.point)  # PointRefused if a gap lies after the point
+            self.fd = os.open(self.history.meta.replica, os.O_RDONLY | os.O_CLOEXEC)
+            if os.lseek(self.fd, 0, os.SEEK_END) != self.size:
+                raise HistoryError(
+                    f"{self.history.meta.replica} does not hold {self.size} bytes, as the replica of the history "
+                    f"{self.history.directory} did: not the same replica"
+                )
+            self._extend()
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         self.history.close()
 
     def __enter__(self) -> PointView:
