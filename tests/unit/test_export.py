@@ -18,10 +18,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.unit.test_history import FUA, SIZE, D, F, Rig, W, data_for, long_runs_batch, scattered_batch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tests.unit.test_history import (
+    FUA,
+    SIZE,
+    D,
+    F,
+    Rig,
+    W,
+    Z,
+    data_for,
+    long_runs_batch,
+    record,
+    scattered_batch,
+)
 
 from bdr.history import At, PointRefused
 from bdr.history import export as nbd
+from bdr.history import view as view_mod
 from bdr.history.restore import rollback
 from bdr.history.view import PointView, ViewGone
 
@@ -31,7 +46,7 @@ def track(rig: Rig, model: bytearray, recs: list[tuple[int, int, int, int]]) -> 
     for seq, sector, n, op, flags in rig.apply(recs):
         if op == W:
             model[sector * 512 : sector * 512 + n] = data_for(seq, n)
-        elif op == D:
+        elif op in (D, Z):
             model[sector * 512 : sector * 512 + n] = bytes(n)
         if op == F or flags & FUA:
             rig.states[seq] = bytes(model)
@@ -78,6 +93,38 @@ def test_a_view_gives_each_point_while_writes_go_on(tmp_path: Path) -> None:
         assert model != bytearray(rig.states[last])
     finally:
         for view in views.values():
+            view.close()
+        rig.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.lists(record, min_size=1, max_size=40), min_size=1, max_size=8),
+    st.integers(0, 7),
+    st.sampled_from([0, 1 << 30]),
+)
+def test_every_point_reads_as_the_replica_held_it(tmp_path_factory, batches, first, insert_max) -> None:  # type: ignore[no-untyped-def]
+    """Random batches (overlapping writes, 512-byte writes, discards, write-zeroes): a view of each point, opened
+    before or after the writes that follow it, reads what the replica held then; its map built in one sweep or
+    extent by extent."""
+    rig = Rig(tmp_path_factory.mktemp("v"))
+    saved, view_mod.INSERT_MAX = view_mod.INSERT_MAX, insert_max
+    model = bytearray(rig.replica_path.read_bytes())
+    rnd = random.Random(first)
+    early: dict[int, PointView] = {}
+    try:
+        for k, b in enumerate([*batches, [(0, 0, F, 0)]]):
+            track(rig, model, b)
+            if k == first % (len(batches) + 1):
+                early = {seq: PointView(rig.dir, At(seq=seq)) for seq in rig.states}
+        for seq, want in rig.states.items():
+            with PointView(rig.dir, At(seq=seq)) as view:
+                assert read_all(view, rnd) == want, f"point {seq}"
+        for seq, view in early.items():
+            assert read_all(view, rnd) == rig.states[seq], f"point {seq}, its view opened earlier"
+    finally:
+        view_mod.INSERT_MAX = saved
+        for view in early.values():
             view.close()
         rig.close()
 

@@ -15,19 +15,23 @@ or turned back (a rollback) after the point.
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import heapq
+import itertools
 import os
-from dataclasses import dataclass
 
 from .format import FLAG_ZERO, HEAD_SIZE, Entry, Kind, decode, payload_intact, unpack_extents
 from .index import At, History, Segment, fmt_point
 from .writer import HistoryError
+
+INSERT_MAX = 64  # new extents inserted one by one into the map; more: the map is built again
 
 
 class ViewGone(HistoryError):
     """The point can no longer be given back (the message says why)."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Source:
     segment: Segment
     inode: int
@@ -137,6 +141,13 @@ class PointView:
         if decode(os.pread(seg.fd, HEAD_SIZE, last.pos), last.segment, last.pos) != last:
             self.gone = f"the replica was rolled back to a point before {fmt_point(self.point)}"
             raise ViewGone(self.gone)
+        fresh: list[tuple[int, int, _Source]] = []  # the extents of the new records, oldest first
+        try:
+            self._scan(last, fresh)
+        finally:
+            self._merge(fresh)
+
+    def _scan(self, last: Entry, fresh: list[tuple[int, int, _Source]]) -> None:
         for seg in self.history.segments:
             if seg.number < last.segment:
                 continue
@@ -152,9 +163,9 @@ class PointView:
                     )
                     raise ViewGone(self.gone)
                 if e.kind is Kind.UNDO:
-                    self._map(seg, inode, e)
+                    self._read_extents(seg, inode, e, fresh)
 
-    def _map(self, seg: Segment, inode: int, e: Entry) -> None:
+    def _read_extents(self, seg: Segment, inode: int, e: Entry, out: list[tuple[int, int, _Source]]) -> None:
         payload = _pread_all(seg.fd, e.payload_len, e.pos + HEAD_SIZE)
         if not payload_intact(e, payload):
             self.gone = (
@@ -166,12 +177,48 @@ class PointView:
         data = e.pos + HEAD_SIZE + at
         for off, n, fl in zip(offsets, lengths, flags, strict=True):
             zero = bool(fl & FLAG_ZERO)
-            self._add(off, off + n, seg, inode, -1 if zero else data)
+            out.append((off, off + n, _Source(seg, inode, -1 if zero else data)))
             if not zero:
                 data += n
 
-    def _add(self, a: int, b: int, seg: Segment, inode: int, pos: int) -> None:
-        """Map the parts of [a, b) not mapped yet (an older write's before-image wins) to ``pos`` (of a)."""
+    def _merge(self, fresh: list[tuple[int, int, _Source]]) -> None:
+        """Map the parts of the ``fresh`` extents (oldest first, all newer than those mapped) not mapped yet:
+        the oldest write's before-image of each byte wins.  A few are inserted one by one; many, the map is
+        built again in one sweep (n log n, however many overlap)."""
+        if len(fresh) <= INSERT_MAX:
+            for a, b, src in fresh:
+                self._add(a, b, src)
+            return
+        extents = [*zip(self.starts, self.ends, self.srcs, strict=True), *fresh]  # oldest first
+        order = sorted(range(len(extents)), key=lambda k: extents[k][0])
+        bounds = sorted({x for a, b, _ in extents for x in (a, b)})
+        starts: list[int] = []
+        ends: list[int] = []
+        srcs: list[_Source] = []
+        active: list[int] = []  # a heap of the extents begun, the oldest (first in ``extents``) on top
+        owner = -1  # the extent of the last range mapped
+        j = 0
+        for x, y in itertools.pairwise(bounds):
+            while j < len(order) and extents[order[j]][0] <= x:
+                heapq.heappush(active, order[j])
+                j += 1
+            while active and extents[active[0]][1] <= x:
+                heapq.heappop(active)
+            if not active:
+                continue
+            k = active[0]
+            if k == owner and ends[-1] == x:
+                ends[-1] = y
+                continue
+            a, _, src = extents[k]
+            starts.append(x)
+            ends.append(y)
+            srcs.append(src if src.pos < 0 or x == a else dataclasses.replace(src, pos=src.pos + x - a))
+            owner = k
+        self.starts, self.ends, self.srcs = starts, ends, srcs
+
+    def _add(self, a: int, b: int, src: _Source) -> None:
+        """Map the parts of [a, b) not mapped yet to ``src`` (the bytes at a)."""
         holes = []
         at = a
         for s, e, _ in self._covering(a, b):
@@ -184,7 +231,9 @@ class PointView:
             i = bisect.bisect_left(self.starts, s)
             self.starts.insert(i, s)
             self.ends.insert(i, e)
-            self.srcs.insert(i, _Source(seg, inode, -1 if pos < 0 else pos + s - a))
+            self.srcs.insert(
+                i, src if src.pos < 0 or s == a else dataclasses.replace(src, pos=src.pos + s - a)
+            )
 
 
 def _pread_all(fd: int, n: int, offset: int) -> bytes:
