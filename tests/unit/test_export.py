@@ -38,6 +38,7 @@ from bdr.history import At, PointRefused
 from bdr.history import export as nbd
 from bdr.history import view as view_mod
 from bdr.history.restore import rollback
+from bdr.history.undo import fill_undo, payload_room, undo_head
 from bdr.history.view import PointView, ViewGone
 
 
@@ -151,8 +152,8 @@ def test_a_view_ends_when_retention_drops_its_point(tmp_path: Path) -> None:
 
 
 def test_a_view_ends_when_retention_drops_a_before_image_it_still_needs(tmp_path: Path) -> None:
-    """The oldest segments go while the newest record the view knows stays: a read of a range whose before-image
-    was in a dropped segment fails, one of a range nothing overwrote is still given."""
+    """The oldest segments go, the point's among them, while the newest record the view knows stays: the view
+    ends at its next read, of any range (the point is no longer offered)."""
     rig = Rig(tmp_path, size_limit=16 << 20, size=8 << 20)
     model = bytearray(rig.replica_path.read_bytes())
     track(rig, model, [(0, 4096, W, 0), (0, 0, F, 0)])
@@ -166,7 +167,8 @@ def test_a_view_ends_when_retention_drops_a_before_image_it_still_needs(tmp_path
         for k in range(11):  # the first segments go; the newest the view knows stays
             track(rig, model, [((k % 3 + 5) * 2048, 1 << 20, W, 0), (0, 0, F, 0)])
         assert not (rig.dir / "0000000000000001.seg").exists()
-        assert view.read((8 << 20) - 4096, 4096) == want[-4096:]
+        with pytest.raises(ViewGone, match="retention"):
+            view.read((8 << 20) - 4096, 4096)  # nothing overwrote it, but the point is gone
         with pytest.raises(ViewGone, match="retention"):
             view.read(4096, 4096)
     finally:
@@ -213,17 +215,45 @@ def test_a_view_ends_at_a_gap_or_a_rollback_after_its_point(tmp_path: Path) -> N
     view.close()
 
     track(rig, model, [(0, 4096, W, 0), (0, 0, F, 0)])
+    first = rig.seq - 1
+    track(rig, model, [(0, 4096, W, 0), (0, 0, F, 0)])
     point = rig.seq - 1
     track(rig, model, [(8, 4096, W, 0), (0, 0, F, 0)])
     view = PointView(rig.dir, At(seq=rig.seq - 1))
     assert view.read(0, 8192) == rig.states[rig.seq - 1][:8192]
     rig.history.close()  # the server stops; the replica is rolled back to an older point
     rollback(rig.dir, At(seq=point), quiet=True)
-    with pytest.raises(ViewGone, match="rolled back to a point before"):
+    with pytest.raises(ViewGone, match="rolled back"):
         view.read(0, 8192)
     view.close()
+    with PointView(rig.dir, At(seq=first)) as older:  # a point before the rollback's is still given
+        assert older.read(0, 8192) == rig.states[first][:8192]
     rig.replica.close()
     rig.journal.close()
+
+
+def test_a_record_whose_payload_is_not_all_written_yet_is_read_again_later(tmp_path: Path) -> None:
+    """The newest record's header is in the segment before its payload (a reused file holds old bytes there):
+    the replica write it precedes has not begun, so the view reads on, and maps the record once it is whole."""
+    rig = Rig(tmp_path)
+    model = bytearray(rig.replica_path.read_bytes())
+    track(rig, model, [(0, 4096, W, 0), (0, 0, F, 0)])
+    want = rig.states[rig.seq - 1]
+    view = PointView(rig.dir, At(seq=rig.seq - 1))
+    files = rig.history.files
+    mem = memoryview(bytearray(payload_room(1, 4096)))
+    plen, digest = fill_undo(rig.replica.fd, mem, [0], [4096])
+    head = undo_head(files.number, time.time_ns(), 1, 4096, plen, digest)
+    try:
+        os.pwrite(files.fd, head + bytes(plen), files.pos)  # the header, and old bytes where the payload goes
+        assert view.read(0, 8192) == want[:8192]
+        os.pwrite(files.fd, mem[:plen], files.pos + len(head))  # the payload, then the replica write
+        os.pwrite(rig.replica.fd, b"x" * 4096, 0)
+        assert view.read(0, 8192) == want[:8192]
+        assert view.written == 4096
+    finally:
+        view.close()
+        rig.close()
 
 
 # -- the NBD server -------------------------------------------------------------------------------------------

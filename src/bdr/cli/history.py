@@ -115,7 +115,8 @@ def do_export(directory: str, at_text: str, listen: str, name: str) -> int:
         raise SetupError(f"export failed: {exc.strerror or exc}") from None
     with view:
         try:
-            server = make_server(Export(view, name), listen)
+            export = Export(view, name)
+            server = make_server(export, listen)
         except ValueError as exc:
             raise SetupError(str(exc)) from None
         except OSError as exc:
@@ -143,6 +144,7 @@ def do_export(directory: str, at_text: str, listen: str, name: str) -> int:
                 if listen.startswith("/"):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(listen)
+            export.lock.acquire(timeout=10)  # no read of a client's is under way when the view closes
         print(f"export of {fmt_point(view.point)} stopped")
     return 0
 

@@ -64,9 +64,10 @@ class Export:
                 self.reported = str(exc)
                 log.error("export %s: %s; reads fail from now on", self.name, exc)
             return errno.EIO
-        except OSError as exc:
+        except Exception as exc:  # a client gets an error for its read, whatever went wrong
             log.error("export %s: reading %d bytes at byte %d failed: %s", self.name, length, offset, exc)
-            return exc.errno or errno.EIO
+            err = getattr(exc, "errno", None)
+            return err if err in (errno.ENOMEM, errno.EOVERFLOW, errno.ESHUTDOWN) else errno.EIO
 
     # -- one client ---------------------------------------------------------------------------------------------
 
@@ -113,6 +114,9 @@ class Export:
                     reply(REP_ERR_INVALID)
                     continue
                 (k,) = struct.unpack_from(">I", data)
+                if 4 + k + 2 > len(data):
+                    reply(REP_ERR_INVALID)
+                    continue
                 name = data[4 : 4 + k].decode(errors="replace")
                 asked = data[6 + k :]
                 wants = set(struct.unpack(f">{len(asked) // 2}H", asked[: len(asked) // 2 * 2]))
@@ -145,8 +149,12 @@ class Export:
                 else:
                     conn.sendall(_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle) + got)
                 continue
-            if cmd == CMD_WRITE:
-                _recv(conn, length)  # the data is read, and refused: the export is read-only
+            if (
+                cmd == CMD_WRITE
+            ):  # its data is read and dropped, and the write refused: the export is read-only
+                if length > READ_MAX:
+                    raise ConnectionError(f"a write of {length} bytes")
+                _recv(conn, length)
             err = 0 if cmd == CMD_FLUSH else errno.EPERM if cmd in (CMD_WRITE, CMD_TRIM) else errno.EINVAL
             conn.sendall(_REPLY.pack(SIMPLE_REPLY_MAGIC, err, handle))
 

@@ -15,12 +15,22 @@ or turned back (a rollback) after the point.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import heapq
 import itertools
 import os
 
-from .format import FLAG_ZERO, HEAD_SIZE, Entry, Kind, decode, payload_intact, unpack_extents
+from .format import (
+    FLAG_ZERO,
+    HEAD_SIZE,
+    Entry,
+    HistoryFormatError,
+    Kind,
+    decode,
+    payload_intact,
+    unpack_extents,
+)
 from .index import At, History, Segment, fmt_point
 from .writer import HistoryError
 
@@ -131,15 +141,24 @@ class PointView:
         raise ViewGone(self.gone)
 
     def _extend(self) -> None:
-        """Map the UNDO records appended since the last call; note a gap or a rollback after the point.  A
-        rollback writes over the history after its point, or deletes it: the newest record mapped is checked
+        """Map the UNDO records appended since the last call; note a gap or a rollback before the point after
+        it.  Segments retention dropped are let go (one that may hold a before-image the view needs ends it).
+        A rollback writes over the history after its point, or deletes it: the newest record mapped is checked
         to be still there."""
+        segs = self.history.segments
+        while len(segs) > 1 and not self._kept(segs[0], os.fstat(segs[0].fd).st_ino):
+            if segs[0].number >= self.point.segment:
+                self._dropped()
+            os.close(segs.pop(0).fd)  # older than the point: none of its records is needed
         last = self._last
-        seg = next(s for s in self.history.segments if s.number == last.segment)
-        if not self._kept(seg, os.fstat(seg.fd).st_ino):
-            self._dropped()
+        seg = next(s for s in segs if s.number == last.segment)
         if decode(os.pread(seg.fd, HEAD_SIZE, last.pos), last.segment, last.pos) != last:
-            self.gone = f"the replica was rolled back to a point before {fmt_point(self.point)}"
+            if not self._kept(seg, os.fstat(seg.fd).st_ino):
+                self._dropped()
+            self.gone = (
+                f"the replica was rolled back: the history no longer holds the records after "
+                f"{fmt_point(self.point)} that this export read"
+            )
             raise ViewGone(self.gone)
         fresh: list[tuple[int, int, _Source]] = []  # the extents of the new records, oldest first
         try:
@@ -152,25 +171,39 @@ class PointView:
             if seg.number < last.segment:
                 continue
             inode = os.fstat(seg.fd).st_ino
-            for e in seg.entries:
+            for k, e in enumerate(seg.entries):
                 if (e.segment, e.pos) <= (last.segment, last.pos):
                     continue
-                self._last = e
-                if e.kind is Kind.GAP or e.kind is Kind.ROLLBACK:
-                    what = "rewritten without history" if e.kind is Kind.GAP else "rolled back"
-                    self.gone = (
-                        f"the replica was {what} after {fmt_point(self.point)}: {self.history.reason(e)}"
+                if e.kind is Kind.GAP or (
+                    e.kind is Kind.ROLLBACK and (e.offset, e.length) < (self.point.segment, self.point.pos)
+                ):
+                    what = (
+                        "rewritten without history" if e.kind is Kind.GAP else "rolled back to an older point"
                     )
+                    self.gone = f"the replica was {what} after {fmt_point(self.point)}"
+                    with contextlib.suppress(HistoryFormatError, OSError):
+                        self.gone += f": {self.history.reason(e)}"
                     raise ViewGone(self.gone)
-                if e.kind is Kind.UNDO:
-                    self._read_extents(seg, inode, e, fresh)
+                if e.kind is Kind.UNDO and not self._read_extents(
+                    seg, inode, e, fresh, k + 1 < len(seg.entries)
+                ):
+                    return  # being written: the replica write it precedes has not begun; read again next time
+                self._last = e
 
-    def _read_extents(self, seg: Segment, inode: int, e: Entry, out: list[tuple[int, int, _Source]]) -> None:
+    def _read_extents(
+        self, seg: Segment, inode: int, e: Entry, out: list[tuple[int, int, _Source]], followed: bool
+    ) -> bool:
+        """Add the extents of the UNDO record ``e`` to ``out``; False if its payload is not all written yet
+        (the newest record of a segment whose file is reused may show its header first)."""
         payload = _pread_all(seg.fd, e.payload_len, e.pos + HEAD_SIZE)
         if not payload_intact(e, payload):
+            if not self._kept(seg, inode):
+                self._dropped()
+            if not followed:
+                return False
             self.gone = (
                 f"history {self.history.directory}: the before-images at byte {e.pos} of {seg.path.name} are "
-                "damaged (checksum), or were dropped while read"
+                "damaged (checksum)"
             )
             raise ViewGone(self.gone)
         offsets, lengths, flags, at = unpack_extents(payload, e.offset)
@@ -180,6 +213,7 @@ class PointView:
             out.append((off, off + n, _Source(seg, inode, -1 if zero else data)))
             if not zero:
                 data += n
+        return True
 
     def _merge(self, fresh: list[tuple[int, int, _Source]]) -> None:
         """Map the parts of the ``fresh`` extents (oldest first, all newer than those mapped) not mapped yet:
