@@ -21,17 +21,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.unit.test_history import (
-    FUA,
     SIZE,
     D,
     F,
     Rig,
     W,
-    Z,
-    data_for,
     long_runs_batch,
     record,
     scattered_batch,
+    track,
 )
 
 from bdr.history import At, PointRefused
@@ -40,17 +38,6 @@ from bdr.history import view as view_mod
 from bdr.history.restore import rollback
 from bdr.history.undo import fill_undo, payload_room, undo_head
 from bdr.history.view import PointView, ViewGone
-
-
-def track(rig: Rig, model: bytearray, recs: list[tuple[int, int, int, int]]) -> None:
-    """Apply ``recs`` and keep ``model`` and the rig's states (the bytes at each point) in step."""
-    for seq, sector, n, op, flags in rig.apply(recs):
-        if op == W:
-            model[sector * 512 : sector * 512 + n] = data_for(seq, n)
-        elif op in (D, Z):
-            model[sector * 512 : sector * 512 + n] = bytes(n)
-        if op == F or flags & FUA:
-            rig.states[seq] = bytes(model)
 
 
 def read_all(view: PointView, rnd: random.Random, between: Iterator[None] | None = None) -> bytes:

@@ -84,6 +84,18 @@ class Rig:
         self.journal.close()
 
 
+def track(rig: Rig, model: bytearray, recs: list[tuple[int, int, int, int]]) -> None:
+    """Apply ``recs`` and keep ``model`` (what the replica holds after each record) and the rig's states (the
+    bytes at each point) in step."""
+    for seq, sector, n, op, flags in rig.apply(recs):
+        if op == W:
+            model[sector * 512 : sector * 512 + n] = data_for(seq, n)
+        elif op in (D, Z):
+            model[sector * 512 : sector * 512 + n] = bytes(n)
+        if op == F or flags & FUA:
+            rig.states[seq] = bytes(model)
+
+
 def restored(rig: Rig, at: At) -> bytes:
     dest = rig.tmp / "restored.img"
     restore(rig.dir, at, str(dest), quiet=True)
@@ -117,13 +129,7 @@ def test_every_checkpoint_restores_to_what_the_replica_held_then(tmp_path_factor
     model = bytearray(rig.replica_path.read_bytes())  # what the replica holds after each record
     try:
         for b in [*batches, [(0, 0, F, 0)]]:
-            for seq, sector, n, op, flags in rig.apply(b):
-                if op == W:
-                    model[sector * 512 : sector * 512 + n] = data_for(seq, n)
-                elif op in (D, Z):
-                    model[sector * 512 : sector * 512 + n] = bytes(n)
-                if op == F or flags & FUA:
-                    rig.states[seq] = bytes(model)
+            track(rig, model, b)
             assert rig.replica_path.read_bytes() == bytes(model)
         with History(rig.dir) as h:
             assert [e.seq for e in h.points()] == sorted(rig.states)

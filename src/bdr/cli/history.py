@@ -123,11 +123,9 @@ def do_export(directory: str, at_text: str, listen: str, name: str) -> int:
             raise SetupError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
         logging.basicConfig(level=logging.INFO, format="bdr export: %(message)s", stream=sys.stderr)
         with server:
-            if listen.startswith("/"):
-                where = f"-unix {listen}"
-            else:
-                host, _, port = listen.rpartition(":")
-                where = f"{host.strip('[]')} {port}"
+            addr = server.server_address  # (host, port, ...), or a Unix socket's path
+            tcp = isinstance(addr, tuple)
+            where = f"{addr[0]} {addr[1]}" if isinstance(addr, tuple) else f"-unix {listen}"
             print(
                 f"exporting {view.history.meta.replica} as of {fmt_point(view.point)} read-only over NBD on "
                 f"{listen}, export {name!r} ({size(view.written)} of it from the history so far)\n"
@@ -141,7 +139,7 @@ def do_export(directory: str, at_text: str, listen: str, name: str) -> int:
                 with contextlib.suppress(KeyboardInterrupt):
                     server.serve_forever()
             finally:
-                if listen.startswith("/"):
+                if not tcp:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(listen)
             export.lock.acquire(timeout=10)  # no read of a client's is under way when the view closes

@@ -47,6 +47,10 @@ class _Source:
     inode: int
     pos: int  # of the range's first byte in the segment file; -1: the range held zeros
 
+    def skip(self, n: int) -> _Source:
+        """The source of the range that starts ``n`` bytes later."""
+        return self if self.pos < 0 or not n else dataclasses.replace(self, pos=self.pos + n)
+
 
 class PointView:
     """The replica as of the newest point at or before ``at`` of the history ``directory``, read-only."""
@@ -108,7 +112,8 @@ class PointView:
                 buf[a - offset : b - offset] = bytes(b - a)
             else:
                 buf[a - offset : b - offset] = _pread_all(src.segment.fd, b - a, src.pos + a - s)
-                self._check_kept(src)
+                # read, then checked: the writer renames a segment before it writes over it
+                self._check_kept(src.segment, src.inode)
         return bytes(buf)
 
     def _covering(self, a: int, b: int) -> list[tuple[int, int, _Source]]:
@@ -120,10 +125,9 @@ class PointView:
             i += 1
         return out
 
-    def _check_kept(self, src: _Source) -> None:
-        """After reading a before-image: its segment was still in the history, not dropped or reused (the
-        writer renames a segment before it writes over it), so what was read is that before-image."""
-        if not self._kept(src.segment, src.inode):
+    def _check_kept(self, seg: Segment, inode: int) -> None:
+        """ViewGone unless ``seg`` is still in the history: not dropped, not reused (renamed) by retention."""
+        if not self._kept(seg, inode):
             self._dropped()
 
     @staticmethod
@@ -153,8 +157,7 @@ class PointView:
         last = self._last
         seg = next(s for s in segs if s.number == last.segment)
         if decode(os.pread(seg.fd, HEAD_SIZE, last.pos), last.segment, last.pos) != last:
-            if not self._kept(seg, os.fstat(seg.fd).st_ino):
-                self._dropped()
+            self._check_kept(seg, os.fstat(seg.fd).st_ino)
             self.gone = (
                 f"the replica was rolled back: the history no longer holds the records after "
                 f"{fmt_point(self.point)} that this export read"
@@ -197,8 +200,7 @@ class PointView:
         (the newest record of a segment whose file is reused may show its header first)."""
         payload = _pread_all(seg.fd, e.payload_len, e.pos + HEAD_SIZE)
         if not payload_intact(e, payload):
-            if not self._kept(seg, inode):
-                self._dropped()
+            self._check_kept(seg, inode)
             if not followed:
                 return False
             self.gone = (
@@ -247,7 +249,7 @@ class PointView:
             a, _, src = extents[k]
             starts.append(x)
             ends.append(y)
-            srcs.append(src if src.pos < 0 or x == a else dataclasses.replace(src, pos=src.pos + x - a))
+            srcs.append(src.skip(x - a))
             owner = k
         self.starts, self.ends, self.srcs = starts, ends, srcs
 
@@ -265,9 +267,7 @@ class PointView:
             i = bisect.bisect_left(self.starts, s)
             self.starts.insert(i, s)
             self.ends.insert(i, e)
-            self.srcs.insert(
-                i, src if src.pos < 0 or s == a else dataclasses.replace(src, pos=src.pos + s - a)
-            )
+            self.srcs.insert(i, src.skip(s - a))
 
 
 def _pread_all(fd: int, n: int, offset: int) -> bytes:
