@@ -229,7 +229,7 @@ def test_a_record_whose_payload_is_not_all_written_yet_is_read_again_later(tmp_p
     view = PointView(rig.dir, At(seq=rig.seq - 1))
     files = rig.history.files
     mem = memoryview(bytearray(payload_room(1, 4096)))
-    plen, digest = fill_undo(rig.replica.fd, mem, [0], [4096])
+    _, plen, digest = fill_undo(rig.replica.fd, mem, [0], [4096])
     head = undo_head(files.number, time.time_ns(), 1, 4096, plen, digest)
     try:
         os.pwrite(files.fd, head + bytes(plen), files.pos)  # the header, and old bytes where the payload goes

@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import random
+import signal
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -276,6 +277,83 @@ def test_the_reader_process_keeps_records_across_segments(tmp_path: Path, limit_
     assert len(offered) >= 3 and offered == list(states)[-len(offered) :]
     for seq in offered:
         assert restored(rig, At(seq=seq)) == states[seq]
+    rig.close()
+
+
+def test_runs_that_do_not_overlap_are_kept_straight_from_the_replicas_pages(tmp_path: Path) -> None:
+    """Batches whose runs do not overlap (a long sequential run; long runs between scattered small writes):
+    the reader process writes their large extents to the history straight from its mapping of the replica, the
+    small ones from its buffer, in order; a 1 MiB extent of zeros takes no data.  Each checkpoint restores
+    exactly."""
+    mib = 1 << 20
+    rig = Rig(tmp_path, size=8 << 20)
+    model = bytearray(rig.replica_path.read_bytes())
+    track(rig, model, [(2 * mib // 512, mib, Z, 0), (5 * mib // 512, 4096, Z, 0), (0, 0, F, 0)])
+    assert rig.history.reader is None  # nothing so far went through the reader process
+    track(rig, model, [*[(k * 2048, mib, W, 0) for k in range(6)], (0, 0, F, 0)])  # [0, 6 MiB): one run
+    assert rig.history.reader is not None
+    track(rig, model, [(2 * mib // 512, mib, Z, 0), (5 * mib // 512, 4096, Z, 0), (0, 0, F, 0)])
+    blk = 7 * mib // 512
+    track(
+        rig,
+        model,
+        [
+            (blk, 4096, W, 0),
+            (0, mib // 2, W, 0),
+            (blk + 16, 4096, W, 0),
+            (2 * mib // 512, mib, W, 0),  # zeros before
+            (blk + 32, 512, W, 0),
+            (5 * mib // 512 - 8, 12288, W, 0),  # 4 KiB of zeros in the middle
+            (3 * mib // 512, mib, W, 0),
+            (4 * mib // 512, mib // 2, W, 0),  # one run of 1.5 MiB with the one before
+            (0, 0, F, 0),
+        ],
+    )
+    with History(rig.dir) as h:
+        undo = [e for e in h.entries() if e.kind is Kind.UNDO]
+        # the two 1 MiB extents of zeros take no data (less 16 bytes of table per extent of every record)
+        assert sum(e.length - e.payload_len for e in undo) >= 2 * mib - 16 * len(undo) * 64
+    for seq, want in rig.states.items():
+        assert restored(rig, At(seq=seq)) == want
+    rig.close()
+
+
+def test_the_reader_takes_extents_from_the_replicas_pages_only_where_no_earlier_piece_writes() -> None:
+    """A batch's large extents are written to the history from the replica's pages only when no two runs of the
+    batch overlap: else the server could write an earlier piece there while the reader process hashes and
+    copies a later one."""
+    mib = 1 << 20
+    disjoint = writer_mod._disjoint
+    assert disjoint([(0, 8 * mib, 0)])
+    assert disjoint([(0, 4096, 9 * mib), (4096, mib, 0), (mib + 4096, mib, mib)])  # touching, not overlapping
+    assert not disjoint([(0, 4096, 9 * mib), (4096, mib, 0), (mib + 4096, mib, mib - 512)])
+    assert not disjoint([(0, 2 * mib, 0), (2 * mib, 4096, 4096)])  # a small write inside a long run
+    assert not disjoint([(0, 4096, 0), (4096, 4096, 8192)])  # small extents are copied anyway
+
+
+def test_a_reader_process_ended_by_a_failed_read_of_the_replica_is_started_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read through the reader process's mapping fails (here the image file was made shorter, as a disk's
+    I/O error would): the process dies of SIGBUS, the server keeps that batch's before-images itself (past the
+    end of the file they read as zeros), and a new reader process keeps the next batch's."""
+    rig = Rig(tmp_path, size=8 << 20)
+    rig.apply(scattered_batch(rig))
+    reader = rig.history.reader
+    assert reader is not None
+    os.truncate(rig.replica_path, 4 << 20)
+    with caplog.at_level(logging.WARNING, logger="bdr.server"):
+        # from 4 MiB on, to the end of the replica: not in the file, still in the mapping
+        rig.apply([*[(8192 + k * 8, 4096, W, 0) for k in range(300)], (16376, 4096, W, 0), (0, 0, F, 0)])
+    assert reader.proc.returncode == -signal.SIGBUS
+    assert "was ended by SIGBUS: a read of the replica through its mapping failed" in caplog.text
+    assert "a new reader process starts with the next batch" in caplog.text
+    assert rig.history.reader is None
+    point, state = rig.seq - 1, rig.replica_path.read_bytes()
+    rig.apply(scattered_batch(rig, 700))
+    assert rig.history.reader is not None and rig.history.reader.proc.pid != reader.proc.pid
+    assert rig.history.reader.proc.poll() is None
+    assert restored(rig, At(seq=point)) == state
     rig.close()
 
 

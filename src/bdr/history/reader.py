@@ -6,6 +6,12 @@ scattered small writes that is one read syscall per write, each holding the inte
 microsecond-long calls: a thread of the server cannot run them alongside the writes (the two would only hand the
 interpreter lock back and forth), a process can.  For long runs it is two more copies of every byte.
 
+The reader maps the replica (undo.map_replica) and copies small extents from the mapping rather than a read
+syscall each.  When the server says no write touches a piece's extents until it is answered (STEADY: no two
+runs of its batch overlap), the large extents are written to the history straight from the mapping, one copy
+instead of two.  A failed read through the mapping is a SIGBUS that ends the process; the server sees it
+(ReaderGone.read_failed), keeps that batch's before-images itself and starts a new reader with the next.
+
 The server owns the history (its segments, retention, checkpoints); for each piece it reserves room in the
 segment being written and sends the piece's extents, where its UNDO record goes and the segment's file (when it
 changes).  The reader reads what the replica holds there, writes the record (header, extent table, the data
@@ -33,13 +39,15 @@ from pathlib import Path
 from ..journal import ReplicaIOError
 from .format import HEAD_SIZE
 from .segments import HistoryIOError, write_at
-from .undo import fill_undo, payload_room, undo_head
+from .undo import fill_undo, map_replica, payload_room, undo_head
 
 log = logging.getLogger("bdr.server")
 
 EXTENTS_MAX = 256  # of one piece
-# segment number, position of the record in it, its time, extents; then the offsets (u64 each), lengths (u32)
-_REQUEST = struct.Struct("<QQQI")
+# segment number, position of the record in it, its time, extents, flags; then the offsets (u64 each), lengths
+# (u32 each)
+_REQUEST = struct.Struct("<QQQII")
+STEADY = 1  # a request's flag: no write to its extents until it is answered (fill_undo's ``steady``)
 _REPLY = struct.Struct("<BiQ")  # what failed (OK, REPLICA, HISTORY), errno, payload length; then a message
 OK, REPLICA, HISTORY = 0, 1, 2
 REQUEST_MAX = _REQUEST.size + EXTENTS_MAX * 12
@@ -48,7 +56,12 @@ AFTER = (1 << 64) - 1  # a record's position: right after the record the reader 
 
 
 class ReaderGone(Exception):
-    """The reader process is not there (it could not start, or it stopped)."""
+    """The reader process is not there (it could not start, or it stopped).  ``read_failed``: it was ended by a
+    failed read of the replica through its mapping (SIGBUS), not by a fault of its own."""
+
+    def __init__(self, message: str, read_failed: bool = False) -> None:
+        super().__init__(message)
+        self.read_failed = read_failed
 
 
 class Reader:
@@ -79,13 +92,23 @@ class Reader:
         self.waiting = 0  # requests sent and not yet answered
 
     def submit(
-        self, segment: int, seg_fd: int, pos: int, now: int, offsets: Sequence[int], lengths: Sequence[int]
+        self,
+        segment: int,
+        seg_fd: int,
+        pos: int,
+        now: int,
+        offsets: Sequence[int],
+        lengths: Sequence[int],
+        steady: bool = False,
     ) -> None:
         """Have the reader keep these extents' before-images: an UNDO record at ``pos`` of segment ``segment``
         (its file ``seg_fd``), or right after the reader's last record (AFTER), of time ``now``; room for it is
-        reserved.  Requests are answered in order."""
+        reserved.  ``steady``: nothing writes to the extents until the request is answered.  Requests are
+        answered in order."""
         n = len(offsets)
-        msg = struct.pack(f"<QQQI{n}Q{n}I", segment, pos, now, n, *offsets, *lengths)
+        msg = struct.pack(
+            f"<QQQII{n}Q{n}I", segment, pos, now, n, STEADY if steady else 0, *offsets, *lengths
+        )
         try:
             if segment != self.segment:
                 socket.send_fds(self.sock, [msg], [seg_fd])
@@ -104,10 +127,7 @@ class Reader:
         except OSError as exc:
             raise ReaderGone(f"lost the reader process: {exc.strerror}") from exc
         if not reply:
-            code = self.proc.poll()
-            raise ReaderGone(
-                "the reader process stopped" + (f" (exit status {code})" if code is not None else "")
-            )
+            raise self._ended()
         self.waiting -= 1
         what, err, plen = _REPLY.unpack_from(reply)
         message = reply[_REPLY.size :].decode(errors="replace")
@@ -116,6 +136,21 @@ class Reader:
         if what == HISTORY:
             raise HistoryIOError(err, f"history {self.directory}: {message}")
         return int(plen)
+
+    def _ended(self) -> ReaderGone:
+        try:
+            code = self.proc.wait(5)  # its socket is closed as it exits
+        except subprocess.TimeoutExpired:
+            return ReaderGone("the reader process closed its socket")
+        if code == -signal.SIGBUS:
+            return ReaderGone(
+                "the reader process was ended by SIGBUS: a read of the replica through its mapping failed (an "
+                "I/O error of the disk, or an image file made shorter)",
+                read_failed=True,
+            )
+        if code < 0:
+            return ReaderGone(f"the reader process was ended by {signal.Signals(-code).name}")
+        return ReaderGone(f"the reader process stopped (exit status {code})")
 
     def drain(self) -> list[int]:
         """Wait for the answers to the requests still in flight (after an error): the payload lengths of those
@@ -139,6 +174,7 @@ class Reader:
 def serve(replica_fd: int, sock: socket.socket, buf_size: int) -> None:
     """The reader process: answer the server's requests until it closes the socket."""
     view = memoryview(bytearray(buf_size))
+    mapped = map_replica(replica_fd)
     seg_fd = -1
     pos = 0  # where the next record goes
     head = _REQUEST.size
@@ -153,15 +189,15 @@ def serve(replica_fd: int, sock: socket.socket, buf_size: int) -> None:
             if seg_fd >= 0:
                 os.close(seg_fd)
             seg_fd = fds[0]
-        segment, at, now, n = _REQUEST.unpack_from(msg)
+        segment, at, now, n, flags = _REQUEST.unpack_from(msg)
         if at != AFTER:
             pos = at
         offsets = struct.unpack_from(f"<{n}Q", msg, head)
         lengths = struct.unpack_from(f"<{n}I", msg, head + 8 * n)
         try:
-            plen, digest = fill_undo(replica_fd, view, offsets, lengths)
+            parts, plen, digest = fill_undo(replica_fd, view, offsets, lengths, mapped, bool(flags & STEADY))
             rec_head = undo_head(segment, now, n, sum(lengths), plen, digest)
-            write_at(seg_fd, pos, [rec_head, view[:plen]])
+            write_at(seg_fd, pos, [rec_head, *parts])
             os.fdatasync(seg_fd)
             pos += HEAD_SIZE + plen
             reply = _REPLY.pack(OK, 0, plen)

@@ -11,9 +11,11 @@ logged after the old ones, so undoing newest first still ends on the true before
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import time
@@ -41,7 +43,7 @@ from .index import History, fmt_time
 from .reader import AFTER, Reader, ReaderGone
 from .reader import EXTENTS_MAX as READER_EXTENTS
 from .segments import SEGMENT_MAX, SEGMENTS_MIN, Segment, SegmentFiles
-from .undo import fill_undo, payload_room, undo_head
+from .undo import SMALL, fill_undo, payload_room, undo_head
 
 log = logging.getLogger("bdr.server")
 
@@ -52,6 +54,49 @@ EXTENTS_MAX = 8192  # extents of one UNDO record (a large range of zeros takes n
 # preserve_while_writing)
 PIECE = 1 << 20
 AHEAD = 8  # pieces the reader may be ahead of the writes (a batch of long runs is at most 8 MiB)
+
+
+def _pieces(runs: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:
+    """The (start, length, offset) runs cut into pieces of at most PIECE bytes and READER_EXTENTS runs."""
+    lengths = [n for _, n, _ in runs]
+    if lengths and max(lengths) <= PIECE:
+        # scattered small writes (a run per write): whole runs per piece, cut where the next would not fit,
+        # found by bisection rather than a step per run
+        ends = list(itertools.accumulate(lengths))
+        out, i, count, base = [], 0, len(runs), 0
+        while i < count:
+            j = min(i + READER_EXTENTS, bisect.bisect_right(ends, base + PIECE, i))
+            out.append(runs[i:j])
+            base, i = ends[j - 1], j
+        return out
+    pieces: list[list[tuple[int, int, int]]] = [[]]
+    room = PIECE
+    for start, n, off in runs:
+        while n:
+            if len(pieces[-1]) == READER_EXTENTS:
+                pieces.append([])
+                room = PIECE
+            k = min(n, room)
+            pieces[-1].append((start, k, off))
+            start, n, off, room = start + k, n - k, off + k, room - k
+            if not room:
+                pieces.append([])
+                room = PIECE
+    if not pieces[-1]:
+        pieces.pop()
+    return pieces
+
+
+def _disjoint(runs: list[tuple[int, int, int]]) -> bool:
+    """No two of the (start, length, offset) runs overlap on the replica: while the reader process keeps a
+    piece, the server writes only pieces before it, and elsewhere (reader.STEADY).  False also when it does not
+    matter (no run is larger than what the reader copies anyway)."""
+    if len(runs) == 1:
+        return True
+    if max(n for _, n, _ in runs) <= SMALL:
+        return False
+    spans = sorted((off, off + n) for _, n, off in runs)
+    return all(end <= nxt for (_, end), (nxt, _) in itertools.pairwise(spans))
 
 
 class HistoryError(Exception):
@@ -290,12 +335,12 @@ class HistoryWriter:
             while j < count and j - i < EXTENTS_MAX and covered + chunks[j][1] <= BATCH_MAX:
                 covered += chunks[j][1]
                 j += 1
-            plen, digest = fill_undo(
+            parts, plen, digest = fill_undo(
                 self.replica_fd, self._view, [o for o, _ in chunks[i:j]], [n for _, n in chunks[i:j]]
             )
             self.files.prepare(HEAD_SIZE + plen)
             head = undo_head(self.number, now, j - i, covered, plen, digest, following)
-            self.files.append([head, self._view[:plen]], HEAD_SIZE + plen)
+            self.files.append([head, *parts], HEAD_SIZE + plen)
             self.undo_records += j - i
             i = j
         self.sync()
@@ -313,21 +358,7 @@ class HistoryWriter:
         batch is written may miss that write where the two overlap: undone newest first, the earlier record still
         restores the batch's before-image, and no checkpoint lies between them.  A batch of one piece goes the
         plain way (there is nothing to overlap), as does every batch when the reader process is not there."""
-        pieces: list[list[tuple[int, int, int]]] = [[]]
-        room = PIECE
-        for start, n, off in runs:
-            while n:
-                if len(pieces[-1]) == READER_EXTENTS:
-                    pieces.append([])
-                    room = PIECE
-                k = min(n, room)
-                pieces[-1].append((start, k, off))
-                start, n, off, room = start + k, n - k, off + k, room - k
-                if not room:
-                    pieces.append([])
-                    room = PIECE
-        if not pieces[-1]:
-            pieces.pop()
+        pieces = _pieces(runs)
         reader = self.start_reader() if len(pieces) > 1 else None
         if reader is None:
             self.preserve([(off, n) for _, n, off in runs])
@@ -335,6 +366,7 @@ class HistoryWriter:
             return
         now = self.clock()
         files = self.files
+        steady = _disjoint(runs)
         reserved: deque[tuple[int, int]] = deque()  # the records in flight: their room, the bytes they cover
         done = ahead = 0  # pieces written; sent to the reader
 
@@ -353,7 +385,7 @@ class HistoryWriter:
             else:
                 files.prepare(need)  # may start a new segment
                 pos = files.pos
-            reader.submit(self.number, files.fd, pos, now, [off for _, _, off in piece], lengths)
+            reader.submit(self.number, files.fd, pos, now, [off for _, _, off in piece], lengths, steady)
             reserved.append((need, covered))
             return True
 
@@ -373,8 +405,15 @@ class HistoryWriter:
                 write(piece)
                 done = i + 1
         except ReaderGone as exc:
-            log.warning("history: %s; the server keeps the before-images itself from now on", exc)
-            self._reader_gone()
+            if exc.read_failed:  # the server's own read of the range reports the error, or reads it
+                log.warning(
+                    "history: %s; the server keeps this batch's before-images itself, a new reader process "
+                    "starts with the next batch",
+                    exc,
+                )
+            else:
+                log.warning("history: %s; the server keeps the before-images itself from now on", exc)
+            self._reader_gone(again=exc.read_failed)
             rest = [run for piece in pieces[done:] for run in piece]
             self.preserve([(off, n) for _, n, off in rest])
             write(rest)
@@ -403,11 +442,12 @@ class HistoryWriter:
                 self.reader_failed = True
         return self.reader
 
-    def _reader_gone(self) -> None:
+    def _reader_gone(self, again: bool = False) -> None:
+        """The reader processes are closed; ``again``: new ones start with the next batch."""
         if self.reader is not None:
             self.reader.close()
             self.reader = None
-        self.reader_failed = True
+        self.reader_failed = not again
 
     def checkpoint(self, seq: int) -> None:
         """The replica is durable at ``seq``, a durability point of the source: a point to offer."""
