@@ -116,7 +116,7 @@ class Reader:
             else:
                 self.sock.send(msg)
         except OSError as exc:
-            raise ReaderGone(f"cannot reach the reader process: {exc.strerror}") from exc
+            raise self._ended(f"cannot reach the reader process: {exc.strerror}") from exc
         self.waiting += 1
 
     def result(self) -> int:
@@ -125,9 +125,9 @@ class Reader:
         try:
             reply = self.sock.recv(4096)
         except OSError as exc:
-            raise ReaderGone(f"lost the reader process: {exc.strerror}") from exc
+            raise self._ended(f"lost the reader process: {exc.strerror}") from exc
         if not reply:
-            raise self._ended()
+            raise self._ended("the reader process closed its socket")
         self.waiting -= 1
         what, err, plen = _REPLY.unpack_from(reply)
         message = reply[_REPLY.size :].decode(errors="replace")
@@ -137,11 +137,12 @@ class Reader:
             raise HistoryIOError(err, f"history {self.directory}: {message}")
         return int(plen)
 
-    def _ended(self) -> ReaderGone:
+    def _ended(self, what: str) -> ReaderGone:
+        """The reader process is gone (``what`` the server saw of it): why, once it has exited."""
         try:
             code = self.proc.wait(5)  # its socket is closed as it exits
         except subprocess.TimeoutExpired:
-            return ReaderGone("the reader process closed its socket")
+            return ReaderGone(what)
         if code == -signal.SIGBUS:
             return ReaderGone(
                 "the reader process was ended by SIGBUS: a read of the replica through its mapping failed (an "
