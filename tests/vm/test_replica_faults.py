@@ -1,6 +1,8 @@
 """Storage faults under the server (dm-flakey): a replica device that starts failing writes stops the server
 with a clear error and marks the replica inconsistent in its metadata, it does not silently diverge; a journal
-device that starts failing writes stops the server too, and once repaired a restart converges."""
+device that starts failing writes stops the server too, and once repaired a restart converges; with a
+history, a replica whose reads fail stops the server on the replica's error although the history's reader
+process reads through a mapping (where a failed read is a SIGBUS)."""
 
 from __future__ import annotations
 
@@ -86,3 +88,53 @@ def test_failing_journal_stops_the_server_and_a_restart_converges(guest: Guest, 
     assert p.identical()
     p.remove()
     g.run("dmsetup remove journal; rmmod bdr", check=False)
+
+
+def test_replica_reads_failing_under_the_history_stop_the_server_with_the_replicas_error(
+    guest: Guest, bdr_ko: Path
+) -> None:
+    """With --history, the server's reader process reads what large batches overwrite through a read-only
+    mapping of the replica.  A replica whose reads fail (dm-flakey failing all I/O, its pages not cached) ends
+    the reader by SIGBUS; the server then reads the batch's before-images itself, meets the replica's I/O error
+    and stops on it, before writing anything."""
+    g = guest
+    dst = g.disk("dst")
+    table = f"0 $(blockdev --getsz {dst}) flakey {dst} 0"
+    g.run(
+        f"""set -e
+        modprobe dm-mod && modprobe dm-flakey && insmod {bdr_ko}
+        echo "{table} 3600 0" | dmsetup create replica
+        rm -rf /tmp/hist3 && mkdir -p /tmp/hist3
+        """
+    )
+    p = Pair(
+        g,
+        g.disk("src"),
+        "/dev/mapper/replica",
+        g.disk("jnl"),
+        name="rep3",
+        chardev="bdr_rep3",
+        server_args="--history /tmp/hist3 --history-size 16M",
+    )
+    p.setup()
+    p.start_server()
+    p.start_client()
+    g.run(f"dd if=/dev/urandom of={p.mapper} bs=4M count=2 oflag=direct status=none")
+    p.wait_synced()
+    p.wait_log(p.server_log, "history: reader process started", 30)
+    # the replica's pages leave the page cache, then every read of the device fails
+    g.run(
+        f"""set -e
+        sync && echo 3 > /proc/sys/vm/drop_caches
+        dmsetup suspend replica && echo "{table} 0 3600" | dmsetup load replica && dmsetup resume replica
+        """
+    )
+    g.run(f"dd if=/dev/urandom of={p.mapper} bs=4M count=2 seek=4 oflag=direct status=none")
+    p.wait_server_exit()
+    log = p.tail(p.server_log, 60)
+    assert (
+        "the reader process was ended by SIGBUS: a read of the replica through its mapping failed" in log
+    ), log
+    assert "replica: I/O error reading what byte" in log and "Input/output error" in log, log
+    p.remove()
+    g.run("dmsetup remove replica; rmmod bdr", check=False)
