@@ -21,11 +21,13 @@ from bdr import replica_state
 from bdr import wire as p
 from bdr.history import At, History, HistoryError, HistoryWriter, Meta, PointRefused, parse_at
 from bdr.history import restore as restore_mod
+from bdr.history import undo as undo_mod
 from bdr.history import writer as writer_mod
 from bdr.history.format import HEAD_SIZE, Kind, decode, encode, segment_numbers, unpack_extents
 from bdr.history.reader import Reader
 from bdr.history.restore import restore, rollback
 from bdr.history.segments import HistoryIOError
+from bdr.history.undo import payload_room
 from bdr.journal import JFlag, Journal, ReplicaIOError
 from bdr.server import Applier
 from bdr.server.replica import Replica
@@ -331,6 +333,65 @@ def test_the_reader_takes_extents_from_the_replicas_pages_only_where_no_earlier_
     assert not disjoint([(0, 4096, 0), (4096, 4096, 8192)])  # small extents are copied anyway
 
 
+def test_extents_read_through_the_replicas_mapping_are_what_reads_give_and_the_map_is_made_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The payload of scattered, unaligned, large and zero extents read through a ReplicaMap (copied, or parts
+    of the mapping itself when steady) is the one preadv gives; once its page-table bound is passed the replica
+    is mapped anew, also while a part of the old mapping is still held, which stays readable."""
+    mib = 1 << 20
+    image = bytearray(os.urandom(8 * mib))
+    image[2 * mib : 3 * mib] = bytes(mib)
+    image[5 * mib : 5 * mib + 4096] = bytes(4096)
+    path = tmp_path / "replica.img"
+    path.write_bytes(image)
+    fd = os.open(path, os.O_RDONLY)
+    extents = [
+        (4096, 4096),
+        (1536, 65536 - 1536),
+        (2 * mib, mib),
+        (5 * mib, 4096),
+        (3 * mib + 512, mib),
+        (0, 0),
+    ]
+    extents += [(k * 4096 * 97 % (8 * mib - 4096), 4096) for k in range(200)]
+    offsets, lengths = [o for o, _ in extents], [n for _, n in extents]
+    room = payload_room(len(extents), sum(lengths))
+
+    def payload(mapped: undo_mod.ReplicaMap | None, steady: bool) -> tuple[list[memoryview], bytes, int]:
+        parts, plen, digest = undo_mod.fill_undo(
+            fd, memoryview(bytearray(room)), offsets, lengths, mapped, steady
+        )
+        joined = b"".join(parts)
+        assert len(joined) == plen
+        return parts, joined, digest
+
+    try:
+        _, want, want_digest = payload(None, False)
+        assert len(want) < sum(lengths)  # the zero extents take no data
+        m = undo_mod.ReplicaMap(fd)
+        first = m.view
+        assert first is not None
+        for steady in (False, True):
+            parts, got, digest = payload(m, steady)
+            assert (got, digest) == (want, want_digest)
+        assert len(parts) > 1  # large extents are parts of the mapping
+        m.used(offsets, lengths)
+        assert m.view is first and m.bounded  # a replica of 8 MiB: its page tables stay small
+        monkeypatch.setattr(undo_mod, "TABLES_MAX", 3)  # as if the replica were large
+        m.bounded = False
+        m.used(offsets[:1], lengths[:1])
+        m.used(offsets[1:2], lengths[1:2])  # two extents in region 0
+        assert m.view is first and m.regions == {0}
+        m.used(offsets[2:], lengths[2:])  # regions 0 to 3
+        assert m.view is not None and m.view is not first and not m.regions
+        assert b"".join(parts) == want  # a part of the old mapping, still held
+        assert payload(m, True)[1:] == (want, want_digest)
+        m.close()
+    finally:
+        os.close(fd)
+
+
 def test_a_reader_process_ended_by_a_failed_read_of_the_replica_is_started_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -416,11 +477,14 @@ def test_the_reader_process_reports_failed_reads_and_writes(tmp_path: Path) -> N
             os.close(fd)
 
 
+@pytest.mark.parametrize(
+    ("sig", "name"), [(signal.SIGKILL, "SIGKILL"), (signal.SIGRTMIN + 3, f"signal {signal.SIGRTMIN + 3}")]
+)
 def test_a_server_whose_reader_process_stopped_keeps_the_before_images_itself(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, sig: int, name: str
 ) -> None:
-    """The reader process killed between two batches: the next batch is kept by the server itself, with a
-    warning, and restores exactly."""
+    """The reader process killed between two batches (a real-time signal has no name): the next batch is kept
+    by the server itself, with a warning naming the signal, and restores exactly."""
     rig = Rig(tmp_path, size=8 << 20)
     rig.apply([(0, 0, F, 0)])
     states = {rig.seq - 1: rig.replica_path.read_bytes()}
@@ -428,14 +492,14 @@ def test_a_server_whose_reader_process_stopped_keeps_the_before_images_itself(
     states[rig.seq - 1] = rig.replica_path.read_bytes()
     reader = rig.history.reader
     assert reader is not None
-    reader.proc.kill()
+    reader.proc.send_signal(sig)
     reader.proc.wait()
     with caplog.at_level(logging.WARNING, logger="bdr.server"):
         rig.apply(scattered_batch(rig))
     states[rig.seq - 1] = rig.replica_path.read_bytes()
     assert (
-        "the reader process was ended by SIGKILL; the server keeps the before-images itself from now on"
-        in (caplog.text)
+        f"the reader process was ended by {name}; the server keeps the before-images itself from now on"
+        in caplog.text
     )
     assert rig.history.reader is None
     for seq, want in states.items():

@@ -6,7 +6,7 @@ scattered small writes that is one read syscall per write, each holding the inte
 microsecond-long calls: a thread of the server cannot run them alongside the writes (the two would only hand the
 interpreter lock back and forth), a process can.  For long runs it is two more copies of every byte.
 
-The reader maps the replica (undo.map_replica) and copies small extents from the mapping rather than a read
+The reader maps the replica (undo.ReplicaMap) and copies small extents from the mapping rather than a read
 syscall each.  When the server says no write touches a piece's extents until it is answered (STEADY: no two
 runs of its batch overlap), the large extents are written to the history straight from the mapping, one copy
 instead of two.  A failed read through the mapping is a SIGBUS that ends the process; the server sees it
@@ -39,7 +39,7 @@ from pathlib import Path
 from ..journal import ReplicaIOError
 from .format import HEAD_SIZE
 from .segments import HistoryIOError, write_at
-from .undo import fill_undo, map_replica, payload_room, undo_head
+from .undo import ReplicaMap, fill_undo, payload_room, undo_head
 
 log = logging.getLogger("bdr.server")
 
@@ -150,7 +150,11 @@ class Reader:
                 read_failed=True,
             )
         if code < 0:
-            return ReaderGone(f"the reader process was ended by {signal.Signals(-code).name}")
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:  # a real-time signal
+                name = f"signal {-code}"
+            return ReaderGone(f"the reader process was ended by {name}")
         return ReaderGone(f"the reader process stopped (exit status {code})")
 
     def drain(self) -> list[int]:
@@ -175,7 +179,7 @@ class Reader:
 def serve(replica_fd: int, sock: socket.socket, buf_size: int) -> None:
     """The reader process: answer the server's requests until it closes the socket."""
     view = memoryview(bytearray(buf_size))
-    mapped = map_replica(replica_fd)
+    mapped = ReplicaMap(replica_fd)
     seg_fd = -1
     pos = 0  # where the next record goes
     head = _REQUEST.size
@@ -195,6 +199,7 @@ def serve(replica_fd: int, sock: socket.socket, buf_size: int) -> None:
             pos = at
         offsets = struct.unpack_from(f"<{n}Q", msg, head)
         lengths = struct.unpack_from(f"<{n}I", msg, head + 8 * n)
+        parts: list[memoryview] = []
         try:
             parts, plen, digest = fill_undo(replica_fd, view, offsets, lengths, mapped, bool(flags & STEADY))
             rec_head = undo_head(segment, now, n, sum(lengths), plen, digest)
@@ -205,7 +210,13 @@ def serve(replica_fd: int, sock: socket.socket, buf_size: int) -> None:
         except ReplicaIOError as exc:
             reply = _REPLY.pack(REPLICA, exc.errno or errno.EIO, 0) + str(exc.strerror).encode()[:2048]
         except OSError as exc:
-            reply = _REPLY.pack(HISTORY, exc.errno or errno.EIO, 0) + f"write failed: {exc.strerror}".encode()
+            if exc.errno == errno.EFAULT and len(parts) > 1:  # a page of the mapping could not be read again
+                reply = _REPLY.pack(REPLICA, errno.EIO, 0) + b"replica: I/O error reading a before-image"
+            else:
+                msg = f"write failed: {exc.strerror}".encode()
+                reply = _REPLY.pack(HISTORY, exc.errno or errno.EIO, 0) + msg
+        parts.clear()  # the mapping's parts go before it may be made anew
+        mapped.used(offsets, lengths)
         try:
             sock.send(reply)
         except OSError:  # the server is gone

@@ -424,8 +424,9 @@ class HistoryWriter:
                 try:
                     for plen in self.reader.drain():
                         files.appended(HEAD_SIZE + plen)
-                except ReaderGone:
-                    self._reader_gone()
+                except ReaderGone as exc:
+                    log.warning("history: %s", exc)
+                    self._reader_gone(again=exc.read_failed)
 
     def start_reader(self) -> Reader | None:
         """The reader process (reader.py), started if it is not yet; None if it cannot be (the server keeps the
