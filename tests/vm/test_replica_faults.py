@@ -103,6 +103,7 @@ def test_replica_reads_failing_under_the_history_stop_the_server_with_the_replic
     g.run(
         f"""set -e
         modprobe dm-mod && modprobe dm-flakey && insmod {bdr_ko}
+        blkdiscard -z {g.disk("jnl")}  # a new journal: the one before belongs to another replica
         echo "{table} 3600 0" | dmsetup create replica
         rm -rf /tmp/hist3 && mkdir -p /tmp/hist3
         """
