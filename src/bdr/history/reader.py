@@ -213,8 +213,8 @@ def serve(replica_fd: int, sock: socket.socket, buf_size: int) -> None:
             if exc.errno == errno.EFAULT and len(parts) > 1:  # a page of the mapping could not be read again
                 reply = _REPLY.pack(REPLICA, errno.EIO, 0) + b"replica: I/O error reading a before-image"
             else:
-                msg = f"write failed: {exc.strerror}".encode()
-                reply = _REPLY.pack(HISTORY, exc.errno or errno.EIO, 0) + msg
+                text = f"write failed: {exc.strerror}".encode()
+                reply = _REPLY.pack(HISTORY, exc.errno or errno.EIO, 0) + text
         parts.clear()  # the mapping's parts go before it may be made anew
         mapped.used(offsets, lengths)
         try:
