@@ -99,6 +99,10 @@ class GuestBootError(GuestError):
     """The guest did not come up."""
 
 
+class GuestBootHung(GuestBootError):
+    """The guest kernel stopped before it started the lab's init (QEMU killed)."""
+
+
 class GuestDied(GuestError):
     """QEMU exited or the guest kernel panicked, or the guest was used after it was killed or closed."""
 
@@ -436,10 +440,14 @@ def build_helper_module(name: str, kver: str | None = None) -> Path:
 # --------------------------------------------------------------------------------------------------------------
 # Initramfs
 
+# The first line the lab's init prints on the console: the kernel has booted as far as user space.
+INIT_STARTED = "lab-init: started"
+
 _INIT_SCRIPT = r"""#!/bin/sh
 # BDR test lab guest init: mounts the host root (9p, read-only) at /host with writable tmpfs where needed,
 # binds the writable share into it, then becomes the command agent (bash, chrooted into the host root).
 export PATH=/bin
+echo "$INIT_STARTED"
 fail() {
     echo "lab-init: FATAL: $*"
     poweroff -f
@@ -637,7 +645,11 @@ def initramfs(kver: str | None = None) -> Path:
     mod_paths = _initramfs_modules(kver)
     mod_root = modules_dir(kver)
     names = [_mod_name(p) for p in mod_paths]
-    init = _INIT_SCRIPT.replace("@MODULES@", " ".join(names)).replace("@GUEST_PATH@", GUEST_PATH)
+    init = (
+        _INIT_SCRIPT.replace("@MODULES@", " ".join(names))
+        .replace("@GUEST_PATH@", GUEST_PATH)
+        .replace('"$INIT_STARTED"', f'"{INIT_STARTED}"')
+    )
     key = hashlib.sha256()
     for item in (
         str(INITRAMFS_FORMAT),
@@ -805,6 +817,7 @@ class Guest:
         kver: str | None = None,
         cwd: Path | str = REPO,
         boot_timeout: float = 300.0,  # a TCG boot next to another busy guest on two cores can take minutes
+        kernel_timeout: float = 120.0,  # the kernel alone reaches init in seconds, even so
         append: Iterable[str] = (),
         images: Mapping[str, Path] | None = None,
         cache: str = "unsafe",
@@ -921,7 +934,7 @@ class Guest:
             raise LabSetupError(f"cannot start qemu-system-x86_64 ({exc}): {DEPS_HINT}") from exc
         self._finalizer = weakref.finalize(self, _reap, self._proc, self.tmpdir)
         try:
-            self._wait_ready(sizes, boot_timeout)
+            self._wait_ready(sizes, boot_timeout, kernel_timeout)
         except BaseException:
             self._kill()
             self._finalizer()
@@ -930,12 +943,22 @@ class Guest:
 
     # ---- lifecycle
 
-    def _wait_ready(self, sizes: Mapping[str, int], timeout: float) -> None:
+    def _wait_ready(self, sizes: Mapping[str, int], timeout: float, kernel_timeout: float) -> None:
         ready = self._agent / "ready"
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
+        in_user_space = False
         while not ready.exists():
             self._check_alive("while booting")
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if not in_user_space and now > start + kernel_timeout:
+                in_user_space = INIT_STARTED in self.console()
+                if not in_user_space:
+                    raise GuestBootHung(
+                        f"guest kernel did not start init within {kernel_timeout:g}s (QEMU killed)\n"
+                        f"{self._diagnostics()}"
+                    )
+            if now > deadline:
                 raise GuestBootError(
                     f"guest agent not ready after {timeout:.0f}s (QEMU killed)\n{self._diagnostics()}"
                 )
@@ -1199,17 +1222,20 @@ class Guest:
 
 
 def boot(*args: object, retries: int = 1, **kwargs: object) -> Guest:
-    """Boot a Guest, booting again (up to ``retries`` times) if the guest dies before its agent is ready.
+    """Boot a Guest, booting again (up to ``retries`` times) if the guest dies, or its kernel stops, before
+    its agent is ready.
 
     Under multi-threaded TCG the kernel very rarely oopses while patching its own text at boot (an int3 hit
-    by a vCPU that still runs the old translation).  Nothing of a test has run by then, so a second boot is
-    safe; the first console tail is printed so the event stays visible.
+    by a vCPU that still runs the old translation), or stops early in its boot with nothing on the console.
+    Nothing of a test has run by then, so a second boot is safe; the first console tail is printed so the
+    event stays visible.
     """
     for attempt in range(retries + 1):
         try:
             return Guest(*args, **kwargs)  # type: ignore[arg-type]
-        except GuestDied as exc:
+        except (GuestDied, GuestBootHung) as exc:
             if attempt == retries:
                 raise
-            print(f"bdr lab: guest died while booting, booting again:\n{_tail(str(exc), 25)}", flush=True)
+            what = "kernel stopped" if isinstance(exc, GuestBootHung) else "died"
+            print(f"bdr lab: guest {what} while booting, booting again:\n{_tail(str(exc), 25)}", flush=True)
     raise AssertionError("unreachable")

@@ -260,6 +260,21 @@ def test_boot_timeout_kills_qemu_and_shows_the_console() -> None:
     assert "--- console (last 60 lines) ---" in msg
 
 
+def test_a_kernel_that_stops_before_init_is_booted_again(capsys: pytest.CaptureFixture[str]) -> None:
+    # No kernel reaches init within 10 ms: both boots count as stopped in the kernel.
+    t0 = time.monotonic()
+    with pytest.raises(lab.GuestBootHung) as info:
+        lab.boot(disks={}, memory="512M", cpus=1, kernel_timeout=0.01, retries=1)
+    assert time.monotonic() - t0 < 60, "a kernel stopped before init is found long before the boot timeout"
+    assert "did not start init within 0.01s" in str(info.value)
+    assert "--- console (last 60 lines) ---" in str(info.value)
+    assert capsys.readouterr().out.count("guest kernel stopped while booting, booting again") == 1
+
+
+def test_the_console_shows_when_init_starts(guest: lab.Guest) -> None:
+    assert lab.INIT_STARTED in guest.console()
+
+
 def test_close_powers_off_and_cleans_up() -> None:
     g = lab.Guest(disks={"d": "1M"}, memory="512M", cpus=1)
     pid, tmpdir = g.qemu_pid, g.tmpdir
