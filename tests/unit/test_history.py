@@ -207,23 +207,36 @@ def kept_extents(directory: Path) -> list[tuple[int, int]]:
     return out
 
 
-def watch_writes(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, int, int]]]:
+def watch_writes(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, taken: list[int] | None = None
+) -> list[list[tuple[int, int, int]]]:
     """Check, as each piece of a batch is written to the replica, that the history's files already hold a
-    record of what each of its runs overwrites; returns the pieces written."""
+    record of what each of its runs overwrites; returns the pieces written.  ``taken``: gets the ends of the
+    data asked to be received ahead (the source's prefetch), and the piece count (negative) at each write."""
     writes: list[list[tuple[int, int, int]]] = []
     real = rig.history.preserve_while_writing
 
     def checked(
-        runs: list[tuple[int, int, int]], write: Callable[[list[tuple[int, int, int]]], None]
+        runs: list[tuple[int, int, int]],
+        write: Callable[[list[tuple[int, int, int]]], None],
+        prefetch: Callable[[int], None] | None = None,
     ) -> None:
         def write_checked(piece: list[tuple[int, int, int]]) -> None:
             kept = kept_extents(rig.dir)
             for _, n, off in piece:
                 assert any(o <= off and off + n <= o + k for o, k in kept), f"{n} bytes at {off} not kept"
             writes.append(piece)
+            if taken is not None:
+                taken.append(-len(writes))
             write(piece)
 
-        real(runs, write_checked)
+        def prefetch_noted(end: int) -> None:
+            if taken is not None:
+                taken.append(end)
+            if prefetch is not None:
+                prefetch(end)
+
+        real(runs, write_checked, prefetch_noted)
 
     monkeypatch.setattr(rig.history, "preserve_while_writing", checked)
     return writes
@@ -242,7 +255,8 @@ def test_batches_are_kept_by_the_reader_process_ahead_of_their_writes_and_restor
     in_server: list[int] = []
     real_fill = writer_mod.fill_undo
     monkeypatch.setattr(writer_mod, "fill_undo", lambda *a: in_server.append(1) or real_fill(*a))
-    writes = watch_writes(rig, monkeypatch)
+    taken: list[int] = []
+    writes = watch_writes(rig, monkeypatch, taken)
     rig.apply(long_runs_batch(rig))
     states[rig.seq - 1] = rig.replica_path.read_bytes()
     rig.apply(scattered_batch(rig))
@@ -250,6 +264,11 @@ def test_batches_are_kept_by_the_reader_process_ahead_of_their_writes_and_restor
     assert rig.history.reader is not None and rig.history.reader.proc.poll() is None
     assert not in_server  # every before-image was read by the reader process
     assert [len(w) for w in writes] == [1, 1, 1, 2, 1, 1, 256, 256, 88]  # pieces: 1 MiB, or 256 writes
+    # while each piece's record is being kept, its data (up to the end of its last run) may be received
+    expected: list[int] = []
+    for k, w in enumerate(writes, 1):
+        expected += [w[-1][0] + w[-1][1], -k]
+    assert taken == expected
     with History(rig.dir) as h:
         assert len([e for e in h.entries() if e.kind is Kind.UNDO]) == 9
         assert [e.seq for e in h.points()] == list(states)

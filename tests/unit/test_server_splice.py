@@ -15,6 +15,8 @@ import pytest
 
 from bdr import wire as p
 from bdr.server import Server
+from bdr.server.replica import Replica
+from bdr.server.splice import Pipe, SpliceSource
 
 DEV = 8 << 20
 SRC = b"s" * 16
@@ -172,3 +174,54 @@ def test_a_large_frame_with_bad_descriptors_is_refused_before_its_data_is_splice
     assert replica.read_bytes() == bytes(DEV)
     assert server.spliced_frames == 1  # it went the splice way, and was refused there
     server.close()
+
+
+@pytest.mark.timeout(60)
+def test_data_taken_ahead_into_the_pipe_is_written_where_its_runs_say(tmp_path: Path) -> None:
+    """prefetch (used while a piece's before-images are kept) moves data from the socket into the pipe ahead
+    of the writes: after the buffered bytes, as much as the pipe holds, never past what is asked; the writes
+    and the skipped records that follow take it from the pipe in order."""
+    path = tmp_path / "replica.img"
+    path.write_bytes(bytes(DEV))
+    replica = Replica(path)
+    pipe = Pipe()
+    rnd = random.Random(3)
+    data = rnd.randbytes(3 * pipe.size + 12345)
+    buffered = memoryview(data[:5000])
+    a, b = socket.socketpair()
+    sender = threading.Thread(target=a.sendall, args=(data[5000:],), daemon=True)
+    sender.start()
+    src = SpliceSource(b, replica, pipe, buffered, len(data))
+    image = bytearray(DEV)
+
+    def write(runs: list[tuple[int, int, int]]) -> None:
+        src.write_runs(runs)
+        for start, n, off in runs:
+            image[off : off + n] = data[start : start + n]
+
+    src.prefetch(3000)  # within the buffered bytes: nothing to take
+    assert src.in_pipe == 0
+    src.prefetch(9000)  # the buffered bytes, then 4000 from the socket
+    assert src.in_pipe == 4000
+    write([(0, 1000, 1 << 20), (1000, 7000, 0)])  # from memory, then 3000 from the pipe
+    assert src.in_pipe == 1000
+    src.prefetch(len(data))  # as much as the pipe holds
+    assert src.in_pipe == pipe.size
+    write([(8000, 2000, 3 << 20)])
+    src.prefetch(len(data))
+    assert src.in_pipe == pipe.size
+    # a skipped record's data (10000..20000) is dropped from the pipe, then a run longer than the pipe
+    write([(20000, pipe.size + 5000, 4 << 20)])
+    src.prefetch(20000 + pipe.size + 5000)  # what is asked is taken already
+    write([(20000 + pipe.size + 5000, 100, 5000)])
+    src.finish()  # the rest of the data is dropped
+    assert src.pos == len(data)
+    assert src.in_pipe == 0
+    sender.join(10)
+    with pytest.raises(BlockingIOError):  # nothing was taken off the socket beyond the frame's data
+        b.recv(1, socket.MSG_DONTWAIT)
+    replica.close()
+    pipe.close()
+    a.close()
+    b.close()
+    assert path.read_bytes() == bytes(image)

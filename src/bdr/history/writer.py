@@ -349,7 +349,10 @@ class HistoryWriter:
             self.followed_ns = now
 
     def preserve_while_writing(
-        self, runs: list[tuple[int, int, int]], write: Callable[[list[tuple[int, int, int]]], None]
+        self,
+        runs: list[tuple[int, int, int]],
+        write: Callable[[list[tuple[int, int, int]]], None],
+        prefetch: Callable[[int], None] | None = None,
     ) -> None:
         """``preserve`` the (start, length, offset) runs of a batch, then ``write`` them, overlapped: the runs are
         cut into pieces (of PIECE bytes and at most reader.EXTENTS_MAX runs), the reader process keeps up to
@@ -357,7 +360,9 @@ class HistoryWriter:
         each piece once its record is durable, never before.  A piece read before an earlier one of the same
         batch is written may miss that write where the two overlap: undone newest first, the earlier record still
         restores the batch's before-image, and no checkpoint lies between them.  A batch of one piece goes the
-        plain way (there is nothing to overlap), as does every batch when the reader process is not there."""
+        plain way (there is nothing to overlap), as does every batch when the reader process is not there.
+        ``prefetch(end)``: while a piece's record is being written, the data up to ``end`` (the piece's) may be
+        received."""
         pieces = _pieces(runs)
         reader = self.start_reader() if len(pieces) > 1 else None
         if reader is None:
@@ -394,6 +399,8 @@ class HistoryWriter:
                 if ahead == i:
                     submit(piece)
                     ahead += 1
+                if prefetch is not None:
+                    prefetch(piece[-1][0] + piece[-1][1])
                 plen = reader.result()  # this piece's record is durable
                 _, covered = reserved.popleft()
                 files.appended(HEAD_SIZE + plen)

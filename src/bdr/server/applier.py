@@ -30,6 +30,10 @@ class DataSource(Protocol):
     def finish(self) -> None:
         """The batch is applied: consume whatever data is left (records skipped as replays)."""
 
+    def prefetch(self, end: int) -> None:
+        """The data bytes up to ``end`` are written next: take what can be of them off the wire now, while the
+        writes wait (for their before-images to be kept)."""
+
 
 class BufferSource:
     """Data already in memory (the receive buffer), written to the applier's target at the time of each write: a
@@ -45,6 +49,9 @@ class BufferSource:
 
     def finish(self) -> None:
         pass
+
+    def prefetch(self, end: int) -> None:
+        pass  # in memory already
 
 
 @dataclass(slots=True)
@@ -212,7 +219,7 @@ class Applier:
 
     def _write_runs(self, src: DataSource, runs: list[tuple[int, int, int]]) -> None:
         if self.history is not None and not self.staging:
-            self.history.preserve_while_writing(runs, src.write_runs)
+            self.history.preserve_while_writing(runs, src.write_runs, src.prefetch)
         else:
             src.write_runs(runs)
         self.stats.writes += len(runs)

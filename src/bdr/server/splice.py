@@ -43,6 +43,7 @@ class SpliceSource:
         self.buffered = buffered
         self.total = total
         self.pos = 0
+        self.in_pipe = 0  # data bytes in the pipe already (prefetch), the next after the buffered ones
 
     def _from_socket(self, n: int) -> int:
         """Move up to n bytes from the socket into the pipe."""
@@ -86,7 +87,11 @@ class SpliceSource:
             self.pos += n
             length -= n
         while length > 0:
-            k = self._from_socket(min(length, self.pipe.size))
+            if self.in_pipe:
+                k = min(length, self.in_pipe)
+                self.in_pipe -= k
+            else:
+                k = self._from_socket(min(length, self.pipe.size))
             if offset is not None:
                 self._to_replica(k, offset)
                 offset += k
@@ -94,6 +99,15 @@ class SpliceSource:
                 os.read(self.pipe.r, k)
             self.pos += k
             length -= k
+
+    def prefetch(self, end: int) -> None:
+        """Move data bytes up to ``end`` from the socket into the pipe, as many as it takes."""
+        have = max(self.pos, len(self.buffered)) + self.in_pipe  # the pipe's bytes follow the buffered ones
+        want = min(end - have, self.pipe.size - self.in_pipe)
+        while want > 0:
+            k = self._from_socket(want)
+            self.in_pipe += k
+            want -= k
 
     def write_runs(self, runs: list[tuple[int, int, int]]) -> None:
         for start, length, offset in runs:
