@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(argv: list[str]) -> dict[str, object]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--total-mib", type=int, default=1024, help="data streamed per run (default 1024 MiB)")
-    ap.add_argument("--rounds", type=int, default=3, help="on / off pairs; medians are used (default 3)")
+    ap.add_argument("--rounds", type=int, default=5, help="on / off pairs; medians are used (default 5)")
     ap.add_argument(
         "--dir",
         type=Path,
