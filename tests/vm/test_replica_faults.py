@@ -12,17 +12,34 @@ from tests.vm.lab import Guest
 from tests.vm.pair import BIN, Pair
 
 VM_DISKS = {"src": "64M", "dst": "64M", "jnl": "16M"}
+UP = "3600 0"  # dm-flakey's up and down intervals: working
+FAILING_WRITES = "0 3600 1 error_writes"
+FAILING = "0 3600"  # every I/O fails
+
+
+def flakey(g: Guest, name: str, dev: str, setup: str = "") -> str:
+    """Create the dm-flakey device ``name`` over ``dev``, working (after the shell commands ``setup``); returns
+    its table without the intervals."""
+    table = f"0 $(blockdev --getsz {dev}) flakey {dev} 0"
+    g.run(
+        f"""set -e
+        modprobe dm-mod && modprobe dm-flakey
+        {setup}
+        echo "{table} {UP}" | dmsetup create {name}
+        """
+    )
+    return table
+
+
+def set_flakey(g: Guest, name: str, table: str, intervals: str) -> None:
+    g.run(
+        f'dmsetup suspend {name} && echo "{table} {intervals}" | dmsetup load {name} && dmsetup resume {name}'
+    )
 
 
 def test_failing_replica_stops_the_server_and_marks_it_inconsistent(guest: Guest, bdr_ko: Path) -> None:
     g = guest
-    dst = g.disk("dst")
-    g.run(
-        f"""set -e
-        modprobe dm-mod && modprobe dm-flakey && insmod {bdr_ko}
-        echo "0 $(blockdev --getsz {dst}) flakey {dst} 0 3600 0" | dmsetup create replica
-        """
-    )
+    table = flakey(g, "replica", g.disk("dst"), f"insmod {bdr_ko}")
     p = Pair(g, g.disk("src"), "/dev/mapper/replica", g.disk("jnl"))
     p.setup()
     p.start_server()
@@ -32,13 +49,7 @@ def test_failing_replica_stops_the_server_and_marks_it_inconsistent(guest: Guest
     assert p.identical()
     flags = f"{BIN}/python -c 'from bdr.journal import Journal; print(int(Journal(\"{p.journal}\").header.flags))'"
     assert int(g.run(flags).output) & 2, "consistent before the fault"
-    g.run(
-        f"""set -e
-        dmsetup suspend replica
-        echo "0 $(blockdev --getsz {dst}) flakey {dst} 0 0 3600 1 error_writes" | dmsetup load replica
-        dmsetup resume replica
-        """
-    )
+    set_flakey(g, "replica", table, FAILING_WRITES)
     g.run(f"dd if=/dev/urandom of={p.mapper} bs=64K count=16 seek=100 oflag=direct status=none && sync")
     # the server must stop by itself with a clear message
     p.wait_server_exit()
@@ -55,14 +66,7 @@ def test_failing_replica_stops_the_server_and_marks_it_inconsistent(guest: Guest
 def test_failing_journal_stops_the_server_and_a_restart_converges(guest: Guest, bdr_ko: Path) -> None:
     g = guest
     jnl = g.disk("jnl")
-    table = f"0 $(blockdev --getsz {jnl}) flakey {jnl} 0"
-    g.run(
-        f"""set -e
-        modprobe dm-mod && modprobe dm-flakey && insmod {bdr_ko}
-        blkdiscard -z {jnl}
-        echo "{table} 3600 0" | dmsetup create journal
-        """
-    )
+    table = flakey(g, "journal", jnl, f"insmod {bdr_ko} && blkdiscard -z {jnl}")
     p = Pair(g, g.disk("src"), g.disk("dst"), "/dev/mapper/journal", name="rep2", chardev="bdr_rep2")
     p.setup()
     p.start_server()
@@ -70,17 +74,13 @@ def test_failing_journal_stops_the_server_and_a_restart_converges(guest: Guest, 
     g.run(f"dd if=/dev/urandom of={p.mapper} bs=64K count=16 oflag=direct status=none && sync")
     p.wait_synced()
     # the journal device starts failing writes: the next durability point cannot be recorded
-    g.run(
-        f'dmsetup suspend journal && echo "{table} 0 3600 1 error_writes" | dmsetup load journal && dmsetup resume journal'
-    )
+    set_flakey(g, "journal", table, FAILING_WRITES)
     g.run(f"dd if=/dev/urandom of={p.mapper} bs=64K count=16 seek=200 oflag=direct status=none && sync")
     p.wait_server_exit()
     log = p.tail(p.server_log, 60)
     assert "stopped on a storage error" in log and "journal" in log.lower(), log
     # the client keeps its ring and waits for the server; the device is repaired and the server restarted
-    g.run(
-        f'dmsetup suspend journal && echo "{table} 3600 0" | dmsetup load journal && dmsetup resume journal'
-    )
+    set_flakey(g, "journal", table, UP)
     g.run(f": > {p.server_log}; : > {p.client_log}")  # wait for lines of the restarted server only
     p.start_server()
     p.wait_log(p.client_log, "in sync at ring position", 180)
@@ -98,16 +98,9 @@ def test_replica_reads_failing_under_the_history_stop_the_server_with_the_replic
     the reader by SIGBUS; the server then reads the batch's before-images itself, meets the replica's I/O error
     and stops on it, before writing anything."""
     g = guest
-    dst = g.disk("dst")
-    table = f"0 $(blockdev --getsz {dst}) flakey {dst} 0"
-    g.run(
-        f"""set -e
-        modprobe dm-mod && modprobe dm-flakey && insmod {bdr_ko}
-        blkdiscard -z {g.disk("jnl")}  # a new journal: the one before belongs to another replica
-        echo "{table} 3600 0" | dmsetup create replica
-        rm -rf /tmp/hist3 && mkdir -p /tmp/hist3
-        """
-    )
+    # a new journal: the one before belongs to another replica
+    table = flakey(g, "replica", g.disk("dst"), f"insmod {bdr_ko} && blkdiscard -z {g.disk('jnl')}")
+    g.run("rm -rf /tmp/hist3 && mkdir -p /tmp/hist3")
     p = Pair(
         g,
         g.disk("src"),
@@ -124,12 +117,8 @@ def test_replica_reads_failing_under_the_history_stop_the_server_with_the_replic
     p.wait_synced()
     p.wait_log(p.server_log, "history: reader process started", 30)
     # the replica's pages leave the page cache, then every read of the device fails
-    g.run(
-        f"""set -e
-        sync && echo 3 > /proc/sys/vm/drop_caches
-        dmsetup suspend replica && echo "{table} 0 3600" | dmsetup load replica && dmsetup resume replica
-        """
-    )
+    g.run("sync && echo 3 > /proc/sys/vm/drop_caches")
+    set_flakey(g, "replica", table, FAILING)
     g.run(f"dd if=/dev/urandom of={p.mapper} bs=4M count=2 seek=4 oflag=direct status=none")
     p.wait_server_exit()
     log = p.tail(p.server_log, 60)
