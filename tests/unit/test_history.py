@@ -219,7 +219,7 @@ def watch_writes(
     def checked(
         runs: list[tuple[int, int, int]],
         write: Callable[[list[tuple[int, int, int]]], None],
-        prefetch: Callable[[int], None] | None = None,
+        prefetch: Callable[[int], None],
     ) -> None:
         def write_checked(piece: list[tuple[int, int, int]]) -> None:
             kept = kept_extents(rig.dir)
@@ -233,8 +233,7 @@ def watch_writes(
         def prefetch_noted(end: int) -> None:
             if taken is not None:
                 taken.append(end)
-            if prefetch is not None:
-                prefetch(end)
+            prefetch(end)
 
         real(runs, write_checked, prefetch_noted)
 

@@ -447,7 +447,7 @@ _INIT_SCRIPT = r"""#!/bin/sh
 # BDR test lab guest init: mounts the host root (9p, read-only) at /host with writable tmpfs where needed,
 # binds the writable share into it, then becomes the command agent (bash, chrooted into the host root).
 export PATH=/bin
-echo "$INIT_STARTED"
+echo "@INIT_STARTED@"
 fail() {
     echo "lab-init: FATAL: $*"
     poweroff -f
@@ -648,7 +648,7 @@ def initramfs(kver: str | None = None) -> Path:
     init = (
         _INIT_SCRIPT.replace("@MODULES@", " ".join(names))
         .replace("@GUEST_PATH@", GUEST_PATH)
-        .replace('"$INIT_STARTED"', f'"{INIT_STARTED}"')
+        .replace("@INIT_STARTED@", INIT_STARTED)
     )
     key = hashlib.sha256()
     for item in (

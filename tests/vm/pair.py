@@ -42,6 +42,7 @@ class Pair:
         self.client_exec = f"ip netns exec {client_ns} " if client_ns else ""
         self.server_args, self.client_args = server_args, client_args
         self.mapper = f"/dev/mapper/{name}"
+        self._client = f"'bin/bdr_client .*{chardev}'"  # pkill's pattern for this pair's client
         self.client_log = f"/tmp/{name}-client.log"
         self.server_log = f"/tmp/{name}-server.log"
 
@@ -153,7 +154,7 @@ class Pair:
 
     def stop(self, signal: str = "TERM") -> None:
         self.g.run(
-            f"pkill -{signal} -f 'bin/bdr_client .*{self.chardev}'; pkill -{signal} -f 'bin/bdr_server .*{self.port}';"
+            f"pkill -{signal} -f {self._client}; pkill -{signal} -f 'bin/bdr_server .*{self.port}';"
             " for i in $(seq 100); do pgrep -f 'bin/bdr_(client|server)' >/dev/null || exit 0; sleep 0.1; done; exit 1",
             check=False,
         )
@@ -162,10 +163,12 @@ class Pair:
         self.g.run(f"pkill -{signal} -f 'bin/bdr_server .*{self.port}'")
         self.wait_server_exit(10)
 
+    def signal_client(self, signal: str) -> None:
+        """Send the client a signal (STOP holds it, CONT lets it go on); an error if it is not running."""
+        self.g.run(f"pkill -{signal} -f {self._client}")
+
     def stop_client(self, signal: str = "TERM") -> None:
-        self.g.run(
-            f"pkill -{signal} -f 'bin/bdr_client .*{self.chardev}'; while pgrep -f bin/bdr_client; do sleep 0.2; done"
-        )
+        self.g.run(f"pkill -{signal} -f {self._client}; while pgrep -f bin/bdr_client; do sleep 0.2; done")
 
     def wait_server_exit(self, seconds: float = 60) -> None:
         """Until bdr_server has exited (by itself, or after a signal); its log tail if it does not."""

@@ -121,10 +121,9 @@ def test_replica_reads_failing_under_the_history_stop_the_server_with_the_replic
     set_flakey(g, "replica", table, FAILING)
     # the client is held while the next 8 MiB are written, so that they reach the server as one large batch:
     # the reader process keeps a batch of more than one piece, the server itself a smaller one
-    client = f"'bin/bdr_client .*{p.chardev}'"
-    g.run(f"pkill -STOP -f {client}")
+    p.signal_client("STOP")
     g.run(f"dd if=/dev/urandom of={p.mapper} bs=4M count=2 seek=4 oflag=direct status=none")
-    g.run(f"pkill -CONT -f {client}")
+    p.signal_client("CONT")
     p.wait_server_exit()
     log = p.tail(p.server_log, 60)
     assert (

@@ -352,7 +352,7 @@ class HistoryWriter:
         self,
         runs: list[tuple[int, int, int]],
         write: Callable[[list[tuple[int, int, int]]], None],
-        prefetch: Callable[[int], None] | None = None,
+        prefetch: Callable[[int], None],
     ) -> None:
         """``preserve`` the (start, length, offset) runs of a batch, then ``write`` them, overlapped: the runs are
         cut into pieces (of PIECE bytes and at most reader.EXTENTS_MAX runs), the reader process keeps up to
@@ -399,8 +399,7 @@ class HistoryWriter:
                 if ahead == i:
                     submit(piece)
                     ahead += 1
-                if prefetch is not None:
-                    prefetch(piece[-1][0] + piece[-1][1])
+                prefetch(piece[-1][0] + piece[-1][1])
                 plen = reader.result()  # this piece's record is durable
                 _, covered = reserved.popleft()
                 files.appended(HEAD_SIZE + plen)
