@@ -82,8 +82,9 @@ lint: venv
 # about one host core busy, and much of a VM test is waiting on the guest.
 VM_PYTEST := $(VENV)/bin/pytest -n 2 --dist loadfile
 
+# The unit and integration tests on two workers too (each makes its own files, sockets and ports).
 test: build lint lab-chroot
-	$(VENV)/bin/pytest tests/unit tests/integration
+	$(VENV)/bin/pytest -n 2 tests/unit tests/integration
 	$(VM_PYTEST) tests/vm
 
 unit: venv
