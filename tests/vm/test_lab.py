@@ -275,6 +275,18 @@ def test_the_console_shows_when_init_starts(guest: lab.Guest) -> None:
     assert lab.INIT_STARTED in guest.console()
 
 
+def test_sleep_and_grep_are_the_static_busybox_and_behave(guest: lab.Guest) -> None:
+    for applet in lab.GUEST_FAST_APPLETS:
+        path = guest.run(f"command -v {applet}").output.strip()
+        assert path == f"/run/lab/bin/{applet}", path
+        assert guest.run(f"readlink -f {path}").output.strip() == "/run/lab/bin/busybox"
+    t0 = time.monotonic()
+    guest.run("sleep 0.5")
+    assert time.monotonic() - t0 >= 0.5  # a fraction of a second is slept, not refused or rounded down
+    assert guest.run("echo 'scan 12 done' | grep -Eq 'scan [0-9]+ done'", check=False).rc == 0
+    assert guest.run("echo 'scan x done' | grep -q 'scan [0-9]'", check=False).rc == 1
+
+
 def test_close_powers_off_and_cleans_up() -> None:
     g = lab.Guest(disks={"d": "1M"}, memory="512M", cpus=1)
     pid, tmpdir = g.qemu_pid, g.tmpdir
