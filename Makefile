@@ -78,8 +78,8 @@ lint: venv
 	$(VENV)/bin/ruff format --check src tests bench scripts
 	$(VENV)/bin/mypy
 
-# The VM tests run on two workers, one test module (and its guest) per worker at a time: a TCG guest keeps
-# about one host core busy, and much of a VM test is waiting on the guest.
+# The VM tests run on two workers, one test module (and its guest) per worker at a time: a TCG guest keeps one
+# to two host cores busy (1.6 on average in test_history), and parts of each VM test wait on timers.
 VM_PYTEST := $(VENV)/bin/pytest -n 2 --dist loadfile
 
 # The unit and integration tests on two workers too (each makes its own files, sockets and ports).
