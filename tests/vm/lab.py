@@ -24,9 +24,9 @@ boots its image, the initramfs takes its modules, the guest sees its /lib/module
 modules for it are built inside the chroot.
 
 Only TCG is used: KVM hangs guests on the development machines.  The guest CPU is a Nehalem (SSE4.2, no AVX)
-with RDRAND rather than QEMU's "max": glibc then picks its SSE string functions over the AVX2 ones, which TCG
-emulates more slowly (a large memcpy in the guest's Python took 1.7 times as long, the test_history module
-13 % longer).
+with RDRAND rather than QEMU's "max", under which the same guest work ran slower: a large memcpy in the guest's
+Python took 1.7 times as long, the test_history module 13 % longer (most likely glibc's string functions for
+the newer vector extensions, which TCG emulates at a higher cost).
 """
 
 from __future__ import annotations
